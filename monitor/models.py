@@ -1,0 +1,165 @@
+"""Typed values the monitor works with. No I/O here.
+
+Money and sizes are ``decimal.Decimal`` from the exchange's JSON string to the database's
+``numeric`` column; nothing in this package turns them into floats.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any, Literal
+
+Side = Literal["long", "short"]
+
+_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+# Plain decimal notation as the exchange writes it; no exponents, no NaN/Infinity.
+_DECIMAL_TEXT = re.compile(r"^-?[0-9]{1,30}(\.[0-9]{1,30})?$")
+
+
+class ExchangeDataError(ValueError):
+    """A payload from the exchange that does not have the shape we rely on.
+
+    Raised by parsers; the caller turns it into a failed read ("unknown"), never an empty account.
+    """
+
+
+def normalize_address(text: str) -> str:
+    """Validate an account address (0x + 40 hex, checksummed or not) and return it lowercase."""
+    if not isinstance(text, str) or not _ADDRESS.match(text.strip()):
+        raise ValueError(f"not an address (want 0x followed by 40 hex digits): {text!r}")
+    return text.strip().lower()
+
+
+def parse_decimal(value: Any, what: str) -> Decimal:
+    """Parse a money/size value from the exchange's JSON string form.
+
+    JSON numbers are accepted only when they are integers (never floats: they are already
+    rounded). Exponents, NaN and Infinity are refused.
+    """
+    if isinstance(value, bool):
+        raise ExchangeDataError(f"{what}: expected a decimal string, got {value!r}")
+    if isinstance(value, int):
+        return Decimal(value)
+    if not isinstance(value, str) or not _DECIMAL_TEXT.match(value):
+        raise ExchangeDataError(f"{what}: expected a decimal string, got {value!r:.60}")
+    try:
+        return Decimal(value)
+    except InvalidOperation as exc:  # pragma: no cover - the regex already refuses these
+        raise ExchangeDataError(f"{what}: not a decimal: {value!r:.60}") from exc
+
+
+def parse_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ExchangeDataError(f"{what}: expected an integer, got {value!r:.60}")
+    return value
+
+
+def parse_coin(value: Any, what: str = "coin") -> str:
+    if not isinstance(value, str) or not value or len(value) > 64:
+        raise ExchangeDataError(f"{what}: expected a coin name, got {value!r:.60}")
+    return value
+
+
+@dataclass(frozen=True)
+class ExchangePosition:
+    """One open perp position as the exchange reports it (size is unsigned, side says which way)."""
+
+    coin: str
+    side: Side
+    size: Decimal
+    entry_price: Decimal | None
+
+
+@dataclass(frozen=True)
+class AccountSnapshot:
+    """A successful, validated read of one account's positions."""
+
+    address: str
+    positions: dict[str, ExchangePosition]
+    server_time_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class Liquidation:
+    liquidated_user: str | None
+    mark_price: Decimal | None
+    method: str | None
+
+
+@dataclass(frozen=True)
+class Fill:
+    """One fill of the account, as returned by userFills / userFillsByTime."""
+
+    coin: str
+    price: Decimal
+    size: Decimal
+    side: Literal["B", "A"]
+    time_ms: int
+    start_position: Decimal
+    direction: str
+    closed_pnl: Decimal
+    fee: Decimal
+    hash: str
+    oid: int
+    tid: int | None = None
+    cloid: str | None = None
+    crossed: bool | None = None
+    fee_token: str | None = None
+    liquidation: Liquidation | None = None
+
+    @property
+    def signed_size(self) -> Decimal:
+        return self.size if self.side == "B" else -self.size
+
+    @property
+    def end_position(self) -> Decimal:
+        return self.start_position + self.signed_size
+
+    @property
+    def identity(self) -> tuple[Any, ...]:
+        """What makes a fill unique: ``tid`` where the exchange gives it, else hash+oid+details."""
+        if self.tid is not None:
+            return ("tid", self.coin, self.tid)
+        return ("h", self.hash, self.oid, self.coin, self.time_ms, self.price, self.size, self.start_position)
+
+
+@dataclass
+class PositionRow:
+    """A row of the ``positions`` table as the planner sees it."""
+
+    id: int
+    account_id: int
+    coin: str
+    side: Side
+    size: Decimal
+    entry_price: Decimal | None
+    status: str
+    opened_at: datetime
+    source: str = "platform"
+    last_seen_at: datetime | None = None
+    realized_pnl: Decimal | None = None
+    fees: Decimal | None = None
+    stop_loss_price: Decimal | None = None
+    take_profit_price: Decimal | None = None
+    trailing_stop_pct: Decimal | None = None
+    best_price: Decimal | None = None
+    max_hold_seconds: int | None = None
+    close_requested_at: datetime | None = None
+    close_attempts: int = 0
+    close_cloid: str | None = None
+    close_started_at: datetime | None = None
+    close_rule: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    closed_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Account:
+    id: int
+    address: str
+    label: str | None
+    active: bool
+    max_hold_seconds: int | None = None

