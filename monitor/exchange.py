@@ -176,6 +176,32 @@ class Exchange:
             start = newest  # inclusive: the boundary fills come back and are deduplicated
         raise ReadFailed("userFillsByTime", f"more than {FILLS_MAX_PAGES * FILLS_PAGE_LIMIT} fills in the window")
 
+    def read_meta(self) -> dict[str, Any]:
+        body = self._post("meta", {"type": "meta", "dex": ""}, WEIGHT["meta"])
+        if not isinstance(body, dict) or not isinstance(body.get("universe"), list):
+            raise ReadFailed("meta", "invalid answer (no universe)")
+        return body
+
+    def read_open_orders(self, address: str) -> list[OpenOrder]:
+        body = self._post("frontendOpenOrders", {"type": "frontendOpenOrders", "user": address, "dex": ""},
+                          WEIGHT["frontendOpenOrders"])
+        try:
+            return parse_open_orders(body)
+        except ExchangeDataError as exc:
+            raise ReadFailed("frontendOpenOrders", f"invalid answer ({exc})") from None
+
+    def order_status(self, address: str, cloid: str) -> str:
+        """The status of an order by cloid: 'unknownOid' when the exchange never saw it."""
+        body = self._post("orderStatus", {"type": "orderStatus", "user": address, "oid": cloid}, WEIGHT["orderStatus"])
+        if not isinstance(body, dict) or body.get("status") not in ("order", "unknownOid"):
+            raise ReadFailed("orderStatus", "invalid answer")
+        if body["status"] == "unknownOid":
+            return "unknownOid"
+        try:
+            return str(body["order"]["status"])
+        except (KeyError, TypeError):
+            raise ReadFailed("orderStatus", "invalid answer (no order status)") from None
+
     def read_mids(self) -> dict[str, Decimal]:
         body = self._post("allMids", {"type": "allMids", "dex": ""}, WEIGHT["allMids"])
         try:
@@ -184,5 +210,182 @@ class Exchange:
             raise ReadFailed("allMids", f"invalid answer ({exc})") from None
 
 
-def addresses_in(snapshots: Iterable[AccountSnapshot]) -> list[str]:
-    return [s.address for s in snapshots]
+def decimal_to_wire(value: Decimal) -> str:
+    """A price or size as the exchange's wire wants it: plain digits, no trailing zeros, no exponent."""
+    text = f"{value.normalize():f}"
+    return "0" if text in ("-0", "") else text
+
+
+def round_price(price: Decimal, sz_decimals: int, *, is_buy: bool) -> Decimal:
+    """At most 5 significant figures and 6 - szDecimals decimals (perps), rounded away from the book."""
+    from decimal import ROUND_CEILING, ROUND_FLOOR
+
+    rounding = ROUND_CEILING if is_buy else ROUND_FLOOR
+    if price <= 0:
+        raise ValueError("price must be positive")
+    integer_digits = price.adjusted() + 1
+    decimals = min(max(5 - integer_digits, 0), max(6 - sz_decimals, 0))
+    rounded = price.quantize(Decimal(1).scaleb(-decimals), rounding=rounding)
+    if integer_digits > 5:  # large prices: keep 5 significant figures of the integer part
+        step = Decimal(1).scaleb(integer_digits - 5)
+        rounded = (price / step).to_integral_value(rounding=rounding) * step
+    return rounded
+
+
+def close_cloid(address: str, position_id: int, attempt: int) -> str:
+    """The client order id of one close attempt of one row: deterministic, never reused."""
+    import hashlib
+
+    digest = hashlib.sha256(f"position-monitor:{address.lower()}:{position_id}:{attempt}".encode()).hexdigest()
+    return "0x" + digest[:32]
+
+
+@dataclass(frozen=True)
+class OrderOutcome:
+    """What the exchange answered to a close order. ``kind`` is filled, partial, no_position, rejected, unknown."""
+
+    kind: str
+    filled_size: Decimal = Decimal(0)
+    average_price: Decimal | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class OpenOrder:
+    coin: str
+    oid: int
+    reduce_only: bool
+    is_trigger: bool
+    order_type: str | None
+    cloid: str | None
+
+
+def parse_open_orders(body: Any) -> list[OpenOrder]:
+    """frontendOpenOrders, flattened (children repeat top-level triggers) and deduplicated by oid."""
+    if not isinstance(body, list):
+        raise ExchangeDataError("frontendOpenOrders: expected a list")
+    seen: dict[int, OpenOrder] = {}
+    stack = list(body)
+    while stack:
+        item = stack.pop()
+        if not isinstance(item, dict):
+            raise ExchangeDataError("frontendOpenOrders: an order is not an object")
+        oid = item.get("oid")
+        if isinstance(oid, bool) or not isinstance(oid, int):
+            raise ExchangeDataError("frontendOpenOrders: oid is not an integer")
+        seen.setdefault(oid, OpenOrder(coin=parse_coin(item.get("coin")), oid=oid,
+                                       reduce_only=bool(item.get("reduceOnly")), is_trigger=bool(item.get("isTrigger")),
+                                       order_type=item.get("orderType"), cloid=item.get("cloid")))
+        children = item.get("children") or []
+        if isinstance(children, list):
+            stack.extend(children)
+    return sorted(seen.values(), key=lambda o: o.oid)
+
+
+class Trader:
+    """Signed actions for one account, with an API (agent) wallet acting for it.
+
+    Orders are built from Decimals (the SDK's own ``order()`` takes floats) and signed with the
+    SDK's ``sign_l1_action``; each carries a cloid and an ``expiresAfter``.
+    """
+
+    def __init__(self, reader: Exchange, secret_key: str, account: str, meta: dict[str, Any]) -> None:
+        from eth_account import Account as EthAccount
+        from hyperliquid.exchange import Exchange as SdkExchange
+
+        self.reader = reader
+        self.account = account
+        wallet = EthAccount.from_key(secret_key)
+        self.sdk = SdkExchange(wallet, reader.base_url, meta=meta, spot_meta=EMPTY_SPOT_META,
+                               account_address=account, timeout=reader.timeout)
+        self.sz_decimals = {a["name"]: int(a.get("szDecimals", 0)) for a in meta.get("universe", [])}
+
+    def _send(self, action: dict[str, Any], expires_after_ms: int | None) -> Any:
+        import requests
+        from hyperliquid.utils.error import ClientError, ServerError
+        from hyperliquid.utils.signing import get_timestamp_ms, sign_l1_action
+        from hyperliquid.utils.constants import MAINNET_API_URL
+
+        nonce = get_timestamp_ms()
+        signature = sign_l1_action(self.sdk.wallet, action, self.sdk.vault_address, nonce, expires_after_ms,
+                                   self.sdk.base_url == MAINNET_API_URL)
+        payload = {"action": action, "nonce": nonce, "signature": signature,
+                   "vaultAddress": self.sdk.vault_address, "expiresAfter": expires_after_ms}
+        if self.reader.before_request is not None:
+            self.reader.before_request("exchange", 1)
+        self.reader.counter.add("exchange", 1)
+        try:
+            return self.sdk.post("/exchange", payload)
+        except ClientError as exc:
+            raise ReadFailed("exchange", f"HTTP {exc.status_code}", retry_after=1.0 if exc.status_code == 429 else None) from None
+        except ServerError as exc:
+            raise ReadFailed("exchange", f"HTTP {exc.status_code}") from None
+        except requests.Timeout:
+            raise ReadFailed("exchange", "timed out") from None
+        except requests.RequestException as exc:
+            raise ReadFailed("exchange", f"connection failed ({type(exc).__name__})") from None
+        except (KeyError, ValueError):
+            raise ReadFailed("exchange", "unexpected error body") from None
+
+    def close_ioc(self, coin: str, *, side: str, size: Decimal, mid: Decimal, slippage: Decimal, cloid: str,
+                  expires_after_ms: int) -> OrderOutcome:
+        """A reduce-only IOC order that closes ``size`` of a ``side`` position, priced ``slippage`` through the mid.
+
+        Raises ReadFailed when the answer is unknown (timeout, 5xx): the order may or may not exist;
+        the caller settles it later by its cloid.
+        """
+        from hyperliquid.utils.signing import order_wires_to_order_action
+
+        is_buy = side == "short"
+        sz_decimals = self.sz_decimals.get(coin, 0)
+        price = round_price(mid * (1 + slippage) if is_buy else mid * (1 - slippage), sz_decimals, is_buy=is_buy)
+        size = size.quantize(Decimal(1).scaleb(-sz_decimals)) if sz_decimals >= 0 else size
+        wire = {"a": self.sdk.info.name_to_asset(coin), "b": is_buy, "p": decimal_to_wire(price),
+                "s": decimal_to_wire(size), "r": True, "t": {"limit": {"tif": "Ioc"}}, "c": cloid}
+        body = self._send(order_wires_to_order_action([wire], None, "na"), expires_after_ms)
+        return interpret_order_response(body, size)
+
+    def cancel(self, coin: str, oid: int, expires_after_ms: int) -> str | None:
+        """Cancel one order; None on success, else the exchange's error text."""
+        action = {"type": "cancel", "cancels": [{"a": self.sdk.info.name_to_asset(coin), "o": oid}]}
+        body = self._send(action, expires_after_ms)
+        if not isinstance(body, dict) or body.get("status") != "ok":
+            return str(body.get("response") if isinstance(body, dict) else body)[:200]
+        statuses = (body.get("response") or {}).get("data", {}).get("statuses", [])
+        if statuses and statuses[0] != "success":
+            error = statuses[0].get("error") if isinstance(statuses[0], dict) else str(statuses[0])
+            if error and "never placed, already canceled, or filled" in error:
+                return None  # already gone: the goal is met
+            return str(error)[:200]
+        return None
+
+
+def interpret_order_response(body: Any, requested: Decimal) -> OrderOutcome:
+    if not isinstance(body, dict):
+        return OrderOutcome("unknown", error="answer is not an object")
+    if body.get("status") != "ok":
+        text = str(body.get("response", body))[:200]
+        return OrderOutcome("rejected", error=text)
+    try:
+        statuses = body["response"]["data"]["statuses"]
+    except (KeyError, TypeError):
+        return OrderOutcome("unknown", error="answer has no statuses")
+    if not statuses:
+        return OrderOutcome("unknown", error="answer has no statuses")
+    status = statuses[0]
+    if isinstance(status, dict) and "filled" in status:
+        filled = status["filled"]
+        try:
+            total = parse_decimal(filled.get("totalSz"), "totalSz")
+            average = parse_decimal(filled.get("avgPx"), "avgPx")
+        except ExchangeDataError as exc:
+            return OrderOutcome("unknown", error=str(exc))
+        return OrderOutcome("filled" if total >= requested else "partial", total, average)
+    if isinstance(status, dict) and "error" in status:
+        error = str(status["error"])
+        if "Reduce only order would increase position" in error:
+            return OrderOutcome("no_position", error=error)
+        return OrderOutcome("rejected", error=error[:200])
+    if isinstance(status, dict) and "resting" in status:
+        return OrderOutcome("rejected", error="IOC order rested (unexpected)")
+    return OrderOutcome("unknown", error=str(status)[:200])

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from monitor.clock import from_ms, to_ms
 from monitor.fills import close_figures
-from monitor.models import Account, AccountSnapshot, ExchangePosition, Fill, PositionRow
+from monitor.models import Account, AccountSnapshot, ExchangeDataError, ExchangePosition, Fill, PositionRow
 
 # Action types. The first four change the table; close_order asks the exchange to close; the
 # others are reported so a person can see why nothing happened to a row.
@@ -167,6 +167,15 @@ def plan_account(
     return plan
 
 
+def _figures(fills: Sequence[Fill], row: PositionRow, address: str) -> Any:
+    """close_figures over the row's window, or None when the fills do not chain (some are missing)."""
+    try:
+        return close_figures(fills, coin=row.coin, side=row.side, since_ms=to_ms(row.opened_at) - 1000,
+                             account=address)
+    except ExchangeDataError:
+        return None
+
+
 def _reopened_after(fills: Sequence[Fill] | None, coin: str, side: str, closed_ms: int) -> datetime | None:
     """When a fill after ``closed_ms`` opened ``coin`` again on ``side`` (None: no such fill)."""
     for fill in fills or ():
@@ -186,8 +195,10 @@ def _vanished(address: str, row: PositionRow, now: datetime, settings: PlanSetti
     if fills is None:
         return [Action(WAIT, address, row.coin, position_id=row.id,
                        reason=f"gone from the exchange; fills unreadable ({fills_error or 'not read'}), retry next run")]
-    figures = close_figures(fills, coin=row.coin, side=row.side, since_ms=to_ms(row.opened_at) - 1000,
-                            account=address)
+    figures = _figures(fills, row, address)
+    if figures is None:
+        return [Action(WAIT, address, row.coin, position_id=row.id,
+                       reason="gone from the exchange; its fills do not add up (some missing), retry next run")]
     if figures.flat:
         if figures.liquidated:
             reason = "liquidation"
@@ -221,8 +232,10 @@ def _flipped(address: str, row: PositionRow, position: ExchangePosition, now: da
     if fills is None:
         return [Action(WAIT, address, row.coin, position_id=row.id,
                        reason=f"flipped on the exchange; fills unreadable ({fills_error or 'not read'})")]
-    figures = close_figures(fills, coin=row.coin, side=row.side, since_ms=to_ms(row.opened_at) - 1000,
-                            account=address)
+    figures = _figures(fills, row, address)
+    if figures is None:
+        return [Action(WAIT, address, row.coin, position_id=row.id,
+                       reason="flipped on the exchange; its fills do not add up (some missing), retry next run")]
     closed_at = from_ms(figures.closed_at_ms) if figures.closed_at_ms else now
     reason = "liquidation" if figures.liquidated else "flipped"
     return [
@@ -240,9 +253,9 @@ def _still_open(address: str, account: Account, row: PositionRow, position: Exch
     if position.size != row.size or position.entry_price != row.entry_price:
         realized = fees = None
         if position.size < row.size and fills is not None:
-            partial = close_figures(fills, coin=row.coin, side=row.side, since_ms=to_ms(row.opened_at) - 1000,
-                                    account=address)
-            realized, fees = partial.realized_pnl, partial.fees
+            partial = _figures(fills, row, address)
+            if partial is not None:
+                realized, fees = partial.realized_pnl, partial.fees
         actions.append(Action(UPDATE, address, row.coin, position_id=row.id, side=row.side, size=position.size,
                               previous_size=row.size, entry_price=position.entry_price,
                               realized_pnl=realized, fees=fees))

@@ -25,6 +25,7 @@ from monitor.errors import (
     Fenced,
     UsageError,
 )
+from monitor.closing import CloseContext, Closer
 from monitor.exchange import Exchange, ReadFailed
 from monitor.lock import LocalRunLock, PostgresRunLock, RunLock, process_start_time
 from monitor.models import Account, AccountSnapshot, PositionRow
@@ -210,6 +211,12 @@ class Run:
         recent_by_account = self.db.recently_closed_by_account(
             ids, now - timedelta(seconds=self.settings.reopen_guard_seconds))
         exchange = self.exchange_factory()
+        mids = self._read_mids(exchange, rows_by_account)
+        closer = Closer(CloseContext(
+            db=self.db, epoch=self.epoch, exchange=exchange, clock=self.clock, secret_key=self.settings.secret_key,
+            dry_run=self.dry_run, slippage=self.settings.close_slippage, max_failures=self.settings.max_close_failures,
+            seconds_left=lambda: self.settings.deadline_seconds - (self.clock.monotonic() - self.started),
+            mids=mids, report=self.report))
         seen_ids: list[int] = []
         settings = plan_settings(self.settings)
         for index, account in enumerate(accounts):
@@ -219,20 +226,38 @@ class Run:
                 self.report.notes.append(f"deadline reached: {len(accounts) - index} account(s) left for the next run")
                 break
             plan = self._plan_one(exchange, account, rows_by_account.get(account.id, []),
-                                  recent_by_account.get(account.id, []), settings)
+                                  recent_by_account.get(account.id, []), settings, mids)
             if plan is None:
                 continue
             self.report.actions.extend(plan.actions)
             seen_ids.extend(plan.seen_ids)
             if self.dry_run:
                 self._count_planned(plan)
+                closed_coins = [a.coin for a in plan.actions if a.type == planner.CLOSE]
             else:
-                self._apply(plan)
+                closed_coins = self._apply(plan)
+            if self.lock.compromised.is_set():
+                continue
+            closer.handle(account, [a for a in plan.actions if a.type in (planner.CLOSE_ORDER,
+                                                                           planner.SETTLE_CLOSE)],
+                          closed_coins)
         if seen_ids and not self.dry_run:
             with self.db.fenced(self.epoch):
                 self.db.touch_seen(seen_ids, self.clock.now())
         self.report.requests = exchange.counter.requests
         self.report.api_weight = exchange.counter.weight
+
+    def _read_mids(self, exchange: Exchange, rows_by_account: dict[int, list[PositionRow]]) -> dict[str, Any]:
+        """allMids, once per run, only when some open row has a price-based exit rule."""
+        if not any(r.stop_loss_price is not None or r.take_profit_price is not None or r.trailing_stop_pct is not None
+                   or r.close_requested_at is not None
+                   for rows in rows_by_account.values() for r in rows):
+            return {}
+        try:
+            return exchange.read_mids()
+        except ReadFailed as exc:
+            self.report.notes.append(f"mid prices unreadable ({exc}); price exit rules skipped this run")
+            return {}
 
     def _fail(self, account: Account, reason: str) -> None:
         log.warning("account %s: %s", account.address, reason)
@@ -240,7 +265,8 @@ class Run:
         self.report.failures.append({"account": account.address, "reason": reason})
 
     def _plan_one(self, exchange: Exchange, account: Account, rows: list[PositionRow],
-                  recent: list[PositionRow], settings: PlanSettings) -> AccountPlan | None:
+                  recent: list[PositionRow], settings: PlanSettings,
+                  mids: dict[str, Any]) -> AccountPlan | None:
         try:
             snapshot = exchange.read_positions(account.address)
         except ReadFailed as exc:
@@ -263,7 +289,7 @@ class Run:
             except ReadFailed as exc:
                 fills_error = str(exc)
         plan = planner.plan_account(account, snapshot, rows, now, settings, fills=fills, fills_error=fills_error,
-                                    recently_closed=recent)
+                                    recently_closed=recent, mids=mids)
         if fills_error is not None:
             self._fail(account, fills_error)
         else:
@@ -281,19 +307,17 @@ class Run:
             self.report.updated += 1
         elif kind == planner.CLOSE:
             self.report.closed += 1
-        elif kind == planner.CLOSE_ORDER:
-            self.report.would_close += 1
 
-    def _apply(self, plan: AccountPlan) -> None:
-        """Apply one account's plan in one fenced transaction."""
+    def _apply(self, plan: AccountPlan) -> list[str]:
+        """Apply one account's plan in one fenced transaction; returns the coins whose rows it closed."""
         assert self.db is not None
         db = self.db
-        applied: list[str] = []
+        applied: list[Action] = []
         try:
             with db.fenced(self.epoch):
                 for action in plan.actions:
                     if apply_action(db, plan.account, action, self.clock.now()):
-                        applied.append(action.type)
+                        applied.append(action)
                     elif action.type in (planner.DISCOVER, planner.UPDATE, planner.CLOSE):
                         self.report.conflicts += 1
         except (Fenced, DatabaseUnavailable):
@@ -302,9 +326,10 @@ class Run:
             log.exception("account %s: applying the plan failed", plan.account.address)
             self._fail(plan.account, f"database write failed: {type(exc).__name__}: {str(exc)[:120]}")
             self.report.accounts_ok -= 1
-            return
-        for kind in applied:
-            self._count(kind)
+            return []
+        for action in applied:
+            self._count(action.type)
+        return [a.coin for a in applied if a.type == planner.CLOSE]
 
 
 def apply_action(db: Database, account: Account, action: Action, now: Any) -> bool:

@@ -92,12 +92,11 @@ def db(database_url: str) -> Iterator[Any]:
 
 @pytest.fixture
 def sim() -> Iterator[Any]:
-    from monitor.simulator import Simulator
+    from monitor.simulator import start
 
-    simulator = Simulator()
-    server = simulator.serve()
+    server = start()
     try:
-        yield simulator
+        yield server
     finally:
         server.stop()
 
