@@ -116,6 +116,7 @@ class Database:
         self.lease_name = lease_name
         self.run_id: str | None = None
         self.epoch: int | None = None
+        self.statements = 0  # SQL statements sent on this connection (the benchmark reports it)
 
     @classmethod
     def open(cls, url: str, **kwargs: Any) -> "Database":
@@ -125,6 +126,7 @@ class Database:
         self.conn.close()
 
     def _execute(self, query: str, params: Sequence[Any] | dict[str, Any] | None = None) -> psycopg.Cursor:
+        self.statements += 1
         try:
             return self.conn.execute(query, params)
         except psycopg.OperationalError as exc:

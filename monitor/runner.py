@@ -55,6 +55,7 @@ class RunReport:
     fenced: bool = False
     requests: int = 0
     api_weight: int = 0
+    sql_statements: int = 0
     duration_seconds: float = 0.0
 
     @property
@@ -86,6 +87,7 @@ class RunReport:
             "overrun": self.overrun,
             "requests": self.requests,
             "api_weight": self.api_weight,
+            "sql_statements": self.sql_statements,
             "duration_seconds": round(self.duration_seconds, 3),
             "exit_code": self.exit_code,
             "actions": [a.to_json() for a in self.actions],
@@ -167,6 +169,7 @@ class Run:
         finally:
             self.report.duration_seconds = self.clock.monotonic() - self.started
             if self.db is not None:
+                self.report.sql_statements = self.db.statements
                 self.db.close()
             self.lock.release()
         return self.report
