@@ -116,6 +116,8 @@ def check_lock_path(path: Path) -> None:
     parent = path.parent
     try:
         parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        if not parent.is_dir():
+            raise NotADirectoryError(20, "not a directory")
     except OSError as exc:
         raise ConfigError(f"MONITOR_LOCK_FILE: cannot create directory {parent}: {exc.strerror}") from None
     for candidate in (path, Path(f"{path}.holder.json"), Path(f"{path}.gate")):
@@ -197,8 +199,8 @@ class LocalRunLock(RunLock):
                 holder = self.holder()
                 what = holder.describe(_utc(self._now())) if holder else "holder unknown"
                 raise LockHeld(f"another run holds the lock ({what})") from None
-        except PermissionError:
-            raise ConfigError(f"MONITOR_LOCK_FILE: cannot write {self.path}") from None
+        except OSError as exc:
+            raise ConfigError(f"MONITOR_LOCK_FILE: cannot create {self.path}: {exc.strerror or exc}") from None
         self.started_at = self._now()
         self._write_side_file()
 

@@ -157,30 +157,54 @@ class Run:
     # -- the run ----------------------------------------------------------------------------
 
     def execute(self) -> RunReport:
-        self.lock.acquire()  # LockHeld -> exit 75, before anything else happens
+        # The lock comes first. With the PostgreSQL backend the lock lives in the database, so the
+        # database (and its schema) must be reachable before it can be taken.
+        if isinstance(self.lock, PostgresRunLock):
+            self._open_database()
+            try:
+                self.lock.acquire()
+            except BaseException:
+                self._close_database()
+                raise
+        else:
+            self.lock.acquire()
         try:
             if self.lock.took_over:
                 self.report.notes.append(self.lock.took_over)
-            self._connect()
+            if self.db is None:
+                self._open_database()
+            self._start_epoch()
             self._process()
         except Fenced as exc:
             self.report.fenced = True
             self.report.notes.append(exc.message)
         finally:
             self.report.duration_seconds = self.clock.monotonic() - self.started
-            if self.db is not None:
-                self.report.sql_statements = self.db.statements
-                self.db.close()
+            self._close_database()
             self.lock.release()
         return self.report
 
-    def _connect(self) -> None:
+    def _open_database(self) -> None:
         db, embedded = open_database(self.settings)
         self.db = db
-        if embedded:
-            db.migrate()  # the embedded default keeps itself current
-        else:
-            db.require_current_schema()
+        try:
+            if embedded:
+                db.migrate()  # the embedded default keeps itself current
+            else:
+                db.require_current_schema()
+        except BaseException:
+            self._close_database()
+            raise
+
+    def _close_database(self) -> None:
+        if self.db is not None:
+            self.report.sql_statements = self.db.statements
+            self.db.close()
+            self.db = None
+
+    def _start_epoch(self) -> None:
+        db = self.db
+        assert db is not None
         if isinstance(self.lock, PostgresRunLock):
             epoch = self.lock.epoch
             db.run_id, db.epoch = self.lock.run_id, epoch
@@ -223,7 +247,11 @@ class Run:
         seen_ids: list[int] = []
         settings = plan_settings(self.settings)
         for index, account in enumerate(accounts):
-            if self.past_deadline() or self.lock.compromised.is_set():
+            if self.lock.compromised.is_set():
+                self.report.fenced = True
+                self.report.notes.append("lock lost (taken over or cleared): stopping without writing more")
+                break
+            if self.past_deadline():
                 self.report.overrun = True
                 self.report.accounts_deferred = len(accounts) - index
                 self.report.notes.append(f"deadline reached: {len(accounts) - index} account(s) left for the next run")

@@ -1,0 +1,342 @@
+"""The run lock, proven with real processes: simultaneous starters, SIGKILL, SIGSTOP, other hosts, fencing."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.conftest import ROOT, cli, run_json
+
+ALICE = "0x" + "a1" * 20
+
+
+def start(env, *args):
+    return subprocess.Popen([sys.executable, "-m", "monitor", "run", "--json", *args], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def lease(database_url):
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT epoch, holder_pid, holder_host, holder_run_id FROM monitor_lease"
+                           " WHERE name = 'run'").fetchone()
+    return row
+
+
+def wait_for_holder(database_url, pid, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = lease(database_url)
+        if row is not None and row[1] == pid:
+            return row
+        time.sleep(0.05)
+    raise AssertionError(f"pid {pid} never took the lease")
+
+
+def snapshot(database_url):
+    with psycopg.connect(database_url) as conn:
+        positions = conn.execute("SELECT * FROM positions ORDER BY id").fetchall()
+        events = conn.execute("SELECT id, position_id, run_id, epoch, event FROM position_events ORDER BY id").fetchall()
+    return positions, events
+
+
+def setup_account(env, sim, *positions):
+    for coin, szi, px in positions:
+        sim.open_position(ALICE, coin, szi, px)
+    assert cli(env, "accounts", "add", ALICE).returncode == 0
+
+
+def test_fifty_simultaneous_starters_exactly_one_runs(env, sim, database_url):
+    setup_account(env, sim, ("BTC", "1", "30000"), ("ETH", "2", "1900"))
+    sim.set_latency(10000)
+    env = dict(env, MONITOR_HTTP_TIMEOUT="30")
+    procs = [start(env) for _ in range(50)]
+    results = [(p.wait(timeout=180), p.stdout.read(), p.stderr.read()) for p in procs]
+    codes = [code for code, _, _ in results]
+    assert codes.count(0) == 1 and codes.count(75) == 49, codes
+    for code, out, err in results:
+        if code == 75:
+            line, = err.strip().splitlines()
+            assert "another run holds the lock" in line and "pid" in line and "age" in line
+    with psycopg.connect(database_url) as conn:
+        dupes = conn.execute("SELECT account_id, coin, count(*) FROM positions WHERE closed_at IS NULL"
+                             " GROUP BY 1, 2 HAVING count(*) > 1").fetchall()
+        assert dupes == []
+        assert conn.execute("SELECT count(*) FROM positions").fetchone()[0] == 2
+
+
+def test_sigkilled_holder_does_not_block_the_next_run(env, sim, database_url):
+    setup_account(env, sim, ("BTC", "1", "30000"))
+    sim.set_latency(3000)
+    holder = start(env)
+    wait_for_holder(database_url, holder.pid)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=10)
+    sim.set_latency(0)
+
+    began = time.monotonic()
+    report = run_json(env)
+
+    assert time.monotonic() - began < 15  # at once, not after the stale limit (300 s)
+    assert report["discovered"] == 1
+
+
+def _write_marker(path: Path, *, pid: int, host: str, age: float, stale_after: float = 300.0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"filelock/2\npid={pid}\nhost={host}\nmode=lease\ntoken={'ab' * 16}\n"
+                    f"duration={stale_after!r}\nstart=12345\n")
+    stamp = time.time() - age
+    os.utime(path, (stamp, stamp))
+
+
+def test_lock_from_another_host_blocks_until_stale_then_is_taken_over(env, sim):
+    setup_account(env, sim, ("BTC", "1", "30000"))
+    lock_path = Path(env["MONITOR_LOCK_FILE"])
+    env = dict(env, MONITOR_LOCK_STALE_AFTER="300")
+
+    _write_marker(lock_path, pid=4242, host="other-host.example", age=10)
+    blocked = cli(env, "run", "--json")
+    assert blocked.returncode == 75
+    assert "pid 4242" in blocked.stderr and "other-host.example" in blocked.stderr
+    status = cli(env, "lock", "status", "--json")
+    holder = json.loads(status.stdout)["holder"]
+    assert holder["pid"] == 4242 and holder["host"] == "other-host.example"
+
+    _write_marker(lock_path, pid=4242, host="other-host.example", age=301)
+    report = run_json(env)
+    assert report["discovered"] == 1
+    assert any("other-host.example" in note and "took the lock over" in note for note in report["notes"])
+
+
+def test_lock_stamped_with_a_dead_pid_on_this_host_is_taken_over_at_once(env, sim):
+    setup_account(env, sim, ("BTC", "1", "30000"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    from filelock._identity import host_name
+
+    _write_marker(Path(env["MONITOR_LOCK_FILE"]), pid=dead.pid, host=host_name(), age=1)
+    report = run_json(env)
+    assert report["discovered"] == 1
+
+
+def test_sigstopped_local_holder_is_stopped_and_cannot_write_after_sigcont(env, sim, database_url):
+    setup_account(env, sim, ("BTC", "1", "30000"), ("ETH", "1", "1900"))
+    env = dict(env, MONITOR_LOCK_STALE_AFTER="3", MONITOR_HTTP_TIMEOUT="20")
+    run_json(env)  # both rows exist
+    sim.resize(ALICE, "BTC", "2", "30500")
+    sim.set_latency(2000)
+    first = start(env)
+    wait_for_holder(database_url, first.pid)
+    first.send_signal(signal.SIGSTOP)
+    time.sleep(4)  # past the stale limit: its heartbeat has stopped
+    sim.set_latency(0)
+
+    second = run_json(env)
+    assert second["updated"] == 1
+    assert any("took the lock over" in note for note in second["notes"])
+    after_second = snapshot(database_url)
+    epoch_after_second = lease(database_url)[0]
+
+    first.send_signal(signal.SIGCONT)
+    first.wait(timeout=30)
+    assert first.returncode == -signal.SIGKILL  # the policy on one host: a silent holder is stopped
+    assert snapshot(database_url) == after_second
+    assert lease(database_url)[0] == epoch_after_second
+
+
+def test_sigstopped_holder_on_another_host_is_fenced_by_the_postgres_lease(env, sim, database_url):
+    setup_account(env, sim, ("BTC", "1", "30000"))
+    env = dict(env, MONITOR_LOCK_BACKEND="postgres", MONITOR_LOCK_STALE_AFTER="3", MONITOR_HTTP_TIMEOUT="30")
+    host_a = dict(env, MONITOR_HOST_ID="host-a")
+    host_b = dict(env, MONITOR_HOST_ID="host-b")
+    run_json(host_b)  # the BTC row exists, size 1
+    sim.resize(ALICE, "BTC", "2", "30500")
+    sim.set_latency(2500)
+    first = start(host_a)  # will read size 2 and want to write it
+    wait_for_holder(database_url, first.pid)
+    time.sleep(0.8)  # its read is in flight
+    first.send_signal(signal.SIGSTOP)
+    time.sleep(4)  # its lease expires: no heartbeat while stopped
+    sim.set_latency(0)
+
+    second = run_json(host_b)  # takes the expired lease (a new epoch) and applies size 2
+    assert second["updated"] == 1
+    sim.resize(ALICE, "BTC", "5", "31000")
+    third = run_json(host_b)
+    assert third["updated"] == 1  # size 5 now; a late write of size 2 from the first run would regress it
+    after = snapshot(database_url)
+    epoch = lease(database_url)[0]
+
+    first.send_signal(signal.SIGCONT)
+    out, err = first.communicate(timeout=60)
+    assert first.returncode == 75, (out, err)
+    report = json.loads(out)
+    assert any("taken over" in note or "lock lost" in note for note in report["notes"]), report["notes"]
+    assert snapshot(database_url) == after
+    assert lease(database_url)[0] == epoch
+    assert not [e for e in after[1] if e[2] == report["run_id"]]
+
+
+def test_postgres_lease_blocks_a_second_host_while_held(env, sim, database_url):
+    setup_account(env, sim, ("BTC", "1", "30000"))
+    env = dict(env, MONITOR_LOCK_BACKEND="postgres", MONITOR_LOCK_STALE_AFTER="60", MONITOR_HTTP_TIMEOUT="20")
+    sim.set_latency(3000)
+    first = start(dict(env, MONITOR_HOST_ID="host-a"))
+    wait_for_holder(database_url, first.pid)
+    blocked = cli(dict(env, MONITOR_HOST_ID="host-b"), "run")
+    assert blocked.returncode == 75 and "host-a" in blocked.stderr
+    status = json.loads(cli(env, "lock", "status", "--json").stdout)
+    assert status["backend"] == "postgres" and status["holder"]["host"] == "host-a" and status["epoch"] >= 1
+    assert first.wait(timeout=60) == 0
+
+
+def test_lock_status_and_clear(env, sim, database_url):
+    setup_account(env, sim, ("BTC", "1", "30000"))
+    sim.set_latency(4000)
+    env = dict(env, MONITOR_HTTP_TIMEOUT="20")
+    holder = start(env)
+    wait_for_holder(database_url, holder.pid)
+    status = json.loads(cli(env, "lock", "status", "--json").stdout)
+    assert status["held"] and status["holder"]["pid"] == holder.pid and status["backend"] == "local"
+    assert status["holder"]["heartbeat_at"] and status["epoch"] >= 1
+    refused = cli(env, "lock", "clear")
+    assert refused.returncode == 75 and "alive" in refused.stderr
+    holder.send_signal(signal.SIGSTOP)
+    try:
+        forced = cli(env, "lock", "clear", "--force")
+        assert forced.returncode == 0 and f"pid {holder.pid}" in forced.stdout
+        assert json.loads(cli(env, "lock", "status", "--json").stdout)["holder"] is None
+    finally:
+        holder.send_signal(signal.SIGCONT)
+        holder.wait(timeout=60)
+
+
+@pytest.mark.parametrize("bad", ["/etc/hostname/run.lock", "symlink"])
+def test_unusable_lock_path_is_exit_78(env, tmp_path, bad):
+    if bad == "symlink":
+        target = tmp_path / "elsewhere"
+        target.write_text("")
+        link = tmp_path / "lockdir" / "run.lock"
+        link.parent.mkdir()
+        link.symlink_to(target)
+        bad = str(link)
+    result = cli(dict(env, MONITOR_LOCK_FILE=bad), "run")
+    assert result.returncode == 78, result.stderr
+    assert "MONITOR_LOCK_FILE" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_run_past_its_deadline_defers_work_and_says_so(env, sim):
+    accounts = ["0x" + f"{i:02x}" * 20 for i in range(1, 7)]
+    for address in accounts:
+        sim.open_position(address, "BTC", "1", "30000")
+        assert cli(env, "accounts", "add", address).returncode == 0
+    sim.set_latency(700)
+    env = dict(env, MONITOR_LOCK_STALE_AFTER="2")  # deadline 1.6 s
+    report = run_json(env)
+    assert report["overrun"] is True and report["accounts_deferred"] > 0
+    assert report["accounts_ok"] + report["accounts_deferred"] == len(accounts)
+    assert any("deadline" in note for note in report["notes"])
+
+
+def _contend(env, database_url, rng, contenders):
+    procs = [start(env) for _ in range(contenders)]
+    time.sleep(rng.uniform(0, 0.6))
+    for proc in procs:
+        roll = rng.random()
+        if roll < 0.2:
+            proc.send_signal(signal.SIGKILL)
+        elif roll < 0.35:
+            proc.send_signal(signal.SIGSTOP)
+            time.sleep(rng.uniform(0, 0.3))
+            proc.send_signal(signal.SIGCONT)
+    for proc in procs:
+        proc.wait(timeout=120)
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def _epochs_have_one_writer(database_url):
+    with psycopg.connect(database_url) as conn:
+        return conn.execute("SELECT epoch, count(DISTINCT run_id) FROM position_events GROUP BY epoch"
+                            " HAVING count(DISTINCT run_id) > 1").fetchall()
+
+
+def _random_contention(env, sim, database_url, rounds, seed):
+    rng = random.Random(seed)
+    coins = ["BTC", "ETH", "SOL"]
+    for coin in coins:
+        sim.open_position(ALICE, coin, "1", "100")
+    assert cli(env, "accounts", "add", ALICE).returncode == 0
+    env = dict(env, MONITOR_LOCK_STALE_AFTER="2", MONITOR_HTTP_TIMEOUT="2")
+    sim.set_latency(150)
+    for _ in range(rounds):
+        coin = rng.choice(coins)
+        sim.resize(ALICE, coin, str(rng.randint(1, 50)), str(rng.randint(90, 110)))
+        _contend(env, database_url, rng, rng.randint(2, 10))
+    assert _epochs_have_one_writer(database_url) == []
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM position_events").fetchone()[0] > 0
+
+
+def test_random_start_kill_stop_never_two_writers_in_one_epoch_short(env, sim, database_url):
+    _random_contention(env, sim, database_url, rounds=6, seed=7)
+
+
+@pytest.mark.slow
+def test_random_start_kill_stop_never_two_writers_in_one_epoch_200_rounds(env, sim, database_url):
+    _random_contention(env, sim, database_url, rounds=200, seed=2026)
+
+
+def test_the_database_refuses_a_superseded_epoch(database_url):
+    from monitor.database import Database
+    from monitor.errors import Fenced
+
+    old, new = Database.open(database_url), Database.open(database_url)
+    try:
+        first = old.advance_epoch(run_id="old", host="h", pid=1, start=None, stale_after=60)
+        with old.fenced(first):
+            account, _ = old.add_account("0x" + "c3" * 20, None)
+        second = new.advance_epoch(run_id="new", host="h", pid=2, start=None, stale_after=60)
+        assert second == first + 1
+        with pytest.raises(Fenced):
+            with old.fenced(first):
+                old.add_account("0x" + "d4" * 20, None)
+        assert [a.address for a in new.list_accounts()] == [account.address]
+    finally:
+        old.close()
+        new.close()
+
+
+def test_a_new_holder_waits_for_the_old_holders_transaction_then_fences_it(database_url):
+    import threading
+
+    from monitor.database import Database
+    from monitor.errors import Fenced
+
+    old, new = Database.open(database_url), Database.open(database_url)
+    try:
+        first = old.advance_epoch(run_id="old", host="h", pid=1, start=None, stale_after=60)
+        advanced = threading.Event()
+        with old.fenced(first):
+            thread = threading.Thread(target=lambda: (new.advance_epoch(run_id="new", host="h", pid=2, start=None,
+                                                                        stale_after=60), advanced.set()))
+            thread.start()
+            time.sleep(0.5)
+            assert not advanced.is_set()  # blocked behind the old holder's FOR SHARE
+            old.add_account("0x" + "e5" * 20, None)  # this write commits within the old epoch
+        thread.join(timeout=10)
+        assert advanced.is_set()
+        with pytest.raises(Fenced):
+            with old.fenced(first):
+                pass
+    finally:
+        old.close()
+        new.close()
