@@ -1,0 +1,379 @@
+"""Telling the outside world how runs go: a metrics file, a dead man's switch ping, alerts.
+
+Three outputs, each optional and each unable to break a run:
+
+* ``write_metrics_file``: the last run's figures in the Prometheus text format, for node_exporter's
+  textfile collector, replaced atomically so a scrape never reads half a file.
+* ``Pinger``: healthchecks.io-style pings (``/start``, success, ``/<exit code>``), so a monitor
+  that stops running at all is noticed by someone else.
+* ``decide_alerts`` (pure) and ``send_webhook``: which conditions deserve a message this run, with
+  a streak threshold, a resend throttle and a single "resolved" message; then a Slack-compatible
+  webhook to say it.
+
+No SQL and no command-line code live here: the runner persists ``AlertState`` in
+``monitor_alerts`` and calls these functions. Network helpers never raise: a failed ping or webhook
+logs one warning line (without the URL's secret parts) and returns False.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import uuid
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Collection, Iterable, Mapping
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import requests
+
+from monitor import __version__
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = f"position-monitor/{__version__}"
+PREFIX = "position_monitor_"
+# Action kinds always written (as 0 when absent) so their series do not vanish on a quiet run.
+DEFAULT_ACTION_KINDS = ("discovered", "updated", "closed", "close_orders_sent", "conflicts")
+# Alert kinds that are sent the first run they are seen, whatever the threshold.
+IMMEDIATE_KINDS = frozenset({"liquidation", "close_failed", "run_overran"})
+PING_BODY_LIMIT = 10_000  # characters; healthchecks stores the first 100 kB
+WEBHOOK_TEXT_LIMIT = 3_500  # characters; well inside Slack's limits for one message
+
+
+# -- metrics file ---------------------------------------------------------------------------------
+
+
+@dataclass
+class RunMetrics:
+    """What one run reports to Prometheus. Timestamps are Unix epoch seconds."""
+
+    run_started: float
+    run_finished: float
+    last_success: float | None = None
+    exit_code: int = 0
+    dry_run: bool = False
+    counters: dict[str, int] = field(default_factory=dict)
+    open_positions_by_account: dict[str, int] = field(default_factory=dict)
+    accounts_failed: int = 0
+    accounts_ok: int = 0
+    lock_busy: bool = False
+    api_weight: int = 0
+    requests: int = 0
+
+
+def escape_label_value(value: str) -> str:
+    """A label value for the text exposition format: backslash, double quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _format_value(value: float | int | bool) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    value = float(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
+
+
+def render_metrics(m: RunMetrics) -> str:
+    """The metrics file's text: every metric a gauge, with HELP and TYPE lines, series sorted."""
+    out: list[str] = []
+
+    def gauge(name: str, help_text: str, samples: Iterable[tuple[dict[str, str], float | int | bool]]) -> None:
+        full = PREFIX + name
+        out.append(f"# HELP {full} {_escape_help(help_text)}")
+        out.append(f"# TYPE {full} gauge")
+        for labels, value in samples:
+            text = ",".join(f'{k}="{escape_label_value(str(v))}"' for k, v in labels.items())
+            out.append(f"{full}{{{text}}} {_format_value(value)}" if text else f"{full} {_format_value(value)}")
+
+    gauge("last_run_timestamp_seconds", "When the last run finished (Unix time).", [({}, float(m.run_finished))])
+    if m.last_success is not None:
+        gauge("last_success_timestamp_seconds", "When the last run that exited 0 finished (Unix time).",
+              [({}, float(m.last_success))])
+    gauge("run_duration_seconds", "How long the last run took.",
+          [({}, max(0.0, float(m.run_finished) - float(m.run_started)))])
+    counters = {kind: 0 for kind in DEFAULT_ACTION_KINDS}
+    counters.update(m.counters)
+    gauge("run_actions", "Actions taken by the last run, by kind (a per-run count, not a running total).",
+          [({"kind": kind}, int(counters[kind])) for kind in sorted(counters)])
+    gauge("open_positions", "Open positions per watched account after the last run.",
+          [({"account": account}, int(m.open_positions_by_account[account]))
+           for account in sorted(m.open_positions_by_account)])
+    gauge("accounts_failed", "Accounts the last run could not read or write.", [({}, int(m.accounts_failed))])
+    gauge("accounts_ok", "Accounts the last run reconciled.", [({}, int(m.accounts_ok))])
+    gauge("lock_busy", "1 if the last run found another run holding the lock and exited 75.",
+          [({}, bool(m.lock_busy))])
+    gauge("exit_code", "The last run's exit code.", [({}, int(m.exit_code))])
+    gauge("dry_run", "1 if the last run was a dry run.", [({}, bool(m.dry_run))])
+    gauge("api_weight", "Hyperliquid API weight the last run spent.", [({}, int(m.api_weight))])
+    gauge("http_requests", "HTTP requests the last run made to Hyperliquid.", [({}, int(m.requests))])
+    return "\n".join(out) + "\n"
+
+
+def write_metrics_file(path: Path, m: RunMetrics) -> None:
+    """Replace ``path`` with the metrics for ``m``, atomically.
+
+    The text goes to a hidden temporary file in the same directory (named without the ``.prom``
+    suffix, so the textfile collector never reads it), is fsynced, made world-readable (0644, for
+    node_exporter running as another user) and renamed over ``path``; the directory is then
+    fsynced. On any error the temporary file is removed and the old file is left as it was; the
+    error (OSError) propagates: the caller decides whether a metrics fault matters.
+    """
+    path = Path(path)
+    text = render_metrics(m).encode("utf-8")
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+# -- HTTP helpers ---------------------------------------------------------------------------------
+
+
+def _redacted(url: str) -> str:
+    """Scheme and host only: ping UUIDs and webhook paths are secrets and stay out of logs."""
+    try:
+        parts = urlsplit(url)
+        return f"{parts.scheme}://{parts.hostname or '?'}{':' + str(parts.port) if parts.port else ''}/..."
+    except ValueError:
+        return "(unparsable URL)"
+
+
+def _post(url: str, what: str, timeout: float, *, content_type: str | None = None, **kwargs: object) -> bool:
+    """POST and report success as a bool; any fault is one warning line, never an exception.
+
+    ``timeout`` bounds the connection and each read of the answer (requests' semantics).
+    """
+    headers = {"User-Agent": USER_AGENT}
+    if content_type:
+        headers["Content-Type"] = content_type
+    try:
+        response = requests.post(url, timeout=(timeout, timeout), allow_redirects=False,
+                                 headers=headers, **kwargs)  # type: ignore[arg-type]
+        status = response.status_code
+        response.close()
+    except requests.Timeout:
+        log.warning("%s to %s failed: no answer within %gs", what, _redacted(url), timeout)
+        return False
+    except requests.RequestException as exc:
+        log.warning("%s to %s failed: %s", what, _redacted(url), type(exc).__name__)
+        return False
+    except Exception as exc:  # noqa: BLE001 - a notification must never break a run
+        log.warning("%s to %s failed: unexpected %s", what, _redacted(url), type(exc).__name__)
+        return False
+    if not 200 <= status < 300:
+        log.warning("%s to %s failed: HTTP %d", what, _redacted(url), status)
+        return False
+    return True
+
+
+class Pinger:
+    """healthchecks.io-style pings: ``start()``, ``success()``, ``failure(exit_code)``.
+
+    ``url`` is the check's ping URL (``https://hc-ping.com/<uuid>`` or a self-hosted equivalent);
+    None makes every method a no-op that returns True. Each ping is a POST whose body may carry a
+    short text (truncated to ``PING_BODY_LIMIT`` characters). ``run_id``, when set, is sent as the
+    ``rid`` query parameter (normalised to the dashed UUID form healthchecks expects when it is a
+    UUID), so healthchecks pairs each start with its end. ``timeout`` bounds the connect and each
+    read. Methods return True when the ping was accepted (HTTP 2xx) and False otherwise; they
+    never raise.
+    """
+
+    def __init__(self, url: str | None, timeout: float = 5, *, run_id: str | None = None) -> None:
+        self.url = url.rstrip("/") if url else None
+        self.timeout = timeout
+        self.run_id = run_id
+
+    def ping_url(self, suffix: str = "") -> str:
+        """The URL a ping with this suffix ("", "start", "fail" or an exit code) goes to."""
+        if self.url is None:
+            raise ValueError("no ping URL configured")
+        parts = urlsplit(self.url)
+        path = parts.path.rstrip("/") + (f"/{suffix}" if suffix else "")
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        if self.run_id:
+            query = [(k, v) for k, v in query if k != "rid"] + [("rid", _rid(self.run_id))]
+        return urlunsplit(parts._replace(path=path, query=urlencode(query)))
+
+    def _ping(self, suffix: str, body: str | None) -> bool:
+        if self.url is None:
+            return True
+        data = (body or "")[:PING_BODY_LIMIT].encode("utf-8", errors="replace")
+        try:
+            url = self.ping_url(suffix)
+        except ValueError:  # a malformed URL (config validates it; stay safe anyway)
+            log.warning("ping %s failed: the ping URL cannot be parsed", suffix or "success")
+            return False
+        return _post(url, f"ping {suffix or 'success'}", self.timeout, data=data,
+                     content_type="text/plain; charset=utf-8")
+
+    def start(self, body: str | None = None) -> bool:
+        """The run has started (healthchecks measures the run time from here)."""
+        return self._ping("start", body)
+
+    def success(self, body: str | None = None) -> bool:
+        """The run finished well."""
+        return self._ping("", body)
+
+    def failure(self, exit_code: int | None = None, body: str | None = None) -> bool:
+        """The run failed: ``/<exit_code>`` (healthchecks treats non-zero as failure), ``/fail`` if
+        the code is unknown, 0 (that would read as success) or outside 1..255."""
+        suffix = str(exit_code) if exit_code is not None and 1 <= exit_code <= 255 else "fail"
+        return self._ping(suffix, body)
+
+    def finish(self, exit_code: int, body: str | None = None) -> bool:
+        """``success()`` for exit code 0, otherwise ``failure(exit_code)``."""
+        return self.success(body) if exit_code == 0 else self.failure(exit_code, body)
+
+
+def _rid(run_id: str) -> str:
+    try:
+        return str(uuid.UUID(run_id))
+    except ValueError:
+        return run_id
+
+
+def send_webhook(url: str, text: str, *, timeout: float = 5) -> bool:
+    """POST ``{"text": text}`` (Slack-compatible) to ``url``; True on HTTP 2xx. Never raises.
+
+    Text longer than ``WEBHOOK_TEXT_LIMIT`` characters is cut, with a marker saying so.
+    """
+    if len(text) > WEBHOOK_TEXT_LIMIT:
+        text = text[:WEBHOOK_TEXT_LIMIT - 20] + "\n... (truncated)"
+    return _post(url, "alert webhook", timeout, json={"text": text})
+
+
+# -- alert decisions (pure) -----------------------------------------------------------------------
+
+
+@dataclass
+class AlertState:
+    """One alert condition's memory between runs (a ``monitor_alerts`` row).
+
+    ``streak`` counts consecutive runs the condition was observed; ``active`` means an alert was
+    sent and no "resolved" message yet. The ``*_at`` fields mirror the table's columns.
+    """
+
+    key: str
+    kind: str
+    streak: int = 0
+    active: bool = False
+    message: str = ""
+    last_sent_at: datetime | None = None
+    first_seen_at: datetime | None = None
+    last_seen_at: datetime | None = None
+    resolved_at: datetime | None = None
+
+
+def _normalise_observed(observed: Mapping[str, tuple[str, str]] | Collection[str]) -> dict[str, tuple[str, str]]:
+    if isinstance(observed, Mapping):
+        return {key: (kind, message) for key, (kind, message) in observed.items()}
+    return {key: (key.split(":", 1)[0], key) for key in observed}
+
+
+def decide_alerts(
+    previous: Mapping[str, AlertState],
+    observed: Mapping[str, tuple[str, str]] | Collection[str],
+    now: datetime,
+    *,
+    threshold_runs: int,
+    resend_after: timedelta | None,
+    immediate: Collection[str] = IMMEDIATE_KINDS,
+) -> tuple[dict[str, AlertState], list[tuple[str, str]], list[tuple[str, str]]]:
+    """Decide this run's alerts from the previous states and the conditions observed now.
+
+    ``observed`` maps an alert key (``"account_failed:0xabc"``, ``"lock_busy"``...) to
+    ``(kind, message)``; a plain collection of keys also works (kind = the part before ``:``,
+    message = the key). For each key:
+
+    * observed: ``streak`` += 1 and the message is refreshed. An inactive alert becomes active and
+      is sent when the streak reaches ``threshold_runs`` (1 for kinds in ``immediate``). An active
+      one is sent again only when ``resend_after`` has passed since ``last_sent_at`` (None: never
+      resent), with "(still present, N runs)" appended.
+    * not observed: the streak resets to 0; an active alert is resolved once (``"resolved: " +
+      its message``) and becomes inactive.
+
+    Returns ``(new_states, to_send, to_resolve)``; the two lists hold ``(key, message)`` sorted by
+    key. ``new_states`` holds every key that was observed, is active, or changed this run; a key
+    of ``previous`` missing from it was already idle (inactive, streak 0) and can be forgotten.
+    The function does no I/O and does not modify ``previous``.
+    """
+    if threshold_runs < 1:
+        raise ValueError("threshold_runs must be at least 1")
+    if resend_after is not None and resend_after < timedelta(0):
+        raise ValueError("resend_after must not be negative")
+    seen = _normalise_observed(observed)
+    new_states: dict[str, AlertState] = {}
+    to_send: list[tuple[str, str]] = []
+    to_resolve: list[tuple[str, str]] = []
+    for key in sorted(set(previous) | set(seen)):
+        before = previous.get(key)
+        if key in seen:
+            kind, message = seen[key]
+            state = replace(before) if before is not None else AlertState(key=key, kind=kind)
+            state.kind, state.message = kind, message
+            if state.streak == 0 or state.first_seen_at is None:
+                state.first_seen_at = now
+            state.streak += 1
+            state.last_seen_at = now
+            needed = 1 if kind in immediate else threshold_runs
+            if not state.active:
+                if state.streak >= needed:
+                    state.active, state.last_sent_at, state.resolved_at = True, now, None
+                    to_send.append((key, message))
+            elif resend_after is not None and (state.last_sent_at is None
+                                               or now - state.last_sent_at >= resend_after):
+                state.last_sent_at = now
+                to_send.append((key, f"{message} (still present, {state.streak} runs)"))
+            new_states[key] = state
+        elif before is not None:
+            if before.active:
+                state = replace(before, active=False, streak=0, resolved_at=now)
+                to_resolve.append((key, f"resolved: {before.message}"))
+                new_states[key] = state
+            elif before.streak:
+                new_states[key] = replace(before, streak=0)
+            # else: idle already; dropped
+    return new_states, to_send, to_resolve
+
+
+def alert_text(to_send: list[tuple[str, str]], to_resolve: list[tuple[str, str]], *,
+               source: str = "position-monitor") -> str | None:
+    """One webhook message for a run's alerts and resolutions; None when there is nothing to say."""
+    lines = [message for _, message in to_send] + [message for _, message in to_resolve]
+    if not lines:
+        return None
+    return f"{source}:\n" + "\n".join(f"- {line}" for line in lines)
