@@ -258,6 +258,27 @@ def format_table(rows: list[dict[str, Any]], headers: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
+@cli.command("close")
+@click.argument("position_id", type=int)
+@click.pass_context
+def close_position(ctx: click.Context, position_id: int) -> None:
+    """Ask for POSITION_ID to be closed on the exchange by the next run."""
+    db, _ = _ready_database(ctx)
+    try:
+        outcome = db.request_close(position_id, datetime.now(timezone.utc))
+    finally:
+        db.close()
+    messages = {
+        "requested": f"close requested for #{position_id}; the next run closes it on the exchange",
+        "already_requested": f"#{position_id}: a close was already requested",
+        "closing": f"#{position_id}: already closing",
+        "closed": f"#{position_id}: already closed",
+    }
+    if outcome == "missing":
+        raise UsageError(f"no position #{position_id}")
+    click.echo(messages[outcome])
+
+
 # ---- db --------------------------------------------------------------------------------------
 
 @cli.group()

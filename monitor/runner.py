@@ -238,7 +238,7 @@ class Run:
         recent_by_account = self.db.recently_closed_by_account(
             ids, now - timedelta(seconds=self.settings.reopen_guard_seconds))
         exchange = self.exchange_factory()
-        mids = self._read_mids(exchange, rows_by_account)
+        mids = self._read_mids(exchange, accounts, rows_by_account)
         closer = Closer(CloseContext(
             db=self.db, epoch=self.epoch, exchange=exchange, clock=self.clock, secret_key=self.settings.secret_key,
             dry_run=self.dry_run, slippage=self.settings.close_slippage, max_failures=self.settings.max_close_failures,
@@ -278,16 +278,19 @@ class Run:
         self.report.requests = exchange.counter.requests
         self.report.api_weight = exchange.counter.weight
 
-    def _read_mids(self, exchange: Exchange, rows_by_account: dict[int, list[PositionRow]]) -> dict[str, Any]:
-        """allMids, once per run, only when some open row has a price-based exit rule."""
+    def _read_mids(self, exchange: Exchange, accounts: list[Account],
+                   rows_by_account: dict[int, list[PositionRow]]) -> dict[str, Any]:
+        """allMids, once per run, only when some open row has an exit rule (its order is priced off the mid)."""
+        held_too_long = {a.id for a in accounts if a.max_hold_seconds is not None}
         if not any(r.stop_loss_price is not None or r.take_profit_price is not None or r.trailing_stop_pct is not None
-                   or r.close_requested_at is not None
-                   for rows in rows_by_account.values() for r in rows):
+                   or r.close_requested_at is not None or r.max_hold_seconds is not None
+                   or (account_id in held_too_long)
+                   for account_id, rows in rows_by_account.items() for r in rows):
             return {}
         try:
             return exchange.read_mids()
         except ReadFailed as exc:
-            self.report.notes.append(f"mid prices unreadable ({exc}); price exit rules skipped this run")
+            self.report.notes.append(f"mid prices unreadable ({exc}); exit rules skipped this run")
             return {}
 
     def _fail(self, account: Account, reason: str) -> None:
