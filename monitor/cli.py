@@ -124,33 +124,101 @@ def cli(ctx: click.Context, log_level: str | None, log_format: str | None, datab
 @click.option("--dry-run", is_flag=True, help="Build and print the plan; write nothing, send nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--account", "accounts", multiple=True, metavar="ADDRESS", help="Only this account (repeatable).")
+@click.option("--metrics-file", default=None, metavar="PATH",
+              help="Write a Prometheus textfile after the run. Env: MONITOR_METRICS_FILE.")
 @click.pass_context
-def run(ctx: click.Context, dry_run: bool, as_json: bool, accounts: tuple[str, ...]) -> None:
+def run(ctx: click.Context, dry_run: bool, as_json: bool, accounts: tuple[str, ...], metrics_file: str | None) -> None:
     """Reconcile every watched account once, then exit (what cron runs)."""
-    from monitor.runner import Run
+    from monitor.operations import execute_run
 
+    if metrics_file is not None:
+        ctx.obj["flags"]["metrics_file"] = metrics_file
     settings = _settings(ctx)
     addresses = [_address(a) for a in accounts]
-    run_ = Run(settings, dry_run=dry_run, addresses=addresses)
-    _run_filter.run_id = run_.lock.run_id
-    report = run_.execute()
+    interactive = sys.stderr.isatty() and not as_json
+    bar: Any = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = click.progressbar(length=total, label="reading accounts", file=sys.stderr)
+            bar.__enter__()
+        bar.update(done - bar.pos)
+
+    try:
+        run_, report = execute_run(settings, dry_run=dry_run, addresses=addresses,
+                                   progress=progress if interactive else None,
+                                   on_start=lambda r: setattr(_run_filter, "run_id", r.lock.run_id))
+    finally:
+        if bar is not None:
+            bar.update(bar.length - bar.pos)
+            bar.__exit__(None, None, None)
     if as_json:
         _echo_json(report.to_json())
+        ctx.exit(report.exit_code)
+    shown = [a for a in report.actions if dry_run or a.type != "wait"]
+    if sys.stdout.isatty() and shown:
+        click.echo(format_table([_action_row(a) for a in shown],
+                                ("type", "account", "coin", "id", "detail")))
     else:
-        if dry_run:
-            for action in report.actions:
-                click.echo(f"  {action.describe()}")
-        elif report.changed:
-            for action in report.actions:
-                if action.type != "wait":
-                    click.echo(f"  {action.describe()}")
-        for failure in report.failures:
-            click.echo(f"position-monitor: account {failure['account']}: {failure['reason']}", err=True)
-        for note in report.notes:
-            click.echo(f"position-monitor: {note}", err=True)
-        if dry_run or report.changed or report.exit_code != EXIT_OK:
-            click.echo(report.summary_line())
+        for action in shown:
+            click.echo(f"  {action.describe()}")
+    for failure in report.failures:
+        click.echo(f"position-monitor: account {failure['account']}: {failure['reason']}", err=True)
+    for note in report.notes:
+        click.echo(f"position-monitor: {note}", err=True)
+    if dry_run or report.changed or report.exit_code != EXIT_OK:
+        click.echo(report.summary_line())
     ctx.exit(report.exit_code)
+
+
+def _action_row(action: Any) -> dict[str, Any]:
+    detail = action.describe().split(" ", 1)[1]
+    detail = detail.split(action.coin, 1)[-1].strip() if action.coin in detail else detail
+    return {"type": action.type, "account": action.account, "coin": action.coin,
+            "id": action.position_id, "detail": detail}
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--runs", default=5, show_default=True, help="How many recent runs to show.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool, runs: int) -> None:
+    """Last runs, lock holder, accounts and their last good read, open positions, active alerts."""
+    from monitor.runner import make_lock
+
+    settings = _settings(ctx)
+    holder = make_lock(settings).holder()
+    database, _ = _ready_database(ctx)
+    try:
+        recent = database.recent_runs(runs)
+        overview = database.account_overview()
+        alerts = database.active_alerts()
+        lease = database.lease_status()
+    finally:
+        database.close()
+    payload = {"runs": recent, "lock": {"backend": settings.lock_backend, "holder": holder.to_json() if holder else None,
+                                        "epoch": lease.get("epoch") if lease else None},
+               "accounts": overview, "alerts": alerts}
+    if as_json:
+        _echo_json(payload)
+        return
+    now = datetime.now(timezone.utc)
+    click.echo("Last runs:")
+    click.echo(format_table([{**r, "started": f"{r['started_at']:%Y-%m-%d %H:%M:%S}",
+                              "took": (f"{(r['finished_at'] - r['started_at']).total_seconds():.1f}s"
+                                       if r["finished_at"] else "running"),
+                              "changes": ", ".join(f"{k} {v}" for k, v in (r["counts"] or {}).items() if v)}
+                             for r in recent], ("started", "host", "pid", "epoch", "dry_run", "took", "exit_code",
+                                                "changes", "error_summary")))
+    lock_line = holder.describe(now) if holder and holder.alive is not False else "free"
+    click.echo(f"\nLock ({settings.lock_backend}): {lock_line}; epoch {payload['lock']['epoch']}")
+    click.echo("\nAccounts:")
+    click.echo(format_table(overview, ("address", "label", "active", "open_positions", "last_good_read_at",
+                                       "consecutive_failures", "last_error")))
+    click.echo("\nActive alerts:" + ("" if alerts else " none"))
+    for alert in alerts:
+        click.echo(f"  [{alert['kind']}] {alert['message']} (since {alert['first_seen_at']:%Y-%m-%d %H:%M:%S})")
 
 
 # ---- accounts --------------------------------------------------------------------------------
@@ -277,6 +345,28 @@ def close_position(ctx: click.Context, position_id: int) -> None:
     if outcome == "missing":
         raise UsageError(f"no position #{position_id}")
     click.echo(messages[outcome])
+
+
+@positions.command("history")
+@click.argument("position_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def positions_history(ctx: click.Context, position_id: int, as_json: bool) -> None:
+    """The audit trail of one position: every state change, with its run id."""
+    db, _ = _ready_database(ctx)
+    try:
+        if db.position(position_id) is None:
+            raise UsageError(f"no position #{position_id}")
+        events = db.position_events(position_id)
+    finally:
+        db.close()
+    if as_json:
+        _echo_json(events)
+        return
+    rows = [{**e, "when": f"{e['created_at']:%Y-%m-%d %H:%M:%S}",
+             "change": f"{e['from_status'] or ''} -> {e['to_status'] or ''}".strip(),
+             "details": json.dumps(e["details"], sort_keys=True)} for e in events]
+    click.echo(format_table(rows, ("when", "event", "change", "reason", "details", "run_id")))
 
 
 # ---- db --------------------------------------------------------------------------------------

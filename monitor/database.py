@@ -108,8 +108,100 @@ def _redact(text: str) -> str:
     return re.sub(r"(password=)\S+", r"\1***", re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", text))
 
 
-class Database:
-    """All SQL of the monitor, on one connection."""
+class OperationsMixin:
+    """Run history, account read health and alert state (monitor_runs, account_health, monitor_alerts)."""
+
+    _execute: Any
+    conn: Any
+
+    def start_run(self, *, run_id: str, host: str, pid: int, epoch: int | None, dry_run: bool) -> None:
+        self._execute(
+            "INSERT INTO monitor_runs (run_id, host, pid, epoch, dry_run) VALUES (%s, %s, %s, %s, %s)"
+            " ON CONFLICT (run_id) DO NOTHING",
+            (run_id, host, pid, epoch, dry_run),
+        )
+
+    def finish_run(self, *, run_id: str, counts: dict[str, Any], accounts_failed: int, exit_code: int,
+                   error_summary: str | None) -> None:
+        self._execute(
+            "UPDATE monitor_runs SET finished_at = now(), counts = %s, accounts_failed = %s, exit_code = %s,"
+            " error_summary = %s WHERE run_id = %s",
+            (Jsonb(_jsonable(counts)), accounts_failed, exit_code, error_summary, run_id),
+        )
+
+    def recent_runs(self, limit: int = 10) -> list[dict[str, Any]]:
+        cur = self._execute(
+            "SELECT run_id, host, pid, epoch, started_at, finished_at, dry_run, counts, accounts_failed, exit_code,"
+            " error_summary FROM monitor_runs ORDER BY started_at DESC LIMIT %s", (limit,))
+        names = [c.name for c in cur.description]
+        return [dict(zip(names, row)) for row in cur]
+
+    def last_success_at(self) -> datetime | None:
+        row = self._execute("SELECT max(finished_at) FROM monitor_runs WHERE exit_code = 0 AND NOT dry_run").fetchone()
+        return row[0] if row else None
+
+    def record_account_health(self, ok_ids: Sequence[int], failed: dict[int, str]) -> None:
+        """One statement for the accounts read well, one for those that failed."""
+        if ok_ids:
+            self._execute(
+                "INSERT INTO account_health (account_id, last_good_read_at, consecutive_failures)"
+                " SELECT unnest(%s::bigint[]), now(), 0"
+                " ON CONFLICT (account_id) DO UPDATE SET last_good_read_at = now(), consecutive_failures = 0",
+                (list(ok_ids),),
+            )
+        if failed:
+            self._execute(
+                "INSERT INTO account_health AS h (account_id, last_failure_at, last_error, consecutive_failures)"
+                " SELECT a, now(), e, 1 FROM unnest(%s::bigint[], %s::text[]) AS t(a, e)"
+                " ON CONFLICT (account_id) DO UPDATE SET last_failure_at = now(), last_error = EXCLUDED.last_error,"
+                " consecutive_failures = h.consecutive_failures + 1",
+                (list(failed), list(failed.values())),
+            )
+
+    def account_overview(self) -> list[dict[str, Any]]:
+        cur = self._execute(
+            "SELECT a.address, a.label, a.active, h.last_good_read_at, h.consecutive_failures, h.last_error,"
+            " (SELECT count(*) FROM positions p WHERE p.account_id = a.id AND p.closed_at IS NULL) AS open_positions"
+            " FROM accounts a LEFT JOIN account_health h ON h.account_id = a.id ORDER BY a.id")
+        names = [c.name for c in cur.description]
+        return [dict(zip(names, row)) for row in cur]
+
+    def open_counts_by_address(self) -> dict[str, int]:
+        cur = self._execute(
+            "SELECT a.address, count(p.id) FROM accounts a LEFT JOIN positions p"
+            " ON p.account_id = a.id AND p.closed_at IS NULL WHERE a.active GROUP BY a.address")
+        return dict(cur.fetchall())
+
+    def load_alerts(self) -> list[tuple[Any, ...]]:
+        return self._execute(
+            "SELECT key, kind, streak, active, message, last_sent_at, first_seen_at, last_seen_at, resolved_at"
+            " FROM monitor_alerts").fetchall()
+
+    def save_alerts(self, states: Sequence[Any], keep_keys: Sequence[str]) -> None:
+        """Upsert alert states; rows of conditions no longer tracked (idle) are deleted."""
+        with self.conn.transaction():
+            for st in states:
+                self._execute(
+                    "INSERT INTO monitor_alerts (key, kind, streak, active, message, first_seen_at, last_seen_at,"
+                    " last_sent_at, resolved_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                    " ON CONFLICT (key) DO UPDATE SET kind = EXCLUDED.kind, streak = EXCLUDED.streak,"
+                    " active = EXCLUDED.active, message = EXCLUDED.message, first_seen_at = EXCLUDED.first_seen_at,"
+                    " last_seen_at = EXCLUDED.last_seen_at, last_sent_at = EXCLUDED.last_sent_at,"
+                    " resolved_at = EXCLUDED.resolved_at",
+                    (st.key, st.kind, st.streak, st.active, st.message, st.first_seen_at, st.last_seen_at,
+                     st.last_sent_at, st.resolved_at),
+                )
+            self._execute("DELETE FROM monitor_alerts WHERE NOT (key = ANY(%s))", (list(keep_keys),))
+
+    def active_alerts(self) -> list[dict[str, Any]]:
+        cur = self._execute("SELECT key, kind, message, first_seen_at, last_seen_at, streak FROM monitor_alerts"
+                            " WHERE active ORDER BY first_seen_at")
+        names = [c.name for c in cur.description]
+        return [dict(zip(names, row)) for row in cur]
+
+
+class Database(OperationsMixin):
+    """All SQL of the monitor, on one connection (the operations tables' statements come from OperationsMixin)."""
 
     def __init__(self, conn: psycopg.Connection, *, lease_name: str = "run") -> None:
         self.conn = conn

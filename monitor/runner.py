@@ -153,6 +153,10 @@ class Run:
         self.report = RunReport(run_id=self.lock.run_id, dry_run=dry_run)
         self.db: Database | None = None
         self.started = self.clock.monotonic()
+        self.ok_ids: list[int] = []
+        self.failed_ids: dict[int, str] = {}
+        self.progress: Callable[[int, int], None] | None = None
+        self.on_locked: Callable[[], object] | None = None  # e.g. the dead-man's-switch "start" ping
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -169,11 +173,15 @@ class Run:
         else:
             self.lock.acquire()
         try:
+            if self.on_locked is not None:
+                self.on_locked()
             if self.lock.took_over:
                 self.report.notes.append(self.lock.took_over)
             if self.db is None:
                 self._open_database()
             self._start_epoch()
+            self.db.start_run(run_id=self.report.run_id, host=self.settings.host_id, pid=os.getpid(),
+                              epoch=self.epoch, dry_run=self.dry_run)
             self._process()
         except Fenced as exc:
             self.report.fenced = True
@@ -196,8 +204,28 @@ class Run:
             self._close_database()
             raise
 
+    def _record(self) -> None:
+        """Run history and per-account read health, before the connection closes."""
+        db, report = self.db, self.report
+        if db is None or getattr(self, "epoch", None) is None:
+            return
+        try:
+            counts = {"discovered": report.discovered, "updated": report.updated, "closed": report.closed,
+                      "conflicts": report.conflicts, "close_orders_sent": report.close_orders_sent,
+                      "would_close": report.would_close, "deferred": report.accounts_deferred}
+            summary = "; ".join(f"{f['account']}: {f['reason']}" for f in report.failures[:3]) or None
+            if report.fenced:
+                summary = "; ".join(report.notes[-1:])
+            db.finish_run(run_id=report.run_id, counts=counts, accounts_failed=report.accounts_failed,
+                          exit_code=report.exit_code, error_summary=summary)
+            if not self.dry_run:
+                db.record_account_health(self.ok_ids, self.failed_ids)
+        except DatabaseUnavailable:
+            log.warning("could not record the run's history: database unavailable")
+
     def _close_database(self) -> None:
         if self.db is not None:
+            self._record()
             self.report.sql_statements = self.db.statements
             self.db.close()
             self.db = None
@@ -256,6 +284,8 @@ class Run:
                 self.report.accounts_deferred = len(accounts) - index
                 self.report.notes.append(f"deadline reached: {len(accounts) - index} account(s) left for the next run")
                 break
+            if self.progress is not None:
+                self.progress(index, len(accounts))
             plan = self._plan_one(exchange, account, rows_by_account.get(account.id, []),
                                   recent_by_account.get(account.id, []), settings, mids)
             if plan is None:
@@ -297,6 +327,7 @@ class Run:
         log.warning("account %s: %s", account.address, reason)
         self.report.accounts_failed += 1
         self.report.failures.append({"account": account.address, "reason": reason})
+        self.failed_ids[account.id] = reason[:200]
 
     def _plan_one(self, exchange: Exchange, account: Account, rows: list[PositionRow],
                   recent: list[PositionRow], settings: PlanSettings,
@@ -328,6 +359,7 @@ class Run:
             self._fail(account, fills_error)
         else:
             self.report.accounts_ok += 1
+            self.ok_ids.append(account.id)
         return plan
 
     def _count_planned(self, plan: AccountPlan) -> None:
@@ -360,6 +392,8 @@ class Run:
             log.exception("account %s: applying the plan failed", plan.account.address)
             self._fail(plan.account, f"database write failed: {type(exc).__name__}: {str(exc)[:120]}")
             self.report.accounts_ok -= 1
+            if plan.account.id in self.ok_ids:
+                self.ok_ids.remove(plan.account.id)
             return []
         for action in applied:
             self._count(action.type)

@@ -1,0 +1,135 @@
+"""What happens around a run for the people operating it: dead-man's-switch pings, alerts, metrics.
+
+None of this may fail a run: every fault here is logged as one warning line and ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Callable, Sequence
+
+from monitor.config import Settings
+from monitor.errors import EXIT_LOCK_HELD, LockHeld, MonitorError
+from monitor.notify import AlertState, Pinger, RunMetrics, alert_text, decide_alerts, send_webhook, write_metrics_file
+from monitor.runner import Run, RunReport, open_database
+
+log = logging.getLogger(__name__)
+
+ALERT_RESEND_AFTER = timedelta(hours=1)
+
+
+def execute_run(settings: Settings, *, dry_run: bool, addresses: Sequence[str],
+                progress: Callable[[int, int], None] | None = None,
+                on_start: Callable[[Run], None] | None = None) -> tuple[Run, RunReport]:
+    """A run with its pings, alerts and metrics. LockHeld propagates (exit 75) after being recorded."""
+    run = Run(settings, dry_run=dry_run, addresses=addresses)
+    if on_start is not None:
+        on_start(run)
+    run.progress = progress
+    pinger = Pinger(settings.ping_url, run_id=run.lock.run_id)
+    started = time.time()
+    try:
+        if not dry_run:
+            run.on_locked = pinger.start
+        report = run.execute()
+    except LockHeld as exc:
+        # A skipped run is not a failed one: no ping (the holder pings), but a streak may alert.
+        if not dry_run:
+            _alerts(settings, {"lock_busy": ("lock_busy", f"run lock busy: {exc.message}")}, only=("lock_busy",))
+        _metrics(settings, None, started, lock_busy=True)
+        raise
+    if not dry_run:
+        pinger.finish(report.exit_code, body=report.summary_line())
+        _alerts(settings, observed_conditions(report))
+    _metrics(settings, report, started, lock_busy=report.exit_code == EXIT_LOCK_HELD)
+    return run, report
+
+
+def observed_conditions(report: RunReport) -> dict[str, tuple[str, str]]:
+    """The alert conditions this run saw, by key (see README, "Alerts")."""
+    seen: dict[str, tuple[str, str]] = {}
+    for failure in report.failures:
+        seen[f"account_failed:{failure['account']}"] = (
+            "account_failed", f"account {failure['account']} failed: {failure['reason']}")
+    if report.overrun:
+        seen["run_overran"] = ("run_overran", "a run reached its deadline (near the stale limit) and deferred work")
+    if report.conflicts:
+        seen["conflicts"] = ("conflicts", f"{report.conflicts} change(s) already made by another writer"
+                                          " (another process writing positions?)")
+    for note in report.notes:
+        if "took the lock over" in note or "took the lease over" in note:
+            seen["lock_stale_holder"] = ("lock_stale_holder", note)
+        if note.startswith("ALERT: "):
+            key = "close_failed:" + note.split()[1].lstrip("#")
+            seen[key] = ("close_failed", note[len("ALERT: "):])
+    for action in report.actions:
+        if action.type == "close" and action.reason == "liquidation":
+            seen[f"liquidation:{action.account}:{action.coin}"] = (
+                "liquidation", f"{action.account} {action.coin} was liquidated (exit {action.exit_price})")
+    if report.fenced:
+        seen["lock_stale_holder"] = ("lock_stale_holder", "this run's lock was taken over while it ran")
+    return seen
+
+
+def _alerts(settings: Settings, observed: dict[str, tuple[str, str]], only: Sequence[str] | None = None) -> None:
+    try:
+        db, _ = open_database(settings)
+    except MonitorError as exc:
+        log.warning("alerts not evaluated: %s", exc.message)
+        return
+    try:
+        if db.pending_migrations():
+            return
+        previous = {row[0]: AlertState(*row) for row in db.load_alerts()}
+        considered = {k: v for k, v in previous.items() if only is None or k in only}
+        now = datetime.now(timezone.utc)
+        states, to_send, to_resolve = decide_alerts(considered, observed, now, threshold_runs=settings.alert_after_runs,
+                                                    resend_after=ALERT_RESEND_AFTER)
+        untouched = [k for k in previous if k not in considered]
+        db.save_alerts(list(states.values()), keep_keys=list(states) + untouched)
+        text = alert_text(to_send, to_resolve)
+        if text:
+            log.warning(text.replace("\n", " | "))
+            if settings.alert_webhook:
+                send_webhook(settings.alert_webhook, text)
+    except MonitorError as exc:
+        log.warning("alerts not recorded: %s", exc.message)
+    finally:
+        db.close()
+
+
+def _metrics(settings: Settings, report: RunReport | None, started: float, *, lock_busy: bool) -> None:
+    if settings.metrics_file is None:
+        return
+    finished = time.time()
+    last_success = None
+    open_by_account: dict[str, int] = {}
+    try:
+        db, _ = open_database(settings)
+        try:
+            if not db.pending_migrations():
+                moment = db.last_success_at()
+                last_success = moment.timestamp() if moment else None
+                open_by_account = db.open_counts_by_address()
+        finally:
+            db.close()
+    except MonitorError as exc:
+        log.warning("metrics without database figures: %s", exc.message)
+    counters = {}
+    if report is not None:
+        counters = {"discovered": report.discovered, "updated": report.updated, "closed": report.closed,
+                    "close_orders_sent": report.close_orders_sent, "conflicts": report.conflicts,
+                    "would_close": report.would_close}
+    metrics = RunMetrics(
+        run_started=started, run_finished=finished, last_success=last_success,
+        exit_code=EXIT_LOCK_HELD if report is None else report.exit_code,
+        dry_run=bool(report and report.dry_run), counters=counters, open_positions_by_account=open_by_account,
+        accounts_failed=0 if report is None else report.accounts_failed,
+        accounts_ok=0 if report is None else report.accounts_ok, lock_busy=lock_busy,
+        api_weight=0 if report is None else report.api_weight, requests=0 if report is None else report.requests)
+    try:
+        write_metrics_file(settings.metrics_file, metrics)
+    except OSError as exc:
+        log.warning("metrics file %s not written: %s", settings.metrics_file, exc.strerror)
