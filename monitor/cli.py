@@ -126,13 +126,18 @@ def cli(ctx: click.Context, log_level: str | None, log_format: str | None, datab
 @click.option("--account", "accounts", multiple=True, metavar="ADDRESS", help="Only this account (repeatable).")
 @click.option("--metrics-file", default=None, metavar="PATH",
               help="Write a Prometheus textfile after the run. Env: MONITOR_METRICS_FILE.")
+@click.option("--shard", default=None, metavar="K/N",
+              help="Take only shard K of N of the accounts (stable hash of the address); own lock. Env: MONITOR_SHARD.")
 @click.pass_context
-def run(ctx: click.Context, dry_run: bool, as_json: bool, accounts: tuple[str, ...], metrics_file: str | None) -> None:
+def run(ctx: click.Context, dry_run: bool, as_json: bool, accounts: tuple[str, ...], metrics_file: str | None,
+        shard: str | None) -> None:
     """Reconcile every watched account once, then exit (what cron runs)."""
     from monitor.operations import execute_run
 
     if metrics_file is not None:
         ctx.obj["flags"]["metrics_file"] = metrics_file
+    if shard is not None:
+        ctx.obj["flags"]["shard"] = shard
     settings = _settings(ctx)
     addresses = [_address(a) for a in accounts]
     interactive = sys.stderr.isatty() and not as_json

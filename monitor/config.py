@@ -42,10 +42,21 @@ class Settings:
     ping_url: str | None = None
     alert_webhook: str | None = None
     alert_after_runs: int = 3
+    weight_budget: int = 1000
+    read_parallelism: int = 16
+    shard: tuple[int, int] | None = None
+
+    @property
+    def lease_name(self) -> str:
+        """The lock's name: one per shard, so shards never block each other."""
+        return "run" if self.shard is None else f"run:shard-{self.shard[0]}-of-{self.shard[1]}"
 
     @property
     def effective_lock_file(self) -> Path:
-        return self.lock_file if self.lock_file is not None else self.data_dir / "run.lock"
+        base = self.lock_file if self.lock_file is not None else self.data_dir / "run.lock"
+        if self.shard is None:
+            return base
+        return base.with_name(f"{base.stem}.shard-{self.shard[0]}-of-{self.shard[1]}{base.suffix}")
 
     @property
     def embedded_pgdata(self) -> Path:
@@ -84,6 +95,25 @@ def _positive_int(name: str, text: str) -> int:
     if value < 1:
         raise ConfigError(f"{name}: expected a whole number of at least 1, got {text!r}")
     return value
+
+
+def _bounded_int(name: str, text: str, low: int, high: int) -> int:
+    value = _positive_int(name, text)
+    if not low <= value <= high:
+        raise ConfigError(f"{name}: expected a whole number from {low} to {high}, got {text!r}")
+    return value
+
+
+def parse_shard(name: str, text: str) -> tuple[int, int]:
+    """K/N: this host takes shard K of N (1 <= K <= N)."""
+    try:
+        k_text, n_text = text.strip().split("/")
+        k, n = int(k_text), int(n_text)
+    except ValueError:
+        raise ConfigError(f"{name}: expected K/N such as 1/4, got {text!r}") from None
+    if not (1 <= k <= n <= 1024):
+        raise ConfigError(f"{name}: expected K/N with 1 <= K <= N <= 1024, got {text!r}")
+    return k, n
 
 
 def _fraction(name: str, text: str) -> Decimal:
@@ -172,6 +202,9 @@ _ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "ping_url": ("MONITOR_PING_URL", _http_url),
     "alert_webhook": ("MONITOR_ALERT_WEBHOOK", _http_url),
     "alert_after_runs": ("MONITOR_ALERT_AFTER_RUNS", _positive_int),
+    "weight_budget": ("MONITOR_WEIGHT_BUDGET", lambda n, t: _bounded_int(n, t, 10, 100_000)),
+    "read_parallelism": ("MONITOR_READ_PARALLELISM", lambda n, t: _bounded_int(n, t, 1, 64)),
+    "shard": ("MONITOR_SHARD", parse_shard),
 }
 
 ENVIRONMENT_VARIABLES = tuple(env for env, _ in _ENV.values()) + ("MONITOR_HL_SECRET_KEY_FILE",)

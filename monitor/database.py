@@ -166,6 +166,11 @@ class OperationsMixin:
         names = [c.name for c in cur.description]
         return [dict(zip(names, row)) for row in cur]
 
+    def last_good_reads(self, account_ids: Sequence[int]) -> dict[int, datetime]:
+        cur = self._execute("SELECT account_id, last_good_read_at FROM account_health WHERE account_id = ANY(%s)"
+                            " AND last_good_read_at IS NOT NULL", (list(account_ids),))
+        return dict(cur.fetchall())
+
     def open_counts_by_address(self) -> dict[str, int]:
         cur = self._execute(
             "SELECT a.address, count(p.id) FROM accounts a LEFT JOIN positions p"

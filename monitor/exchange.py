@@ -103,6 +103,25 @@ class RequestCounter:
             self.by_type[kind] = self.by_type.get(kind, 0) + 1
 
 
+class BudgetExhausted(Exception):
+    """The run's API weight budget cannot pay for this request; the work waits for the next run."""
+
+
+class WeightBudget:
+    """A run's share of the per-IP rate limit (1200 weight/minute), shared by every thread of the run."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.spent = 0
+        self._lock = threading.Lock()
+
+    def take(self, kind: str, weight: int) -> None:
+        with self._lock:
+            if self.spent + weight > self.limit:
+                raise BudgetExhausted(f"{kind} needs {weight}, {self.limit - self.spent} of {self.limit} left")
+            self.spent += weight
+
+
 class Exchange:
     """Reads (and, with a key, writes) for one run. Not shared between threads: make one per worker."""
 

@@ -7,8 +7,12 @@ another's, and a run whose lock was taken over writes nothing more.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Callable, Sequence
@@ -26,12 +30,14 @@ from monitor.errors import (
     UsageError,
 )
 from monitor.closing import CloseContext, Closer
-from monitor.exchange import Exchange, ReadFailed
+from monitor.exchange import BudgetExhausted, Exchange, ReadFailed, RequestCounter, WeightBudget
 from monitor.lock import LocalRunLock, PostgresRunLock, RunLock, process_start_time
 from monitor.models import Account, AccountSnapshot, PositionRow
 from monitor.planner import AccountPlan, Action, PlanSettings
 
 log = logging.getLogger(__name__)
+
+RATE_LIMIT_BACKOFF = 0.5  # seconds before the first retry of a 429; doubled each time
 
 
 @dataclass
@@ -50,6 +56,7 @@ class RunReport:
     accounts_deferred: int = 0
     actions: list[Action] = field(default_factory=list)
     failures: list[dict[str, str]] = field(default_factory=list)
+    deferred_accounts: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     overrun: bool = False
     fenced: bool = False
@@ -83,6 +90,7 @@ class RunReport:
             "accounts_failed": self.accounts_failed,
             "accounts_deferred": self.accounts_deferred,
             "failures": self.failures,
+            "deferred_accounts": self.deferred_accounts,
             "notes": self.notes,
             "overrun": self.overrun,
             "requests": self.requests,
@@ -118,17 +126,27 @@ def database_url(settings: Settings) -> tuple[str, bool]:
     return embedded_database_url(settings.data_dir), True
 
 
-def open_database(settings: Settings, *, lease_name: str = "run") -> tuple[Database, bool]:
+def open_database(settings: Settings) -> tuple[Database, bool]:
     url, embedded = database_url(settings)
-    return Database(connect(url), lease_name=lease_name), embedded
+    return Database(connect(url), lease_name=settings.lease_name), embedded
 
 
-def make_lock(settings: Settings, lease_name: str = "run") -> RunLock:
+def make_lock(settings: Settings) -> RunLock:
     if settings.lock_backend == "postgres":
         url, _ = database_url(settings)
+        lease_name = settings.lease_name
         return PostgresRunLock(lambda: Database(connect(url), lease_name=lease_name),
                                stale_after=settings.lock_stale_after, host=settings.host_id)
     return LocalRunLock(settings.effective_lock_file, stale_after=settings.lock_stale_after)
+
+
+def in_shard(address: str, shard: tuple[int, int] | None) -> bool:
+    """Stable assignment of an account to shard K of N (a hash of its address, not Python's hash())."""
+    if shard is None:
+        return True
+    k, n = shard
+    digest = hashlib.sha256(address.lower().encode()).digest()
+    return int.from_bytes(digest[:8], "big") % n == k - 1
 
 
 def plan_settings(settings: Settings) -> PlanSettings:
@@ -142,13 +160,15 @@ class Run:
     """A single run of the monitor. ``execute`` returns the report; it raises only for run-wide faults."""
 
     def __init__(self, settings: Settings, *, dry_run: bool = False, addresses: Sequence[str] = (),
-                 clock: Clock | None = None, exchange_factory: Callable[[], Exchange] | None = None) -> None:
+                 clock: Clock | None = None,
+                 exchange_factory: Callable[[RequestCounter, "WeightBudget"], Exchange] | None = None) -> None:
         self.settings = settings
         self.dry_run = dry_run
         self.addresses = list(addresses)
         self.clock = clock or Clock()
         self.exchange_factory = exchange_factory or (
-            lambda: Exchange(settings.hl_api_url, timeout=settings.http_timeout))
+            lambda counter, budget: Exchange(settings.hl_api_url, timeout=settings.http_timeout, counter=counter,
+                                             before_request=budget.take))
         self.lock = make_lock(settings)
         self.report = RunReport(run_id=self.lock.run_id, dry_run=dry_run)
         self.db: Database | None = None
@@ -247,7 +267,7 @@ class Run:
     def _accounts(self) -> list[Account]:
         assert self.db is not None
         if not self.addresses:
-            return self.db.list_accounts(active_only=True)
+            return [a for a in self.db.list_accounts(active_only=True) if in_shard(a.address, self.settings.shard)]
         found = self.db.list_accounts(addresses=self.addresses)
         missing = sorted(set(self.addresses) - {a.address for a in found})
         if missing:
@@ -260,53 +280,116 @@ class Run:
     def _process(self) -> None:
         assert self.db is not None
         accounts = self._accounts()
+        if not accounts:
+            return  # a no-op run touches neither the exchange nor the SDK
         now = self.clock.now()
         ids = [a.id for a in accounts]
         rows_by_account = self.db.open_rows_by_account(ids)
         recent_by_account = self.db.recently_closed_by_account(
             ids, now - timedelta(seconds=self.settings.reopen_guard_seconds))
-        exchange = self.exchange_factory()
-        mids = self._read_mids(exchange, accounts, rows_by_account)
+        accounts = self._by_urgency(accounts, rows_by_account, self.db.last_good_reads(ids))
+        self.budget = WeightBudget(self.settings.weight_budget)
+        counter = RequestCounter()
+        exchange = self.exchange_factory(counter, self.budget)
+        try:
+            mids = self._read_mids(exchange, accounts, rows_by_account)
+            settings = plan_settings(self.settings)
+            results = self._read_all(accounts, rows_by_account, recent_by_account, settings, mids, counter)
+            self._apply_all(results, exchange, mids)
+        finally:
+            self.report.requests = counter.requests
+            self.report.api_weight = counter.weight
+
+    @staticmethod
+    def _by_urgency(accounts: list[Account], rows_by_account: dict[int, list[PositionRow]],
+                    last_reads: dict[int, Any]) -> list[Account]:
+        """Most urgent first: rows with exit rules, then open rows, then the least recently read."""
+        def rank(account: Account) -> tuple[int, float]:
+            rows = rows_by_account.get(account.id, [])
+            ruled = any(r.stop_loss_price is not None or r.take_profit_price is not None
+                        or r.trailing_stop_pct is not None or r.close_requested_at is not None
+                        or r.status == "closing" for r in rows)
+            last = last_reads.get(account.id)
+            return (0 if ruled else 1 if rows else 2, last.timestamp() if last else 0.0)
+        return sorted(accounts, key=rank)
+
+    def _read_all(self, accounts: list[Account], rows_by_account: dict[int, list[PositionRow]],
+                  recent_by_account: dict[int, list[PositionRow]], settings: PlanSettings,
+                  mids: dict[str, Any], counter: RequestCounter) -> list["AccountResult"]:
+        """Read and plan every account, up to ``read_parallelism`` at a time (one HTTP session per worker)."""
+        local = threading.local()
+
+        def work(account: Account) -> AccountResult:
+            if self.lock.compromised.is_set() or self.past_deadline():
+                return AccountResult(account, deferred="deadline")
+            exchange = getattr(local, "exchange", None)
+            if exchange is None:
+                exchange = local.exchange = self.exchange_factory(counter, self.budget)
+            return self._plan_one(exchange, account, rows_by_account.get(account.id, []),
+                                  recent_by_account.get(account.id, []), settings, mids)
+
+        results: list[AccountResult] = []
+        workers = max(1, min(self.settings.read_parallelism, len(accounts)))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read") as pool:
+            for index, result in enumerate(pool.map(work, accounts)):
+                results.append(result)
+                if self.progress is not None:
+                    self.progress(index + 1, len(accounts))
+        return results
+
+    def _apply_all(self, results: list["AccountResult"], exchange: Exchange, mids: dict[str, Any]) -> None:
+        """Apply the plans one account at a time, on this thread's single database connection."""
+        assert self.db is not None
         closer = Closer(CloseContext(
             db=self.db, epoch=self.epoch, exchange=exchange, clock=self.clock, secret_key=self.settings.secret_key,
             dry_run=self.dry_run, slippage=self.settings.close_slippage, max_failures=self.settings.max_close_failures,
             seconds_left=lambda: self.settings.deadline_seconds - (self.clock.monotonic() - self.started),
             mids=mids, report=self.report))
         seen_ids: list[int] = []
-        settings = plan_settings(self.settings)
-        for index, account in enumerate(accounts):
+        deferred: list[str] = []
+        for result in results:
+            account = result.account
+            if result.deferred:
+                deferred.append(account.address)
+                continue
+            if result.failure is not None:
+                self._fail(account, result.failure)
+            if result.plan is None:
+                continue
+            if result.failure is None:
+                self.report.accounts_ok += 1
+                self.ok_ids.append(account.id)
+            plan = result.plan
+            self.report.actions.extend(plan.actions)
+            seen_ids.extend(plan.seen_ids)
             if self.lock.compromised.is_set():
                 self.report.fenced = True
                 self.report.notes.append("lock lost (taken over or cleared): stopping without writing more")
                 break
-            if self.past_deadline():
-                self.report.overrun = True
-                self.report.accounts_deferred = len(accounts) - index
-                self.report.notes.append(f"deadline reached: {len(accounts) - index} account(s) left for the next run")
-                break
-            if self.progress is not None:
-                self.progress(index, len(accounts))
-            plan = self._plan_one(exchange, account, rows_by_account.get(account.id, []),
-                                  recent_by_account.get(account.id, []), settings, mids)
-            if plan is None:
-                continue
-            self.report.actions.extend(plan.actions)
-            seen_ids.extend(plan.seen_ids)
             if self.dry_run:
                 self._count_planned(plan)
                 closed_coins = [a.coin for a in plan.actions if a.type == planner.CLOSE]
             else:
                 closed_coins = self._apply(plan)
-            if self.lock.compromised.is_set():
-                continue
-            closer.handle(account, [a for a in plan.actions if a.type in (planner.CLOSE_ORDER,
-                                                                           planner.SETTLE_CLOSE)],
-                          closed_coins)
-        if seen_ids and not self.dry_run:
+            orders = [a for a in plan.actions if a.type in (planner.CLOSE_ORDER, planner.SETTLE_CLOSE)]
+            if orders or closed_coins:
+                try:
+                    closer.handle(account, orders, closed_coins)
+                except BudgetExhausted:
+                    self.report.notes.append(f"{account.address}: weight budget spent; closes wait for the next run")
+        if deferred:
+            self.report.accounts_deferred = len(deferred)
+            self.report.deferred_accounts = deferred
+            why = "deadline" if self.past_deadline() else "weight budget"
+            if why == "deadline":
+                self.report.overrun = True
+                self.report.notes.append(f"deadline reached: {len(deferred)} account(s) left for the next run")
+            else:
+                self.report.notes.append(f"weight budget ({self.settings.weight_budget}/run) spent:"
+                                         f" {len(deferred)} account(s) deferred, least urgent first")
+        if seen_ids and not self.dry_run and not self.report.fenced:
             with self.db.fenced(self.epoch):
                 self.db.touch_seen(seen_ids, self.clock.now())
-        self.report.requests = exchange.counter.requests
-        self.report.api_weight = exchange.counter.weight
 
     def _read_mids(self, exchange: Exchange, accounts: list[Account],
                    rows_by_account: dict[int, list[PositionRow]]) -> dict[str, Any]:
@@ -319,7 +402,7 @@ class Run:
             return {}
         try:
             return exchange.read_mids()
-        except ReadFailed as exc:
+        except (ReadFailed, BudgetExhausted) as exc:
             self.report.notes.append(f"mid prices unreadable ({exc}); exit rules skipped this run")
             return {}
 
@@ -330,37 +413,46 @@ class Run:
         self.failed_ids[account.id] = reason[:200]
 
     def _plan_one(self, exchange: Exchange, account: Account, rows: list[PositionRow],
-                  recent: list[PositionRow], settings: PlanSettings,
-                  mids: dict[str, Any]) -> AccountPlan | None:
+                  recent: list[PositionRow], settings: PlanSettings, mids: dict[str, Any]) -> "AccountResult":
+        """Read one account and plan it (runs on a worker thread: touches no shared state but the budget)."""
         try:
-            snapshot = exchange.read_positions(account.address)
+            snapshot = self._read_positions(exchange, account.address)
+            now = self.clock.now()
+            if not snapshot.positions and any(now - r.opened_at >= settings.close_grace for r in rows):
+                # An empty answer for an account with open rows: read once more before believing it.
+                try:
+                    snapshot = self._read_positions(exchange, account.address)
+                except ReadFailed as exc:
+                    return AccountResult(account, failure=f"confirming an empty account: {exc}")
+            fills = None
+            fills_error = None
+            since = planner.needs_fills(snapshot, rows, recent, now, settings)
+            if since is not None:
+                try:
+                    fills = exchange.read_fills(account.address, since)
+                except ReadFailed as exc:
+                    fills_error = str(exc)
         except ReadFailed as exc:
-            self._fail(account, str(exc))
-            return None
-        now = self.clock.now()
-        if not snapshot.positions and any(now - r.opened_at >= settings.close_grace for r in rows):
-            # An empty answer for an account with open rows: read once more before believing it.
-            try:
-                snapshot = exchange.read_positions(account.address)
-            except ReadFailed as exc:
-                self._fail(account, f"confirming an empty account: {exc}")
-                return None
-        fills = None
-        fills_error = None
-        since = planner.needs_fills(snapshot, rows, recent, now, settings)
-        if since is not None:
-            try:
-                fills = exchange.read_fills(account.address, since)
-            except ReadFailed as exc:
-                fills_error = str(exc)
+            return AccountResult(account, failure=str(exc))
+        except BudgetExhausted:
+            return AccountResult(account, deferred="budget")
         plan = planner.plan_account(account, snapshot, rows, now, settings, fills=fills, fills_error=fills_error,
                                     recently_closed=recent, mids=mids)
-        if fills_error is not None:
-            self._fail(account, fills_error)
-        else:
-            self.report.accounts_ok += 1
-            self.ok_ids.append(account.id)
-        return plan
+        return AccountResult(account, plan=plan, failure=fills_error)
+
+    def _read_positions(self, exchange: Exchange, address: str) -> Any:
+        """clearinghouseState, retried on 429 with backoff while the deadline allows."""
+        for attempt in range(3):
+            try:
+                return exchange.read_positions(address)
+            except ReadFailed as exc:
+                wait = RATE_LIMIT_BACKOFF * (2 ** attempt)
+                if not exc.rate_limited or attempt == 2 or self.settings.deadline_seconds - (
+                        self.clock.monotonic() - self.started) < wait + 1:
+                    raise
+                log.info("%s: rate limited, retrying in %.1fs", address, wait)
+                time.sleep(wait)
+        raise AssertionError("unreachable")
 
     def _count_planned(self, plan: AccountPlan) -> None:
         for action in plan.actions:
@@ -398,6 +490,16 @@ class Run:
         for action in applied:
             self._count(action.type)
         return [a.coin for a in applied if a.type == planner.CLOSE]
+
+
+@dataclass
+class AccountResult:
+    """What the read phase produced for one account."""
+
+    account: Account
+    plan: AccountPlan | None = None
+    failure: str | None = None
+    deferred: str | None = None
 
 
 def apply_action(db: Database, account: Account, action: Action, now: Any) -> bool:
