@@ -48,10 +48,43 @@ class CloseContext:
     meta: dict[str, Any] | None = None
 
 
+class CannotAct(Exception):
+    """The configured key may not sign for this account: nothing is sent for it."""
+
+
 class Closer:
     def __init__(self, ctx: CloseContext) -> None:
         self.ctx = ctx
         self._traders: dict[str, Trader] = {}
+        self._vaults: dict[str, str | None] = {}
+
+    def _key_master(self) -> str | None:
+        """The account the key signs for: its master when it is an agent, itself when it is a user key."""
+        if not hasattr(self, "_master"):
+            from eth_account import Account as EthAccount
+
+            assert self.ctx.secret_key is not None
+            signer = EthAccount.from_key(self.ctx.secret_key).address.lower()
+            role, linked = self.ctx.exchange.user_role(signer)
+            self._master = linked if role == "agent" else signer if role == "user" else None
+        return self._master
+
+    def _vault_for(self, account: Account) -> str | None:
+        """How the key may act for ``account`` (None: as itself/its master), or CannotAct."""
+        if account.address in self._vaults:
+            return self._vaults[account.address]
+        master = self._key_master()
+        if master is None:
+            raise CannotAct("the key is neither an approved agent nor a funded account")
+        if account.address == master:
+            vault = None
+        else:
+            role, linked = self.ctx.exchange.user_role(account.address)
+            if role != "subAccount" or linked != master:
+                raise CannotAct(f"the key acts for {master}, which does not control {account.address}")
+            vault = account.address
+        self._vaults[account.address] = vault
+        return vault
 
     def _trader(self, account: Account) -> Trader:
         ctx = self.ctx
@@ -59,7 +92,8 @@ class Closer:
             ctx.meta = ctx.exchange.read_meta()  # once per run, and only when an order is to be sent
         if account.address not in self._traders:
             assert ctx.secret_key is not None
-            self._traders[account.address] = Trader(ctx.exchange, ctx.secret_key, account.address, ctx.meta)
+            self._traders[account.address] = Trader(ctx.exchange, ctx.secret_key, account.address, ctx.meta,
+                                                    vault_address=self._vault_for(account))
         return self._traders[account.address]
 
     def _note(self, text: str) -> None:
@@ -104,6 +138,12 @@ class Closer:
         if row is None or row.status != "open":
             self._already(action)
             return
+        try:
+            trader = self._trader(account)  # before the claim: a key that cannot act leaves the row open
+        except CannotAct as exc:
+            ctx.report.would_close += 1
+            self._note(f"would close #{row.id} {action.coin} ({action.reason}) but {exc}; nothing sent")
+            return
         cloid = close_cloid(account.address, row.id, row.close_attempts + 1)
         now = ctx.clock.now()
         with ctx.db.fenced(ctx.epoch):
@@ -111,7 +151,6 @@ class Closer:
         if not claimed:
             self._already(action)
             return
-        trader = self._trader(account)
         expires_after = ctx.clock.now_ms() + int(min(ORDER_TTL_SECONDS, left - SETTLE_MARGIN_SECONDS) * 1000)
         try:
             outcome = trader.close_ioc(action.coin, side=row.side, size=action.size or row.size, mid=action.price,
@@ -206,8 +245,12 @@ class Closer:
                                                  reason="would cancel: position gone",
                                                  metadata={"oid": order.oid, "order_type": order.order_type}))
                 continue
-            error = self._trader(account).cancel(order.coin, order.oid,
-                                                 ctx.clock.now_ms() + int(ORDER_TTL_SECONDS * 1000))
+            try:
+                trader = self._trader(account)
+            except CannotAct as exc:
+                self._note(f"{account.address}: would cancel order {order.oid} ({order.coin}) but {exc}")
+                continue
+            error = trader.cancel(order.coin, order.oid, ctx.clock.now_ms() + int(ORDER_TTL_SECONDS * 1000))
             ctx.report.actions.append(Action("cancel_order", account.address, order.coin,
                                              reason="position gone" if error is None else f"cancel failed: {error}",
                                              metadata={"oid": order.oid, "order_type": order.order_type}))

@@ -121,14 +121,18 @@ def _fraction(name: str, text: str) -> Decimal:
         value = Decimal(text)
     except InvalidOperation:
         raise ConfigError(f"{name}: expected a fraction such as 0.05, got {text!r}") from None
-    if not (Decimal(0) < value < Decimal("0.5")):
+    if not value.is_finite() or not (Decimal(0) < value < Decimal("0.5")):
         raise ConfigError(f"{name}: expected a fraction between 0 and 0.5, got {text!r}")
     return value
 
 
 def _http_url(name: str, text: str) -> str:
-    parts = urlsplit(text.strip())
-    if parts.scheme not in {"http", "https"} or not parts.hostname:
+    try:
+        parts = urlsplit(text.strip())
+        host = parts.hostname
+    except ValueError:
+        raise ConfigError(f"{name}: expected an http(s) URL, got {text!r}") from None
+    if not host or parts.scheme not in {"http", "https"} or not parts.hostname:
         raise ConfigError(f"{name}: expected an http(s) URL, got {text!r}")
     # The SDK signs as mainnet only when base_url equals its constant exactly: no trailing slash.
     return text.strip().rstrip("/")
@@ -153,7 +157,12 @@ def _choice(name: str, text: str, choices: tuple[str, ...]) -> str:
 def _path(name: str, text: str) -> Path:
     if not text.strip():
         raise ConfigError(f"{name}: is empty")
-    return Path(text).expanduser()
+    if "\x00" in text:
+        raise ConfigError(f"{name}: contains a NUL byte")
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # "~someone" for a user that does not exist
+        raise ConfigError(f"{name}: cannot expand {text!r}") from None
 
 
 def read_secret_key_file(path: Path) -> str:
@@ -162,13 +171,13 @@ def read_secret_key_file(path: Path) -> str:
     try:
         info = path.stat()
     except OSError as exc:
-        raise ConfigError(f"{name}: cannot read {path}: {exc.strerror}") from None
+        raise ConfigError(f"{name}: cannot read {str(path)!r}: {exc.strerror}") from None
     if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(f"{name}: {path} is readable by group or others; chmod 600 it")
+        raise ConfigError(f"{name}: {str(path)!r} is readable by group or others; chmod 600 it")
     try:
         key = path.read_text(encoding="ascii").strip()
     except (OSError, UnicodeDecodeError):
-        raise ConfigError(f"{name}: cannot read {path}") from None
+        raise ConfigError(f"{name}: cannot read {str(path)!r}") from None
     return _secret_key(name, key)
 
 
@@ -225,7 +234,7 @@ def load_settings(flags: Mapping[str, str | None] | None = None, environ: Mappin
     if key_file:
         if "secret_key" in values:
             raise ConfigError("MONITOR_HL_SECRET_KEY and MONITOR_HL_SECRET_KEY_FILE are both set; set one")
-        values["secret_key"] = read_secret_key_file(Path(key_file).expanduser())
+        values["secret_key"] = read_secret_key_file(_path("MONITOR_HL_SECRET_KEY_FILE", key_file))
     if "data_dir" not in values:
         xdg = environ.get("XDG_DATA_HOME")
         base = Path(xdg).expanduser() if xdg else Path("~/.local/share").expanduser()

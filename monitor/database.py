@@ -183,7 +183,7 @@ class OperationsMixin:
             " FROM monitor_alerts").fetchall()
 
     def save_alerts(self, states: Sequence[Any], keep_keys: Sequence[str]) -> None:
-        """Upsert alert states; rows of conditions no longer tracked (idle) are deleted."""
+        """Upsert alert states; conditions no longer tracked are marked idle (no DELETE grant needed)."""
         with self.conn.transaction():
             for st in states:
                 self._execute(
@@ -196,7 +196,8 @@ class OperationsMixin:
                     (st.key, st.kind, st.streak, st.active, st.message, st.first_seen_at, st.last_seen_at,
                      st.last_sent_at, st.resolved_at),
                 )
-            self._execute("DELETE FROM monitor_alerts WHERE NOT (key = ANY(%s))", (list(keep_keys),))
+            self._execute("UPDATE monitor_alerts SET streak = 0, active = false"
+                          " WHERE NOT (key = ANY(%s)) AND (streak <> 0 OR active)", (list(keep_keys),))
 
     def active_alerts(self) -> list[dict[str, Any]]:
         cur = self._execute("SELECT key, kind, message, first_seen_at, last_seen_at, streak FROM monitor_alerts"

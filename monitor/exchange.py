@@ -34,6 +34,11 @@ WEIGHT = {"clearinghouseState": 2, "allMids": 2, "orderStatus": 2, "meta": 20, "
           "openOrders": 20, "userFillsByTime": 20, "exchange": 1}
 
 
+def _is_unparsed(body: Any) -> bool:
+    """The SDK's stand-in for a 2xx body that was not JSON: {"error": "Could not parse JSON: ..."}."""
+    return isinstance(body, dict) and set(body) == {"error"}
+
+
 class ReadFailed(Exception):
     """A read whose answer is unknown: nothing may be concluded from it."""
 
@@ -155,9 +160,10 @@ class Exchange:
             raise ReadFailed(what, f"timed out after {self.timeout:g}s") from None
         except requests.RequestException as exc:
             raise ReadFailed(what, f"connection failed ({type(exc).__name__})") from None
-        except (KeyError, ValueError) as exc:  # SDK: a 4xx JSON body without "code"
+        except (KeyError, ValueError, AttributeError, TypeError) as exc:
+            # The SDK indexes a 4xx JSON body as an object: one without "code", or not an object at all.
             raise ReadFailed(what, f"unexpected error body ({type(exc).__name__})") from None
-        if isinstance(body, dict) and set(body) == {"error"}:
+        if _is_unparsed(body):
             raise ReadFailed(what, "answer is not JSON")
         return body
 
@@ -208,6 +214,17 @@ class Exchange:
             return parse_open_orders(body)
         except ExchangeDataError as exc:
             raise ReadFailed("frontendOpenOrders", f"invalid answer ({exc})") from None
+
+    def user_role(self, address: str) -> tuple[str, str | None]:
+        """userRole (weight 60): ("agent", master) | ("subAccount", master) | ("user", None) | ("vault"|"missing", None)."""
+        body = self._post("userRole", {"type": "userRole", "user": address}, 60)
+        if not isinstance(body, dict) or not isinstance(body.get("role"), str):
+            raise ReadFailed("userRole", "invalid answer")
+        data = body.get("data") if isinstance(body.get("data"), dict) else {}
+        linked = data.get("user") or data.get("master")
+        if linked is not None and not isinstance(linked, str):
+            raise ReadFailed("userRole", "invalid answer (linked address)")
+        return body["role"], linked.lower() if linked else None
 
     def order_status(self, address: str, cloid: str) -> str:
         """The status of an order by cloid: 'unknownOid' when the exchange never saw it."""
@@ -292,12 +309,24 @@ def parse_open_orders(body: Any) -> list[OpenOrder]:
         oid = item.get("oid")
         if isinstance(oid, bool) or not isinstance(oid, int):
             raise ExchangeDataError("frontendOpenOrders: oid is not an integer")
-        seen.setdefault(oid, OpenOrder(coin=parse_coin(item.get("coin")), oid=oid,
-                                       reduce_only=bool(item.get("reduceOnly")), is_trigger=bool(item.get("isTrigger")),
-                                       order_type=item.get("orderType"), cloid=item.get("cloid")))
-        children = item.get("children") or []
-        if isinstance(children, list):
-            stack.extend(children)
+        flags = {}
+        for key in ("reduceOnly", "isTrigger"):
+            value = item.get(key, False)
+            if not isinstance(value, bool):
+                raise ExchangeDataError(f"frontendOpenOrders: {key} is not a boolean")
+            flags[key] = value
+        for key in ("orderType", "cloid"):
+            if item.get(key) is not None and not isinstance(item[key], str):
+                raise ExchangeDataError(f"frontendOpenOrders: {key} is not a string")
+        children = item.get("children")
+        if children is None:
+            children = []
+        if not isinstance(children, list):
+            raise ExchangeDataError("frontendOpenOrders: children is not a list")
+        seen.setdefault(oid, OpenOrder(coin=parse_coin(item.get("coin")), oid=oid, reduce_only=flags["reduceOnly"],
+                                       is_trigger=flags["isTrigger"], order_type=item.get("orderType"),
+                                       cloid=item.get("cloid")))
+        stack.extend(children)
     return sorted(seen.values(), key=lambda o: o.oid)
 
 
@@ -308,15 +337,17 @@ class Trader:
     SDK's ``sign_l1_action``; each carries a cloid and an ``expiresAfter``.
     """
 
-    def __init__(self, reader: Exchange, secret_key: str, account: str, meta: dict[str, Any]) -> None:
+    def __init__(self, reader: Exchange, secret_key: str, account: str, meta: dict[str, Any], *,
+                 vault_address: str | None = None) -> None:
         from eth_account import Account as EthAccount
         from hyperliquid.exchange import Exchange as SdkExchange
 
         self.reader = reader
         self.account = account
         wallet = EthAccount.from_key(secret_key)
+        # An agent's signature acts for its master; a sub-account is named as vaultAddress.
         self.sdk = SdkExchange(wallet, reader.base_url, meta=meta, spot_meta=EMPTY_SPOT_META,
-                               account_address=account, timeout=reader.timeout)
+                               vault_address=vault_address, account_address=account, timeout=reader.timeout)
         self.sz_decimals = {a["name"]: int(a.get("szDecimals", 0)) for a in meta.get("universe", [])}
 
     def _send(self, action: dict[str, Any], expires_after_ms: int | None) -> Any:
@@ -343,7 +374,7 @@ class Trader:
             raise ReadFailed("exchange", "timed out") from None
         except requests.RequestException as exc:
             raise ReadFailed("exchange", f"connection failed ({type(exc).__name__})") from None
-        except (KeyError, ValueError):
+        except (KeyError, ValueError, AttributeError, TypeError):
             raise ReadFailed("exchange", "unexpected error body") from None
 
     def close_ioc(self, coin: str, *, side: str, size: Decimal, mid: Decimal, slippage: Decimal, cloid: str,
@@ -370,7 +401,11 @@ class Trader:
         body = self._send(action, expires_after_ms)
         if not isinstance(body, dict) or body.get("status") != "ok":
             return str(body.get("response") if isinstance(body, dict) else body)[:200]
-        statuses = (body.get("response") or {}).get("data", {}).get("statuses", [])
+        response = body.get("response")
+        data = response.get("data") if isinstance(response, dict) else None
+        statuses = data.get("statuses") if isinstance(data, dict) else None
+        if not isinstance(statuses, list):
+            return "unexpected cancel answer"
         if statuses and statuses[0] != "success":
             error = statuses[0].get("error") if isinstance(statuses[0], dict) else str(statuses[0])
             if error and "never placed, already canceled, or filled" in error:
@@ -380,28 +415,32 @@ class Trader:
 
 
 def interpret_order_response(body: Any, requested: Decimal) -> OrderOutcome:
-    if not isinstance(body, dict):
-        return OrderOutcome("unknown", error="answer is not an object")
+    """Read an /exchange order answer. Anything that is not clearly one outcome is "unknown":
+    the order may exist, so the row stays 'closing' and is settled by its cloid."""
+    if not isinstance(body, dict) or _is_unparsed(body):
+        return OrderOutcome("unknown", error="answer is not a JSON object")
     if body.get("status") != "ok":
-        text = str(body.get("response", body))[:200]
-        return OrderOutcome("rejected", error=text)
-    try:
-        statuses = body["response"]["data"]["statuses"]
-    except (KeyError, TypeError):
-        return OrderOutcome("unknown", error="answer has no statuses")
-    if not statuses:
+        if body.get("status") == "err" and isinstance(body.get("response"), str):
+            return OrderOutcome("rejected", error=body["response"][:200])
+        return OrderOutcome("unknown", error=str(body)[:200])
+    response = body.get("response")
+    data = response.get("data") if isinstance(response, dict) else None
+    statuses = data.get("statuses") if isinstance(data, dict) else None
+    if not isinstance(statuses, list) or not statuses:
         return OrderOutcome("unknown", error="answer has no statuses")
     status = statuses[0]
     if isinstance(status, dict) and "filled" in status:
         filled = status["filled"]
+        if not isinstance(filled, dict):
+            return OrderOutcome("unknown", error="filled is not an object")
         try:
             total = parse_decimal(filled.get("totalSz"), "totalSz")
             average = parse_decimal(filled.get("avgPx"), "avgPx")
         except ExchangeDataError as exc:
             return OrderOutcome("unknown", error=str(exc))
         return OrderOutcome("filled" if total >= requested else "partial", total, average)
-    if isinstance(status, dict) and "error" in status:
-        error = str(status["error"])
+    if isinstance(status, dict) and isinstance(status.get("error"), str):
+        error = status["error"]
         if "Reduce only order would increase position" in error:
             return OrderOutcome("no_position", error=error)
         return OrderOutcome("rejected", error=error[:200])

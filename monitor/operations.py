@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import time
+
+import psycopg
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Sequence
 
@@ -96,6 +98,8 @@ def _alerts(settings: Settings, observed: dict[str, tuple[str, str]], only: Sequ
                 send_webhook(settings.alert_webhook, text)
     except MonitorError as exc:
         log.warning("alerts not recorded: %s", exc.message)
+    except psycopg.Error as exc:
+        log.warning("alerts not recorded: %s", str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
     finally:
         db.close()
 
@@ -117,6 +121,8 @@ def _metrics(settings: Settings, report: RunReport | None, started: float, *, lo
             db.close()
     except MonitorError as exc:
         log.warning("metrics without database figures: %s", exc.message)
+    except psycopg.Error as exc:
+        log.warning("metrics without database figures: %s", type(exc).__name__)
     counters = {}
     if report is not None:
         counters = {"discovered": report.discovered, "updated": report.updated, "closed": report.closed,

@@ -116,6 +116,7 @@ _INFO_WEIGHT_PER_ITEM = {
     "userFills", "userFillsByTime", "historicalOrders", "userFunding", "userNonFundingLedgerUpdates",
 }
 _INFO_NEEDS_USER = {
+    "userRole",
     "clearinghouseState", "userFills", "userFillsByTime", "openOrders", "frontendOpenOrders", "orderStatus",
     "historicalOrders", "userRateLimit", "userFunding", "userNonFundingLedgerUpdates", "spotClearinghouseState",
 }
@@ -1445,6 +1446,12 @@ class Simulator:
                     if x["time"] >= start and (end is None or x["time"] <= end)]
         if typ == "spotClearinghouseState":
             return {"balances": []}
+        if typ == "userRole":  # who an address is: the monitor asks before signing for an account
+            if user in self._agents:
+                return {"role": "agent", "data": {"user": self._agents[user]}}
+            if user in self._sub_accounts:
+                return {"role": "subAccount", "data": {"master": self._sub_accounts[user]}}
+            return {"role": "user"} if user in self._accounts else {"role": "missing"}
         raise _UnknownType()
 
     def handle_info(self, raw: bytes) -> Response:
@@ -1480,7 +1487,7 @@ class Simulator:
                 return _text_response(DESERIALIZE_ERROR, 422)
             user = _addr(body["user"])
         entry["user"] = user
-        base_weight = 2 if typ in _INFO_WEIGHT_2 else 20
+        base_weight = 2 if typ in _INFO_WEIGHT_2 else 60 if typ == "userRole" else 20
         entry["weight"] = base_weight
         fault = self._take_fault("/info", typ, user)
         entry["fault"] = fault.kind if fault else None

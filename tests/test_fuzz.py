@@ -7,10 +7,9 @@ with one bad element is refused whole). ``interpret_order_response`` never raise
 ``OrderOutcome``. Configuration: any text in any ``MONITOR_*`` variable gives ``Settings`` or a
 ``ConfigError`` whose message is one line naming the variable.
 
-Known product bugs found by these properties are carved out of the general properties with
-``assume(not known_...(...))`` and demonstrated by their own ``xfail(strict=True)`` tests, so the
-general properties keep guarding everything else. When a bug is fixed, its xfail test XPASSes
-(strict: the suite fails) -- delete the xfail mark and the carve-out together.
+The product bugs these properties found (untyped open-order fields, odd order answers, 4xx bodies
+that are JSON but not objects, NaN slippage, unparseable URLs, ~unknownuser paths, multi-line
+key-file errors) were fixed; their regression tests stay below next to the general properties.
 """
 
 from __future__ import annotations
@@ -628,11 +627,6 @@ _GOOD_ORDER = {"coin": "BTC", "oid": 7, "reduceOnly": False, "isTrigger": False,
                "cloid": None, "children": []}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: monitor/exchange.py parse_open_orders does not validate field types: reduceOnly/isTrigger go "
-    "through bool() (so the string 'false' or 1 counts as true -- a user's plain limit order is then "
-    "cancelled as an orphan), orderType/cloid are stored whatever their type, and a non-list children "
-    "is silently dropped instead of refusing the body"))
 @pytest.mark.parametrize("change", [
     pytest.param({"reduceOnly": "false"}, id="reduceOnly-string"),
     pytest.param({"reduceOnly": 1}, id="reduceOnly-int"),
@@ -660,17 +654,6 @@ def _statuses_of(body: Any) -> tuple[bool, Any]:
         return False, None
 
 
-def known_interpret_crash(body: Any) -> bool:
-    """Shapes that make interpret_order_response raise (see the xfail test below)."""
-    if not isinstance(body, dict) or body.get("status") != "ok":
-        return False
-    found, statuses = _statuses_of(body)
-    if not found or not statuses:
-        return False
-    if not isinstance(statuses, (list, str)):
-        return True  # a non-empty object or a number: statuses[0] raises KeyError/TypeError
-    status = statuses[0]
-    return isinstance(status, dict) and "filled" in status and not isinstance(status["filled"], dict)
 
 
 def check_outcome(outcome: Any, requested: Decimal) -> None:
@@ -707,16 +690,10 @@ def order_answers(draw: Any) -> Any:
 @PARSER_SETTINGS
 @given(body=st.one_of(order_answers(), json_values), requested=positive_decimal)
 def test_interpret_order_response_any_body_is_an_outcome(body: Any, requested: Any) -> None:
-    assume(not known_interpret_crash(body))
     requested = Decimal(requested)
     check_outcome(interpret_order_response(body, requested), requested)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: monitor/exchange.py interpret_order_response indexes statuses[0] and calls filled.get() without "
-    "checking types: a non-empty object or a number as 'statuses' raises KeyError/TypeError, a non-object "
-    "'filled' raises AttributeError. Closer.handle only catches ReadFailed, so the whole run crashes with "
-    "a traceback after the row was claimed 'closing'"))
 @pytest.mark.parametrize("body", [
     pytest.param({"status": "ok", "response": {"type": "order", "data": {"statuses": {"0": "x"}}}}, id="statuses-object"),
     pytest.param({"status": "ok", "response": {"type": "order", "data": {"statuses": 5}}}, id="statuses-number"),
@@ -749,12 +726,6 @@ def test_interpret_order_response_valid_answers() -> None:
     assert interpret_order_response(None, one).kind == "unknown"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: monitor/exchange.py Trader._send/interpret_order_response: when /exchange answers 200 with a body "
-    "that is not JSON (a gateway page), the SDK returns {'error': 'Could not parse JSON: ...'} and it is "
-    "taken as 'rejected', so the row is released and a new close with a new cloid is sent next run, although "
-    "the first order may have executed. Reads already treat this body as unknown (Exchange._post); the "
-    "order answer should be 'unknown' too (row stays closing, settled by its cloid)"))
 def test_a_non_json_order_answer_is_unknown_not_rejected() -> None:
     body = {"error": "Could not parse JSON: <html><body>Bad Gateway</body></html>"}
     assert interpret_order_response(body, Decimal("1")).kind == "unknown"
@@ -776,15 +747,6 @@ def module_sim() -> Any:
         server.stop()
 
 
-def known_post_crash(status: int, text: str) -> bool:
-    """4xx with a JSON body that is neither an object nor null: the SDK calls err.get() on it (see xfail)."""
-    if not 400 <= status < 500:
-        return False
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return False
-    return value is not None and not isinstance(value, dict)
 
 
 http_bodies = st.one_of(
@@ -800,7 +762,6 @@ http_bodies = st.one_of(
 def test_any_http_answer_to_a_read_is_a_snapshot_or_read_failed(module_sim: Any, status: int, text: str) -> None:
     from monitor.exchange import Exchange
 
-    assume(not known_post_crash(status, text))
     if status == 200:
         module_sim.add_fault("malformed", path="info", type="clearinghouseState", body=text)
     else:
@@ -815,11 +776,6 @@ def test_any_http_answer_to_a_read_is_a_snapshot_or_read_failed(module_sim: Any,
     check_snapshot(snapshot)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: monitor/exchange.py Exchange._post catches only KeyError/ValueError from the SDK; a 4xx answer "
-    "whose body is JSON but not an object (e.g. a proxy's 403 \"forbidden\", or [..]) makes the SDK call "
-    ".get() on it and the AttributeError escapes: the run crashes with a traceback instead of failing "
-    "that one account. Same in Trader._send"))
 @pytest.mark.parametrize("body", ['"forbidden"', "[1, 2]", "5"])
 def test_a_4xx_answer_with_a_non_object_json_body_is_a_failed_read(module_sim: Any, body: str) -> None:
     from monitor.exchange import Exchange
@@ -861,27 +817,6 @@ def _line_breaks(text: str) -> bool:
     return len(("x" + text + "x").splitlines()) > 1
 
 
-def known_config_bug(variable: str, text: str) -> bool:
-    """Values that currently escape as a non-ConfigError or a multi-line message (see the xfail tests)."""
-    if variable == "MONITOR_CLOSE_SLIPPAGE":
-        try:
-            return Decimal(text).is_nan()
-        except InvalidOperation:
-            return False
-    if variable in URL_VARIABLES:
-        try:
-            urlsplit(text.strip())
-        except ValueError:
-            return True
-        return False
-    if variable in PATH_VARIABLES:
-        try:
-            Path(text).expanduser()
-        except RuntimeError:
-            return True
-        if variable == "MONITOR_HL_SECRET_KEY_FILE" and _line_breaks(text):
-            return True
-    return False
 
 
 def check_settings(value: Any) -> None:
@@ -914,7 +849,6 @@ def check_config_error(error: ConfigError, variable: str, text: str) -> None:
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(variable=st.sampled_from(sorted(ENVIRONMENT_VARIABLES)), text=env_values)
 def test_every_variable_with_any_text_is_settings_or_a_one_line_config_error(variable: str, text: str) -> None:
-    assume(not known_config_bug(variable, text))
     try:
         value = load_settings(environ={variable: text})
     except ConfigError as error:
@@ -932,7 +866,8 @@ def test_the_fuzz_reaches_every_variable(variable: str) -> None:
            "MONITOR_REOPEN_GUARD": "x", "MONITOR_HTTP_TIMEOUT": "301", "MONITOR_MAX_CLOSE_FAILURES": "0",
            "MONITOR_CLOSE_SLIPPAGE": "0.5", "MONITOR_HL_SECRET_KEY": "0x1234", "MONITOR_METRICS_FILE": " ",
            "MONITOR_PING_URL": "x", "MONITOR_ALERT_WEBHOOK": "mailto:a@b", "MONITOR_ALERT_AFTER_RUNS": "-3",
-           "MONITOR_HL_SECRET_KEY_FILE": "/nonexistent/key"}
+           "MONITOR_HL_SECRET_KEY_FILE": "/nonexistent/key", "MONITOR_WEIGHT_BUDGET": "5",
+           "MONITOR_READ_PARALLELISM": "65", "MONITOR_SHARD": "3/2"}
     if variable == "MONITOR_HOST_ID":
         assert load_settings(environ={variable: "  "}).host_id  # any text is a host id; blank: the hostname
         return
@@ -954,20 +889,12 @@ def test_secret_key_text_is_never_echoed(text: str) -> None:
     assert value.secret_key is None or value.secret_key.lower().endswith(text.strip()[-64:].lower())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: monitor/config.py _fraction compares Decimal('NaN') with < and decimal raises InvalidOperation "
-    "(not caught): MONITOR_CLOSE_SLIPPAGE=nan is a traceback, not exit 78. Fix: refuse non-finite values "
-    "(value.is_finite()) before comparing"))
 @pytest.mark.parametrize("text", ["nan", "NaN", "sNaN", "-nan"])
 def test_close_slippage_nan_is_a_config_error(text: str) -> None:
     with pytest.raises(ConfigError, match="MONITOR_CLOSE_SLIPPAGE"):
         load_settings(environ={"MONITOR_CLOSE_SLIPPAGE": text})
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: monitor/config.py _http_url calls urlsplit, which raises ValueError for a bad bracketed host "
-    "('http://[', 'http://[x]/') or NFKC-invalid netloc; it escapes load_settings as a traceback. Fix: catch "
-    "ValueError around urlsplit and raise ConfigError naming the variable"))
 @pytest.mark.parametrize("variable, text", [
     ("MONITOR_HL_API_URL", "http://["),
     ("MONITOR_PING_URL", "http://[x]/"),
@@ -978,10 +905,6 @@ def test_unparseable_urls_are_a_config_error(variable: str, text: str) -> None:
         load_settings(environ={variable: text})
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: monitor/config.py _path and load_settings (MONITOR_HL_SECRET_KEY_FILE) call Path.expanduser(), "
-    "which raises RuntimeError for '~unknownuser/...'; it escapes as a traceback. Fix: catch RuntimeError "
-    "and raise ConfigError naming the variable"))
 @pytest.mark.parametrize("variable", ["MONITOR_DATA_DIR", "MONITOR_LOCK_FILE", "MONITOR_METRICS_FILE",
                                       "MONITOR_HL_SECRET_KEY_FILE"])
 def test_unknown_home_directory_is_a_config_error(variable: str) -> None:
@@ -989,10 +912,6 @@ def test_unknown_home_directory_is_a_config_error(variable: str) -> None:
         load_settings(environ={variable: "~no-such-user-pm/x"})
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: monitor/config.py read_secret_key_file puts the path itself (not its repr) into the message, so "
-    "a MONITOR_HL_SECRET_KEY_FILE containing a newline gives a multi-line error. Fix: use {path!r} or "
-    "{str(path)!r} in the three messages"))
 def test_secret_key_file_error_is_one_line_whatever_the_path() -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(environ={"MONITOR_HL_SECRET_KEY_FILE": "/nonexistent/a\nb"})
@@ -1055,8 +974,6 @@ def test_cli_bad_flag_is_click_usage_exit_2_without_traceback(bare_env: dict[str
     assert len(result.stderr.splitlines()) == 1 and "not an address" in result.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: MONITOR_CLOSE_SLIPPAGE=nan is a traceback from the CLI (see "
-                                       "test_close_slippage_nan_is_a_config_error)")
 def test_cli_nan_slippage_is_exit_78(bare_env: dict[str, str]) -> None:
     result = _cli(dict(bare_env, MONITOR_CLOSE_SLIPPAGE="nan"), "run")
     assert result.returncode == 78 and "Traceback" not in result.stderr

@@ -375,12 +375,6 @@ def test_a_full_run_works_as_a_role_with_only_the_documented_grants(env, sim, ap
                 conn.execute(statement)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: monitor/database.py save_alerts DELETEs idle alert rows after every run, so a role without DELETE "
-    "(least privilege: SELECT/INSERT/UPDATE only) cannot run; and monitor/operations.py _alerts catches only "
-    "MonitorError, so the psycopg InsufficientPrivilege escapes as a traceback and exit 1 after a run that "
-    "did its work, although the module promises 'None of this may fail a run'. Fix: mark idle alert rows "
-    "(UPDATE) instead of deleting them, and catch psycopg.Error in _alerts/_metrics"))
 def test_a_role_without_delete_can_run(env, sim, app_role, database_url):
     role, role_url = app_role
     execute(database_url, sql.SQL("REVOKE DELETE ON monitor_alerts FROM {}").format(sql.Identifier(role)))
@@ -395,14 +389,6 @@ def test_a_role_without_delete_can_run(env, sim, app_role, database_url):
 # A key may only move the accounts it is allowed to act for
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: monitor/exchange.py Trader builds the SDK Exchange with account_address=account but no "
-    "vault_address, so every signed action acts for the agent key's master account (that is how an agent "
-    "signature resolves on Hyperliquid and in the simulator). A close for a watched sub-account (or any "
-    "other account) is executed on the master: the master's BTC position is closed, the sub-account's stays "
-    "open and its row is stuck 'closing'. Fix: sign with vault_address=account for sub-accounts, and never "
-    "send for an account the key is not an agent of (ask the exchange, e.g. info userRole, or configure a "
-    "key per account)"))
 def test_a_close_for_one_account_never_moves_another_accounts_position(env, sim, db, database_url):
     secret, agent = new_key()
     sim.add_sub_account(ALICE, BOB)  # Bob is Alice's sub-account; the key is Alice's agent
