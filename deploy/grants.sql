@@ -5,7 +5,7 @@
 -- (its fenced writes hold that row FOR SHARE, which PostgreSQL allows only with UPDATE); and records
 -- run history, per-account read health and alert state. `accounts add|disable` insert and update
 -- accounts. The role owns nothing and gets no CREATE, ALTER, DROP, TRUNCATE or DELETE anywhere
--- (one documented exception below): migrations (`position-monitor db migrate`) run as the schema owner,
+-- (nothing is ever deleted: idle alert rows are marked, not removed): migrations (`position-monitor db migrate`) run as the schema owner,
 -- never as this role.
 --
 -- Run it as the owner of the monitor's tables (or a superuser), in the monitor's database, after
@@ -35,10 +35,6 @@ GRANT SELECT, INSERT, UPDATE ON TABLE
     account_health,
     monitor_alerts
 TO :"monitor_role";
-
--- The one exception: alert state rows of conditions no longer tracked are removed after each run
--- (monitor/database.py save_alerts). Nothing else is ever deleted; positions and their events never.
-GRANT DELETE ON TABLE monitor_alerts TO :"monitor_role";
 
 -- nextval() for the bigserial ids the monitor inserts.
 GRANT USAGE ON SEQUENCE

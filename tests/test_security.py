@@ -332,7 +332,7 @@ def test_grants_file_names_every_table_of_the_schema(database_url):
     missing = [t for t in tables if not re.search(rf"\b{re.escape(t)}\b", text)]
     assert not missing, f"deploy/grants.sql does not mention {missing}: a new migration added tables"
     granted_delete = re.findall(r"GRANT\s+([^;]*?DELETE[^;]*?)\s+ON\s+TABLE\s+([^;]+?)\s+TO", text, re.S | re.I)
-    assert [t.strip() for _, t in granted_delete] == ["monitor_alerts"]  # the one documented exception
+    assert granted_delete == []  # nothing is ever deleted
     assert not re.search(r"\b(ALL|TRUNCATE|CREATE|REFERENCES|TRIGGER|MAINTAIN)\b", text, re.I)
 
 
@@ -377,7 +377,6 @@ def test_a_full_run_works_as_a_role_with_only_the_documented_grants(env, sim, ap
 
 def test_a_role_without_delete_can_run(env, sim, app_role, database_url):
     role, role_url = app_role
-    execute(database_url, sql.SQL("REVOKE DELETE ON monitor_alerts FROM {}").format(sql.Identifier(role)))
     sim.open_position(ALICE, "BTC", "1", "30000")
     env = dict(env, MONITOR_DATABASE_URL=role_url)
     add(env, ALICE)
