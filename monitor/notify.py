@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Collection, Iterable, Mapping
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import requests
 
 from monitor import __version__
 
@@ -177,6 +176,8 @@ def _post(url: str, what: str, timeout: float, *, content_type: str | None = Non
 
     ``timeout`` bounds the connection and each read of the answer (requests' semantics).
     """
+    import requests  # lazy: only runs that ping or alert pay for it
+
     headers = {"User-Agent": USER_AGENT}
     if content_type:
         headers["Content-Type"] = content_type
