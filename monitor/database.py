@@ -34,6 +34,7 @@ CONNECT_TIMEOUT_SECONDS = 5
 STATEMENT_TIMEOUT_MS = 30_000
 LOCK_TIMEOUT_MS = 15_000
 _MIGRATION_LOCK_KEY = 0x706F736D6F6E  # "posmon": serializes concurrent `db migrate`
+_ALERTS_LOCK_KEY = 0x706F736D616C  # serializes alert decisions of concurrent runs
 
 _POSITION_COLUMNS = (
     "id, account_id, coin, side, size, entry_price, status, opened_at, source, last_seen_at, "
@@ -176,6 +177,13 @@ class OperationsMixin:
             "SELECT a.address, count(p.id) FROM accounts a LEFT JOIN positions p"
             " ON p.account_id = a.id AND p.closed_at IS NULL WHERE a.active GROUP BY a.address")
         return dict(cur.fetchall())
+
+    @contextmanager
+    def alerts_locked(self) -> Iterator[None]:
+        """One transaction, serialized across processes, for reading, deciding and saving alert state."""
+        with self.conn.transaction():
+            self._execute("SELECT pg_advisory_xact_lock(%s)", (_ALERTS_LOCK_KEY,))
+            yield
 
     def load_alerts(self) -> list[tuple[Any, ...]]:
         return self._execute(

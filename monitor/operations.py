@@ -84,16 +84,19 @@ def _alerts(settings: Settings, observed: dict[str, tuple[str, str]], only: Sequ
     try:
         if db.pending_migrations():
             return
-        previous = {row[0]: AlertState(*row) for row in db.load_alerts()}
-        considered = {k: v for k, v in previous.items() if only is None or k in only}
-        now = datetime.now(timezone.utc)
-        states, to_send, to_resolve = decide_alerts(considered, observed, now, threshold_runs=settings.alert_after_runs,
-                                                    resend_after=ALERT_RESEND_AFTER)
-        untouched = [k for k in previous if k not in considered]
-        db.save_alerts(list(states.values()), keep_keys=list(states) + untouched)
+        with db.alerts_locked():
+            previous = {row[0]: AlertState(*row) for row in db.load_alerts()}
+            considered = {k: v for k, v in previous.items() if only is None or k in only}
+            now = datetime.now(timezone.utc)
+            states, to_send, to_resolve = decide_alerts(considered, observed, now,
+                                                        threshold_runs=settings.alert_after_runs,
+                                                        resend_after=ALERT_RESEND_AFTER)
+            untouched = [k for k in previous if k not in considered]
+            db.save_alerts(list(states.values()), keep_keys=list(states) + untouched)
         text = alert_text(to_send, to_resolve)
         if text:
-            log.warning(text.replace("\n", " | "))
+            # A skipped (lock-busy) run keeps its one line on stderr; the alert still goes to the webhook.
+            log.log(logging.INFO if only is not None else logging.WARNING, text.replace("\n", " | "))
             if settings.alert_webhook:
                 send_webhook(settings.alert_webhook, text)
     except MonitorError as exc:

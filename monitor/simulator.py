@@ -446,6 +446,8 @@ class Simulator:
     def __init__(self, *, fee_rate: Any = DEFAULT_TAKER_FEE, latency_ms: Any = 0) -> None:
         self._lock = threading.RLock()
         self._wake = threading.Event()  # set on server stop: ends every sleep early
+        self._gate = threading.Event()  # cleared by hold_requests(): /info answers wait until release_requests()
+        self._gate.set()
         self._log: deque[dict[str, Any]] = deque(maxlen=200_000)
         self._weight_window: deque[tuple[float, int]] = deque()
         self._faults: list[Fault] = []
@@ -1273,6 +1275,14 @@ class Simulator:
 
     # ---- sleeping ---------------------------------------------------------------------------------
 
+    def hold_requests(self) -> None:
+        """Make every /info request wait (at most MAX_SLEEP_S) until release_requests(): a test's way to keep
+        a run busy for exactly as long as it needs, independent of machine load."""
+        self._gate.clear()
+
+    def release_requests(self) -> None:
+        self._gate.set()
+
     def _sleep(self, seconds: float) -> None:
         if seconds > 0:
             self._wake.wait(min(seconds, MAX_SLEEP_S))
@@ -1458,6 +1468,8 @@ class Simulator:
         """Serve one POST /info body (also used by the HTTP handler)."""
         arrived = self.now_ms()
         self._sleep(self.latency_ms / 1000.0)
+        if not self._gate.is_set():
+            self._gate.wait(MAX_SLEEP_S)
         entry = {"time": arrived, "path": "/info", "type": None, "user": None, "weight": 0, "status": 0,
                  "fault": None}
         try:
@@ -2025,6 +2037,7 @@ class SimulatorServer:
         if httpd is None:
             return
         self.sim._wake.set()  # end hangs and latency sleeps
+        self.sim._gate.set()
         httpd.shutdown()
         httpd.close_all_connections()
         httpd.server_close()

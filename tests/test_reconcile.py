@@ -192,10 +192,14 @@ def test_twenty_processes_at_once_one_works_the_rest_exit_75(env, sim, db):
     sim.open_position(ALICE, "BTC", "1", "30000")
     sim.open_position(ALICE, "ETH", "1", "1900")
     add(env, ALICE)
-    sim.set_latency(6000)
-    env = dict(env, MONITOR_HTTP_TIMEOUT="20")
+    sim.hold_requests()  # the winner's read waits until every other starter has given up
+    env = dict(env, MONITOR_HTTP_TIMEOUT="120")
     procs = [subprocess.Popen([sys.executable, "-m", "monitor", "run", "--json"], env=env, cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(20)]
+    from tests.test_lock import wait_all_but_one
+
+    wait_all_but_one(procs)
+    sim.release_requests()
     results = [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in procs]
     codes = sorted(code for code, _, _ in results)
     assert codes == [0] + [75] * 19, results
