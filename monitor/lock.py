@@ -43,13 +43,18 @@ def heartbeat_interval(stale_after: float) -> float:
     return max(min(stale_after / 3.0, 15.0), 0.05)
 
 
-def process_start_time(pid: int) -> int | None:
-    """The kernel's start time of ``pid`` (clock ticks since boot), None when there is no such process."""
+def _proc_stat(pid: int) -> list[bytes]:
+    """/proc/PID/stat after the command name (which may hold spaces): state is [0], start time [19]."""
     try:
         data = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
-        return None
-    fields = data[data.rfind(b")") + 1:].split()
+        return []
+    return data[data.rfind(b")") + 1:].split()
+
+
+def process_start_time(pid: int) -> int | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), None when there is no such process."""
+    fields = _proc_stat(pid)
     try:
         return int(fields[19])
     except (IndexError, ValueError):
@@ -57,11 +62,7 @@ def process_start_time(pid: int) -> int | None:
 
 
 def process_state(pid: int) -> str | None:
-    try:
-        data = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    fields = data[data.rfind(b")") + 1:].split()
+    fields = _proc_stat(pid)
     return fields[0].decode() if fields else None
 
 

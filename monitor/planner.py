@@ -187,22 +187,31 @@ def _reopened_after(fills: Sequence[Fill] | None, coin: str, side: str, closed_m
     return None
 
 
+def _explain(address: str, row: PositionRow, fills: Sequence[Fill] | None, fills_error: str | None,
+             what: str) -> Any:
+    """The row's close figures from fills, or a WAIT action saying why they cannot be had yet."""
+    if fills is None:
+        return Action(WAIT, address, row.coin, position_id=row.id,
+                      reason=f"{what}; fills unreadable ({fills_error or 'not read'}), retry next run")
+    figures = _figures(fills, row, address)
+    if figures is None:
+        return Action(WAIT, address, row.coin, position_id=row.id,
+                      reason=f"{what}; its fills do not add up (some missing), retry next run")
+    return figures
+
+
 def _vanished(address: str, row: PositionRow, now: datetime, settings: PlanSettings,
               fills: Sequence[Fill] | None, fills_error: str | None) -> list[Action]:
     if row.status != "closing" and now - row.opened_at < settings.close_grace:
         return [Action(WAIT, address, row.coin, position_id=row.id,
                        reason="not on the exchange yet, but opened moments ago (grace period)")]
-    if fills is None:
-        return [Action(WAIT, address, row.coin, position_id=row.id,
-                       reason=f"gone from the exchange; fills unreadable ({fills_error or 'not read'}), retry next run")]
-    figures = _figures(fills, row, address)
-    if figures is None:
-        return [Action(WAIT, address, row.coin, position_id=row.id,
-                       reason="gone from the exchange; its fills do not add up (some missing), retry next run")]
+    figures = _explain(address, row, fills, fills_error, "gone from the exchange")
+    if isinstance(figures, Action):
+        return [figures]
     if figures.flat:
         if figures.liquidated:
             reason = "liquidation"
-        elif row.status == "closing" and row.close_cloid and _closed_by_cloid(fills, row):
+        elif row.status == "closing" and row.close_cloid and _closed_by_cloid(fills or (), row):
             reason = _rule_of(row)
         else:
             reason = "external"
@@ -229,13 +238,9 @@ def _closed_by_cloid(fills: Sequence[Fill], row: PositionRow) -> bool:
 
 def _flipped(address: str, row: PositionRow, position: ExchangePosition, now: datetime,
              fills: Sequence[Fill] | None, fills_error: str | None) -> list[Action]:
-    if fills is None:
-        return [Action(WAIT, address, row.coin, position_id=row.id,
-                       reason=f"flipped on the exchange; fills unreadable ({fills_error or 'not read'})")]
-    figures = _figures(fills, row, address)
-    if figures is None:
-        return [Action(WAIT, address, row.coin, position_id=row.id,
-                       reason="flipped on the exchange; its fills do not add up (some missing), retry next run")]
+    figures = _explain(address, row, fills, fills_error, "flipped on the exchange")
+    if isinstance(figures, Action):
+        return [figures]
     closed_at = from_ms(figures.closed_at_ms) if figures.closed_at_ms else now
     reason = "liquidation" if figures.liquidated else "flipped"
     return [
