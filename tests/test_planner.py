@@ -1,0 +1,175 @@
+"""The planning step as a pure function: no database, no exchange, a fixed clock."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal as D
+
+import pytest
+
+from monitor import planner
+from monitor.clock import to_ms
+from monitor.models import Account, AccountSnapshot, ExchangePosition, Fill, Liquidation, PositionRow
+from monitor.planner import PlanSettings, exit_rule, needs_fills, plan_account
+
+NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
+ADDRESS = "0x" + "ab" * 20
+ACCOUNT = Account(id=1, address=ADDRESS, label=None, active=True)
+SETTINGS = PlanSettings()
+
+
+def row(coin="BTC", side="long", size="1", entry="100", *, opened=NOW - timedelta(hours=1), **extra) -> PositionRow:
+    return PositionRow(id=extra.pop("id", 7), account_id=1, coin=coin, side=side, size=D(size), entry_price=D(entry),
+                       status=extra.pop("status", "open"), opened_at=opened, **extra)
+
+
+def snapshot(*positions: ExchangePosition) -> AccountSnapshot:
+    return AccountSnapshot(address=ADDRESS, positions={p.coin: p for p in positions})
+
+
+def pos(coin="BTC", side="long", size="1", entry="100") -> ExchangePosition:
+    return ExchangePosition(coin=coin, side=side, size=D(size), entry_price=D(entry))
+
+
+def fill(coin, side, sz, px, start, *, at=NOW - timedelta(minutes=5), pnl="0", fee="0.1", tid=None, **extra) -> Fill:
+    fill.counter = getattr(fill, "counter", 0) + 1
+    return Fill(coin=coin, price=D(px), size=D(sz), side=side, time_ms=to_ms(at), start_position=D(start),
+                direction=extra.pop("direction", "Close Long"), closed_pnl=D(pnl), fee=D(fee), hash="0x" + "0" * 64,
+                oid=fill.counter, tid=tid if tid is not None else fill.counter, **extra)
+
+
+def types(plan) -> list[str]:
+    return [a.type for a in plan.actions]
+
+
+def test_unknown_position_is_discovered_and_known_unchanged_is_only_seen():
+    plan = plan_account(ACCOUNT, snapshot(pos("BTC"), pos("ETH", "short", "2", "50")), [row("BTC")], NOW, SETTINGS)
+    assert types(plan) == ["discover"]
+    assert plan.actions[0].coin == "ETH" and plan.actions[0].side == "short" and plan.actions[0].size == D(2)
+    assert plan.seen_ids == [7]
+
+
+def test_a_young_row_missing_from_the_exchange_waits():
+    young = row(opened=NOW - timedelta(seconds=10))
+    assert needs_fills(snapshot(), [young], [], NOW, SETTINGS) is None
+    plan = plan_account(ACCOUNT, snapshot(), [young], NOW, SETTINGS)
+    assert types(plan) == ["wait"] and "grace" in plan.actions[0].reason
+
+
+def test_a_vanished_row_without_fills_waits_and_never_invents_a_price():
+    plan = plan_account(ACCOUNT, snapshot(), [row()], NOW, SETTINGS, fills=None, fills_error="HTTP 500")
+    assert types(plan) == ["wait"] and "HTTP 500" in plan.actions[0].reason
+
+
+def test_a_vanished_row_is_closed_with_figures_from_its_fills():
+    fills = [fill("BTC", "A", "0.4", "110", "1", pnl="4"), fill("BTC", "A", "0.6", "120", "0.6", pnl="12")]
+    plan = plan_account(ACCOUNT, snapshot(), [row()], NOW, SETTINGS, fills=fills)
+    close, = plan.actions
+    assert close.type == "close" and close.reason == "external"
+    assert close.exit_price == D("116")  # (0.4*110 + 0.6*120) / 1
+    assert close.realized_pnl == D("16") and close.fees == D("0.2")
+
+
+def test_liquidation_of_this_account_is_the_reason():
+    liquidation = Liquidation(liquidated_user=ADDRESS, mark_price=D("90"), method="market")
+    fills = [fill("BTC", "A", "1", "89", "1", pnl="-11", direction="Liquidated Cross Long", liquidation=liquidation)]
+    plan = plan_account(ACCOUNT, snapshot(), [row()], NOW, SETTINGS, fills=fills)
+    assert plan.actions[0].reason == "liquidation"
+
+
+def test_fills_that_do_not_explain_the_close_wait_then_close_unexplained_after_the_window():
+    plan = plan_account(ACCOUNT, snapshot(), [row(last_seen_at=NOW - timedelta(minutes=2))], NOW, SETTINGS, fills=[])
+    assert types(plan) == ["wait"]
+    stale = row(last_seen_at=NOW - SETTINGS.unexplained_close_after - timedelta(seconds=1))
+    plan = plan_account(ACCOUNT, snapshot(), [stale], NOW, SETTINGS, fills=[])
+    close, = plan.actions
+    assert close.type == "close" and close.exit_price is None and close.metadata["unexplained"] is True
+
+
+def test_a_flip_closes_the_old_row_and_discovers_the_new_side():
+    flip = fill("BTC", "A", "3", "105", "1", pnl="5", direction="Long > Short")
+    plan = plan_account(ACCOUNT, snapshot(pos("BTC", "short", "2", "105")), [row()], NOW, SETTINGS, fills=[flip])
+    assert types(plan) == ["close", "discover"]
+    assert plan.actions[0].reason == "flipped" and plan.actions[0].exit_price == D("105")
+    assert plan.actions[1].side == "short" and plan.actions[1].opened_at == datetime.fromtimestamp(
+        flip.time_ms / 1000, tz=timezone.utc)
+
+
+def test_a_reduction_records_realized_pnl_so_far():
+    fills = [fill("BTC", "A", "0.25", "120", "1", pnl="5")]
+    plan = plan_account(ACCOUNT, snapshot(pos(size="0.75")), [row()], NOW, SETTINGS, fills=fills)
+    update, = plan.actions
+    assert update.type == "update" and update.size == D("0.75") and update.realized_pnl == D("5")
+
+
+def test_a_coin_closed_moments_ago_is_not_rediscovered_from_a_stale_snapshot():
+    closed = row(status="closed", closed_at=NOW - timedelta(seconds=20))
+    plan = plan_account(ACCOUNT, snapshot(pos()), [], NOW, SETTINGS, fills=[], recently_closed=[closed])
+    assert types(plan) == ["wait"] and "stale" in plan.actions[0].reason
+    reopen = fill("BTC", "B", "1", "101", "0", at=NOW - timedelta(seconds=5), direction="Open Long")
+    plan = plan_account(ACCOUNT, snapshot(pos()), [], NOW, SETTINGS, fills=[reopen], recently_closed=[closed])
+    assert types(plan) == ["discover"]
+
+
+def test_a_closing_row_whose_cloid_filled_keeps_its_rule_as_reason():
+    cloid = "0x" + "1" * 32
+    closing = row(status="closing", close_cloid=cloid, close_rule="stop_loss")
+    plan = plan_account(ACCOUNT, snapshot(), [closing], NOW, SETTINGS,
+                        fills=[fill("BTC", "A", "1", "95", "1", pnl="-5", cloid=cloid)])
+    assert plan.actions[0].reason == "stop_loss"
+
+
+def test_a_closing_row_still_on_the_exchange_is_settled_not_resent():
+    closing = row(status="closing", close_cloid="0x" + "2" * 32, stop_loss_price=D("200"))
+    plan = plan_account(ACCOUNT, snapshot(pos()), [closing], NOW, SETTINGS, mids={"BTC": D("90")})
+    assert types(plan) == ["settle_close"]
+
+
+@pytest.mark.parametrize("side, columns, mid, expected", [
+    ("long", {"stop_loss_price": D("95")}, "95", "stop_loss"),
+    ("long", {"stop_loss_price": D("95")}, "96", None),
+    ("short", {"stop_loss_price": D("105")}, "105", "stop_loss"),
+    ("short", {"stop_loss_price": D("105")}, "104", None),
+    ("long", {"take_profit_price": D("110")}, "110", "take_profit"),
+    ("short", {"take_profit_price": D("90")}, "89", "take_profit"),
+    ("short", {"take_profit_price": D("90")}, "91", None),
+    ("long", {"trailing_stop_pct": D("10"), "best_price": D("150")}, "135", "trailing_stop"),
+    ("long", {"trailing_stop_pct": D("10"), "best_price": D("150")}, "136", None),
+    ("short", {"trailing_stop_pct": D("10"), "best_price": D("50")}, "55", "trailing_stop"),
+    ("long", {"max_hold_seconds": 3600}, "100", "max_hold"),
+    ("long", {"max_hold_seconds": 3601}, "100", None),
+    ("long", {"close_requested_at": NOW, "stop_loss_price": D("95")}, "90", "requested"),  # requested wins
+    ("long", {"stop_loss_price": D("95"), "take_profit_price": D("80")}, "90", "stop_loss"),  # order of rules
+])
+def test_exit_rules(side, columns, mid, expected):
+    rule, _ = exit_rule(row(side=side, **columns), D(mid), NOW, None)
+    assert rule == expected
+
+
+def test_trailing_best_price_only_moves_in_the_positions_favour():
+    _, best = exit_rule(row(trailing_stop_pct=D("5"), best_price=D("120")), D("110"), NOW, None)
+    assert best == D("120")
+    _, best = exit_rule(row(trailing_stop_pct=D("5"), best_price=D("120")), D("130"), NOW, None)
+    assert best == D("130")
+    _, best = exit_rule(row(side="short", trailing_stop_pct=D("5")), D("95"), NOW, None)
+    assert best == D("95")  # from the entry price 100 down to the mid
+
+
+def test_account_max_hold_applies_when_the_row_has_none():
+    rule, _ = exit_rule(row(), D("100"), NOW, 60)
+    assert rule == "max_hold"
+
+
+def test_an_exit_rule_plans_one_close_order_at_the_mid():
+    plan = plan_account(ACCOUNT, snapshot(pos()), [row(stop_loss_price=D("99"))], NOW, SETTINGS,
+                        mids={"BTC": D("98")})
+    order, = [a for a in plan.actions if a.type == planner.CLOSE_ORDER]
+    assert order.reason == "stop_loss" and order.price == D("98") and order.size == D(1)
+
+
+def test_needs_fills_only_for_rows_that_vanished_shrank_or_flipped():
+    rows = [row("BTC"), row("ETH", id=8), row("SOL", id=9), row("DOGE", id=10)]
+    snap = snapshot(pos("BTC"), pos("ETH", size="0.5"), pos("SOL", "short"))
+    since = needs_fills(snap, rows, [], NOW, SETTINGS)
+    assert since == to_ms(NOW - timedelta(hours=1)) - 1000
+    assert needs_fills(snapshot(pos("BTC")), [row("BTC")], [], NOW, SETTINGS) is None
