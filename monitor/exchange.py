@@ -149,7 +149,7 @@ class Exchange:
             self.before_request(what, weight)
         self.counter.add(payload.get("type", what), weight)
         try:
-            body = self.info.post("/info", payload)
+            body = self.info.post("/info", payload)  # timeout: given to Info() at construction
         except ClientError as exc:
             if exc.status_code == 429:
                 raise ReadFailed(what, "rate limited (HTTP 429)", retry_after=1.0) from None
@@ -365,7 +365,7 @@ class Trader:
             self.reader.before_request("exchange", 1)
         self.reader.counter.add("exchange", 1)
         try:
-            return self.sdk.post("/exchange", payload)
+            return self.sdk.post("/exchange", payload)  # timeout: given to the SDK Exchange at construction
         except ClientError as exc:
             raise ReadFailed("exchange", f"HTTP {exc.status_code}", retry_after=1.0 if exc.status_code == 429 else None) from None
         except ServerError as exc:

@@ -78,7 +78,7 @@ def _format_value(value: float | int | bool) -> str:
         return "1" if value else "0"
     if isinstance(value, int):
         return str(value)
-    value = float(value)
+    value = float(value)  # a metric sample (timestamps, counts), not money
     if math.isnan(value):
         return "NaN"
     if math.isinf(value):
@@ -98,6 +98,7 @@ def render_metrics(m: RunMetrics) -> str:
             text = ",".join(f'{k}="{escape_label_value(str(v))}"' for k, v in labels.items())
             out.append(f"{full}{{{text}}} {_format_value(value)}" if text else f"{full} {_format_value(value)}")
 
+    # Timestamps and durations below are floats by nature (Unix seconds), not money.
     gauge("last_run_timestamp_seconds", "When the last run finished (Unix time).", [({}, float(m.run_finished))])
     if m.last_success is not None:
         gauge("last_success_timestamp_seconds", "When the last run that exited 0 finished (Unix time).",
