@@ -18,7 +18,8 @@ from a fresh database and a cleared simulator, so a round is replayed from its s
 4. clear the faults, do one clean run, and check the invariants:
 
    (i)   never more than one not-closed row per (account, coin);
-   (ii)  after the clean run the not-closed rows equal the simulator's positions (coin, side, size);
+   (ii)  after the clean run the not-closed rows equal the simulator's positions (coin, side, size), and
+         a second clean run changes nothing;
    (iii) no false close: every closed row's position went flat (or flipped) on the exchange between the
          row's opened_at (minus the monitor's one second of slack) and its closed_at;
    (iv)  each cloid names at most one order, each row has at most one filled close order, and every
@@ -600,6 +601,10 @@ class Round:
         report = self.clean_run("clean")
         marks.append(time.monotonic())
         self.check(report)
+        again = self.clean_run("second clean") if report is not None else None
+        if again is not None and (again["discovered"] or again["updated"] or again["closed"]):
+            self.violation(f"(ii) a second clean run still changed the table: discovered {again['discovered']}, "
+                           f"updated {again['updated']}, closed {again['closed']}")
         marks.append(time.monotonic())
         if self.args.verbose:
             phases = zip(("setup", "chaos", "clean", "check"), (b - a for a, b in zip(marks, marks[1:])))

@@ -47,6 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ADDRESS = "0x" + "ab" * 20
 PARSER_SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SMALL_SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Properties whose inputs are whole generated bodies (costlier to draw): fewer examples, same shapes.
+BODY_SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # --------------------------------------------------------------------------------------------------
 # Strategies
@@ -219,7 +221,7 @@ def clearinghouse_bodies(draw: Any) -> tuple[dict[str, Any], dict[str, tuple[str
     return body, expected
 
 
-@PARSER_SETTINGS
+@BODY_SETTINGS
 @given(case=clearinghouse_bodies())
 def test_clearinghouse_valid_bodies_round_trip_exactly(case: Any) -> None:
     body, expected = case
@@ -254,7 +256,7 @@ def _corrupt_position(draw: Any, item: dict[str, Any]) -> Any:
     return dict(item, position=position)
 
 
-@PARSER_SETTINGS
+@BODY_SETTINGS
 @given(data=st.data())
 def test_clearinghouse_one_bad_element_refuses_the_whole_body(data: Any) -> None:
     body, _ = data.draw(clearinghouse_bodies())
@@ -377,7 +379,7 @@ def test_fills_any_json_is_a_list_of_fills_or_exchange_data_error(body: Any) -> 
         check_fill(fill, item)
 
 
-@PARSER_SETTINGS
+@BODY_SETTINGS
 @given(items=st.lists(fill_items(), max_size=5))
 def test_fills_valid_bodies_round_trip(items: list[dict[str, Any]]) -> None:
     fills = parse_fills(json.loads(json.dumps(items)))
@@ -409,7 +411,7 @@ _BAD_FILL_VALUES: dict[str, Any] = {
 }
 
 
-@PARSER_SETTINGS
+@BODY_SETTINGS
 @given(data=st.data())
 def test_fills_one_bad_element_refuses_the_whole_list(data: Any) -> None:
     items = data.draw(st.lists(fill_items(), min_size=1, max_size=5))
@@ -432,7 +434,7 @@ def test_fills_an_object_is_never_an_empty_history(body: Any) -> None:
         parse_fills(body)
 
 
-@PARSER_SETTINGS
+@BODY_SETTINGS
 @given(items=st.lists(fill_items(), max_size=6), coin=st.sampled_from(["BTC", "ETH"]), side=st.sampled_from(
     ["long", "short"]), since=st.integers(0, 2**62))
 def test_close_figures_on_any_parsed_fills_is_figures_or_exchange_data_error(items: Any, coin: str, side: str,
@@ -581,7 +583,7 @@ def open_order_items(draw: Any, depth: int = 0) -> dict[str, Any]:
     return item
 
 
-@PARSER_SETTINGS
+@BODY_SETTINGS
 @given(items=st.lists(open_order_items(), max_size=4))
 def test_open_orders_valid_bodies_flatten_and_dedupe(items: list[dict[str, Any]]) -> None:
     orders = parse_open_orders(json.loads(json.dumps(items)))
@@ -594,7 +596,7 @@ def test_open_orders_valid_bodies_flatten_and_dedupe(items: list[dict[str, Any]]
                    for i in everything if i["oid"] == order.oid)
 
 
-@PARSER_SETTINGS
+@BODY_SETTINGS
 @given(data=st.data())
 def test_open_orders_one_bad_order_anywhere_refuses_the_whole_list(data: Any) -> None:
     items = data.draw(st.lists(open_order_items(), min_size=1, max_size=4))
