@@ -20,13 +20,12 @@ import re
 import string
 import subprocess
 import sys
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
-from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from monitor.config import ENVIRONMENT_VARIABLES, Settings, load_settings
@@ -649,15 +648,6 @@ def test_open_orders_fields_of_the_wrong_type_are_refused(change: dict[str, Any]
 OUTCOME_KINDS = {"filled", "partial", "no_position", "rejected", "unknown"}
 
 
-def _statuses_of(body: Any) -> tuple[bool, Any]:
-    try:
-        return True, body["response"]["data"]["statuses"]
-    except (KeyError, TypeError, IndexError):
-        return False, None
-
-
-
-
 def check_outcome(outcome: Any, requested: Decimal) -> None:
     assert isinstance(outcome, OrderOutcome) and outcome.kind in OUTCOME_KINDS
     assert isinstance(outcome.filled_size, Decimal)
@@ -749,8 +739,6 @@ def module_sim() -> Any:
         server.stop()
 
 
-
-
 http_bodies = st.one_of(
     st.text(max_size=40),
     json_values.map(lambda v: json.dumps(v, allow_nan=True)),
@@ -793,8 +781,6 @@ def test_a_4xx_answer_with_a_non_object_json_body_is_a_failed_read(module_sim: A
 # --------------------------------------------------------------------------------------------------
 # Configuration
 
-URL_VARIABLES = {"MONITOR_HL_API_URL", "MONITOR_PING_URL", "MONITOR_ALERT_WEBHOOK"}
-PATH_VARIABLES = {"MONITOR_DATA_DIR", "MONITOR_LOCK_FILE", "MONITOR_METRICS_FILE", "MONITOR_HL_SECRET_KEY_FILE"}
 KEY_MESSAGE = "MONITOR_HL_SECRET_KEY: expected a 32-byte hex private key (64 hex digits)"
 
 # Environment values cannot hold NUL (execve) or lone surrogates.
@@ -806,6 +792,7 @@ interesting_env_values = st.sampled_from([
     "ftp://x", "file:///etc/passwd", "postgresql://", "postgres://u:p@h/d", "mysql://x", "host=/tmp dbname=x",
     "~", "~/x", "~root/x", "/", ".", "..", "/dev/null", "/proc/self/environ", "DEBUG", "Info", "json", "TEXT",
     "local", "postgres", "redis", "0x" + "a" * 64, "a" * 64, "0x" + "g" * 64, "0x" + "a" * 63, "0X" + "a" * 64,
+    "~no-such-user-pm/x", "http://[x]/", "https://a\uff03b/", "sNaN", "-nan", "/nonexistent/a\nb", "1/4", "0/0",
 ])
 env_values = st.one_of(
     st.text(env_chars, max_size=40),
@@ -813,12 +800,6 @@ env_values = st.one_of(
     st.builds(lambda a, b: a + b, interesting_env_values, st.text(env_chars, max_size=8)),
     st.builds(lambda a, b: a + b, st.text(env_chars, max_size=4), interesting_env_values),
 )
-
-
-def _line_breaks(text: str) -> bool:
-    return len(("x" + text + "x").splitlines()) > 1
-
-
 
 
 def check_settings(value: Any) -> None:
