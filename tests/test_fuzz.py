@@ -68,6 +68,11 @@ def is_coin(value: Any) -> bool:
     return isinstance(value, str) and 0 < len(value) <= 64
 
 
+def is_plain_coin(value: Any) -> bool:
+    """A coin name every parser must accept (no control characters, which a parser may refuse)."""
+    return is_coin(value) and not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in value)
+
+
 # Keys the parsers look at, so random objects reach their branches.
 INTERESTING_KEYS = [
     "assetPositions", "position", "coin", "szi", "entryPx", "time", "error", "type", "oid", "children",
@@ -104,7 +109,7 @@ number_like = st.one_of(
     st.text(max_size=12),
 )
 bad_number = number_like.filter(lambda v: not is_wire_decimal(v))
-_coin_chars = st.characters(blacklist_categories=("Cs",))
+_coin_chars = st.characters(blacklist_categories=("Cs", "Cc"))  # real coin names have no control characters
 coin_text = st.one_of(st.sampled_from(["BTC", "ETH", "kPEPE", "@107", "x'); DROP TABLE positions;--"]),
                       st.text(_coin_chars, min_size=1, max_size=10), st.text(_coin_chars, min_size=60, max_size=64))
 bad_coin = st.one_of(
@@ -507,9 +512,9 @@ def test_mids_any_json_is_prices_or_exchange_data_error(body: Any) -> None:
         assert coin in body and is_coin(coin) and isinstance(price, Decimal) and price == Decimal(body[coin])
     # Every well-formed entry is kept; only odd entries are skipped.
     for coin, price in body.items():
-        if is_coin(coin) and is_wire_decimal(price):
+        if is_plain_coin(coin) and is_wire_decimal(price):
             assert mids[coin] == Decimal(price)
-        else:
+        elif not is_coin(coin) or not is_wire_decimal(price):
             assert coin not in mids
 
 
@@ -961,3 +966,14 @@ def test_cli_nan_slippage_is_exit_78(bare_env: dict[str, str]) -> None:
     result = _cli(dict(bare_env, MONITOR_CLOSE_SLIPPAGE="nan"), "run")
     assert result.returncode == 78 and "Traceback" not in result.stderr
     assert len(result.stderr.splitlines()) == 1
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: monitor/models.py parse_coin accepts any 1-64 character string, including NUL, which PostgreSQL "
+    "text cannot store: the insert then fails with psycopg DataError, logged with a traceback by "
+    "runner._apply, on every run, and none of that account's other positions is ever written. Fix: refuse "
+    "control characters (at least NUL) in parse_coin so the answer is an invalid read, one line"))
+def test_a_coin_name_the_database_cannot_store_is_an_invalid_answer() -> None:
+    body = {"assetPositions": [{"position": {"coin": "A\x00B", "szi": "1"}}]}
+    with pytest.raises(ExchangeDataError):
+        parse_clearinghouse_state(body, ADDRESS)

@@ -403,3 +403,11 @@ def test_a_close_for_one_account_never_moves_another_accounts_position(env, sim,
 
     assert sim.position(ALICE, "BTC") is not None, "Alice's position was closed by an order meant for Bob"
     assert sim.position(ALICE, "BTC")["szi"] == "1.0"
+
+
+@pytest.mark.parametrize("url", ["postgresql://monitor:S3cr3tPw9x@127.0.0.1:1/positions",
+                                 "host=127.0.0.1 port=1 user=monitor password=S3cr3tPw9x dbname=positions"])
+def test_the_database_password_is_never_echoed(env, url):
+    result = cli(dict(env, MONITOR_DATABASE_URL=url), "--log-level", "debug", "run")
+    assert result.returncode == 69 and "Traceback" not in result.stderr
+    assert "S3cr3tPw9x" not in result.stdout + result.stderr
