@@ -102,7 +102,8 @@ class Closer:
 
     # ---- entry point ---------------------------------------------------------------------
 
-    def handle(self, account: Account, actions: list[Action], closed_coins: list[str]) -> None:
+    def handle(self, account: Account, actions: list[Action], closed_coins: list[str], *,
+               open_orders: list[OpenOrder] | None = None) -> None:
         for action in actions:
             try:
                 if action.type == planner.CLOSE_ORDER:
@@ -113,7 +114,7 @@ class Closer:
                 self._note(f"{account.address} {action.coin}: {exc}; will retry next run")
         if closed_coins:
             try:
-                self._cancel_orphans(account, closed_coins)
+                self._cancel_orphans(account, closed_coins, open_orders)
             except ReadFailed as exc:
                 self._note(f"{account.address}: could not check orders left by closed positions: {exc}")
 
@@ -235,9 +236,10 @@ class Closer:
 
     # ---- orphaned orders -------------------------------------------------------------------
 
-    def _cancel_orphans(self, account: Account, coins: list[str]) -> None:
+    def _cancel_orphans(self, account: Account, coins: list[str], orders: list[OpenOrder] | None = None) -> None:
         ctx = self.ctx
-        orders = ctx.exchange.read_open_orders(account.address)
+        if orders is None:
+            orders = ctx.exchange.read_open_orders(account.address)
         targets: list[OpenOrder] = [o for o in orders if o.coin in coins and (o.reduce_only or o.is_trigger)]
         for order in targets:
             if ctx.dry_run or ctx.secret_key is None:

@@ -369,12 +369,14 @@ class Run:
             if self.dry_run:
                 self._count_planned(plan)
                 closed_coins = [a.coin for a in plan.actions if a.type == planner.CLOSE]
-            else:
+            elif plan.changes:
                 closed_coins = self._apply(plan)
+            else:
+                closed_coins = []  # nothing to write: no transaction at all
             orders = [a for a in plan.actions if a.type in (planner.CLOSE_ORDER, planner.SETTLE_CLOSE)]
             if orders or closed_coins:
                 try:
-                    closer.handle(account, orders, closed_coins)
+                    closer.handle(account, orders, closed_coins, open_orders=result.open_orders)
                 except BudgetExhausted:
                     self.report.notes.append(f"{account.address}: weight budget spent; closes wait for the next run")
         if deferred:
@@ -438,7 +440,14 @@ class Run:
             return AccountResult(account, deferred="budget")
         plan = planner.plan_account(account, snapshot, rows, now, settings, fills=fills, fills_error=fills_error,
                                     recently_closed=recent, mids=mids)
-        return AccountResult(account, plan=plan, failure=fills_error)
+        open_orders = None
+        if any(a.type == planner.CLOSE for a in plan.actions):
+            # Orders a closed position may leave behind, read here in parallel rather than one by one later.
+            try:
+                open_orders = exchange.read_open_orders(account.address)
+            except (ReadFailed, BudgetExhausted):
+                open_orders = None  # the closer reads them itself, or notes it could not
+        return AccountResult(account, plan=plan, failure=fills_error, open_orders=open_orders)
 
     def _read_positions(self, exchange: Exchange, address: str) -> Any:
         """clearinghouseState, retried on 429 with backoff while the deadline allows."""
@@ -500,6 +509,7 @@ class AccountResult:
     plan: AccountPlan | None = None
     failure: str | None = None
     deferred: str | None = None
+    open_orders: list[Any] | None = None
 
 
 def apply_action(db: Database, account: Account, action: Action, now: Any) -> bool:

@@ -33,6 +33,21 @@ def test_steady_state_costs_two_weight_per_account_and_no_metadata(env, sim):
     assert report["api_weight"] == 40 and report["requests"] == 20
 
 
+def test_steady_state_sql_does_not_grow_with_accounts_or_positions(env, sim):
+    few, many = addresses(30)[:3], addresses(30)[3:]
+    watch(env, sim, few)
+    run_json(env)
+    small = run_json(env)["sql_statements"]
+    for address in many:
+        for coin in ("BTC", "ETH", "SOL"):
+            sim.open_position(address, coin, "1", "100")
+        assert cli(env, "accounts", "add", address).returncode == 0
+    run_json(env)
+    large = run_json(env)["sql_statements"]
+    assert large == small, (small, large)  # 3 accounts x 1 position vs 30 accounts, 84 positions
+    assert large <= 15
+
+
 def test_a_budget_too_small_reads_the_urgent_first_and_defers_the_rest(env, sim, database_url):
     accounts = addresses(10)
     watch(env, sim, accounts)
