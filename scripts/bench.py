@@ -22,11 +22,17 @@ How each figure is taken:
   latter is a running maximum over every child ever reaped, and on Linux a child's ``ru_maxrss`` also counts
   the image it was forked from before exec -- this script, simulator state and all.
 
+The simulator runs in this process with TCP_NODELAY set on its sockets (it leaves Nagle's algorithm on,
+which adds a ~40 ms delayed-ACK stall to every keep-alive request on loopback; ``--raw-simulator`` keeps it).
+``--rev REV`` measures ``monitor/`` as committed at REV (``git archive`` into a temp dir) instead of the
+working tree, so concurrent edits cannot change the code halfway through a benchmark.
+
 The script always exits 0 once it has measured (targets that fail print FAIL); it removes its databases,
 its embedded PostgreSQL and its simulator on the way out.
 
     .venv/bin/python scripts/bench.py [--quick] [--accounts 100,500,2000] [--positions 10] [--runs 3]
-                                      [--latency-ms 50] [--json-out FILE] [--database-url URL]
+                                      [--latency-ms 50] [--json-out FILE] [--database-url URL] [--rev REV]
+                                      [--weight-budget W]
 """
 
 from __future__ import annotations
@@ -53,11 +59,10 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+SOURCE = ROOT  # where the measured `monitor` package lives (the working tree, or a --rev export)
 
 EXCHANGE_LIMIT_PER_MINUTE = 1200  # Hyperliquid's per-IP request weight per minute
-DEFAULT_WEIGHT_BUDGET = 600  # what the runner's MONITOR_WEIGHT_BUDGET defaults to
+DEFAULT_WEIGHT_BUDGET = 600  # the planned MONITOR_WEIGHT_BUDGET default, used only when the source has none
 WEIGHT_CONSTANT_ALLOWED = 50  # "2 per account + a small constant"
 # Settings this script sets itself (or that would send things somewhere real); other MONITOR_* pass through.
 _OWN_ENV = {
@@ -105,7 +110,7 @@ def run_child(cmd: list[str], env: dict[str, str], timeout: float) -> Child:
             else:
                 full = [sys.executable, "-c", _RSS_WRAPPER, rss_path, *cmd]
             started = time.perf_counter()
-            proc = subprocess.Popen(full, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+            proc = subprocess.Popen(full, env=env, cwd=SOURCE, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                     start_new_session=True)
             _current_child = proc
             timer = threading.Timer(timeout, _kill_group, (proc,))
@@ -321,6 +326,19 @@ class Scenario:
         return self._median([r.pg_counter for r in self.runs])
 
     @property
+    def accounts_read(self) -> float | None:
+        """Accounts the run got to (ok + failed), from the CLI's report; the naive reference reads them all."""
+        if self.name.startswith("naive"):
+            return self._median([(r.report or {}).get("accounts") for r in self.runs])
+        return self._median([None if r.report is None else
+                             (r.report.get("accounts_ok") or 0) + (r.report.get("accounts_failed") or 0)
+                             for r in self.runs])
+
+    @property
+    def deferred(self) -> int:
+        return max(((r.report or {}).get("accounts_deferred") or 0 for r in self.runs), default=0)
+
+    @property
     def rss_mb(self) -> float | None:
         values = [r.maxrss_kb for r in self.runs]
         return max(values) / 1024 if values else None
@@ -335,6 +353,7 @@ class Scenario:
             "wall_seconds_median": self.wall, "requests": self.requests, "api_weight": self.weight,
             "weight_per_account": (self.weight / self.accounts) if self.weight is not None and self.accounts else None,
             "sql_statements": self.sql, "pg_counter_delta": self.pg_counter, "peak_rss_mb": self.rss_mb,
+            "accounts_read": self.accounts_read, "accounts_deferred_max": self.deferred,
             "max_60s_window_weight": self.max_window, "expected": self.expected, "notes": self.notes,
             "runs": [r.to_json() for r in self.runs],
         }
@@ -585,17 +604,18 @@ def fmt_num(value: float | int | None, digits: int = 0) -> str:
 
 def print_table(scenarios: list[Scenario]) -> None:
     headers = ("accounts", "positions", "scenario", "wall s (median)", "requests", "API weight", "weight/account",
-               "SQL statements", "pg xacts", "peak RSS MB", "runs")
+               "SQL statements", "peak RSS MB", "pg xacts", "accts read", "runs")
     rows = []
     for sc in scenarios:
         rows.append((
             str(sc.accounts), str(sc.positions), sc.name, fmt_num(sc.wall, 3), fmt_num(sc.requests),
             fmt_num(sc.weight),
             fmt_num(sc.weight / sc.accounts, 2) if sc.weight is not None and sc.accounts else "-",
-            fmt_num(sc.sql), fmt_num(sc.pg_counter), fmt_num(sc.rss_mb, 1), str(len(sc.runs)),
+            fmt_num(sc.sql), fmt_num(sc.rss_mb, 1), fmt_num(sc.pg_counter), fmt_num(sc.accounts_read),
+            str(len(sc.runs)),
         ))
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    right = {0, 1, 3, 4, 5, 6, 7, 8, 9, 10}
+    right = {0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 11}
 
     def line(values: tuple[str, ...]) -> str:
         return "  ".join(v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths)))
@@ -647,7 +667,8 @@ def targets(args: argparse.Namespace, scenarios: list[Scenario], sizes: list[int
         if sc and sc.weight is not None:
             extra = sc.weight - 2 * n
             ok = ok and 0 <= extra <= WEIGHT_CONSTANT_ALLOWED
-            detail.append(f"N={n}: {sc.weight:.0f} = 2*{n} {'+' if extra >= 0 else '-'} {abs(extra):.0f}")
+            detail.append(f"N={n}: {sc.weight:.0f} = 2*{n} {'+' if extra >= 0 else '-'} {abs(extra):.0f}"
+                          + (f" ({sc.deferred} accounts deferred)" if sc.deferred else ""))
     add(f"steady weight = 2 per account + constant (<= {WEIGHT_CONSTANT_ALLOWED})", ok if detail else None,
         "; ".join(detail))
 
@@ -684,6 +705,9 @@ def targets(args: argparse.Namespace, scenarios: list[Scenario], sizes: list[int
         marginal = [((s2.wall - s1.wall) / (n2 - n1) * 1000, n1, n2)
                     for (n1, s1), (n2, s2) in zip(steady, steady[1:])]
         marg = ", ".join(f"{n1}->{n2}: {m:.1f} ms/account" for m, n1, n2 in marginal)
+        deferred = [f"N={n}: {s.deferred} deferred" for n, s in steady if s.deferred]
+        if deferred:
+            marg += " (not every account was read: " + ", ".join(deferred) + ")"
         if len(marginal) >= 2:
             values = [m for m, _, _ in marginal]
             ok = max(values) <= 1.5 * max(min(values), 1e-6)
@@ -700,9 +724,46 @@ def targets(args: argparse.Namespace, scenarios: list[Scenario], sizes: list[int
         add(f"max API weight in any 60 s window <= MONITOR_WEIGHT_BUDGET ({budget})", per_run <= budget,
             f"max within one run {per_run}")
     else:
-        add(f"max API weight in any 60 s window <= default budget {DEFAULT_WEIGHT_BUDGET} (MONITOR_WEIGHT_BUDGET unset)",
-            per_run <= DEFAULT_WEIGHT_BUDGET, f"max within one run {per_run}")
+        default, where = args.default_budget
+        add(f"max API weight in any 60 s window <= {where} {default} (MONITOR_WEIGHT_BUDGET unset)",
+            per_run <= default, f"max within one run {per_run}")
     return results
+
+
+def runner_default_budget() -> tuple[int, str]:
+    """The measured source's default MONITOR_WEIGHT_BUDGET, or the planned 600/minute when it has none."""
+    try:
+        from monitor.config import Settings
+
+        value = getattr(Settings(), "weight_budget", None)
+    except Exception:  # noqa: BLE001
+        value = None
+    if isinstance(value, int):
+        return value, "the runner's default budget"
+    return DEFAULT_WEIGHT_BUDGET, "the planned default budget (not in this source)"
+
+
+def use_source(rev: str | None, workdir: Path) -> str:
+    """Point the CLI runs (and the in-process simulator) at the working tree or at ``rev`` exported by git archive."""
+    global SOURCE
+    if rev is None:
+        SOURCE = ROOT
+    else:
+        target = workdir / "src"
+        target.mkdir()
+        archive = subprocess.run(["git", "archive", "--format=tar", rev, "monitor", "tests/fixtures"], cwd=ROOT,
+                                 capture_output=True, timeout=60)
+        if archive.returncode != 0:
+            raise SystemExit(f"--rev {rev}: git archive failed: {archive.stderr.decode(errors='replace').strip()}")
+        subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True, timeout=60)
+        SOURCE = target
+    if "monitor" in sys.modules:
+        raise SystemExit("internal error: monitor imported before its source was chosen")
+    sys.path.insert(0, str(SOURCE))
+    if rev is None:
+        return f"source: the working tree {ROOT}"
+    resolved = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return f"source: git rev {rev} ({resolved}) exported to a temp dir (the working tree's monitor/ is not used)"
 
 
 def no_nagle(raw: bool) -> str:
@@ -746,6 +807,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--weight-budget", type=int, default=None,
                    help="passed to the CLI as MONITOR_WEIGHT_BUDGET (default: that variable, if set)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before a child run is killed")
+    p.add_argument("--rev", default=None, metavar="REV",
+                   help="measure `monitor` as committed at this git revision (exported with git archive to a temp "
+                        "dir) instead of the working tree")
     p.add_argument("--raw-simulator", action="store_true",
                    help="leave Nagle's algorithm on in the simulator (adds ~40 ms of delayed-ACK stall per request)")
     p.add_argument("--naive-worker", action="store_true", help=argparse.SUPPRESS)
@@ -757,6 +821,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not args.sizes or min(args.sizes) < 1:
         p.error("--accounts: expected positive whole numbers, e.g. 100,500,2000")
     args.runs = args.runs or (2 if args.quick else 3)
+    args.default_budget = (DEFAULT_WEIGHT_BUDGET, "the planned default budget")
     if args.weight_budget is None and os.environ.get("MONITOR_WEIGHT_BUDGET", "").strip():
         try:
             args.weight_budget = int(os.environ["MONITOR_WEIGHT_BUDGET"])
@@ -783,10 +848,12 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="pm-bench-"))
     workdir.chmod(0o755)
     pg = sim = None
-    nagle = ""
+    nagle = source_note = ""
     scenarios: list[Scenario] = []
     started = time.monotonic()
     try:
+        source_note = use_source(args.rev, workdir)
+        args.default_budget = runner_default_budget()  # now, while the measured source is on sys.path
         pg = Postgres(url)
         nagle = no_nagle(args.raw_simulator)
         from monitor.simulator import start
@@ -799,6 +866,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  PostgreSQL {pg.version} ({'embedded' if pg.embedded else 'given URL'}); simulator {sim.url}")
         print(f"  {nagle}")
         print("  load average at start: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+        print(f"  {source_note}")
         print(f"  git {git['head']}" + (f", monitor/ has uncommitted changes: {', '.join(git['dirty_monitor_files'])}"
                                          if git["dirty_monitor_files"] else ", monitor/ clean"))
         bench = Bench(args, pg, sim, workdir)
@@ -859,7 +927,7 @@ def main(argv: list[str] | None = None) -> int:
             "methods": {"wall": "perf_counter around spawn..reap, median", "requests": "simulator request log",
                         "sql_cross_check": pg.sql_check_method if pg else None,
                         "rss": RSS_METHOD},
-            "simulator_sockets": nagle, "git": git_state(), "elapsed_seconds": round(elapsed, 1), "load_average_at_end": load, "max_60s_window_all_runs": all_window,
+            "simulator_sockets": nagle, "source": source_note, "git": git_state(), "elapsed_seconds": round(elapsed, 1), "load_average_at_end": load, "max_60s_window_all_runs": all_window,
             "scenarios": [sc.to_json() for sc in scenarios], "targets": results,
         }
         Path(args.json_out).write_text(json.dumps(payload, indent=2, default=str) + "\n")
