@@ -22,7 +22,7 @@ from monitor import planner
 from monitor.clock import Clock, from_ms, to_ms
 from monitor.database import Database
 from monitor.exchange import Exchange, OpenOrder, ReadFailed, Trader, close_cloid
-from monitor.fills import close_figures
+from monitor.fills import row_close_figures
 from monitor.models import Account, ExchangeDataError
 from monitor.planner import Action
 
@@ -45,7 +45,12 @@ class CloseContext:
     seconds_left: Callable[[], float]
     mids: dict[str, Decimal]
     report: Any
+    lock_lost: Callable[[], bool] = lambda: False
     meta: dict[str, Any] | None = None
+
+
+def _rule(row: Any) -> str:
+    return row.close_rule or "requested"
 
 
 class CannotAct(Exception):
@@ -102,7 +107,7 @@ class Closer:
 
     # ---- entry point ---------------------------------------------------------------------
 
-    def handle(self, account: Account, actions: list[Action], closed_coins: list[str], *,
+    def handle(self, account: Account, actions: list[Action], closed_coins: dict[str, int | None], *,
                open_orders: list[OpenOrder] | None = None) -> None:
         for action in actions:
             try:
@@ -148,11 +153,18 @@ class Closer:
         cloid = close_cloid(account.address, row.id, row.close_attempts + 1)
         now = ctx.clock.now()
         with ctx.db.fenced(ctx.epoch):
-            claimed = ctx.db.claim_close(row.id, cloid=cloid, rule=action.reason or "requested", now=now)
+            claimed = ctx.db.claim_close(row.id, cloid=cloid, rule=action.reason or "requested", now=now,
+                                         attempts=row.close_attempts)
         if not claimed:
             self._already(action)
             return
-        expires_after = ctx.clock.now_ms() + int(min(ORDER_TTL_SECONDS, left - SETTLE_MARGIN_SECONDS) * 1000)
+        expires_after = self._expires_after()
+        if expires_after is None:
+            # Too late to send safely (deadline, or the lock was lost): undo the claim; nothing was sent.
+            with ctx.db.fenced(ctx.epoch):
+                ctx.db.release_close(row.id, cloid=cloid, event="close_not_placed", error="run deadline reached")
+            self._note(f"#{row.id} {action.coin}: not sent, the run is at its deadline; next run")
+            return
         try:
             outcome = trader.close_ioc(action.coin, side=row.side, size=action.size or row.size, mid=action.price,
                                        slippage=ctx.slippage, cloid=cloid, expires_after_ms=expires_after)
@@ -183,22 +195,31 @@ class Closer:
             self._note(f"{level}#{row.id} {action.coin}: close rejected ({outcome.error}); attempt {attempts}")
         # "unknown": the row stays closing and is settled by its cloid next run.
 
+    def _expires_after(self) -> int | None:
+        """expiresAfter for an action signed now: at most ORDER_TTL ahead and never past the run's deadline
+        (so a paused run's action cannot land after another run may have taken over). None: do not send."""
+        ctx = self.ctx
+        left = ctx.seconds_left() - SETTLE_MARGIN_SECONDS
+        if ctx.lock_lost() or left < 1:
+            return None
+        return ctx.clock.now_ms() + int(min(ORDER_TTL_SECONDS, left) * 1000)
+
     def _already(self, action: Action) -> None:
         self.ctx.report.conflicts += 1
         self._note(f"#{action.position_id} {action.coin}: already closing or closed by another process")
 
     def _close_from_fills(self, account: Account, position_id: int, coin: str, side: str, opened_at: Any,
-                          reason: str | None) -> None:
+                          reason: str | None, lookback_ms: int = 1000) -> None:
         ctx = self.ctx
         try:
-            fills = ctx.exchange.read_fills(account.address, to_ms(opened_at) - 1000)
+            fills = ctx.exchange.read_fills(account.address, to_ms(opened_at) - lookback_ms)
         except ReadFailed as exc:
             self._note(f"#{position_id} {coin}: closed on the exchange; fills unreadable ({exc.reason}),"
                        " the row is settled next run")
             return
         try:
-            figures = close_figures(fills, coin=coin, side=side, since_ms=to_ms(opened_at) - 1000,
-                                    account=account.address)
+            figures = row_close_figures(fills, coin=coin, side=side, opened_ms=to_ms(opened_at),
+                                        account=account.address, lookback_ms=lookback_ms)
         except ExchangeDataError:
             return  # fills do not chain yet; the next run settles the row
         if not figures.flat:
@@ -211,7 +232,7 @@ class Closer:
                 metadata={"fills": figures.fill_count})
         if done:
             ctx.report.closed += 1
-            self._cancel_orphans(account, [coin])
+            self._cancel_orphans(account, {coin: figures.closed_at_ms})
 
     # ---- settling an unfinished close (crash recovery) ----------------------------------------
 
@@ -228,6 +249,13 @@ class Closer:
         if ctx.dry_run:
             self._note(f"#{row.id} {row.coin}: unfinished close {row.close_cloid} is {status}; would settle it")
             return
+        if status == "filled":
+            # It executed; the snapshot may lag. Explain the close from fills, else wait for them.
+            self._close_from_fills(account, row.id, row.coin, row.side, row.opened_at, _rule(row))
+            return
+        if status in ("open", "triggered"):
+            self._note(f"#{row.id} {row.coin}: close order {row.close_cloid} is {status}; left to the exchange")
+            return
         event = "close_not_placed" if status == "unknownOid" else "close_released"
         with ctx.db.fenced(ctx.epoch):
             ctx.db.release_close(row.id, cloid=row.close_cloid, event=event,
@@ -236,11 +264,21 @@ class Closer:
 
     # ---- orphaned orders -------------------------------------------------------------------
 
-    def _cancel_orphans(self, account: Account, coins: list[str], orders: list[OpenOrder] | None = None) -> None:
+    def _cancel_orphans(self, account: Account, coins: dict[str, int | None],
+                        orders: list[OpenOrder] | None = None) -> None:
+        """Cancel the reduce-only and trigger orders a closed position left behind.
+
+        ``coins`` maps each closed coin to its close time (ms). An order placed after the close belongs
+        to a position opened since, and is kept.
+        """
         ctx = self.ctx
         if orders is None:
             orders = ctx.exchange.read_open_orders(account.address)
-        targets: list[OpenOrder] = [o for o in orders if o.coin in coins and (o.reduce_only or o.is_trigger)]
+        targets: list[OpenOrder] = [
+            o for o in orders
+            if o.coin in coins and (o.reduce_only or o.is_trigger)
+            and (o.timestamp_ms is None or coins[o.coin] is None or o.timestamp_ms <= coins[o.coin])
+        ]
         for order in targets:
             if ctx.dry_run or ctx.secret_key is None:
                 ctx.report.actions.append(Action("cancel_order", account.address, order.coin,
@@ -252,7 +290,11 @@ class Closer:
             except CannotAct as exc:
                 self._note(f"{account.address}: would cancel order {order.oid} ({order.coin}) but {exc}")
                 continue
-            error = trader.cancel(order.coin, order.oid, ctx.clock.now_ms() + int(ORDER_TTL_SECONDS * 1000))
+            expires_after = self._expires_after()
+            if expires_after is None:
+                self._note(f"{account.address}: order {order.oid} left for the next run (deadline)")
+                continue
+            error = trader.cancel(order.coin, order.oid, expires_after)
             ctx.report.actions.append(Action("cancel_order", account.address, order.coin,
                                              reason="position gone" if error is None else f"cancel failed: {error}",
                                              metadata={"oid": order.oid, "order_type": order.order_type}))

@@ -187,7 +187,12 @@ def _secret_key(name: str, text: str) -> str:
     if len(body) != 64 or any(c not in "0123456789abcdefABCDEF" for c in body):
         # Never echo the value: it may be a real key with a typo.
         raise ConfigError(f"{name}: expected a 32-byte hex private key (64 hex digits)")
+    if not 0 < int(body, 16) < _SECP256K1_ORDER:
+        raise ConfigError(f"{name}: not a valid secp256k1 private key (zero or out of range)")
     return "0x" + body.lower()
+
+
+_SECP256K1_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
 
 # setting name -> (environment variable, parser, Settings field)

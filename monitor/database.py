@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_SECONDS = 5
 STATEMENT_TIMEOUT_MS = 30_000
 LOCK_TIMEOUT_MS = 15_000
+# A frozen process must not hold the lease row (FOR SHARE) for long: the server ends its transaction.
+IDLE_IN_TRANSACTION_TIMEOUT_MS = 20_000
 _MIGRATION_LOCK_KEY = 0x706F736D6F6E  # "posmon": serializes concurrent `db migrate`
 _ALERTS_LOCK_KEY = 0x706F736D616C  # serializes alert decisions of concurrent runs
 
@@ -94,7 +96,8 @@ def connect(url: str, *, application_name: str = "position-monitor") -> psycopg.
             autocommit=True,
             connect_timeout=CONNECT_TIMEOUT_SECONDS,
             application_name=application_name,
-            options=f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c lock_timeout={LOCK_TIMEOUT_MS}",
+            options=(f"-c statement_timeout={STATEMENT_TIMEOUT_MS} -c lock_timeout={LOCK_TIMEOUT_MS}"
+                     f" -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}"),
         )
     except psycopg.OperationalError as exc:
         detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else "connection failed"
@@ -331,10 +334,14 @@ class Database(OperationsMixin):
     def recently_closed_by_account(self, account_ids: Sequence[int], since: datetime) -> dict[int, list[PositionRow]]:
         """Rows closed since ``since`` (newest first), to guard against re-opening from a stale snapshot."""
         result: dict[int, list[PositionRow]] = {}
+        # "Closed since": by the close's fill time, or by when the close was written (a row closed late,
+        # after its fills lagged, is still fresh for a stale snapshot).
         cur = self._execute(
-            f"SELECT {_POSITION_COLUMNS} FROM positions WHERE account_id = ANY(%s) AND closed_at >= %s"
+            f"SELECT {_POSITION_COLUMNS} FROM positions p WHERE account_id = ANY(%s) AND closed_at IS NOT NULL"
+            " AND (closed_at >= %s OR EXISTS (SELECT 1 FROM position_events e WHERE e.position_id = p.id"
+            "      AND e.event = 'closed' AND e.created_at >= %s))"
             " ORDER BY closed_at DESC",
-            (list(account_ids), since),
+            (list(account_ids), since, since),
         )
         for row in cur:
             position = _row_to_position(row)
@@ -554,7 +561,7 @@ class Database(OperationsMixin):
     ) -> bool:
         cur = self._execute(
             "UPDATE positions SET size = %s, entry_price = %s, last_seen_at = %s,"
-            " realized_pnl = COALESCE(%s, realized_pnl), fees = COALESCE(%s, fees)"
+            " realized_pnl = COALESCE(%s, realized_pnl), fees = COALESCE(%s, fees), metadata = metadata - 'missing_since'"
             " WHERE id = %s AND closed_at IS NULL",
             (size, entry_price, now, realized_pnl, fees, position_id),
         )
@@ -574,7 +581,8 @@ class Database(OperationsMixin):
         if not position_ids:
             return 0
         cur = self._execute(
-            "UPDATE positions SET last_seen_at = %s WHERE id = ANY(%s) AND closed_at IS NULL",
+            "UPDATE positions SET last_seen_at = %s, metadata = metadata - 'missing_since'"
+            " WHERE id = ANY(%s) AND closed_at IS NULL",
             (now, list(position_ids)),
         )
         return cur.rowcount
@@ -621,13 +629,17 @@ class Database(OperationsMixin):
 
     # ---- closing on the exchange (exit rules) -------------------------------------------------
 
-    def claim_close(self, position_id: int, *, cloid: str, rule: str, now: datetime) -> bool:
-        """open -> closing, recording the attempt's cloid before anything is sent."""
+    def claim_close(self, position_id: int, *, cloid: str, rule: str, now: datetime, attempts: int) -> bool:
+        """open -> closing, recording the attempt's cloid before anything is sent.
+
+        ``attempts`` is the count the cloid was derived from: if another process claimed (and released)
+        in between, the count moved and this claim is refused rather than reuse a cloid.
+        """
         cur = self._execute(
             "UPDATE positions SET status = 'closing', close_cloid = %s, close_rule = %s, close_started_at = %s,"
             " close_attempts = close_attempts + 1"
-            " WHERE id = %s AND status = 'open' AND closed_at IS NULL",
-            (cloid, rule, now, position_id),
+            " WHERE id = %s AND status = 'open' AND closed_at IS NULL AND close_attempts = %s",
+            (cloid, rule, now, position_id, attempts),
         )
         if cur.rowcount == 1:
             self._event(position_id, "closing_claimed", "open", "closing", rule, {"cloid": cloid})

@@ -50,6 +50,10 @@ class ReadFailed(Exception):
         self.retry_after = retry_after
 
 
+class FillsTruncated(ReadFailed):
+    """The window holds more fills than the exchange keeps: the close may never be explained from fills."""
+
+
 def parse_clearinghouse_state(body: Any, address: str) -> AccountSnapshot:
     """Validate a clearinghouseState body and return the open positions it lists."""
     if not isinstance(body, dict):
@@ -86,7 +90,9 @@ def parse_mids(body: Any) -> dict[str, Decimal]:
     mids: dict[str, Decimal] = {}
     for coin, price in body.items():
         try:
-            mids[parse_coin(coin)] = parse_decimal(price, f"mid {coin}")
+            mid = parse_decimal(price, f"mid {coin}")
+            if mid > 0:  # a zero or negative mid would fire rules and price orders absurdly
+                mids[parse_coin(coin)] = mid
         except ExchangeDataError:
             continue  # one odd entry (spot names, an empty book) does not spoil the others
     return mids
@@ -199,7 +205,8 @@ class Exchange:
             if newest <= start:  # a full page within one millisecond: cannot page further safely
                 raise ReadFailed("userFillsByTime", "more fills in one millisecond than one page holds")
             start = newest  # inclusive: the boundary fills come back and are deduplicated
-        raise ReadFailed("userFillsByTime", f"more than {FILLS_MAX_PAGES * FILLS_PAGE_LIMIT} fills in the window")
+        raise FillsTruncated("userFillsByTime",
+                             f"more than {FILLS_MAX_PAGES * FILLS_PAGE_LIMIT} fills in the window (the exchange's history)")
 
     def read_meta(self) -> dict[str, Any]:
         body = self._post("meta", {"type": "meta", "dex": ""}, WEIGHT["meta"])
@@ -294,6 +301,7 @@ class OpenOrder:
     is_trigger: bool
     order_type: str | None
     cloid: str | None
+    timestamp_ms: int | None = None
 
 
 def parse_open_orders(body: Any) -> list[OpenOrder]:
@@ -323,9 +331,12 @@ def parse_open_orders(body: Any) -> list[OpenOrder]:
             children = []
         if not isinstance(children, list):
             raise ExchangeDataError("frontendOpenOrders: children is not a list")
+        placed = item.get("timestamp")
+        if placed is not None and (isinstance(placed, bool) or not isinstance(placed, int)):
+            raise ExchangeDataError("frontendOpenOrders: timestamp is not an integer")
         seen.setdefault(oid, OpenOrder(coin=parse_coin(item.get("coin")), oid=oid, reduce_only=flags["reduceOnly"],
                                        is_trigger=flags["isTrigger"], order_type=item.get("orderType"),
-                                       cloid=item.get("cloid")))
+                                       cloid=item.get("cloid"), timestamp_ms=placed))
         stack.extend(children)
     return sorted(seen.values(), key=lambda o: o.oid)
 

@@ -446,3 +446,39 @@ def close_figures(
         fill_count=count,
         last_fill_ms=last_ms,
     )
+
+
+def row_close_figures(
+    fills: Iterable[Fill],
+    *,
+    coin: str,
+    side: Literal["long", "short"],
+    opened_ms: int,
+    account: str,
+    lookback_ms: int = 1000,
+) -> CloseFigures:
+    """``close_figures`` for one database row opened (or first seen) at ``opened_ms``.
+
+    The window starts ``lookback_ms`` before the row's open: a second for clock differences, more for a
+    row adopted from a snapshot, which may describe a position that had already closed when the row was
+    written. A step in that lead-in that left the position off ``side`` (flat, or on the other side)
+    and was followed by a fill re-opening ``side`` ended an older position: its close belongs to the
+    older row, so the window starts after it (otherwise a position closed and re-opened moments apart
+    would hand its close, and its P&L, to the new row). A flat step that nothing re-opened is this
+    row's own close.
+    """
+    steps = _ordered_steps(f for f in fills if f.coin == coin)
+    horizon = opened_ms + lookback_ms
+    on_side = (lambda p: p > 0) if side == "long" else (lambda p: p < 0)
+    cut = 0
+    for index, step in enumerate(steps):
+        if step.legs[0].time_ms > opened_ms:
+            break
+        if step.wash or on_side(step.end):
+            continue
+        reopened = any(not later.wash and on_side(later.end) and not on_side(later.start)
+                       and later.legs[0].time_ms <= horizon for later in steps[index + 1:])
+        if reopened:
+            cut = index + 1
+    window = [leg for step in steps[cut:] for leg in step.legs]
+    return close_figures(window, coin=coin, side=side, since_ms=opened_ms - lookback_ms, account=account)

@@ -58,9 +58,15 @@ def parse_int(value: Any, what: str) -> int:
 
 
 def parse_coin(value: Any, what: str = "coin") -> str:
-    if not isinstance(value, str) or not value or len(value) > 64:
+    if not isinstance(value, str) or not value or len(value) > 64 or any(map(_unstorable, value)):
+        # Control characters (NUL above all) and lone surrogates cannot be stored as PostgreSQL text.
         raise ExchangeDataError(f"{what}: expected a coin name, got {value!r:.60}")
     return value
+
+
+def _unstorable(char: str) -> bool:
+    code = ord(char)
+    return code < 32 or 127 <= code < 160 or 0xD800 <= code <= 0xDFFF
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from decimal import Decimal
 from typing import Any, Sequence
 
 from monitor.clock import from_ms, to_ms
-from monitor.fills import close_figures
+from monitor.fills import row_close_figures
 from monitor.models import Account, AccountSnapshot, ExchangeDataError, ExchangePosition, Fill, PositionRow
 
 # Action types. The first four change the table; close_order asks the exchange to close; the
@@ -23,6 +23,7 @@ CLOSE = "close"
 CLOSE_ORDER = "close_order"
 SETTLE_CLOSE = "settle_close"
 TRACK_BEST = "track_best"
+MARK_MISSING = "mark_missing"  # the first run that finds a row's position gone without a closing fill
 WAIT = "wait"
 
 CLOSE_RULES = ("requested", "stop_loss", "take_profit", "trailing_stop", "max_hold")
@@ -82,6 +83,8 @@ class Action:
             return f"settle unfinished close {who}{row}"
         if self.type == TRACK_BEST:
             return f"trailing stop {who}{row} best price -> {self.price}"
+        if self.type == MARK_MISSING:
+            return f"mark {who}{row} missing from the exchange (no closing fill yet)"
         return f"wait {who}{row}: {self.reason}"
 
 
@@ -93,7 +96,7 @@ class AccountPlan:
 
     @property
     def changes(self) -> list[Action]:
-        return [a for a in self.actions if a.type in (DISCOVER, UPDATE, CLOSE, TRACK_BEST)]
+        return [a for a in self.actions if a.type in (DISCOVER, UPDATE, CLOSE, TRACK_BEST, MARK_MISSING)]
 
 
 def needs_fills(snapshot: AccountSnapshot, rows: Sequence[PositionRow], recently_closed: Sequence[PositionRow],
@@ -108,16 +111,16 @@ def needs_fills(snapshot: AccountSnapshot, rows: Sequence[PositionRow], recently
         position = snapshot.positions.get(row.coin)
         if position is None:
             if now - row.opened_at >= settings.close_grace or row.status == "closing":
-                starts.append(row.opened_at)
+                starts.append(row.opened_at - lookback(row, settings))
         elif position.side != row.side or position.size < row.size:
-            starts.append(row.opened_at)
+            starts.append(row.opened_at - lookback(row, settings))
     open_coins = {row.coin for row in rows}
     for row in recently_closed:
         if row.coin in snapshot.positions and row.coin not in open_coins and row.closed_at is not None:
             starts.append(row.closed_at)
     if not starts:
         return None
-    return to_ms(min(starts)) - 1000  # a second of slack for clock differences between us and the exchange
+    return to_ms(min(starts))
 
 
 def plan_account(
@@ -129,6 +132,7 @@ def plan_account(
     *,
     fills: Sequence[Fill] | None = None,
     fills_error: str | None = None,
+    fills_truncated: bool = False,
     recently_closed: Sequence[PositionRow] = (),
     mids: dict[str, Decimal] | None = None,
 ) -> AccountPlan:
@@ -140,11 +144,11 @@ def plan_account(
     for row in rows:
         position = snapshot.positions.get(row.coin)
         if position is None:
-            plan.actions.extend(_vanished(address, row, now, settings, fills, fills_error))
+            plan.actions.extend(_vanished(address, row, now, settings, fills, fills_error, fills_truncated))
         elif position.side != row.side:
-            plan.actions.extend(_flipped(address, row, position, now, fills, fills_error))
+            plan.actions.extend(_flipped(address, row, position, now, fills, fills_error, settings))
         else:
-            plan.actions.extend(_still_open(address, account, row, position, now, fills, mids, plan))
+            plan.actions.extend(_still_open(address, account, row, position, now, fills, mids, plan, settings))
 
     recent_by_coin: dict[str, PositionRow] = {}
     for row in recently_closed:
@@ -167,11 +171,17 @@ def plan_account(
     return plan
 
 
-def _figures(fills: Sequence[Fill], row: PositionRow, address: str) -> Any:
-    """close_figures over the row's window, or None when the fills do not chain (some are missing)."""
+def lookback(row: PositionRow, settings: PlanSettings) -> timedelta:
+    """How far before its open a row's fills window starts: a second of clock slack, or for a row adopted
+    from a snapshot the stale-read window, since that snapshot may have shown a position already closed."""
+    return settings.reopen_guard if row.source == "discovered" else timedelta(seconds=1)
+
+
+def _figures(fills: Sequence[Fill], row: PositionRow, address: str, settings: PlanSettings) -> Any:
+    """The row's close figures from its own window of fills, or None when they do not chain (some missing)."""
     try:
-        return close_figures(fills, coin=row.coin, side=row.side, since_ms=to_ms(row.opened_at) - 1000,
-                             account=address)
+        return row_close_figures(fills, coin=row.coin, side=row.side, opened_ms=to_ms(row.opened_at),
+                                 account=address, lookback_ms=int(lookback(row, settings).total_seconds() * 1000))
     except ExchangeDataError:
         return None
 
@@ -188,12 +198,12 @@ def _reopened_after(fills: Sequence[Fill] | None, coin: str, side: str, closed_m
 
 
 def _explain(address: str, row: PositionRow, fills: Sequence[Fill] | None, fills_error: str | None,
-             what: str) -> Any:
+             what: str, settings: PlanSettings) -> Any:
     """The row's close figures from fills, or a WAIT action saying why they cannot be had yet."""
     if fills is None:
         return Action(WAIT, address, row.coin, position_id=row.id,
                       reason=f"{what}; fills unreadable ({fills_error or 'not read'}), retry next run")
-    figures = _figures(fills, row, address)
+    figures = _figures(fills, row, address, settings)
     if figures is None:
         return Action(WAIT, address, row.coin, position_id=row.id,
                       reason=f"{what}; its fills do not add up (some missing), retry next run")
@@ -201,31 +211,48 @@ def _explain(address: str, row: PositionRow, fills: Sequence[Fill] | None, fills
 
 
 def _vanished(address: str, row: PositionRow, now: datetime, settings: PlanSettings,
-              fills: Sequence[Fill] | None, fills_error: str | None) -> list[Action]:
+              fills: Sequence[Fill] | None, fills_error: str | None, fills_truncated: bool = False) -> list[Action]:
     if row.status != "closing" and now - row.opened_at < settings.close_grace:
         return [Action(WAIT, address, row.coin, position_id=row.id,
                        reason="not on the exchange yet, but opened moments ago (grace period)")]
-    figures = _explain(address, row, fills, fills_error, "gone from the exchange")
-    if isinstance(figures, Action):
-        return [figures]
-    if figures.flat:
-        if figures.liquidated:
-            reason = "liquidation"
-        elif row.status == "closing" and row.close_cloid and _closed_by_cloid(fills or (), row):
-            reason = _rule_of(row)
-        else:
-            reason = "external"
-        return [Action(CLOSE, address, row.coin, position_id=row.id, side=row.side, size=row.size,
-                       reason=reason, exit_price=figures.exit_price, realized_pnl=figures.realized_pnl,
-                       fees=figures.fees, closed_at=from_ms(figures.closed_at_ms) if figures.closed_at_ms else now,
-                       metadata={"fills": figures.fill_count})]
-    last_seen = row.last_seen_at or row.opened_at
-    if now - last_seen >= settings.unexplained_close_after:
+    if not fills_truncated:
+        figures = _explain(address, row, fills, fills_error, "gone from the exchange", settings)
+        if isinstance(figures, Action):
+            return [figures]
+        if figures.flat:
+            if figures.liquidated:
+                reason = "liquidation"
+            elif row.status == "closing" and row.close_cloid and _closed_by_cloid(fills or (), row):
+                reason = _rule_of(row)
+            else:
+                reason = "external"
+            return [Action(CLOSE, address, row.coin, position_id=row.id, side=row.side, size=row.size,
+                           reason=reason, exit_price=figures.exit_price, realized_pnl=figures.realized_pnl,
+                           fees=figures.fees,
+                           closed_at=from_ms(figures.closed_at_ms) if figures.closed_at_ms else now,
+                           metadata={"fills": figures.fill_count})]
+    # Gone, and no fill explains it (yet). Close without figures only after it has been seen missing
+    # for the whole window, counted from the first run that saw it missing (not from the last
+    # sighting: an outage or failed reads must not shorten the wait).
+    missing_since = _missing_since(row)
+    if missing_since is None:
+        return [Action(MARK_MISSING, address, row.coin, position_id=row.id, closed_at=now,
+                       reason="gone from the exchange but no fill shows the close yet; confirming in later runs")]
+    if now - missing_since >= settings.unexplained_close_after:
+        extra = {"fills_truncated": True} if fills_truncated else {}
         return [Action(CLOSE, address, row.coin, position_id=row.id, side=row.side, size=row.size,
                        reason="external", exit_price=None, realized_pnl=None, fees=None, closed_at=now,
-                       metadata={"unexplained": True, "absent_since": last_seen.isoformat()})]
+                       metadata={"unexplained": True, "missing_since": missing_since.isoformat(), **extra})]
     return [Action(WAIT, address, row.coin, position_id=row.id,
-                   reason="gone from the exchange but no fill shows the close yet; confirming next run")]
+                   reason=f"gone from the exchange since {missing_since:%H:%M:%S} but no fill shows the close yet")]
+
+
+def _missing_since(row: PositionRow) -> datetime | None:
+    text = row.metadata.get("missing_since")
+    try:
+        return datetime.fromisoformat(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
 
 
 def _rule_of(row: PositionRow) -> str:
@@ -237,10 +264,13 @@ def _closed_by_cloid(fills: Sequence[Fill], row: PositionRow) -> bool:
 
 
 def _flipped(address: str, row: PositionRow, position: ExchangePosition, now: datetime,
-             fills: Sequence[Fill] | None, fills_error: str | None) -> list[Action]:
-    figures = _explain(address, row, fills, fills_error, "flipped on the exchange")
+             fills: Sequence[Fill] | None, fills_error: str | None, settings: PlanSettings) -> list[Action]:
+    figures = _explain(address, row, fills, fills_error, "flipped on the exchange", settings)
     if isinstance(figures, Action):
         return [figures]
+    if not figures.flat:  # a stale snapshot, or fills that lag: never close without the closing fill
+        return [Action(WAIT, address, row.coin, position_id=row.id,
+                       reason="on the other side on the exchange, but no fill shows this side closing yet")]
     closed_at = from_ms(figures.closed_at_ms) if figures.closed_at_ms else now
     reason = "liquidation" if figures.liquidated else "flipped"
     return [
@@ -253,12 +283,13 @@ def _flipped(address: str, row: PositionRow, position: ExchangePosition, now: da
 
 
 def _still_open(address: str, account: Account, row: PositionRow, position: ExchangePosition, now: datetime,
-                fills: Sequence[Fill] | None, mids: dict[str, Decimal] | None, plan: AccountPlan) -> list[Action]:
+                fills: Sequence[Fill] | None, mids: dict[str, Decimal] | None, plan: AccountPlan,
+                settings: PlanSettings) -> list[Action]:
     actions: list[Action] = []
     if position.size != row.size or position.entry_price != row.entry_price:
         realized = fees = None
         if position.size < row.size and fills is not None:
-            partial = _figures(fills, row, address)
+            partial = _figures(fills, row, address, settings)
             if partial is not None:
                 realized, fees = partial.realized_pnl, partial.fees
         actions.append(Action(UPDATE, address, row.coin, position_id=row.id, side=row.side, size=position.size,

@@ -18,7 +18,7 @@ from datetime import timedelta
 from typing import Any, Callable, Sequence
 
 from monitor import planner
-from monitor.clock import Clock
+from monitor.clock import Clock, to_ms
 from monitor.config import Settings
 from monitor.database import Database, connect, embedded_database_url
 from monitor.errors import (
@@ -30,7 +30,7 @@ from monitor.errors import (
     UsageError,
 )
 from monitor.closing import CloseContext, Closer
-from monitor.exchange import BudgetExhausted, Exchange, ReadFailed, RequestCounter, WeightBudget
+from monitor.exchange import BudgetExhausted, Exchange, FillsTruncated, ReadFailed, RequestCounter, WeightBudget
 from monitor.lock import LocalRunLock, PostgresRunLock, RunLock, process_start_time
 from monitor.models import Account, AccountSnapshot, PositionRow
 from monitor.planner import AccountPlan, Action, PlanSettings
@@ -174,6 +174,7 @@ class Run:
         self.db: Database | None = None
         self.started = self.clock.monotonic()
         self.ok_ids: list[int] = []
+        self.crashed: int | None = None
         self.failed_ids: dict[int, str] = {}
         self.progress: Callable[[int, int], None] | None = None
         self.on_locked: Callable[[], object] | None = None  # e.g. the dead-man's-switch "start" ping
@@ -206,6 +207,11 @@ class Run:
         except Fenced as exc:
             self.report.fenced = True
             self.report.notes.append(exc.message)
+        except BaseException as exc:
+            # Recorded in the run history as what it is, never as a success.
+            self.crashed = getattr(exc, "exit_code", 70)
+            self.report.notes.append(f"run stopped: {getattr(exc, 'message', type(exc).__name__)}")
+            raise
         finally:
             self.report.duration_seconds = self.clock.monotonic() - self.started
             self._close_database()
@@ -236,8 +242,11 @@ class Run:
             summary = "; ".join(f"{f['account']}: {f['reason']}" for f in report.failures[:3]) or None
             if report.fenced:
                 summary = "; ".join(report.notes[-1:])
+            exit_code = report.exit_code if self.crashed is None else self.crashed
+            if self.crashed is not None:
+                summary = "; ".join(report.notes[-1:])
             db.finish_run(run_id=report.run_id, counts=counts, accounts_failed=report.accounts_failed,
-                          exit_code=report.exit_code, error_summary=summary)
+                          exit_code=exit_code, error_summary=summary)
             if not self.dry_run:
                 db.record_account_health(self.ok_ids, self.failed_ids)
         except DatabaseUnavailable:
@@ -344,7 +353,7 @@ class Run:
             db=self.db, epoch=self.epoch, exchange=exchange, clock=self.clock, secret_key=self.settings.secret_key,
             dry_run=self.dry_run, slippage=self.settings.close_slippage, max_failures=self.settings.max_close_failures,
             seconds_left=lambda: self.settings.deadline_seconds - (self.clock.monotonic() - self.started),
-            mids=mids, report=self.report))
+            mids=mids, report=self.report, lock_lost=self.lock.compromised.is_set))
         seen_ids: list[int] = []
         deferred: list[str] = []
         for result in results:
@@ -368,12 +377,19 @@ class Run:
                 break
             if self.dry_run:
                 self._count_planned(plan)
-                closed_coins = [a.coin for a in plan.actions if a.type == planner.CLOSE]
+                closed = [a for a in plan.actions if a.type == planner.CLOSE]
             elif plan.changes:
-                closed_coins = self._apply(plan)
+                closed = self._apply(plan)
             else:
-                closed_coins = []  # nothing to write: no transaction at all
+                closed = []  # nothing to write: no transaction at all
+            # Orders left by a closed position: not for a coin that flipped (its new position's orders
+            # stay), and only orders placed before the close (see Closer._cancel_orphans).
+            reopened = {a.coin for a in plan.actions if a.type == planner.DISCOVER}
+            closed_coins = {a.coin: to_ms(a.closed_at) if a.closed_at else None
+                            for a in closed if a.coin not in reopened}
             orders = [a for a in plan.actions if a.type in (planner.CLOSE_ORDER, planner.SETTLE_CLOSE)]
+            if not (self.dry_run or self.settings.secret_key):
+                closed_coins = {}  # no key: nothing could cancel orphaned orders, so do not read them
             if orders or closed_coins:
                 try:
                     closer.handle(account, orders, closed_coins, open_orders=result.open_orders)
@@ -428,10 +444,13 @@ class Run:
                     return AccountResult(account, failure=f"confirming an empty account: {exc}")
             fills = None
             fills_error = None
+            truncated = False
             since = planner.needs_fills(snapshot, rows, recent, now, settings)
             if since is not None:
                 try:
                     fills = exchange.read_fills(account.address, since)
+                except FillsTruncated as exc:
+                    truncated, fills_error = True, str(exc)
                 except ReadFailed as exc:
                     fills_error = str(exc)
         except ReadFailed as exc:
@@ -439,15 +458,17 @@ class Run:
         except BudgetExhausted:
             return AccountResult(account, deferred="budget")
         plan = planner.plan_account(account, snapshot, rows, now, settings, fills=fills, fills_error=fills_error,
-                                    recently_closed=recent, mids=mids)
+                                    fills_truncated=truncated, recently_closed=recent, mids=mids)
         open_orders = None
-        if any(a.type == planner.CLOSE for a in plan.actions):
+        can_act = self.dry_run or self.settings.secret_key is not None  # list them, or cancel them
+        if can_act and any(a.type == planner.CLOSE for a in plan.actions):
             # Orders a closed position may leave behind, read here in parallel rather than one by one later.
             try:
                 open_orders = exchange.read_open_orders(account.address)
             except (ReadFailed, BudgetExhausted):
                 open_orders = None  # the closer reads them itself, or notes it could not
-        return AccountResult(account, plan=plan, failure=fills_error, open_orders=open_orders)
+        # A history longer than the exchange keeps is not a failure of this run: it will not get better.
+        return AccountResult(account, plan=plan, failure=None if truncated else fills_error, open_orders=open_orders)
 
     def _read_positions(self, exchange: Exchange, address: str) -> Any:
         """clearinghouseState, retried on 429 with backoff while the deadline allows."""
@@ -475,8 +496,8 @@ class Run:
         elif kind == planner.CLOSE:
             self.report.closed += 1
 
-    def _apply(self, plan: AccountPlan) -> list[str]:
-        """Apply one account's plan in one fenced transaction; returns the coins whose rows it closed."""
+    def _apply(self, plan: AccountPlan) -> list[Action]:
+        """Apply one account's plan in one fenced transaction; returns the close actions it applied."""
         assert self.db is not None
         db = self.db
         applied: list[Action] = []
@@ -491,14 +512,15 @@ class Run:
             raise
         except Exception as exc:  # noqa: BLE001 - one account's fault must not abort the others
             log.exception("account %s: applying the plan failed", plan.account.address)
-            self._fail(plan.account, f"database write failed: {type(exc).__name__}: {str(exc)[:120]}")
-            self.report.accounts_ok -= 1
             if plan.account.id in self.ok_ids:
                 self.ok_ids.remove(plan.account.id)
+                self.report.accounts_ok -= 1
+            if plan.account.id not in self.failed_ids:
+                self._fail(plan.account, f"database write failed: {type(exc).__name__}: {str(exc)[:120]}")
             return []
         for action in applied:
             self._count(action.type)
-        return [a.coin for a in applied if a.type == planner.CLOSE]
+        return [a for a in applied if a.type == planner.CLOSE]
 
 
 @dataclass
@@ -531,4 +553,6 @@ def apply_action(db: Database, account: Account, action: Action, now: Any) -> bo
                                  metadata=action.metadata)
     if action.type == planner.TRACK_BEST:
         return db.set_best_price(action.position_id, action.price)
+    if action.type == planner.MARK_MISSING:
+        return db.merge_metadata(action.position_id, {"missing_since": (action.closed_at or now).isoformat()})
     return False

@@ -131,18 +131,9 @@ def test_checker_catches_a_close_order_on_the_wrong_account(chaos_round):
 
 
 # --------------------------------------------------------------------------------------------------
-# What the chaos runner found
+# What the chaos runner found (fixed; kept as regression tests)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: monitor/planner.py discovers a row from whatever snapshot it reads, with opened_at = now "
-    "(plan_account -> DISCOVER opened_at=now). When that snapshot is stale (it still lists a position that "
-    "has since been closed), the row is a phantom: the close fill is older than the row's opened_at - 1 s, so "
-    "needs_fills/_vanished never see it ('gone from the exchange but no fill shows the close yet') and the row "
-    "stays open until the 15-minute unexplained-close fallback, which then writes no exit price or P&L. "
-    "Fix: take a discovered row's opened_at from the fill that opened the position (read fills for new "
-    "coins, or at least look back before opened_at when a discovered row vanishes), or confirm a discovery "
-    "with a second read like an empty account"))
 def test_a_position_closed_behind_a_stale_snapshot_is_not_left_open(env, sim, db):
     result = cli(env, "accounts", "add", ALICE)
     assert result.returncode == 0, result.stderr
@@ -161,12 +152,6 @@ def test_a_position_closed_behind_a_stale_snapshot_is_not_left_open(env, sim, db
     assert rows["ETH"]["exit_price"] == 1950
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: monitor/planner.py _flipped closes the row whenever the snapshot shows the other side, even when "
-    "the fills it read do not show the flip yet (figures.flat is False: stale or lagging fills): the row is "
-    "closed for good with closed_at = now, no exit price and a realized P&L that misses the flip, and the new "
-    "row's opened_at is now. _vanished waits in the same case ('no fill shows the close yet'). Fix: in "
-    "_flipped, return a WAIT unless figures.flat, as _vanished does"))
 def test_a_flip_is_closed_with_the_flip_fills_figures_even_when_fills_lag(env, sim, db):
     result = cli(env, "accounts", "add", ALICE)
     assert result.returncode == 0, result.stderr

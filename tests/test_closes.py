@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime, timezone
 from decimal import Decimal
 
 import psycopg
@@ -151,8 +152,8 @@ def test_claiming_a_close_is_won_by_exactly_one_of_ten_connections(database_url,
         other = Database.open(database_url)
         try:
             barrier.wait()
-            wins.append(other.claim_close(position_id, cloid=f"0x{n:032x}", rule="requested",
-                                          now=__import__("datetime").datetime.now(__import__("datetime").timezone.utc)))
+            wins.append(other.claim_close(position_id, cloid=f"0x{n:032x}", rule="requested", attempts=0,
+                                          now=datetime.now(timezone.utc)))
         finally:
             other.close()
 

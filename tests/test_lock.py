@@ -286,9 +286,11 @@ def _random_contention(env, sim, database_url, rounds, seed):
     assert cli(env, "accounts", "add", ALICE).returncode == 0
     env = dict(env, MONITOR_LOCK_STALE_AFTER="2", MONITOR_HTTP_TIMEOUT="2")
     sim.set_latency(150)
+    sizes = {coin: 1 for coin in coins}
     for _ in range(rounds):
         coin = rng.choice(coins)
-        sim.resize(ALICE, coin, str(rng.randint(1, 50)), str(rng.randint(90, 110)))
+        sizes[coin] = rng.choice([n for n in range(1, 51) if n != sizes[coin]])
+        sim.resize(ALICE, coin, str(sizes[coin]), str(rng.randint(90, 110)))
         _contend(env, database_url, rng, rng.randint(2, 10))
     assert _epochs_have_one_writer(database_url) == []
     with psycopg.connect(database_url) as conn:
@@ -296,7 +298,7 @@ def _random_contention(env, sim, database_url, rounds, seed):
 
 
 def test_random_start_kill_stop_never_two_writers_in_one_epoch_short(env, sim, database_url):
-    _random_contention(env, sim, database_url, rounds=6, seed=7)
+    _random_contention(env, sim, database_url, rounds=15, seed=7)
 
 
 @pytest.mark.slow

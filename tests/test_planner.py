@@ -77,13 +77,53 @@ def test_liquidation_of_this_account_is_the_reason():
     assert plan.actions[0].reason == "liquidation"
 
 
-def test_fills_that_do_not_explain_the_close_wait_then_close_unexplained_after_the_window():
-    plan = plan_account(ACCOUNT, snapshot(), [row(last_seen_at=NOW - timedelta(minutes=2))], NOW, SETTINGS, fills=[])
-    assert types(plan) == ["wait"]
-    stale = row(last_seen_at=NOW - SETTINGS.unexplained_close_after - timedelta(seconds=1))
+def test_fills_that_do_not_explain_the_close_mark_wait_then_close_unexplained_after_the_window():
+    plan = plan_account(ACCOUNT, snapshot(), [row(last_seen_at=NOW - timedelta(hours=2))], NOW, SETTINGS, fills=[])
+    assert types(plan) == ["mark_missing"]  # even long after the last sighting: the wait starts now
+    marked = row(metadata={"missing_since": (NOW - timedelta(minutes=2)).isoformat()})
+    assert types(plan_account(ACCOUNT, snapshot(), [marked], NOW, SETTINGS, fills=[])) == ["wait"]
+    stale = row(metadata={"missing_since": (NOW - SETTINGS.unexplained_close_after - timedelta(seconds=1)).isoformat()})
     plan = plan_account(ACCOUNT, snapshot(), [stale], NOW, SETTINGS, fills=[])
     close, = plan.actions
     assert close.type == "close" and close.exit_price is None and close.metadata["unexplained"] is True
+
+
+def test_a_history_longer_than_the_exchange_keeps_still_reaches_the_unexplained_close():
+    stale = row(metadata={"missing_since": (NOW - SETTINGS.unexplained_close_after - timedelta(seconds=1)).isoformat()})
+    plan = plan_account(ACCOUNT, snapshot(), [stale], NOW, SETTINGS, fills=None, fills_error="more than 10000 fills",
+                        fills_truncated=True)
+    close, = plan.actions
+    assert close.type == "close" and close.metadata["fills_truncated"] is True
+
+
+def test_a_row_opened_right_after_an_older_close_does_not_inherit_that_close():
+    opened = NOW - timedelta(minutes=10)
+    old_close = fill("BTC", "A", "1", "110", "1", pnl="50", at=opened - timedelta(milliseconds=600))
+    reopen = fill("BTC", "B", "1", "111", "0", at=opened - timedelta(milliseconds=100), direction="Open Long")
+    plan = plan_account(ACCOUNT, snapshot(), [row(opened=opened)], NOW, SETTINGS, fills=[old_close, reopen])
+    assert types(plan) == ["mark_missing"]  # the old close is not this row's; this row's close is not seen yet
+    new_close = fill("BTC", "A", "1", "120", "1", pnl="9", at=NOW - timedelta(minutes=1))
+    plan = plan_account(ACCOUNT, snapshot(), [row(opened=opened)], NOW, SETTINGS,
+                        fills=[old_close, reopen, new_close])
+    close, = plan.actions
+    assert close.type == "close" and close.exit_price == D("120") and close.realized_pnl == D("9")
+
+
+def test_a_row_discovered_from_a_stale_snapshot_is_closed_by_the_fill_before_it():
+    discovered = NOW - timedelta(minutes=1)
+    opened = fill("ETH", "B", "2", "1900", "0", at=discovered - timedelta(seconds=3), direction="Open Long")
+    closed = fill("ETH", "A", "2", "1950", "2", pnl="100", at=discovered - timedelta(seconds=1.5))
+    phantom = row("ETH", size="2", entry="1900", opened=discovered, source="discovered")
+    plan = plan_account(ACCOUNT, snapshot(), [phantom], NOW, SETTINGS, fills=[opened, closed])
+    close, = plan.actions
+    assert close.type == "close" and close.exit_price == D("1950") and close.realized_pnl == D("100")
+    since = needs_fills(snapshot(), [phantom], [], NOW, SETTINGS)
+    assert since <= to_ms(discovered - SETTINGS.reopen_guard)  # the window reaches back over stale reads
+
+
+def test_a_flip_without_a_closing_fill_waits():
+    plan = plan_account(ACCOUNT, snapshot(pos("BTC", "short")), [row()], NOW, SETTINGS, fills=[])
+    assert types(plan) == ["wait"]
 
 
 def test_a_flip_closes_the_old_row_and_discovers_the_new_side():

@@ -151,7 +151,7 @@ def test_an_empty_answer_is_confirmed_before_anything_is_closed(env, sim, db):
     sim.add_fault("empty", user=ALICE, count=None)  # empty every time, but no fill closed it
     report = run_json(env)
     assert report["closed"] == 0 and len(open_rows(db)) == 1
-    assert any(a["type"] == "wait" for a in report["actions"])
+    assert any(a["type"] == "mark_missing" for a in report["actions"])  # the unexplained wait starts
 
 
 def test_dry_run_writes_nothing_and_sends_nothing(env, sim, db, database_url):
