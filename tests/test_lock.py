@@ -255,19 +255,22 @@ def test_a_run_past_its_deadline_defers_work_and_says_so(env, sim):
     assert any("deadline" in note for note in report["notes"])
 
 
-def _contend(env, database_url, rng, contenders):
+def _contend(env, database_url, rng, contenders, tally):
     procs = [start(env) for _ in range(contenders)]
     time.sleep(rng.uniform(0, 0.6))
     for proc in procs:
         roll = rng.random()
         if roll < 0.2:
             proc.send_signal(signal.SIGKILL)
+            tally["SIGKILL"] = tally.get("SIGKILL", 0) + 1
         elif roll < 0.35:
             proc.send_signal(signal.SIGSTOP)
             time.sleep(rng.uniform(0, 0.3))
             proc.send_signal(signal.SIGCONT)
+            tally["SIGSTOP"] = tally.get("SIGSTOP", 0) + 1
     for proc in procs:
-        proc.wait(timeout=120)
+        code = proc.wait(timeout=120)
+        tally[f"exit {code}"] = tally.get(f"exit {code}", 0) + 1
         proc.stdout.close()
         proc.stderr.close()
 
@@ -287,14 +290,22 @@ def _random_contention(env, sim, database_url, rounds, seed):
     env = dict(env, MONITOR_LOCK_STALE_AFTER="2", MONITOR_HTTP_TIMEOUT="2")
     sim.set_latency(150)
     sizes = {coin: 1 for coin in coins}
+    tally: dict[str, int] = {}
     for _ in range(rounds):
         coin = rng.choice(coins)
         sizes[coin] = rng.choice([n for n in range(1, 51) if n != sizes[coin]])
         sim.resize(ALICE, coin, str(sizes[coin]), str(rng.randint(90, 110)))
-        _contend(env, database_url, rng, rng.randint(2, 10))
+        contenders = rng.randint(2, 10)
+        tally["processes"] = tally.get("processes", 0) + contenders
+        _contend(env, database_url, rng, contenders, tally)
     assert _epochs_have_one_writer(database_url) == []
     with psycopg.connect(database_url) as conn:
-        assert conn.execute("SELECT count(*) FROM position_events").fetchone()[0] > 0
+        events, epochs = conn.execute("SELECT count(*), count(DISTINCT epoch) FROM position_events").fetchone()
+        runs_per_epoch = conn.execute("SELECT max(n) FROM (SELECT count(*) AS n FROM monitor_runs"
+                                      " GROUP BY epoch) t").fetchone()[0]
+    assert events > 0 and runs_per_epoch == 1  # not even a run that wrote nothing shares an epoch
+    print(f"\n{rounds} rounds: {sorted(tally.items())}; {events} audit rows written in {epochs} epochs,"
+          f" 0 epochs with two writers")
 
 
 def test_random_start_kill_stop_never_two_writers_in_one_epoch_short(env, sim, database_url):
