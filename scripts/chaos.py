@@ -75,6 +75,8 @@ COINS = {"BTC": Decimal("0.01"), "ETH": Decimal("0.1"), "SOL": Decimal("1"), "DO
 FAULT_KINDS = ("429", "500", "hang", "malformed", "error_body", "missing_field", "empty", "stale", "drop_response")
 INFO_TYPES = ("clearinghouseState", "userFillsByTime", "allMids", "frontendOpenOrders", "meta", "orderStatus")
 EXIT_OK_CODES = {0, 1, 69, 75}
+KNOWN_FLIP = ("known bug (tests/test_chaos.py::test_a_flip_is_closed_with_the_flip_fills_figures_even_when_fills_"
+              "lag): a flip closed before its fills showed it")
 KNOWN_PHANTOM = ("known bug (tests/test_chaos.py::test_a_position_closed_behind_a_stale_snapshot_is_not_"
                  "left_open): row discovered from a stale snapshot after its position had closed")
 
@@ -529,7 +531,7 @@ class Round:
                     if "took the lock over" in note or "took the lease over" in note:
                         self.stats.outcomes["takeovers"] += 1
                 if p.report.get("close_orders_sent"):
-                    self.stats.outcomes["close orders sent"] += p.report["close_orders_sent"]
+                    self.stats.outcomes["close orders sent by chaos runs"] += p.report["close_orders_sent"]
                 if p.code == 75:
                     self.stats.outcomes["fenced after starting"] += 1
             elif p.code == 75:
@@ -684,7 +686,7 @@ class Round:
         for row_id, n in filled_by_row.items():
             if n > 1:
                 self.violation(f"(iv) row #{row_id} has {n} filled close orders")
-        self.stats.outcomes["filled close orders"] += sum(filled_by_row.values())
+        self.stats.outcomes["filled close orders (all runs)"] += sum(filled_by_row.values())
         self._check_figures(rows, fills)
         closed_events = Counter(e[1] for e in events if e[4] == "closed")
         for r in rows:
@@ -739,8 +741,11 @@ class Round:
             got = tuple(figures_of[row_id][:3])
             want = (expected.exit_price, expected.realized_pnl, expected.fees)
             if got != want:
+                # closed_at is "now", not the flip fill's time: the monitor closed it without seeing the flip
+                known = r[8] == "flipped" and expected.flat and ms(closed_at) != expected.closed_at_ms
                 self.violation(f"(iv) P&L of row #{row_id} {address} {coin} {side} ({r[8]}): written "
-                               f"exit/pnl/fees {got}, the complete fills give {want}")
+                               f"exit/pnl/fees {got}, the complete fills give {want}"
+                               + (f" [{KNOWN_FLIP}]" if known else ""), known)
 
     @staticmethod
     def _went_flat(fills: list[dict[str, Any]], coin: str, side: str, since_ms: int, until_ms: int) -> bool:
