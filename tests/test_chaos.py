@@ -37,7 +37,7 @@ def load_chaos() -> Any:
 def test_a_short_chaos_run_keeps_every_invariant(pg_server_url):
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, str(CHAOS), "--rounds", "6", "--seed", "20261121", "--allow-known",
+        [sys.executable, str(CHAOS), "--rounds", "6", "--seed", "20261121",
          "--database-url", pg_server_url, "--time-limit", "45"],
         capture_output=True, text=True, timeout=240, cwd=ROOT)
     elapsed = time.monotonic() - started
