@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Callable, Sequence
 
+import psycopg
+
 from monitor import planner
 from monitor.clock import Clock, to_ms
 from monitor.config import Settings
@@ -173,8 +175,9 @@ class Run:
         self.report = RunReport(run_id=self.lock.run_id, dry_run=dry_run)
         self.db: Database | None = None
         self.started = self.clock.monotonic()
+        self.epoch: int | None = None
         self.ok_ids: list[int] = []
-        self.crashed: int | None = None
+        self.crashed: int | None = None  # the exit code of a run stopped by an exception
         self.failed_ids: dict[int, str] = {}
         self.progress: Callable[[int, int], None] | None = None
         self.on_locked: Callable[[], object] | None = None  # e.g. the dead-man's-switch "start" ping
@@ -233,24 +236,25 @@ class Run:
     def _record(self) -> None:
         """Run history and per-account read health, before the connection closes."""
         db, report = self.db, self.report
-        if db is None or getattr(self, "epoch", None) is None:
+        if db is None or self.epoch is None:
             return
-        try:
-            counts = {"discovered": report.discovered, "updated": report.updated, "closed": report.closed,
-                      "conflicts": report.conflicts, "close_orders_sent": report.close_orders_sent,
-                      "would_close": report.would_close, "deferred": report.accounts_deferred}
+        counts = {"discovered": report.discovered, "updated": report.updated, "closed": report.closed,
+                  "conflicts": report.conflicts, "close_orders_sent": report.close_orders_sent,
+                  "would_close": report.would_close, "deferred": report.accounts_deferred,
+                  "api_weight": report.api_weight}
+        if self.crashed is not None or report.fenced:
+            summary = report.notes[-1] if report.notes else None
+        else:
             summary = "; ".join(f"{f['account']}: {f['reason']}" for f in report.failures[:3]) or None
-            if report.fenced:
-                summary = "; ".join(report.notes[-1:])
-            exit_code = report.exit_code if self.crashed is None else self.crashed
-            if self.crashed is not None:
-                summary = "; ".join(report.notes[-1:])
+        try:
             db.finish_run(run_id=report.run_id, counts=counts, accounts_failed=report.accounts_failed,
-                          exit_code=exit_code, error_summary=summary)
+                          exit_code=report.exit_code if self.crashed is None else self.crashed,
+                          error_summary=summary)
             if not self.dry_run:
                 db.record_account_health(self.ok_ids, self.failed_ids)
-        except DatabaseUnavailable:
-            log.warning("could not record the run's history: database unavailable")
+        except (DatabaseUnavailable, psycopg.Error) as exc:
+            # History is worth keeping but never worth failing a run that did its work.
+            log.warning("could not record the run's history: %s", getattr(exc, "message", type(exc).__name__))
 
     def _close_database(self) -> None:
         if self.db is not None:
