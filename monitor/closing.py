@@ -24,7 +24,7 @@ from monitor.database import Database
 from monitor.exchange import Exchange, OpenOrder, ReadFailed, Trader, close_cloid
 from monitor.fills import row_close_figures
 from monitor.models import Account, ExchangeDataError
-from monitor.planner import Action
+from monitor.planner import Action, PlanSettings, lookback
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class CloseContext:
     mids: dict[str, Decimal]
     report: Any
     lock_lost: Callable[[], bool] = lambda: False
+    plan_settings: PlanSettings = PlanSettings()
     meta: dict[str, Any] | None = None
 
 
@@ -179,14 +180,14 @@ class Closer:
                                          price=outcome.average_price, metadata={"outcome": outcome.kind,
                                                                                 "cloid": cloid}))
         if outcome.kind == "filled":
-            self._close_from_fills(account, row.id, action.coin, row.side, row.opened_at, action.reason)
+            self._close_from_fills(account, row, action.reason)
         elif outcome.kind == "partial":
             with ctx.db.fenced(ctx.epoch):
                 ctx.db.release_close(row.id, cloid=cloid, event="close_partial",
                                      error=f"partially filled: {outcome.filled_size} of {action.size}")
         elif outcome.kind == "no_position":
             # Already flat: the next run explains the close from fills (idempotent success).
-            self._close_from_fills(account, row.id, action.coin, row.side, row.opened_at, "external")
+            self._close_from_fills(account, row, "external")
         elif outcome.kind == "rejected":
             with ctx.db.fenced(ctx.epoch):
                 ctx.db.release_close(row.id, cloid=cloid, event="close_failed", error=outcome.error)
@@ -208,17 +209,19 @@ class Closer:
         self.ctx.report.conflicts += 1
         self._note(f"#{action.position_id} {action.coin}: already closing or closed by another process")
 
-    def _close_from_fills(self, account: Account, position_id: int, coin: str, side: str, opened_at: Any,
-                          reason: str | None, lookback_ms: int = 1000) -> None:
+    def _close_from_fills(self, account: Account, row: Any, reason: str | None) -> None:
+        """Close ``row`` from its fills (the same window the planner uses), or leave it for the next run."""
         ctx = self.ctx
+        position_id, coin = row.id, row.coin
+        lookback_ms = int(lookback(row, ctx.plan_settings).total_seconds() * 1000)
         try:
-            fills = ctx.exchange.read_fills(account.address, to_ms(opened_at) - lookback_ms)
+            fills = ctx.exchange.read_fills(account.address, to_ms(row.opened_at) - lookback_ms)
         except ReadFailed as exc:
             self._note(f"#{position_id} {coin}: closed on the exchange; fills unreadable ({exc.reason}),"
                        " the row is settled next run")
             return
         try:
-            figures = row_close_figures(fills, coin=coin, side=side, opened_ms=to_ms(opened_at),
+            figures = row_close_figures(fills, coin=coin, side=row.side, opened_ms=to_ms(row.opened_at),
                                         account=account.address, lookback_ms=lookback_ms)
         except ExchangeDataError:
             return  # fills do not chain yet; the next run settles the row
@@ -251,7 +254,7 @@ class Closer:
             return
         if status == "filled":
             # It executed; the snapshot may lag. Explain the close from fills, else wait for them.
-            self._close_from_fills(account, row.id, row.coin, row.side, row.opened_at, _rule(row))
+            self._close_from_fills(account, row, _rule(row))
             return
         if status in ("open", "triggered"):
             self._note(f"#{row.id} {row.coin}: close order {row.close_cloid} is {status}; left to the exchange")

@@ -357,7 +357,8 @@ class Run:
             db=self.db, epoch=self.epoch, exchange=exchange, clock=self.clock, secret_key=self.settings.secret_key,
             dry_run=self.dry_run, slippage=self.settings.close_slippage, max_failures=self.settings.max_close_failures,
             seconds_left=lambda: self.settings.deadline_seconds - (self.clock.monotonic() - self.started),
-            mids=mids, report=self.report, lock_lost=self.lock.compromised.is_set))
+            mids=mids, report=self.report, lock_lost=self.lock.compromised.is_set,
+            plan_settings=plan_settings(self.settings)))
         seen_ids: list[int] = []
         deferred: list[str] = []
         for result in results:
