@@ -227,9 +227,10 @@ class Closer:
             return  # fills do not chain yet; the next run settles the row
         if not figures.flat:
             return  # the fill is not visible yet; the row stays 'closing' and the next run settles it
+        closed_at = from_ms(figures.closed_at_ms) if figures.closed_at_ms else ctx.clock.now()
         with ctx.db.fenced(ctx.epoch):
             done = ctx.db.close_position(
-                position_id, closed_at=from_ms(figures.closed_at_ms) if figures.closed_at_ms else ctx.clock.now(),
+                position_id, closed_at=max(closed_at, row.opened_at),
                 reason="liquidation" if figures.liquidated else (reason or "requested"),
                 exit_price=figures.exit_price, realized_pnl=figures.realized_pnl, fees=figures.fees,
                 metadata={"fills": figures.fill_count})

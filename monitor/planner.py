@@ -226,11 +226,10 @@ def _vanished(address: str, row: PositionRow, now: datetime, settings: PlanSetti
                 reason = _rule_of(row)
             else:
                 reason = "external"
+            closed_at, extra = _close_time(row, figures, now)
             return [Action(CLOSE, address, row.coin, position_id=row.id, side=row.side, size=row.size,
                            reason=reason, exit_price=figures.exit_price, realized_pnl=figures.realized_pnl,
-                           fees=figures.fees,
-                           closed_at=from_ms(figures.closed_at_ms) if figures.closed_at_ms else now,
-                           metadata={"fills": figures.fill_count})]
+                           fees=figures.fees, closed_at=closed_at, metadata={"fills": figures.fill_count, **extra})]
     # Gone, and no fill explains it (yet). Close without figures only after it has been seen missing
     # for the whole window, counted from the first run that saw it missing (not from the last
     # sighting: an outage or failed reads must not shorten the wait).
@@ -245,6 +244,18 @@ def _vanished(address: str, row: PositionRow, now: datetime, settings: PlanSetti
                        metadata={"unexplained": True, "missing_since": missing_since.isoformat(), **extra})]
     return [Action(WAIT, address, row.coin, position_id=row.id,
                    reason=f"gone from the exchange since {missing_since:%H:%M:%S} but no fill shows the close yet")]
+
+
+def _close_time(row: PositionRow, figures: Any, now: datetime) -> tuple[datetime, dict[str, Any]]:
+    """When the row closed: its closing fill's time, but never before the row's own open. A row adopted
+    from a stale snapshot can be explained by a close that preceded it; that fill's time is kept in
+    metadata, and closed_at stays >= opened_at for whoever reads the table."""
+    if not figures.closed_at_ms:
+        return now, {}
+    fill_time = from_ms(figures.closed_at_ms)
+    if fill_time >= row.opened_at:
+        return fill_time, {}
+    return row.opened_at, {"close_fill_at": fill_time.isoformat(), "closed_before_adoption": True}
 
 
 def _missing_since(row: PositionRow) -> datetime | None:
@@ -271,7 +282,7 @@ def _flipped(address: str, row: PositionRow, position: ExchangePosition, now: da
     if not figures.flat:  # a stale snapshot, or fills that lag: never close without the closing fill
         return [Action(WAIT, address, row.coin, position_id=row.id,
                        reason="on the other side on the exchange, but no fill shows this side closing yet")]
-    closed_at = from_ms(figures.closed_at_ms) if figures.closed_at_ms else now
+    closed_at, _ = _close_time(row, figures, now)
     reason = "liquidation" if figures.liquidated else "flipped"
     return [
         Action(CLOSE, address, row.coin, position_id=row.id, side=row.side, size=row.size, reason=reason,

@@ -117,6 +117,7 @@ def test_a_row_discovered_from_a_stale_snapshot_is_closed_by_the_fill_before_it(
     plan = plan_account(ACCOUNT, snapshot(), [phantom], NOW, SETTINGS, fills=[opened, closed])
     close, = plan.actions
     assert close.type == "close" and close.exit_price == D("1950") and close.realized_pnl == D("100")
+    assert close.closed_at == discovered and close.metadata["closed_before_adoption"] is True  # never < opened_at
     since = needs_fills(snapshot(), [phantom], [], NOW, SETTINGS)
     assert since <= to_ms(discovered - SETTINGS.reopen_guard)  # the window reaches back over stale reads
 
