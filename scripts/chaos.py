@@ -21,7 +21,7 @@ from a fresh database and a cleared simulator, so a round is replayed from its s
    (ii)  after the clean run the not-closed rows equal the simulator's positions (coin, side, size), and
          a second clean run changes nothing;
    (iii) no false close: every closed row's position went flat (or flipped) on the exchange between the
-         row's opened_at (minus the monitor's one second of slack) and its closed_at;
+         start of the position the row tracks (see Round.window_start) and the row's closed_at;
    (iv)  each cloid names at most one order, each row has at most one filled close order, and every
          closed row has exactly one 'closed' event (P&L written once), open rows none;
    (v)   no write from a superseded epoch: position_events in id order never go back to an older
@@ -69,6 +69,7 @@ import psycopg  # noqa: E402
 
 STALE_AFTER = 6.0  # MONITOR_LOCK_STALE_AFTER of the chaos runs (its deadline is 80% of this)
 HTTP_TIMEOUT = 1.0
+REOPEN_GUARD_MS = 120_000  # MONITOR_REOPEN_GUARD's default: a discovered row's fill window reaches this far back
 RUN_TIMEOUT = 40.0  # a chaos run still alive this long after its start (stops excluded) is "hung"
 ACCOUNTS = ["0x" + "c0" * 20, "0x" + "c1" * 20, "0x" + "c2" * 20]
 # coin -> size unit (a multiple of its szDecimals step)
@@ -660,9 +661,11 @@ class Round:
             row_id, address, coin, side, _, _, opened_at, closed_at, reason = r[:9]
             if closed_at is None:
                 continue
-            if not self._went_flat(fills[address], coin, side, ms(opened_at) - 1000, ms(closed_at)):
+            since = self.window_start(fills[address], r)
+            if not self._went_flat(fills[address], coin, side, since, ms(closed_at)):
                 self.violation(f"(iii) false close: row #{row_id} {address} {coin} {side} closed ({reason}) at "
-                               f"{closed_at.isoformat()} but no fill took it flat since {opened_at.isoformat()}")
+                               f"{closed_at.isoformat()} but no fill took it flat since {since} (ms; opened_at "
+                               f"{opened_at.isoformat()})")
 
         # (iv) exactly-once closes, each on its own account, and P&L written once
         owner_of: dict[str, tuple[str, int]] = {}  # every cloid the monitor may have used -> (account, row)
@@ -739,8 +742,8 @@ class Round:
             if closed_at is None or (figures_of[row_id][3] or {}).get("unexplained"):
                 continue
             try:
-                expected = close_figures(parsed[address], coin=coin, side=side, since_ms=ms(opened_at) - 1000,
-                                         account=address)
+                expected = close_figures(parsed[address], coin=coin, side=side,
+                                         since_ms=self.window_start(fills[address], r), account=address)
             except ExchangeDataError:
                 continue
             got = tuple(figures_of[row_id][:3])
@@ -752,6 +755,31 @@ class Round:
                                f"exit/pnl/fees {got}, the complete fills give {want}"
                                + (f" [{SIGNATURE_FLIP}]" if match else ""),
                                known=match and SIGNATURE_FLIP in OPEN_BUGS)
+
+    @staticmethod
+    def window_start(fills: list[dict[str, Any]], row: tuple[Any, ...]) -> int:
+        """Where the position a row tracks began, in exchange time (ms), independently of the monitor's code.
+
+        A row the platform inserted tracks the position from its opened_at (a second of slack). A row the
+        monitor adopted from a snapshot tracks the position that snapshot showed: the one whose opening
+        fill (from flat or the other side onto the row's side) is the latest at or before opened_at, no
+        further back than the documented lead-in (MONITOR_REOPEN_GUARD, 120 s by default).
+        """
+        opened = ms(row[6])
+        if row[10] != "discovered":
+            return opened - 1000
+        sign = 1 if row[3] == "long" else -1
+        start = None
+        for f in fills:
+            if f["coin"] != row[2] or f["time"] > opened:
+                continue
+            before = Decimal(f["startPosition"])
+            after = before + (Decimal(f["sz"]) if f["side"] == "B" else -Decimal(f["sz"]))
+            if before * sign <= 0 < after * sign:
+                start = f["time"]
+        if start is None:
+            return opened - 1000
+        return max(start, opened - REOPEN_GUARD_MS)
 
     @staticmethod
     def _went_flat(fills: list[dict[str, Any]], coin: str, side: str, since_ms: int, until_ms: int) -> bool:
@@ -786,7 +814,10 @@ class Round:
                 self.signal(p, signal.SIGKILL)
                 p.popen.wait()
         if keep:
-            print(f"  kept database {self.db_name} and {self.dir} for inspection")
+            state = {a: {"positions": self.sim.positions(a), "fills": self.sim.fills(a), "orders": self.sim.orders(a)}
+                     for a in self.accounts}
+            (self.dir / "exchange.json").write_text(json.dumps(state, indent=1, default=str))
+            print(f"  kept database {self.db_name}, and {self.dir} (run outputs, exchange.json) for inspection")
             return
         self.pg.drop(self.db_name)
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -821,6 +852,10 @@ def main(argv: list[str] | None = None) -> int:
     from monitor.database import Database
     from monitor.simulator import start
 
+    def interrupted(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # SIGTERM too: stop the round, then clean up (runs, simulator, database)
+
+    signal.signal(signal.SIGTERM, interrupted)
     key = EthAccount.from_key(hashlib.sha256(f"position-monitor chaos {seed}".encode()).digest())
     stats = Stats()
     began = time.monotonic()
@@ -831,6 +866,7 @@ def main(argv: list[str] | None = None) -> int:
     template = f"chaos_tpl_{uuid.uuid4().hex[:8]}"
     print(f"chaos: {args.rounds} rounds from seed {seed} (replay one round: scripts/chaos.py --seed S --rounds 1)",
           flush=True)
+    interrupted_at = None
     try:
         db = Database.open(pg.create(template))
         db.migrate()
@@ -858,12 +894,16 @@ def main(argv: list[str] | None = None) -> int:
                 elapsed = time.monotonic() - began
                 print(f"round {index + 1}/{args.rounds} done ({elapsed:.0f}s, {stats.runs} runs, "
                       f"{len(stats.violations)} violations)", flush=True)
+    except KeyboardInterrupt:
+        interrupted_at = stats.rounds
+        print(f"interrupted after {stats.rounds} rounds (the last one may be incomplete)", flush=True)
     finally:
         sim.stop()
         with contextlib.suppress(Exception):
             pg.drop(template)
         pg.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if not (args.keep_failed and stats.violations):
+            shutil.rmtree(workdir, ignore_errors=True)
 
     elapsed = time.monotonic() - began
     unknown = [v for v in stats.violations if not v[3]]
@@ -888,7 +928,7 @@ def main(argv: list[str] | None = None) -> int:
         print("replay: " + "; ".join(f"scripts/chaos.py --seed {s} --rounds 1" for s in seeds[:10]))
     if unknown or (known and not args.allow_known):
         return 1
-    return 0
+    return 130 if interrupted_at is not None else 0
 
 
 if __name__ == "__main__":
