@@ -102,9 +102,9 @@ def render_metrics(m: RunMetrics) -> str:
     gauge("last_run_timestamp_seconds", "When the last run finished (Unix time).", [({}, float(m.run_finished))])
     if m.last_success is not None:
         gauge("last_success_timestamp_seconds", "When the last run that exited 0 finished (Unix time).",
-              [({}, float(m.last_success))])
+              [({}, float(m.last_success))])  # Unix seconds, not money
     gauge("run_duration_seconds", "How long the last run took.",
-          [({}, max(0.0, float(m.run_finished) - float(m.run_started)))])
+          [({}, max(0.0, float(m.run_finished) - float(m.run_started)))])  # duration, not money
     counters = {kind: 0 for kind in DEFAULT_ACTION_KINDS}
     counters.update(m.counters)
     gauge("run_actions", "Actions taken by the last run, by kind (a per-run count, not a running total).",
