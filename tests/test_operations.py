@@ -147,3 +147,47 @@ def test_status_shows_runs_accounts_and_lock(env, sim):
     assert status["lock"]["backend"] == "local" and status["lock"]["epoch"] >= 1
     human = cli(env, "status")
     assert human.returncode == 0 and "Last runs" in human.stdout and ALICE[:6] in human.stdout
+
+
+def test_json_logs_are_one_object_per_line_with_the_run_id(env, sim):
+    sim.open_position(ALICE, "BTC", "1", "30000")
+    assert cli(env, "accounts", "add", ALICE).returncode == 0
+    assert cli(env, "accounts", "add", BOB).returncode == 0
+    sim.add_fault("500", path="info", type="clearinghouseState", user=BOB, count=None)  # something to log
+    result = cli(env, "--log-format", "json", "--log-level", "info", "run", "--json")
+    assert result.returncode == 1
+    run_id = json.loads(result.stdout)["run_id"]
+    lines = [json.loads(line) for line in result.stderr.splitlines()]
+    assert lines and all(entry["run_id"] == run_id for entry in lines)
+    assert any(BOB in entry["message"] and entry["level"] == "warning" for entry in lines)
+    assert {"time", "level", "logger", "message"} <= set(lines[0])
+
+
+def test_a_run_on_a_terminal_shows_progress_and_a_table_of_changes(env, sim):
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    sim.open_position(ALICE, "BTC", "1", "30000")
+    assert cli(env, "accounts", "add", ALICE).returncode == 0
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "monitor", "run"], env=env, cwd=ROOT,
+                            stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        output += chunk
+    assert proc.wait(timeout=60) == 0
+    os.close(master)
+    text = output.decode(errors="replace")
+    assert "reading accounts" in text  # the progress bar (stderr is a TTY)
+    assert "type" in text and "detail" in text and "discover" in text  # the table (stdout is a TTY)
