@@ -1466,14 +1466,18 @@ class Simulator:
 
     def handle_info(self, raw: bytes) -> Response:
         """Serve one POST /info body (also used by the HTTP handler)."""
+        return self._handle("/info", self._serve_info, raw, weight=0, gated=True)
+
+    def _handle(self, path: str, serve: Any, raw: bytes, *, weight: int, gated: bool = False) -> Response:
+        """Latency, the test gate, the request log and a crash guard around one request."""
         arrived = self.now_ms()
         self._sleep(self.latency_ms / 1000.0)
-        if not self._gate.is_set():
+        if gated and not self._gate.is_set():
             self._gate.wait(MAX_SLEEP_S)
-        entry = {"time": arrived, "path": "/info", "type": None, "user": None, "weight": 0, "status": 0,
+        entry = {"time": arrived, "path": path, "type": None, "user": None, "weight": weight, "status": 0,
                  "fault": None}
         try:
-            resp = self._serve_info(raw, entry)
+            resp = serve(raw, entry)
         except Exception:  # pragma: no cover - bug guard: answer like a crashed server would
             traceback.print_exc()
             resp = _text_response("Internal Server Error", 500)
@@ -1569,18 +1573,7 @@ class Simulator:
 
     def handle_exchange(self, raw: bytes) -> Response:
         """Serve one POST /exchange body (also used by the HTTP handler)."""
-        arrived = self.now_ms()
-        self._sleep(self.latency_ms / 1000.0)
-        entry = {"time": arrived, "path": "/exchange", "type": None, "user": None, "weight": 1, "status": 0,
-                 "fault": None}
-        try:
-            resp = self._serve_exchange(raw, entry)
-        except Exception:  # pragma: no cover
-            traceback.print_exc()
-            resp = _text_response("Internal Server Error", 500)
-        entry["status"] = 0 if resp.drop else resp.status
-        self._record(entry)
-        return resp
+        return self._handle("/exchange", self._serve_exchange, raw, weight=1)
 
     def _serve_exchange(self, raw: bytes, entry: dict[str, Any]) -> Response:
         try:
