@@ -37,6 +37,7 @@ from monitor.errors import ConfigError, LockHeld
 log = logging.getLogger(__name__)
 
 KILL_WAIT_SECONDS = 5.0
+STAMP_SETTLE_SECONDS = 2.0
 
 
 def heartbeat_interval(stale_after: float) -> float:
@@ -97,9 +98,11 @@ class Holder:
     def describe(self, now: datetime) -> str:
         age = self.age_seconds(now)
         beat = None if self.heartbeat_at is None else max((now - self.heartbeat_at).total_seconds(), 0.0)
-        parts = [f"pid {self.pid}", f"host {self.host}"]
-        if age is not None:
-            parts.append(f"age {age:.0f}s")
+        parts = [
+            f"pid {'unknown' if self.pid is None else self.pid}",
+            f"host {self.host or 'unknown'}",
+            "age unknown" if age is None else f"age {age:.0f}s",
+        ]
         if beat is not None:
             parts.append(f"last heartbeat {beat:.0f}s ago")
         return ", ".join(parts)
@@ -190,20 +193,39 @@ class LocalRunLock(RunLock):
         try:
             self._lease.acquire(timeout=0)
         except LeaseSettingsMismatch:
-            holder = self.holder()
+            holder = self._settled_holder()
             raise LockHeld(
                 f"lock {self.path} is held with a different MONITOR_LOCK_STALE_AFTER"
                 f" ({holder.describe(_utc(self._now())) if holder else 'unknown holder'})"
             ) from None
         except Timeout:
             if not self._take_over_silent_holder():
-                holder = self.holder()
+                holder = self._settled_holder()
                 what = holder.describe(_utc(self._now())) if holder else "holder unknown"
                 raise LockHeld(f"another run holds the lock ({what})") from None
         except OSError as exc:
             raise ConfigError(f"MONITOR_LOCK_FILE: cannot create {self.path}: {exc.strerror or exc}") from None
         self.started_at = self._now()
         self._write_side_file()
+
+    def _settled_holder(self, wait: float = STAMP_SETTLE_SECONDS) -> Holder | None:
+        """The holder for a "lock held" message, waiting briefly for a stamp being written.
+
+        filelock creates the marker with O_EXCL and writes its stamp just after, and the winner writes
+        the side file (start time) just after that; a loser that looks in between would name
+        "pid None". Wait up to ``wait`` seconds for the stamp, and for the side file of a live holder on
+        this host, then report whatever is there.
+        """
+        deadline = time.monotonic() + wait
+        while True:
+            holder = self.holder()
+            # only a live holder on this host is certain to write its side file in a moment
+            complete = holder is None or (
+                holder.pid is not None and (holder.started_at is not None or holder.alive is not True)
+            )
+            if complete or time.monotonic() >= deadline:
+                return holder
+            time.sleep(0.01)
 
     def _take_over_silent_holder(self) -> bool:
         """Take the lock from a holder that stopped refreshing it for the stale limit.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import random
 import signal
 import subprocess
@@ -71,10 +72,13 @@ def test_fifty_simultaneous_starters_exactly_one_runs(env, sim, database_url):
     results = [(p.wait(timeout=180), p.stdout.read(), p.stderr.read()) for p in procs]
     codes = [code for code, _, _ in results]
     assert codes.count(0) == 1 and codes.count(75) == 49, codes
+    winner = procs[codes.index(0)]
     for code, out, err in results:
         if code == 75:
             line, = err.strip().splitlines()
-            assert "another run holds the lock" in line and "pid" in line and "age" in line
+            # every loser names the winner, even one that looked while the stamp was being written
+            assert "another run holds the lock" in line, line
+            assert f"pid {winner.pid}," in line and re.search(r"age \d+s", line), line
     with psycopg.connect(database_url) as conn:
         dupes = conn.execute("SELECT account_id, coin, count(*) FROM positions WHERE closed_at IS NULL"
                              " GROUP BY 1, 2 HAVING count(*) > 1").fetchall()
@@ -104,6 +108,30 @@ def _write_marker(path: Path, *, pid: int, host: str, age: float, stale_after: f
                     f"duration={stale_after!r}\nstart=12345\n")
     stamp = time.time() - age
     os.utime(path, (stamp, stamp))
+
+
+def test_a_loser_that_looks_while_the_stamp_is_being_written_still_names_the_holder(tmp_path):
+    """filelock creates the marker (O_EXCL) and writes the stamp just after; the winner writes its side
+    file after that. A loser looking in between must wait for the stamp, not say "pid None"."""
+    import threading
+
+    from monitor.errors import LockHeld
+    from monitor.lock import LocalRunLock
+
+    path = tmp_path / "run.lock"
+    holder = LocalRunLock(path, stale_after=300)
+    holder.acquire()
+    try:
+        stamp, side = path.read_bytes(), holder.side_file.read_bytes()
+        path.write_bytes(b"")  # as between O_EXCL and the stamp write
+        holder.side_file.unlink()  # as before the winner's side file
+        threading.Timer(0.3, lambda: (path.write_bytes(stamp), holder.side_file.write_bytes(side))).start()
+        with pytest.raises(LockHeld) as raised:
+            LocalRunLock(path, stale_after=300).acquire()
+        message = str(raised.value)
+        assert f"pid {os.getpid()}," in message and re.search(r"age \d+s", message), message
+    finally:
+        holder.release()
 
 
 def test_lock_from_another_host_blocks_until_stale_then_is_taken_over(env, sim):
