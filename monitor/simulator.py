@@ -290,23 +290,8 @@ class Order:
         above = (self.tpsl == "tp") == (self.side == "A")
         return f"Price {'above' if above else 'below'} {fmt(self.trigger_px)}"
 
-    def open_order(self) -> dict[str, Any]:
-        d: dict[str, Any] = {
-            "coin": self.coin,
-            "side": self.side,
-            "limitPx": fmt(self.limit_px),
-            "sz": fmt(self.sz),
-            "oid": self.oid,
-            "timestamp": self.timestamp,
-            "origSz": fmt(self.orig_sz),
-        }
-        if self.cloid:
-            d["cloid"] = self.cloid
-        if self.reduce_only:
-            d["reduceOnly"] = True
-        return d
-
-    def frontend(self) -> dict[str, Any]:
+    def _common(self) -> dict[str, Any]:
+        """The fields openOrders and frontendOpenOrders share."""
         return {
             "coin": self.coin,
             "side": self.side,
@@ -314,6 +299,18 @@ class Order:
             "sz": fmt(self.sz),
             "oid": self.oid,
             "timestamp": self.timestamp,
+        }
+
+    def open_order(self) -> dict[str, Any]:
+        d = self._common() | {"origSz": fmt(self.orig_sz)}
+        if self.cloid:
+            d["cloid"] = self.cloid
+        if self.reduce_only:
+            d["reduceOnly"] = True
+        return d
+
+    def frontend(self) -> dict[str, Any]:
+        return self._common() | {
             "triggerCondition": self.trigger_condition(),
             "isTrigger": self.is_trigger,
             "triggerPx": fmt(self.trigger_px) if self.trigger_px is not None else "0.0",
