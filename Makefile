@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 ROUNDS ?= 500
 
-.PHONY: install demo test test-slow bench chaos clean
+.PHONY: install demo test test-slow fuzz bench chaos clean
 
 install: $(STAMP)
 
@@ -28,6 +28,9 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=explore $(PY) -m pytest -q tests/test_fuzz.py tests/test_fills.py
+
 bench: $(STAMP)
 	$(PY) scripts/bench.py
 
@@ -35,4 +38,4 @@ chaos: $(STAMP)
 	$(PY) scripts/chaos.py --rounds $(ROUNDS)
 
 clean:
-	rm -rf $(VENV) .demo .bench *.egg-info
+	rm -rf $(VENV) .demo .bench .hypothesis *.egg-info

@@ -18,6 +18,20 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 
+try:
+    from hypothesis import settings as hypothesis_settings
+    from hypothesis.database import DirectoryBasedExampleDatabase
+except ImportError:  # pragma: no cover - hypothesis comes with the test extra
+    hypothesis_settings = None
+
+if hypothesis_settings is not None:
+    # `make test` (and CI) replays the same examples every time, so a green suite stays green;
+    # `make fuzz` explores new random examples (HYPOTHESIS_PROFILE=explore) and keeps any it fails on.
+    hypothesis_settings.register_profile("default", derandomize=True, database=None)
+    _examples = Path(__file__).resolve().parent.parent / ".hypothesis" / "examples"
+    hypothesis_settings.register_profile("explore", derandomize=False, database=DirectoryBasedExampleDatabase(_examples))
+    hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hyperliquid"
 FIXTURE_ACCOUNT = "0x5e9ee1089755c3435139848e47e6635505d5a13a"
