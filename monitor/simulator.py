@@ -445,6 +445,8 @@ class Simulator:
         self._wake = threading.Event()  # set on server stop: ends every sleep early
         self._gate = threading.Event()  # cleared by hold_requests(): /info answers wait until release_requests()
         self._gate.set()
+        self._held = 0  # /info requests waiting at the closed gate now (guarded by _lock)
+        self._in_flight = 0  # requests being handled now, answered or not (guarded by _lock)
         self._log: deque[dict[str, Any]] = deque(maxlen=200_000)
         self._weight_window: deque[tuple[float, int]] = deque()
         self._faults: list[Fault] = []
@@ -1280,6 +1282,29 @@ class Simulator:
     def release_requests(self) -> None:
         self._gate.set()
 
+    def wait_for_held_requests(self, count: int = 1, timeout: float = 30.0) -> None:
+        """Wait until ``count`` /info requests are waiting at the gate (a run's read is provably in flight)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if self._held >= count:
+                    return
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{count} held request(s) expected within {timeout}s, {self._held} arrived")
+            time.sleep(0.01)
+
+    def wait_until_idle(self, timeout: float = 30.0) -> bool:
+        """Wait until no request is being handled (a hung or slow order from a client that gave up may
+        still be applied until then). False if requests are still in flight after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if self._in_flight == 0:
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+
     def _sleep(self, seconds: float) -> None:
         if seconds > 0:
             self._wake.wait(min(seconds, MAX_SLEEP_S))
@@ -1467,10 +1492,25 @@ class Simulator:
 
     def _handle(self, path: str, serve: Any, raw: bytes, *, weight: int, gated: bool = False) -> Response:
         """Latency, the test gate, the request log and a crash guard around one request."""
+        with self._lock:
+            self._in_flight += 1
+        try:
+            return self._handle_one(path, serve, raw, weight=weight, gated=gated)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def _handle_one(self, path: str, serve: Any, raw: bytes, *, weight: int, gated: bool) -> Response:
         arrived = self.now_ms()
         self._sleep(self.latency_ms / 1000.0)
         if gated and not self._gate.is_set():
-            self._gate.wait(MAX_SLEEP_S)
+            with self._lock:
+                self._held += 1
+            try:
+                self._gate.wait(MAX_SLEEP_S)
+            finally:
+                with self._lock:
+                    self._held -= 1
         entry = {"time": arrived, "path": path, "type": None, "user": None, "weight": weight, "status": 0,
                  "fault": None}
         try:
@@ -1964,6 +2004,7 @@ class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
     allow_reuse_address = True
+    request_queue_size = 128  # a run opens up to 16 connections at once; the default backlog (5) drops SYNs
 
     def __init__(self, addr: tuple[str, int], simulator: Simulator) -> None:
         self.simulator = simulator

@@ -88,12 +88,12 @@ def test_fifty_simultaneous_starters_exactly_one_runs(env, sim, database_url):
 
 def test_sigkilled_holder_does_not_block_the_next_run(env, sim, database_url):
     setup_account(env, sim, ("BTC", "1", "30000"))
-    sim.set_latency(3000)
-    holder = start(env)
+    sim.hold_requests()  # the holder stays inside its run until we kill it
+    holder = start(dict(env, MONITOR_HTTP_TIMEOUT="60"))
     wait_for_holder(database_url, holder.pid)
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=10)
-    sim.set_latency(0)
+    sim.release_requests()
 
     began = time.monotonic()
     report = run_json(env)
@@ -169,12 +169,12 @@ def test_sigstopped_local_holder_is_stopped_and_cannot_write_after_sigcont(env, 
     env = dict(env, MONITOR_LOCK_STALE_AFTER="3", MONITOR_HTTP_TIMEOUT="20")
     run_json(env)  # both rows exist
     sim.resize(ALICE, "BTC", "2", "30500")
-    sim.set_latency(2000)
+    sim.hold_requests()
     first = start(env)
     wait_for_holder(database_url, first.pid)
     first.send_signal(signal.SIGSTOP)
     time.sleep(4)  # past the stale limit: its heartbeat has stopped
-    sim.set_latency(0)
+    sim.release_requests()
 
     second = run_json(env)
     assert second["updated"] == 1
@@ -196,13 +196,13 @@ def test_sigstopped_holder_on_another_host_is_fenced_by_the_postgres_lease(env, 
     host_b = dict(env, MONITOR_HOST_ID="host-b")
     run_json(host_b)  # the BTC row exists, size 1
     sim.resize(ALICE, "BTC", "2", "30500")
-    sim.set_latency(2500)
+    sim.hold_requests()
     first = start(host_a)  # will read size 2 and want to write it
     wait_for_holder(database_url, first.pid)
-    time.sleep(0.8)  # its read is in flight
+    sim.wait_for_held_requests(1)  # its read is in flight
     first.send_signal(signal.SIGSTOP)
     time.sleep(4)  # its lease expires: no heartbeat while stopped
-    sim.set_latency(0)
+    sim.release_requests()  # answered while it is stopped: it will see size 2 on SIGCONT
 
     second = run_json(host_b)  # takes the expired lease (a new epoch) and applies size 2
     assert second["updated"] == 1
@@ -225,20 +225,23 @@ def test_sigstopped_holder_on_another_host_is_fenced_by_the_postgres_lease(env, 
 def test_postgres_lease_blocks_a_second_host_while_held(env, sim, database_url):
     setup_account(env, sim, ("BTC", "1", "30000"))
     env = dict(env, MONITOR_LOCK_BACKEND="postgres", MONITOR_LOCK_STALE_AFTER="60", MONITOR_HTTP_TIMEOUT="20")
-    sim.set_latency(3000)
+    sim.hold_requests()
     first = start(dict(env, MONITOR_HOST_ID="host-a"))
-    wait_for_holder(database_url, first.pid)
-    blocked = cli(dict(env, MONITOR_HOST_ID="host-b"), "run")
-    assert blocked.returncode == 75 and "host-a" in blocked.stderr
-    status = json.loads(cli(env, "lock", "status", "--json").stdout)
-    assert status["backend"] == "postgres" and status["holder"]["host"] == "host-a" and status["epoch"] >= 1
+    try:
+        wait_for_holder(database_url, first.pid)
+        blocked = cli(dict(env, MONITOR_HOST_ID="host-b"), "run")
+        assert blocked.returncode == 75 and "host-a" in blocked.stderr
+        status = json.loads(cli(env, "lock", "status", "--json").stdout)
+        assert status["backend"] == "postgres" and status["holder"]["host"] == "host-a" and status["epoch"] >= 1
+    finally:
+        sim.release_requests()
     assert first.wait(timeout=60) == 0
 
 
 def test_lock_status_and_clear(env, sim, database_url):
     setup_account(env, sim, ("BTC", "1", "30000"))
-    sim.set_latency(4000)
-    env = dict(env, MONITOR_HTTP_TIMEOUT="20")
+    sim.hold_requests()  # the holder stays inside its run until released
+    env = dict(env, MONITOR_HTTP_TIMEOUT="60")
     holder = start(env)
     wait_for_holder(database_url, holder.pid)
     status = json.loads(cli(env, "lock", "status", "--json").stdout)
@@ -253,6 +256,7 @@ def test_lock_status_and_clear(env, sim, database_url):
         assert json.loads(cli(env, "lock", "status", "--json").stdout)["holder"] is None
     finally:
         holder.send_signal(signal.SIGCONT)
+        sim.release_requests()
         holder.wait(timeout=60)
 
 

@@ -220,7 +220,13 @@ def test_concurrent_insert_by_another_connection_is_a_conflict_not_a_duplicate(e
                   " VALUES (%s, 'BTC', 'long', 1, 30000, 'platform')", (account_id,))  # not committed yet
     proc = subprocess.Popen([sys.executable, "-m", "monitor", "run", "--json"], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(2.5)  # the monitor's INSERT now waits on the other transaction's row
+    with psycopg.connect(database_url, autocommit=True) as watcher:  # until the monitor's INSERT waits on our row
+        deadline = time.monotonic() + 60
+        while not watcher.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND application_name = 'position-monitor' AND wait_event_type = 'Lock'").fetchone()[0]:
+            assert proc.poll() is None and time.monotonic() < deadline, "the monitor never waited on the row"
+            time.sleep(0.02)
     other.commit()
     other.close()
     out, err = proc.communicate(timeout=60)
