@@ -37,7 +37,7 @@ from monitor.errors import ConfigError, LockHeld
 log = logging.getLogger(__name__)
 
 KILL_WAIT_SECONDS = 5.0
-STAMP_SETTLE_SECONDS = 2.0
+STAMP_SETTLE_SECONDS = 5.0
 
 
 def heartbeat_interval(stale_after: float) -> float:
@@ -245,6 +245,8 @@ class LocalRunLock(RunLock):
                 if silent_for < self.stale_after:
                     return False
                 owner = self._lease.owner
+                if not self._marker_is(marker):  # the stamp we read may belong to a newer marker
+                    return not self.path.exists() and self._try_acquire()
                 host = _filelock_host()
                 if owner is not None and owner.hostname == host:
                     start = None if owner.start is None else owner.start % 2**64
@@ -252,9 +254,9 @@ class LocalRunLock(RunLock):
                         log.warning("lock holder pid %s silent for %.0fs: stopping it (SIGKILL)", owner.pid, silent_for)
                         if not _kill_and_wait(owner.pid, start):
                             return False
-                current = os.lstat(self.path)
-                if (current.st_ino, current.st_mtime_ns) != (marker.st_ino, marker.st_mtime_ns):
-                    return False  # refreshed or replaced while we judged it
+                if not self._marker_is(marker):
+                    # refreshed or replaced while we judged it; released meanwhile: free to take
+                    return not self.path.exists() and self._try_acquire()
                 self._lease.force_break()
                 self.took_over = (
                     f"took the lock over from pid {owner.pid if owner else '?'} on "
@@ -263,6 +265,14 @@ class LocalRunLock(RunLock):
                 return self._try_acquire()
         except Timeout:
             return False
+
+    def _marker_is(self, seen: os.stat_result) -> bool:
+        """Whether the marker on disk is still the one ``seen`` (same file, not refreshed since)."""
+        try:
+            current = os.lstat(self.path)
+        except FileNotFoundError:
+            return False
+        return (current.st_ino, current.st_mtime_ns) == (seen.st_ino, seen.st_mtime_ns)
 
     def _try_acquire(self) -> bool:
         from filelock import Timeout
