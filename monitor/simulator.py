@@ -44,6 +44,7 @@ Simulator choices where the real exchange's behaviour is not established (see
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import json
@@ -61,7 +62,7 @@ from dataclasses import dataclass, field
 from decimal import ROUND_DOWN, ROUND_HALF_EVEN, Decimal, InvalidOperation
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 __all__ = [
     "Simulator",
@@ -445,8 +446,10 @@ class Simulator:
         self._wake = threading.Event()  # set on server stop: ends every sleep early
         self._gate = threading.Event()  # cleared by hold_requests(): /info answers wait until release_requests()
         self._gate.set()
-        self._held = 0  # /info requests waiting at the closed gate now (guarded by _lock)
-        self._in_flight = 0  # requests being handled now, answered or not (guarded by _lock)
+        # requests being handled now, answered or not, and /info requests waiting at the closed gate
+        self._traffic = threading.Condition()
+        self._in_flight = 0
+        self._held = 0
         self._log: deque[dict[str, Any]] = deque(maxlen=200_000)
         self._weight_window: deque[tuple[float, int]] = deque()
         self._faults: list[Fault] = []
@@ -1284,26 +1287,28 @@ class Simulator:
 
     def wait_for_held_requests(self, count: int = 1, timeout: float = 30.0) -> None:
         """Wait until ``count`` /info requests are waiting at the gate (a run's read is provably in flight)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            with self._lock:
-                if self._held >= count:
-                    return
-            if time.monotonic() >= deadline:
+        with self._traffic:
+            if not self._traffic.wait_for(lambda: self._held >= count, timeout):
                 raise TimeoutError(f"{count} held request(s) expected within {timeout}s, {self._held} arrived")
-            time.sleep(0.01)
 
     def wait_until_idle(self, timeout: float = 30.0) -> bool:
         """Wait until no request is being handled (a hung or slow order from a client that gave up may
         still be applied until then). False if requests are still in flight after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            with self._lock:
-                if self._in_flight == 0:
-                    return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.01)
+        with self._traffic:
+            return self._traffic.wait_for(lambda: self._in_flight == 0, timeout)
+
+    @contextlib.contextmanager
+    def _counted(self, counter: str) -> Iterator[None]:
+        """Count a request in ``counter`` ("_in_flight" or "_held") while the block runs."""
+        with self._traffic:
+            setattr(self, counter, getattr(self, counter) + 1)
+            self._traffic.notify_all()
+        try:
+            yield
+        finally:
+            with self._traffic:
+                setattr(self, counter, getattr(self, counter) - 1)
+                self._traffic.notify_all()
 
     def _sleep(self, seconds: float) -> None:
         if seconds > 0:
@@ -1492,25 +1497,15 @@ class Simulator:
 
     def _handle(self, path: str, serve: Any, raw: bytes, *, weight: int, gated: bool = False) -> Response:
         """Latency, the test gate, the request log and a crash guard around one request."""
-        with self._lock:
-            self._in_flight += 1
-        try:
+        with self._counted("_in_flight"):
             return self._handle_one(path, serve, raw, weight=weight, gated=gated)
-        finally:
-            with self._lock:
-                self._in_flight -= 1
 
     def _handle_one(self, path: str, serve: Any, raw: bytes, *, weight: int, gated: bool) -> Response:
         arrived = self.now_ms()
         self._sleep(self.latency_ms / 1000.0)
         if gated and not self._gate.is_set():
-            with self._lock:
-                self._held += 1
-            try:
+            with self._counted("_held"):
                 self._gate.wait(MAX_SLEEP_S)
-            finally:
-                with self._lock:
-                    self._held -= 1
         entry = {"time": arrived, "path": path, "type": None, "user": None, "weight": weight, "status": 0,
                  "fault": None}
         try:
