@@ -134,6 +134,54 @@ def test_a_loser_that_looks_while_the_stamp_is_being_written_still_names_the_hol
         holder.release()
 
 
+def _judge_while(event: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """A contender judges a silent-looking holder; while it judges (its clock read) the holder lets go,
+    or lets go and a third run takes the lock. Run in a child process: a wrong judgement here would
+    SIGKILL the process that holds the fresh marker, which is the child itself."""
+    script = f"""
+import sys, time
+from pathlib import Path
+from monitor.errors import LockHeld
+from monitor.lock import LocalRunLock
+
+path = Path({str(tmp_path / "run.lock")!r})
+holder = LocalRunLock(path, stale_after=300)
+holder.acquire()
+third = LocalRunLock(path, stale_after=300)
+calls = []
+
+def clock():
+    calls.append(1)
+    if len(calls) == 1:  # the contender's first clock read is its staleness judgement
+        holder.release()
+        if {event!r} == "replaced":
+            time.sleep(0.01)  # a different mtime for the new marker
+            third.acquire()
+        return time.time() + 1000  # the old marker looks silent for 1000 s
+    return time.time()
+
+contender = LocalRunLock(path, stale_after=300, now=clock)
+try:
+    contender.acquire()
+    print("acquired", contender.took_over)
+except LockHeld as exc:
+    print("held:", exc)
+"""
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT)
+
+
+def test_a_holder_that_lets_go_while_a_contender_judges_it_leaves_the_lock_to_the_contender(tmp_path):
+    result = _judge_while("released", tmp_path)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.stdout.startswith("acquired None"), result.stdout  # taken as free, not "took over"
+
+
+def test_a_marker_replaced_while_a_contender_judges_it_is_not_broken_nor_its_holder_killed(tmp_path):
+    result = _judge_while("replaced", tmp_path)
+    assert result.returncode == 0, (result.returncode, result.stderr)  # -9 would be the new holder killed
+    assert result.stdout.startswith("held: another run holds the lock"), result.stdout + result.stderr
+
+
 def test_lock_from_another_host_blocks_until_stale_then_is_taken_over(env, sim):
     setup_account(env, sim, ("BTC", "1", "30000"))
     lock_path = Path(env["MONITOR_LOCK_FILE"])
