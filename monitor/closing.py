@@ -21,9 +21,8 @@ from typing import Any, Callable
 from monitor import planner
 from monitor.clock import Clock, from_ms, to_ms
 from monitor.database import Database
-from monitor.exchange import Exchange, OpenOrder, ReadFailed, Trader, close_cloid
-from monitor.fills import row_close_figures
-from monitor.models import Account, ExchangeDataError
+from monitor.exchange import Exchange, FillsTruncated, OpenOrder, ReadFailed, Trader, close_cloid
+from monitor.models import Account
 from monitor.planner import Action, PlanSettings, lookback
 
 log = logging.getLogger(__name__)
@@ -152,16 +151,19 @@ class Closer:
             self._note(f"would close #{row.id} {action.coin} ({action.reason}) but {exc}; nothing sent")
             return
         cloid = close_cloid(account.address, row.id, row.close_attempts + 1)
+        expires_after = self._expires_after()
+        if expires_after is None:
+            # Too late to send safely (deadline, or the lock was lost): nothing is claimed, nothing sent.
+            self._note(f"#{row.id} {action.coin}: not sent, the run is at its deadline; next run")
+            return
         now = ctx.clock.now()
         with ctx.db.fenced(ctx.epoch):
             claimed = ctx.db.claim_close(row.id, cloid=cloid, rule=action.reason or "requested", now=now,
-                                         attempts=row.close_attempts)
+                                         attempts=row.close_attempts, expires_at=from_ms(expires_after))
         if not claimed:
             self._already(action)
             return
-        expires_after = self._expires_after()
-        if expires_after is None:
-            # Too late to send safely (deadline, or the lock was lost): undo the claim; nothing was sent.
+        if ctx.lock_lost() or ctx.clock.now_ms() >= expires_after - int(SETTLE_MARGIN_SECONDS * 1000):
             with ctx.db.fenced(ctx.epoch):
                 ctx.db.release_close(row.id, cloid=cloid, event="close_not_placed", error="run deadline reached")
             self._note(f"#{row.id} {action.coin}: not sent, the run is at its deadline; next run")
@@ -179,15 +181,14 @@ class Closer:
                                          reason=action.reason, size=outcome.filled_size,
                                          price=outcome.average_price, metadata={"outcome": outcome.kind,
                                                                                 "cloid": cloid}))
-        if outcome.kind == "filled":
-            self._close_from_fills(account, row, action.reason)
-        elif outcome.kind == "partial":
-            with ctx.db.fenced(ctx.epoch):
-                ctx.db.release_close(row.id, cloid=cloid, event="close_partial",
-                                     error=f"partially filled: {outcome.filled_size} of {action.size}")
+        if outcome.kind in ("filled", "partial"):
+            # A reduce-only order is capped at the position (a stale size reads as "partial"), and a position
+            # that grew since the read is bigger than the order: the row's cycle in the fills decides.
+            self._settle_from_fills(account, row, cloid, action.reason or _rule(row),
+                                    partial=outcome.kind == "partial", filled=outcome.filled_size)
         elif outcome.kind == "no_position":
-            # Already flat: the next run explains the close from fills (idempotent success).
-            self._close_from_fills(account, row, "external")
+            # Already flat: the row is closed from its fills, with whatever ended its cycle as the reason.
+            self._settle_from_fills(account, row, cloid, action.reason or _rule(row), partial=True)
         elif outcome.kind == "rejected":
             with ctx.db.fenced(ctx.epoch):
                 ctx.db.release_close(row.id, cloid=cloid, event="close_failed", error=outcome.error)
@@ -209,34 +210,61 @@ class Closer:
         self.ctx.report.conflicts += 1
         self._note(f"#{action.position_id} {action.coin}: already closing or closed by another process")
 
-    def _close_from_fills(self, account: Account, row: Any, reason: str | None) -> None:
-        """Close ``row`` from its fills (the same window the planner uses), or leave it for the next run."""
+    def _settle_from_fills(self, account: Account, row: Any, cloid: str, rule: str, *, partial: bool,
+                           filled: Decimal | None = None) -> None:
+        """Our close order executed (in full, in part, or we do not know how much): the row's own cycle in
+        the fills decides. Ended: the row is closed with that cycle's figures (the rule is the reason when
+        our order's fill ended it). Still open (a stale size, or a position that grew): the row goes back
+        to ``open`` with the true size and its rule stays armed. No fill of ours visible yet after an order
+        that filled in full: the row stays ``closing`` and the next run settles it by its cloid."""
         ctx = self.ctx
         position_id, coin = row.id, row.coin
-        lookback_ms = int(lookback(row, ctx.plan_settings).total_seconds() * 1000)
+        truncated = False
         try:
-            fills = ctx.exchange.read_fills(account.address, to_ms(row.opened_at) - lookback_ms)
+            fills = ctx.exchange.read_fills(account.address,
+                                            to_ms(row.opened_at) - int(lookback(row, ctx.plan_settings)
+                                                                       .total_seconds() * 1000))
+        except FillsTruncated as exc:
+            fills, truncated = exc.fills, True
         except ReadFailed as exc:
-            self._note(f"#{position_id} {coin}: closed on the exchange; fills unreadable ({exc.reason}),"
+            self._note(f"#{position_id} {coin}: close order executed; fills unreadable ({exc.reason}),"
                        " the row is settled next run")
+            if partial:
+                self._release_partial(row, cloid, None, f"partially filled ({filled}); fills unreadable")
             return
-        try:
-            figures = row_close_figures(fills, coin=coin, side=row.side, opened_ms=to_ms(row.opened_at),
-                                        account=account.address, lookback_ms=lookback_ms)
-        except ExchangeDataError:
-            return  # fills do not chain yet; the next run settles the row
-        if not figures.flat:
-            return  # the fill is not visible yet; the row stays 'closing' and the next run settles it
-        closed_at = from_ms(figures.closed_at_ms) if figures.closed_at_ms else ctx.clock.now()
+        own = planner.row_cycles_of(fills, row, account.address, ctx.plan_settings).own
+        if own is None or own.broken:
+            if partial:
+                self._release_partial(row, cloid, None, f"partially filled ({filled}); fills do not show it yet")
+            return  # the next run settles the row
+        if own.ended:
+            ours = {cloid.lower()} | ({row.close_cloid.lower()} if row.close_cloid else set())
+            reason = rule if own.end_cloid in ours and not own.liquidated else None
+            close = planner.cycle_close(account.address, row, own, ctx.clock.now(), truncated=truncated,
+                                        reason=reason)
+            with ctx.db.fenced(ctx.epoch):
+                done = ctx.db.close_position(position_id, closed_at=close.closed_at, reason=close.reason,
+                                             exit_price=close.exit_price, realized_pnl=close.realized_pnl,
+                                             fees=close.fees, metadata=close.metadata)
+            if done:
+                ctx.report.closed += 1
+                ctx.report.actions.append(close)
+                self._cancel_orphans(account, {coin: own.end_ms})
+            return
+        if partial or cloid.lower() in own.cloids:
+            self._release_partial(row, cloid, own, f"filled {filled}; {own.size} still open")
+
+    def _release_partial(self, row: Any, cloid: str, own: Any, error: str) -> None:
+        """closing -> open after an order that left part of the position; the true size from the row's cycle."""
+        ctx = self.ctx
         with ctx.db.fenced(ctx.epoch):
-            done = ctx.db.close_position(
-                position_id, closed_at=max(closed_at, row.opened_at),
-                reason="liquidation" if figures.liquidated else (reason or "requested"),
-                exit_price=figures.exit_price, realized_pnl=figures.realized_pnl, fees=figures.fees,
-                metadata={"fills": figures.fill_count})
-        if done:
-            ctx.report.closed += 1
-            self._cancel_orphans(account, {coin: figures.closed_at_ms})
+            released = ctx.db.release_close(row.id, cloid=cloid, event="close_partial", error=error)
+            if released and own is not None and own.size > 0 and own.size != row.size:
+                ctx.db.update_position(row.id, size=own.size, entry_price=row.entry_price, now=ctx.clock.now(),
+                                       realized_pnl=own.realized_pnl, fees=own.fees, previous_size=row.size)
+        if released:
+            self._note(f"#{row.id} {row.coin}: close order {cloid} left part of the position ({error});"
+                       " the rule stays armed")
 
     # ---- settling an unfinished close (crash recovery) ----------------------------------------
 
@@ -245,8 +273,11 @@ class Closer:
         row = ctx.db.position(action.position_id)
         if row is None or row.status != "closing" or not row.close_cloid:
             return
-        started = row.close_started_at or ctx.clock.now()
-        if ctx.clock.now() < started + timedelta(seconds=ORDER_TTL_SECONDS + SETTLE_MARGIN_SECONDS):
+        # The order can land until its own expiresAfter (stored with the claim); rows claimed before that
+        # was stored fall back to the longest expiresAfter a claim can have.
+        expires = row.close_expires_at or ((row.close_started_at or ctx.clock.now())
+                                           + timedelta(seconds=ORDER_TTL_SECONDS))
+        if ctx.clock.now() < expires + timedelta(seconds=SETTLE_MARGIN_SECONDS):
             self._note(f"#{row.id} {row.coin}: close order {row.close_cloid} may still land; settling later")
             return
         status = ctx.exchange.order_status(account.address, row.close_cloid)
@@ -254,8 +285,8 @@ class Closer:
             self._note(f"#{row.id} {row.coin}: unfinished close {row.close_cloid} is {status}; would settle it")
             return
         if status == "filled":
-            # It executed; the snapshot may lag. Explain the close from fills, else wait for them.
-            self._close_from_fills(account, row, _rule(row))
+            # It executed; the snapshot may lag. The row's cycle in the fills settles it, else wait for them.
+            self._settle_from_fills(account, row, row.close_cloid, _rule(row), partial=False)
             return
         if status in ("open", "triggered"):
             self._note(f"#{row.id} {row.coin}: close order {row.close_cloid} is {status}; left to the exchange")

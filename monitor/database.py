@@ -42,12 +42,12 @@ _POSITION_COLUMNS = (
     "id, account_id, coin, side, size, entry_price, status, opened_at, source, last_seen_at, "
     "realized_pnl, fees, stop_loss_price, take_profit_price, trailing_stop_pct, best_price, "
     "max_hold_seconds, close_requested_at, close_attempts, close_cloid, close_started_at, close_rule, metadata, "
-    "closed_at"
+    "closed_at, close_expires_at"
 )
 
 
 def _row_to_position(row: Sequence[Any]) -> PositionRow:
-    return PositionRow(*row[:22], metadata=dict(row[22] or {}), closed_at=row[23])
+    return PositionRow(*row[:22], metadata=dict(row[22] or {}), closed_at=row[23], close_expires_at=row[24])
 
 
 @dataclass(frozen=True)
@@ -653,7 +653,8 @@ class Database(OperationsMixin):
 
     # ---- closing on the exchange (exit rules) -------------------------------------------------
 
-    def claim_close(self, position_id: int, *, cloid: str, rule: str, now: datetime, attempts: int) -> bool:
+    def claim_close(self, position_id: int, *, cloid: str, rule: str, now: datetime, attempts: int,
+                    expires_at: datetime | None = None) -> bool:
         """open -> closing, recording the attempt's cloid before anything is sent.
 
         ``attempts`` is the count the cloid was derived from: if another process claimed (and released)
@@ -661,18 +662,20 @@ class Database(OperationsMixin):
         """
         cur = self._execute(
             "UPDATE positions SET status = 'closing', close_cloid = %s, close_rule = %s, close_started_at = %s,"
-            " close_attempts = close_attempts + 1"
+            " close_expires_at = %s, close_attempts = close_attempts + 1"
             " WHERE id = %s AND status = 'open' AND closed_at IS NULL AND close_attempts = %s",
-            (cloid, rule, now, position_id, attempts),
+            (cloid, rule, now, expires_at, position_id, attempts),
         )
         if cur.rowcount == 1:
-            self._event(position_id, "closing_claimed", "open", "closing", rule, {"cloid": cloid})
+            self._event(position_id, "closing_claimed", "open", "closing", rule,
+                        {"cloid": cloid, "expires_after": expires_at})
         return cur.rowcount == 1
 
     def release_close(self, position_id: int, *, cloid: str, error: str | None, event: str) -> bool:
         """closing -> open (the attempt failed or was partial); the row is retried next run."""
         cur = self._execute(
-            "UPDATE positions SET status = 'open', close_error = %s, close_cloid = NULL, close_started_at = NULL"
+            "UPDATE positions SET status = 'open', close_error = %s, close_cloid = NULL, close_started_at = NULL,"
+            " close_expires_at = NULL"
             " WHERE id = %s AND status = 'closing' AND close_cloid = %s AND closed_at IS NULL",
             (error, position_id, cloid),
         )

@@ -26,7 +26,9 @@ from monitor.models import (
 log = logging.getLogger(__name__)
 
 FILLS_PAGE_LIMIT = 2000  # the exchange's maximum fills per userFillsByTime answer
-FILLS_MAX_PAGES = 5  # the exchange keeps only the 10,000 most recent fills
+FILLS_HISTORY = 10_000  # the exchange keeps only the 10,000 most recent fills of a user
+FILLS_MAX_REQUESTS = 12  # requests one fills read may make (a full page costs 120 weight)
+FILLS_CLOCK_MARGIN_MS = 60_000  # the end of a window read "until now", past this host's clock
 EMPTY_SPOT_META = {"universe": [], "tokens": []}
 
 # Request weights (Hyperliquid docs, rate limits): what each read costs from the per-IP budget.
@@ -51,7 +53,14 @@ class ReadFailed(Exception):
 
 
 class FillsTruncated(ReadFailed):
-    """The window holds more fills than the exchange keeps: the close may never be explained from fills."""
+    """The window reaches past the fills the exchange keeps (or past what one read may fetch).
+
+    ``fills`` holds the most recent part of the window that was read completely, oldest first: a close or
+    a flip near the present is still explained from them."""
+
+    def __init__(self, what: str, reason: str, fills: list[Fill] | None = None) -> None:
+        super().__init__(what, reason)
+        self.fills = fills or []
 
 
 def parse_clearinghouse_state(body: Any, address: str) -> AccountSnapshot:
@@ -182,31 +191,60 @@ class Exchange:
             raise ReadFailed("clearinghouseState", f"invalid answer ({exc})") from None
 
     def read_fills(self, address: str, since_ms: int, until_ms: int | None = None) -> list[Fill]:
-        """Every fill of the account from ``since_ms`` (inclusive), paged and deduplicated."""
-        from monitor.fills import dedupe_fills, parse_fills
+        """Every fill of the account from ``since_ms`` (inclusive) until now, deduplicated, oldest first.
 
+        One request when the window holds less than a page (the usual case). A capped answer (2,000 fills)
+        is never trusted to be the window's oldest or newest part (the order of a capped page is
+        UNCONFIRMED): the window is then read back from its end in spans whose answers are shorter than a
+        page, so the most recent fills, where a close or a flip is, come first. When the fills read reach
+        the exchange's 10,000-fill history (anything older is gone) or the request cap, ``FillsTruncated``
+        carries the recent part that was read.
+        """
+        import time as _time
+
+        from monitor.fills import dedupe_fills
+
+        first = self._fills_page(address, since_ms, until_ms)
+        if len(first) < FILLS_PAGE_LIMIT:
+            return dedupe_fills(first)
+        end = until_ms if until_ms is not None else int(_time.time() * 1000) + FILLS_CLOCK_MARGIN_MS
+        times = [f.time_ms for f in first]
+        span = max(1, (max(times) - min(times)) * 3 // 4)
         collected: list[Fill] = []
-        start = since_ms
-        for _ in range(FILLS_MAX_PAGES):
-            body = self._post(
-                "userFillsByTime",
-                {"type": "userFillsByTime", "user": address, "startTime": start, "endTime": until_ms,
-                 "aggregateByTime": False},
-                WEIGHT["userFillsByTime"],
-            )
-            try:
-                page = parse_fills(body)
-            except ExchangeDataError as exc:
-                raise ReadFailed("userFillsByTime", f"invalid answer ({exc})") from None
+        requests = 1
+        while end >= since_ms:
+            if requests >= FILLS_MAX_REQUESTS:
+                raise FillsTruncated("userFillsByTime", f"more fills in the window than {FILLS_MAX_REQUESTS}"
+                                     " requests read; the most recent part is used", dedupe_fills(collected))
+            start = max(since_ms, end - span + 1)
+            page = self._fills_page(address, start, end)
+            requests += 1
+            if len(page) >= FILLS_PAGE_LIMIT:
+                if start == end:
+                    raise ReadFailed("userFillsByTime", "more fills in one millisecond than one page holds")
+                span = max(1, (end - start + 1) // 2)
+                continue
             collected.extend(page)
-            if len(page) < FILLS_PAGE_LIMIT:
-                return dedupe_fills(collected)
-            newest = max(f.time_ms for f in page)
-            if newest <= start:  # a full page within one millisecond: cannot page further safely
-                raise ReadFailed("userFillsByTime", "more fills in one millisecond than one page holds")
-            start = newest  # inclusive: the boundary fills come back and are deduplicated
-        raise FillsTruncated("userFillsByTime",
-                             f"more than {FILLS_MAX_PAGES * FILLS_PAGE_LIMIT} fills in the window (the exchange's history)")
+            if len(collected) >= FILLS_HISTORY:
+                raise FillsTruncated("userFillsByTime", f"the window reaches past the exchange's {FILLS_HISTORY:,}"
+                                     "-fill history; the most recent part is used", dedupe_fills(collected))
+            end = start - 1
+            span *= 2
+        return dedupe_fills(collected)
+
+    def _fills_page(self, address: str, start_ms: int, end_ms: int | None) -> list[Fill]:
+        from monitor.fills import parse_fills
+
+        body = self._post(
+            "userFillsByTime",
+            {"type": "userFillsByTime", "user": address, "startTime": start_ms, "endTime": end_ms,
+             "aggregateByTime": False},
+            WEIGHT["userFillsByTime"],
+        )
+        try:
+            return parse_fills(body)
+        except ExchangeDataError as exc:
+            raise ReadFailed("userFillsByTime", f"invalid answer ({exc})") from None
 
     def read_meta(self) -> dict[str, Any]:
         body = self._post("meta", {"type": "meta", "dex": ""}, WEIGHT["meta"])

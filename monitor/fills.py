@@ -36,11 +36,15 @@ from monitor.models import (
 
 __all__ = [
     "CloseFigures",
+    "Cycle",
+    "RowCycles",
     "close_figures",
     "dedupe_fills",
     "flat_points",
     "is_liquidation_of",
     "parse_fills",
+    "row_cycles",
+    "segment_cycles",
 ]
 
 _ZERO = Decimal(0)
@@ -338,6 +342,162 @@ class CloseFigures:
     last_fill_ms: int | None  # time of the last of those
 
 
+# --------------------------------------------------------------------------------------------
+# Cycles: the one model of positions
+
+
+@dataclass(frozen=True)
+class Cycle:
+    """One position of one coin as the exchange's fills tell it: from the fill that took the position off
+    zero to the fill that took it back to zero or through zero (a flip fill ends one cycle and starts the
+    next). Every figure the monitor writes for a row comes from exactly one cycle.
+    """
+
+    coin: str
+    side: Literal["long", "short"]
+    start_ms: int  # time of its opening fill (of the first fill seen, when ``start_known`` is False)
+    start_known: bool  # the fill that took the position off zero is among the fills
+    opened_by_flip: bool  # it started with a fill that crossed zero
+    end_ms: int | None  # time of the fill that took it to zero or through it; None while it is open
+    flipped: bool  # it ended with a fill that crossed zero (a new cycle on the other side began)
+    broken: bool  # a later fill did not start where it left off: fills are missing, its end is unknown
+    gap: bool  # fills are missing inside it (a fill started from another size on the same side)
+    exit_price: Decimal | None
+    closed_size: Decimal
+    realized_pnl: Decimal
+    fees: Decimal
+    liquidated: bool
+    fill_count: int
+    last_fill_ms: int | None
+    size: Decimal  # |position| after its last fill (0 once it ended)
+    cloids: frozenset[str]  # client order ids of the fills that reduced it (lowercase)
+    end_cloid: str | None = None  # client order id of the fill that ended it (lowercase)
+
+    @property
+    def ended(self) -> bool:
+        return self.end_ms is not None
+
+    @property
+    def complete(self) -> bool:
+        """Its figures add up: no fill is missing inside it and, if open, none after it."""
+        return not self.broken and not self.gap
+
+    def figures(self) -> CloseFigures:
+        return CloseFigures(
+            exit_price=self.exit_price, closed_size=self.closed_size, realized_pnl=self.realized_pnl,
+            fees=self.fees, closed_at_ms=self.end_ms, flat=self.ended, liquidated=self.liquidated,
+            fill_count=self.fill_count, last_fill_ms=self.last_fill_ms)
+
+
+class _CycleBuilder:
+    def __init__(self, coin: str, side: Literal["long", "short"], time_ms: int, *, start_known: bool,
+                 by_flip: bool = False) -> None:
+        self.coin, self.side, self.start_ms = coin, side, time_ms
+        self.start_known, self.by_flip = start_known, by_flip
+        self.exit_value = _ZERO
+        self.closed_size = _ZERO
+        self.realized = _ZERO
+        self.fees = _ZERO
+        self.liquidated = False
+        self.count = 0
+        self.last_ms: int | None = None
+        self.gap = False
+        self.size = _ZERO
+        self.cloids: set[str] = set()
+        self.last_cloid: str | None = None
+
+    def count_fill(self, fill: Fill, fee: Decimal) -> None:
+        self.fees = _EXACT.add(self.fees, fee)
+        self.count += 1
+        self.last_ms = fill.time_ms
+
+    def reduce(self, fill: Fill, reduced: Decimal, account: str) -> None:
+        self.exit_value = _EXACT.add(self.exit_value, _EXACT.multiply(fill.price, reduced))
+        self.closed_size = _EXACT.add(self.closed_size, reduced)
+        self.realized = _EXACT.add(self.realized, fill.closed_pnl)
+        fee = fill.fee if reduced == fill.size else _DIVIDE.divide(_EXACT.multiply(fill.fee, reduced), fill.size)
+        self.count_fill(fill, fee)
+        if is_liquidation_of(fill, account):
+            self.liquidated = True
+        self.last_cloid = fill.cloid.lower() if fill.cloid else None
+        if self.last_cloid:
+            self.cloids.add(self.last_cloid)
+
+    def build(self, *, end_ms: int | None = None, flipped: bool = False, broken: bool = False) -> Cycle:
+        return Cycle(
+            coin=self.coin, side=self.side, start_ms=self.start_ms, start_known=self.start_known,
+            opened_by_flip=self.by_flip, end_ms=end_ms, flipped=flipped, broken=broken, gap=self.gap,
+            exit_price=_DIVIDE.divide(self.exit_value, self.closed_size) if self.closed_size > 0 else None,
+            closed_size=self.closed_size, realized_pnl=self.realized, fees=self.fees, liquidated=self.liquidated,
+            fill_count=self.count, last_fill_ms=self.last_ms, size=_ZERO if end_ms is not None else self.size,
+            cloids=frozenset(self.cloids), end_cloid=self.last_cloid if end_ms is not None else None)
+
+
+def _side_of(position: Decimal) -> Literal["long", "short"]:
+    return "long" if position > 0 else "short"
+
+
+def segment_cycles(fills: Iterable[Fill], coin: str, *, account: str) -> list[Cycle]:
+    """Split ``coin``'s fills (any order, repeats allowed) into cycles, oldest first.
+
+    * a cycle starts when the position leaves zero and ends when it returns to zero; a fill that crosses
+      zero ends one cycle (its closing part, closedPnl and that share of the fee) and starts the next (the
+      rest of its size and fee);
+    * a self-trade pair changes no position: its closedPnl and fees count for the cycle it falls in, it is
+      never exit volume and never a close;
+    * fills that start from a position the previous fill did not leave mean fills are missing: on the same
+      side the cycle is marked ``gap``; from zero or the other side it is ``broken`` (its end is unknown)
+      and what follows is a new cycle;
+    * the first fills may start from a position opened before them (``start_known`` False).
+    """
+    cycles: list[Cycle] = []
+    current: _CycleBuilder | None = None
+    position: Decimal | None = None
+    for step in _ordered_steps(f for f in fills if f.coin == coin):
+        start = step.start
+        if position is not None and start != position:
+            if current is not None and start != 0 and (start > 0) == (position > 0):
+                current.gap = True
+            elif current is not None:
+                cycles.append(current.build(broken=True))
+                current = None
+        first = step.legs[0]
+        if current is None and start != 0:
+            current = _CycleBuilder(coin, _side_of(start), first.time_ms, start_known=False)
+        if step.wash:
+            if current is not None:
+                for leg in step.legs:
+                    current.count_fill(leg, leg.fee)
+                    current.realized = _EXACT.add(current.realized, leg.closed_pnl)
+                current.size = abs(start)
+            position = start
+            continue
+        end = first.end_position
+        if start == 0:
+            current = _CycleBuilder(coin, _side_of(end), first.time_ms, start_known=True)
+            current.count_fill(first, first.fee)
+        else:
+            assert current is not None
+            held = abs(start)
+            if end != 0 and (end > 0) == (start > 0) and abs(end) > held:
+                current.count_fill(first, first.fee)  # adds to the position
+            else:
+                current.reduce(first, min(first.size, held), account)
+                if end == 0:
+                    cycles.append(current.build(end_ms=first.time_ms))
+                    current = None
+                elif (end > 0) != (start > 0):
+                    cycles.append(current.build(end_ms=first.time_ms, flipped=True))
+                    current = _CycleBuilder(coin, _side_of(end), first.time_ms, start_known=True, by_flip=True)
+                    current.count_fill(first, _DIVIDE.divide(_EXACT.multiply(first.fee, abs(end)), first.size))
+        if current is not None:
+            current.size = abs(end)
+        position = end
+    if current is not None:
+        cycles.append(current.build())
+    return cycles
+
+
 def close_figures(
     fills: Iterable[Fill],
     *,
@@ -347,105 +507,77 @@ def close_figures(
     until_ms: int | None = None,
     account: str,
 ) -> CloseFigures:
-    """Exit price, realized PnL, fees and close time of the ``side`` position in ``coin``.
+    """Exit price, realized PnL, fees and close time of the first ``side`` position in ``coin`` that the
+    fills with ``since_ms <= time_ms (<= until_ms)`` show: the first ``side`` cycle of ``segment_cycles``.
 
-    Looks at the fills of ``coin`` with ``since_ms <= time_ms`` (and ``<= until_ms``), deduped and
-    oldest first, and follows the position through them:
-
-    * fills before the position of ``side`` exists (starting flat or on the other side, and not
-      taking the position to ``side``) belong to an older position and are skipped;
-    * a fill that opens or adds to the position counts its fee (a flip fill that opens it: only the
-      opened part's share of the fee, and not its closedPnl, which is the old position's);
-    * a fill that reduces it (``start_position`` on ``side``, trading the other way) reduces by
-      ``min(sz, |start_position|)`` at its price and counts its closedPnl and fee (a flip: the
-      closed part's share of the fee);
-    * a self-trade pair counts its closedPnl and fees but is no exit volume and never a close;
-    * the first fill after which the position is zero or on the other side is the close: it is the
-      last fill counted.
-
-    Raises ``ExchangeDataError`` if, once the position is seen open, a later fill starts from a flat
-    or opposite position (fills are missing, so the figures would be wrong).
+    Fills of older positions (flat or on the other side before it) are not counted. Raises
+    ``ExchangeDataError`` when fills are missing inside that position, so the figures would be wrong.
     """
     if side not in ("long", "short"):
         raise ValueError(f"side must be 'long' or 'short', got {side!r}")
-    sign = 1 if side == "long" else -1
-    window = (
-        f
-        for f in fills
-        if f.coin == coin and f.time_ms >= since_ms and (until_ms is None or f.time_ms <= until_ms)
-    )
-
-    exit_value = _ZERO  # sum of price * reduced size
-    closed_size = _ZERO
-    realized = _ZERO
-    fees = _ZERO
-    count = 0
-    last_ms: int | None = None
-    liquidated = False
-    closed_at: int | None = None
-    started = False
-
-    for step in _ordered_steps(window):
-        held = step.start * sign  # > 0: a position of `side` is open before this step
-        if held <= 0 and started:
+    window = [f for f in fills
+              if f.coin == coin and f.time_ms >= since_ms and (until_ms is None or f.time_ms <= until_ms)]
+    for cycle in segment_cycles(window, coin, account=account):
+        if cycle.side != side:
+            continue
+        if cycle.broken:
             raise ExchangeDataError(
-                f"{coin}: fill at {step.legs[0].time_ms} starts from position {step.start} "
-                f"while the {side} position was open; fills are missing"
-            )
-        if step.wash:
-            if held <= 0:
-                continue
-            started = True
-            for leg in step.legs:
-                realized = _EXACT.add(realized, leg.closed_pnl)
-                fees = _EXACT.add(fees, leg.fee)
-                count += 1
-                last_ms = leg.time_ms
-            continue
+                f"{coin}: a fill after {cycle.last_fill_ms} does not start where the {side} position was;"
+                " fills are missing")
+        return cycle.figures()
+    return CloseFigures(exit_price=None, closed_size=_ZERO, realized_pnl=_ZERO, fees=_ZERO, closed_at_ms=None,
+                        flat=False, liquidated=False, fill_count=0, last_fill_ms=None)
 
-        fill = step.legs[0]
-        after = fill.end_position * sign
-        if held <= 0:
-            if after <= 0:
-                continue  # an older position, or one on the other side
-            started = True
-            share = fill.fee if held == 0 else _DIVIDE.divide(_EXACT.multiply(fill.fee, after), fill.size)
-            fees = _EXACT.add(fees, share)
-            count += 1
-            last_ms = fill.time_ms
-            continue
 
-        started = True
-        count += 1
-        last_ms = fill.time_ms
-        if after > held:  # adds to the position
-            fees = _EXACT.add(fees, fill.fee)
-            continue
-        reduced = min(fill.size, held)
-        exit_value = _EXACT.add(exit_value, _EXACT.multiply(fill.price, reduced))
-        closed_size = _EXACT.add(closed_size, reduced)
-        realized = _EXACT.add(realized, fill.closed_pnl)
-        if reduced == fill.size:
-            fees = _EXACT.add(fees, fill.fee)
-        else:
-            fees = _EXACT.add(fees, _DIVIDE.divide(_EXACT.multiply(fill.fee, reduced), fill.size))
-        if is_liquidation_of(fill, account):
-            liquidated = True
-        if after <= 0:
-            closed_at = fill.time_ms
-            break
+@dataclass(frozen=True)
+class RowCycles:
+    """A row's own cycle among the coin's cycles, and the cycles that came after it."""
 
-    return CloseFigures(
-        exit_price=_DIVIDE.divide(exit_value, closed_size) if closed_size > 0 else None,
-        closed_size=closed_size,
-        realized_pnl=realized,
-        fees=fees,
-        closed_at_ms=closed_at,
-        flat=closed_at is not None,
-        liquidated=liquidated,
-        fill_count=count,
-        last_fill_ms=last_ms,
-    )
+    own: Cycle | None  # None: no fill of the row's position in the window (nothing happened to it)
+    later: tuple[Cycle, ...]  # positions opened after the row's own one ended (each one a row of its own)
+
+    @property
+    def latest(self) -> Cycle | None:
+        return self.later[-1] if self.later else self.own
+
+
+def row_cycles(
+    fills: Iterable[Fill],
+    *,
+    coin: str,
+    side: Literal["long", "short"],
+    opened_ms: int,
+    account: str,
+    lookback_ms: int = 1000,
+    adopted: bool = False,
+) -> RowCycles:
+    """Which cycle of ``coin`` is the row's (a row is exactly one cycle), and which came after it.
+
+    The window starts ``lookback_ms`` before the row's open: a second for clock differences, more for a row
+    adopted from a snapshot (``adopted``), which may describe a position that had already closed when the
+    row was written. The row's cycle is the first ``side`` cycle in the window, except a cycle that ended
+    before the row opened and was followed by another ``side`` cycle: that one was an older position (its
+    close and P&L belong to an older row). For an adopted row only a re-open up to ``lookback_ms`` after its
+    adoption shows that; otherwise a close that preceded the adoption is the row's own (the snapshot was
+    stale). Cycles on either side after the row's own one are later positions.
+    """
+    window_start = opened_ms - lookback_ms
+    horizon = opened_ms + lookback_ms
+    cycles = [c for c in segment_cycles((f for f in fills if f.time_ms >= window_start), coin, account=account)
+              if c.end_ms is None or c.end_ms >= window_start]
+    own_index: int | None = None
+    for index, cycle in enumerate(cycles):
+        if cycle.side != side:
+            continue
+        if cycle.end_ms is not None and cycle.end_ms <= opened_ms:
+            followers = [c for c in cycles[index + 1:] if c.side == side]
+            if any((c.start_ms <= horizon) if adopted else True for c in followers):
+                continue  # an older position, closed before this row opened
+        own_index = index
+        break
+    if own_index is None:
+        return RowCycles(own=None, later=())
+    return RowCycles(own=cycles[own_index], later=tuple(cycles[own_index + 1:]))
 
 
 def row_close_figures(
@@ -456,29 +588,14 @@ def row_close_figures(
     opened_ms: int,
     account: str,
     lookback_ms: int = 1000,
+    adopted: bool = True,
 ) -> CloseFigures:
-    """``close_figures`` for one database row opened (or first seen) at ``opened_ms``.
-
-    The window starts ``lookback_ms`` before the row's open: a second for clock differences, more for a
-    row adopted from a snapshot, which may describe a position that had already closed when the row was
-    written. A step in that lead-in that left the position off ``side`` (flat, or on the other side)
-    and was followed by a fill re-opening ``side`` ended an older position: its close belongs to the
-    older row, so the window starts after it (otherwise a position closed and re-opened moments apart
-    would hand its close, and its P&L, to the new row). A flat step that nothing re-opened is this
-    row's own close.
-    """
-    steps = _ordered_steps(f for f in fills if f.coin == coin)
-    horizon = opened_ms + lookback_ms
-    on_side = (lambda p: p > 0) if side == "long" else (lambda p: p < 0)
-    cut = 0
-    for index, step in enumerate(steps):
-        if step.legs[0].time_ms > opened_ms:
-            break
-        if step.wash or on_side(step.end):
-            continue
-        reopened = any(not later.wash and on_side(later.end) and not on_side(later.start)
-                       and later.legs[0].time_ms <= horizon for later in steps[index + 1:])
-        if reopened:
-            cut = index + 1
-    window = [leg for step in steps[cut:] for leg in step.legs]
-    return close_figures(window, coin=coin, side=side, since_ms=opened_ms - lookback_ms, account=account)
+    """The figures of the row's own cycle (see ``row_cycles``); ``ExchangeDataError`` when fills are missing."""
+    own = row_cycles(fills, coin=coin, side=side, opened_ms=opened_ms, account=account, lookback_ms=lookback_ms,
+                     adopted=adopted).own
+    if own is None:
+        return CloseFigures(exit_price=None, closed_size=_ZERO, realized_pnl=_ZERO, fees=_ZERO, closed_at_ms=None,
+                            flat=False, liquidated=False, fill_count=0, last_fill_ms=None)
+    if own.broken:
+        raise ExchangeDataError(f"{coin}: fills are missing after {own.last_fill_ms}")
+    return own.figures()

@@ -126,9 +126,11 @@ class Fill:
 
     @property
     def identity(self) -> tuple[Any, ...]:
-        """What makes a fill unique: ``tid`` where the exchange gives it, else hash+oid+details."""
+        """What makes a fill unique: (coin, time, oid, tid) where the exchange gives ``tid``, else
+        hash+oid+details. ``tid`` alone is not unique: it is a hash of the two orders, so both legs of a
+        self-trade carry the same ``tid`` (and their own oids), and it is 0 on some system fills."""
         if self.tid is not None:
-            return ("tid", self.coin, self.tid)
+            return ("tid", self.coin, self.time_ms, self.oid, self.tid, self.side)
         return ("h", self.hash, self.oid, self.coin, self.time_ms, self.price, self.size, self.start_position)
 
 
@@ -160,6 +162,7 @@ class PositionRow:
     close_rule: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     closed_at: datetime | None = None
+    close_expires_at: datetime | None = None  # the expiresAfter of the claimed close order
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from decimal import Decimal
 from typing import Any, Sequence
 
 from monitor.clock import from_ms, to_ms
-from monitor.fills import row_close_figures
+from monitor.fills import Cycle, RowCycles, row_cycles, segment_cycles
 from monitor.models import Account, AccountSnapshot, ExchangeDataError, ExchangePosition, Fill, PositionRow
 
 # Action types. The first four change the table; close_order asks the exchange to close; the
@@ -100,11 +100,14 @@ class AccountPlan:
 
 
 def needs_fills(snapshot: AccountSnapshot, rows: Sequence[PositionRow], recently_closed: Sequence[PositionRow],
-                now: datetime, settings: PlanSettings) -> int | None:
+                now: datetime, settings: PlanSettings, *, mids: dict[str, Decimal] | None = None,
+                account_max_hold: int | None = None, verify_rules: bool = True) -> int | None:
     """The start (ms) of the fills window this account's plan needs, or None when it needs none.
 
-    Fills are read only when a row vanished, shrank or flipped, or a coin reappears right after
-    the monitor closed it (to tell a real re-open from a stale snapshot).
+    A row's cycle is checked against fills whenever the snapshot differs from the row (gone, other side,
+    other size, other entry price), before an exit rule may send an order (``verify_rules``: a close and
+    re-open between two runs must never be closed by the old row's rule), and when a coin reappears right
+    after the monitor closed it (to tell a real re-open from a stale snapshot).
     """
     starts: list[datetime] = []
     for row in rows:
@@ -112,7 +115,11 @@ def needs_fills(snapshot: AccountSnapshot, rows: Sequence[PositionRow], recently
         if position is None:
             if now - row.opened_at >= settings.close_grace or row.status == "closing":
                 starts.append(row.opened_at - lookback(row, settings))
-        elif position.side != row.side or position.size < row.size:
+        elif (position.side != row.side or position.size != row.size
+              or (position.entry_price is not None and position.entry_price != row.entry_price)):
+            starts.append(row.opened_at - lookback(row, settings))
+        elif verify_rules and row.status == "open" and exit_rule(row, (mids or {}).get(row.coin), now,
+                                                                 account_max_hold)[0] is not None:
             starts.append(row.opened_at - lookback(row, settings))
     open_coins = {row.coin for row in rows}
     for row in recently_closed:
@@ -135,30 +142,43 @@ def plan_account(
     fills_truncated: bool = False,
     recently_closed: Sequence[PositionRow] = (),
     mids: dict[str, Decimal] | None = None,
+    verify_rules: bool = True,
 ) -> AccountPlan:
-    """Decide what to do for one account. ``fills`` is None when none were read (or the read failed)."""
+    """Decide what to do for one account. ``fills`` is None when none were read (or the read failed);
+    with ``fills_truncated`` they are the part of the window the exchange still keeps (the most recent)."""
     plan = AccountPlan(account)
     address = account.address
     rows_by_coin = {row.coin: row for row in rows}
+    adopted: set[str] = set()
 
     for row in rows:
         position = snapshot.positions.get(row.coin)
-        if position is None:
+        cycles = _row_cycles(fills, row, address, settings)
+        own = cycles.own if cycles is not None else None
+        if own is not None and own.ended and not own.broken:
+            actions = _cycle_ended(address, row, cycles, position, now, fills_truncated)
+            adopted.update(a.coin for a in actions if a.type == DISCOVER)
+            plan.actions.extend(actions)
+        elif own is not None and own.broken:
+            plan.actions.append(Action(WAIT, address, row.coin, position_id=row.id,
+                                       reason="its fills do not add up (some missing), retry next run"))
+        elif position is None:
             plan.actions.extend(_vanished(address, row, now, settings, fills, fills_error, fills_truncated))
         elif position.side != row.side:
-            plan.actions.extend(_flipped(address, row, position, now, fills, fills_error, settings))
+            plan.actions.append(_flip_unproven(address, row, fills, fills_error))
         else:
-            plan.actions.extend(_still_open(address, account, row, position, now, fills, mids, plan, settings))
+            plan.actions.extend(_still_open(address, account, row, position, now, fills, fills_error, own,
+                                            fills_truncated, mids, plan, settings, verify_rules))
 
     recent_by_coin: dict[str, PositionRow] = {}
     for row in recently_closed:
         recent_by_coin.setdefault(row.coin, row)
     for coin, position in sorted(snapshot.positions.items()):
-        if coin in rows_by_coin:
+        if coin in rows_by_coin or coin in adopted:
             continue
         recent = recent_by_coin.get(coin)
         if recent is not None and recent.closed_at is not None:
-            reopened_at = _reopened_after(fills, coin, position.side, to_ms(recent.closed_at))
+            reopened_at = _reopened_after(fills, coin, position.side, to_ms(recent.closed_at), address)
             if reopened_at is None:
                 plan.actions.append(Action(WAIT, address, coin, position_id=recent.id,
                                            reason="closed moments ago; snapshot may be stale (no fill re-opened it)"))
@@ -177,59 +197,95 @@ def lookback(row: PositionRow, settings: PlanSettings) -> timedelta:
     return settings.reopen_guard if row.source == "discovered" else timedelta(seconds=1)
 
 
-def _figures(fills: Sequence[Fill], row: PositionRow, address: str, settings: PlanSettings) -> Any:
-    """The row's close figures from its own window of fills, or None when they do not chain (some missing)."""
-    try:
-        return row_close_figures(fills, coin=row.coin, side=row.side, opened_ms=to_ms(row.opened_at),
-                                 account=address, lookback_ms=int(lookback(row, settings).total_seconds() * 1000))
-    except ExchangeDataError:
+def row_cycles_of(fills: Sequence[Fill], row: PositionRow, address: str, settings: PlanSettings) -> RowCycles:
+    """The row's own cycle and the later ones, from the fills of its window (the one model every decision uses)."""
+    return row_cycles(fills, coin=row.coin, side=row.side, opened_ms=to_ms(row.opened_at), account=address,
+                      lookback_ms=int(lookback(row, settings).total_seconds() * 1000),
+                      adopted=row.source == "discovered")
+
+
+def _row_cycles(fills: Sequence[Fill] | None, row: PositionRow, address: str,
+                settings: PlanSettings) -> RowCycles | None:
+    return None if fills is None else row_cycles_of(fills, row, address, settings)
+
+
+def close_reason(row: PositionRow, own: Cycle, address: str) -> str:
+    """Why the row's cycle ended: a liquidation, this row's own close order (its rule), a flip, else external."""
+    if own.liquidated:
+        return "liquidation"
+    if own.end_cloid is not None and own.end_cloid in _row_cloids(row, address):
+        return _rule_of(row)
+    if own.flipped:
+        return "flipped"
+    return "external"
+
+
+def _row_cloids(row: PositionRow, address: str) -> set[str]:
+    from monitor.exchange import close_cloid  # a pure hash; the module's I/O is not touched
+
+    ids = {close_cloid(address, row.id, attempt).lower() for attempt in range(1, row.close_attempts + 1)}
+    if row.close_cloid:
+        ids.add(row.close_cloid.lower())
+    return ids
+
+
+def cycle_close(address: str, row: PositionRow, own: Cycle, now: datetime, *, truncated: bool = False,
+                reason: str | None = None) -> Action:
+    """The CLOSE of a row whose cycle ended, with that cycle's own figures."""
+    closed_at, extra = _close_time(row, own.figures(), now)
+    metadata: dict[str, Any] = {"fills": own.fill_count, **extra}
+    if not own.start_known:
+        metadata["opening_fills_missing"] = True  # older than the exchange keeps: fees cover what is there
+        if truncated:
+            metadata["fills_truncated"] = True
+    return Action(CLOSE, address, row.coin, position_id=row.id, side=row.side, size=row.size,
+                  reason=reason or close_reason(row, own, address), exit_price=own.exit_price,
+                  realized_pnl=own.realized_pnl, fees=own.fees, closed_at=closed_at, metadata=metadata)
+
+
+def _cycle_ended(address: str, row: PositionRow, cycles: RowCycles, position: ExchangePosition | None,
+                 now: datetime, truncated: bool) -> list[Action]:
+    """The row's cycle ended: close it with its own figures; a position open now is a later cycle, a new row."""
+    own = cycles.own
+    assert own is not None
+    actions = [cycle_close(address, row, own, now, truncated=truncated)]
+    latest = cycles.latest
+    if position is None:
+        return actions
+    if latest is None or latest is own or latest.ended or latest.broken or latest.side != position.side:
+        actions.append(Action(WAIT, address, row.coin, position_id=row.id,
+                              reason="on the exchange again, but no fill shows that position opening yet"))
+        return actions
+    link = "flipped_from" if latest.opened_by_flip and latest is cycles.later[0] else "reopened_after"
+    actions.append(Action(DISCOVER, address, row.coin, side=position.side, size=position.size,
+                          entry_price=position.entry_price, opened_at=from_ms(latest.start_ms),
+                          metadata={link: row.id}))
+    return actions
+
+
+def _reopened_after(fills: Sequence[Fill] | None, coin: str, side: str, closed_ms: int,
+                    address: str) -> datetime | None:
+    """When the position open now on ``side`` started, if a fill after ``closed_ms`` opened it (None: no such fill)."""
+    if not fills:
         return None
-
-
-def _reopened_after(fills: Sequence[Fill] | None, coin: str, side: str, closed_ms: int) -> datetime | None:
-    """When a fill after ``closed_ms`` opened ``coin`` again on ``side`` (None: no such fill)."""
-    for fill in fills or ():
-        if fill.coin != coin or fill.time_ms < closed_ms:
-            continue
-        after = fill.end_position
-        if (side == "long" and fill.start_position <= 0 < after) or (side == "short" and fill.start_position >= 0 > after):
-            return from_ms(fill.time_ms)
-    return None
-
-
-def _explain(address: str, row: PositionRow, fills: Sequence[Fill] | None, fills_error: str | None,
-             what: str, settings: PlanSettings) -> Any:
-    """The row's close figures from fills, or a WAIT action saying why they cannot be had yet."""
-    if fills is None:
-        return Action(WAIT, address, row.coin, position_id=row.id,
-                      reason=f"{what}; fills unreadable ({fills_error or 'not read'}), retry next run")
-    figures = _figures(fills, row, address, settings)
-    if figures is None:
-        return Action(WAIT, address, row.coin, position_id=row.id,
-                      reason=f"{what}; its fills do not add up (some missing), retry next run")
-    return figures
+    cycles = segment_cycles((f for f in fills if f.time_ms >= closed_ms), coin, account=address)
+    if not cycles:
+        return None
+    latest = cycles[-1]
+    if latest.ended or latest.broken or latest.side != side or not latest.start_known:
+        return None
+    return from_ms(latest.start_ms)
 
 
 def _vanished(address: str, row: PositionRow, now: datetime, settings: PlanSettings,
               fills: Sequence[Fill] | None, fills_error: str | None, fills_truncated: bool = False) -> list[Action]:
+    """Gone from the exchange, and no fill shows the row's cycle ending (yet)."""
     if row.status != "closing" and now - row.opened_at < settings.close_grace:
         return [Action(WAIT, address, row.coin, position_id=row.id,
                        reason="not on the exchange yet, but opened moments ago (grace period)")]
-    if not fills_truncated:
-        figures = _explain(address, row, fills, fills_error, "gone from the exchange", settings)
-        if isinstance(figures, Action):
-            return [figures]
-        if figures.flat:
-            if figures.liquidated:
-                reason = "liquidation"
-            elif row.status == "closing" and row.close_cloid and _closed_by_cloid(fills or (), row):
-                reason = _rule_of(row)
-            else:
-                reason = "external"
-            closed_at, extra = _close_time(row, figures, now)
-            return [Action(CLOSE, address, row.coin, position_id=row.id, side=row.side, size=row.size,
-                           reason=reason, exit_price=figures.exit_price, realized_pnl=figures.realized_pnl,
-                           fees=figures.fees, closed_at=closed_at, metadata={"fills": figures.fill_count, **extra})]
+    if fills is None and not fills_truncated:
+        return [Action(WAIT, address, row.coin, position_id=row.id,
+                       reason=f"gone from the exchange; fills unreadable ({fills_error or 'not read'}), retry next run")]
     # Gone, and no fill explains it (yet). Close without figures only after it has been seen missing
     # for the whole window, counted from the first run that saw it missing (not from the last
     # sighting: an outage or failed reads must not shorten the wait).
@@ -270,42 +326,33 @@ def _rule_of(row: PositionRow) -> str:
     return row.close_rule or "requested"
 
 
-def _closed_by_cloid(fills: Sequence[Fill], row: PositionRow) -> bool:
-    return any(f.cloid == row.close_cloid for f in fills if f.coin == row.coin)
-
-
-def _flipped(address: str, row: PositionRow, position: ExchangePosition, now: datetime,
-             fills: Sequence[Fill] | None, fills_error: str | None, settings: PlanSettings) -> list[Action]:
-    figures = _explain(address, row, fills, fills_error, "flipped on the exchange", settings)
-    if isinstance(figures, Action):
-        return [figures]
-    if not figures.flat:  # a stale snapshot, or fills that lag: never close without the closing fill
-        return [Action(WAIT, address, row.coin, position_id=row.id,
-                       reason="on the other side on the exchange, but no fill shows this side closing yet")]
-    closed_at, _ = _close_time(row, figures, now)
-    reason = "liquidation" if figures.liquidated else "flipped"
-    return [
-        Action(CLOSE, address, row.coin, position_id=row.id, side=row.side, size=row.size, reason=reason,
-               exit_price=figures.exit_price, realized_pnl=figures.realized_pnl, fees=figures.fees,
-               closed_at=closed_at, metadata={"fills": figures.fill_count}),
-        Action(DISCOVER, address, row.coin, side=position.side, size=position.size,
-               entry_price=position.entry_price, opened_at=closed_at, metadata={"flipped_from": row.id}),
-    ]
+def _flip_unproven(address: str, row: PositionRow, fills: Sequence[Fill] | None, fills_error: str | None) -> Action:
+    if fills is None:
+        return Action(WAIT, address, row.coin, position_id=row.id,
+                      reason=f"flipped on the exchange; fills unreadable ({fills_error or 'not read'}), retry next run")
+    # A stale snapshot, or fills that lag: never close without the closing fill.
+    return Action(WAIT, address, row.coin, position_id=row.id,
+                  reason="on the other side on the exchange, but no fill shows this side closing yet")
 
 
 def _still_open(address: str, account: Account, row: PositionRow, position: ExchangePosition, now: datetime,
-                fills: Sequence[Fill] | None, mids: dict[str, Decimal] | None, plan: AccountPlan,
-                settings: PlanSettings) -> list[Action]:
+                fills: Sequence[Fill] | None, fills_error: str | None, own: Cycle | None, truncated: bool,
+                mids: dict[str, Decimal] | None, plan: AccountPlan, settings: PlanSettings,
+                verify_rules: bool) -> list[Action]:
+    """The position is on the exchange on the row's side and (where fills were read) is the row's own cycle."""
     actions: list[Action] = []
-    if position.size != row.size or position.entry_price != row.entry_price:
-        realized = fees = None
-        if position.size < row.size and fills is not None:
-            partial = _figures(fills, row, address, settings)
-            if partial is not None:
-                realized, fees = partial.realized_pnl, partial.fees
+    changed = position.size != row.size or (position.entry_price is not None
+                                            and position.entry_price != row.entry_price)
+    if changed and fills is None:
+        # Without fills a close and re-open cannot be told from a resize: keep the row as it is (the
+        # difference stays, so the next run reads fills again) and send nothing for it.
+        return [Action(WAIT, address, row.coin, position_id=row.id,
+                       reason=f"size or entry changed; fills unreadable ({fills_error or 'not read'}), verify next run")]
+    if changed:
         actions.append(Action(UPDATE, address, row.coin, position_id=row.id, side=row.side, size=position.size,
                               previous_size=row.size, entry_price=position.entry_price,
-                              realized_pnl=realized, fees=fees))
+                              realized_pnl=own.realized_pnl if own is not None else None,
+                              fees=own.fees if own is not None else None))
     else:
         plan.seen_ids.append(row.id)
     if row.status == "closing":
@@ -317,8 +364,17 @@ def _still_open(address: str, account: Account, row: PositionRow, position: Exch
     if best is not None and best != row.best_price:
         actions.append(Action(TRACK_BEST, address, row.coin, position_id=row.id, price=best))
     if rule is not None:
-        actions.append(Action(CLOSE_ORDER, address, row.coin, position_id=row.id, side=row.side,
-                              size=position.size, reason=rule, price=mid))
+        if verify_rules and fills is None:
+            actions.append(Action(WAIT, address, row.coin, position_id=row.id, reason=(
+                f"{rule} fired, but fills ({fills_error or 'not read'}) could not show the position is still this"
+                " row's; nothing sent, retry next run")))
+        elif verify_rules and truncated and changed and (own is None or not own.start_known):
+            actions.append(Action(WAIT, address, row.coin, position_id=row.id, reason=(
+                f"{rule} fired, but the row's opening is older than the exchange's fill history; nothing sent"
+                " until a fill shows whose position this is")))
+        else:
+            actions.append(Action(CLOSE_ORDER, address, row.coin, position_id=row.id, side=row.side,
+                                  size=position.size, reason=rule, price=mid))
     return actions
 
 

@@ -450,12 +450,14 @@ class Run:
             fills = None
             fills_error = None
             truncated = False
-            since = planner.needs_fills(snapshot, rows, recent, now, settings)
+            verify_rules = self.dry_run or self.settings.secret_key is not None  # an order could be sent
+            since = planner.needs_fills(snapshot, rows, recent, now, settings, mids=mids,
+                                        account_max_hold=account.max_hold_seconds, verify_rules=verify_rules)
             if since is not None:
                 try:
                     fills = exchange.read_fills(account.address, since)
                 except FillsTruncated as exc:
-                    truncated, fills_error = True, str(exc)
+                    fills, truncated, fills_error = exc.fills, True, str(exc)
                 except ReadFailed as exc:
                     fills_error = str(exc)
         except ReadFailed as exc:
@@ -463,7 +465,8 @@ class Run:
         except BudgetExhausted:
             return AccountResult(account, deferred="budget")
         plan = planner.plan_account(account, snapshot, rows, now, settings, fills=fills, fills_error=fills_error,
-                                    fills_truncated=truncated, recently_closed=recent, mids=mids)
+                                    fills_truncated=truncated, recently_closed=recent, mids=mids,
+                                    verify_rules=verify_rules)
         open_orders = None
         can_act = self.dry_run or self.settings.secret_key is not None  # list them, or cancel them
         if can_act and any(a.type == planner.CLOSE for a in plan.actions):

@@ -169,10 +169,14 @@ def test_exchange_already_flat_is_success_not_error(keyed, sim, database_url):
     setup(keyed, sim)
     set_row(database_url, "BTC", stop_loss_price=Decimal("31000"))
     sim.add_fault("stale", user=ALICE, count=None)  # the snapshot still shows BTC ...
+    sim.add_fault("stale", user=ALICE, type="userFillsByTime", count=None)  # ... and so do the fills ...
     sim.close_external(ALICE, "BTC", "30100")  # ... but it was closed outside
     report = run_json(keyed)
     sent = [a for a in report["actions"] if a["type"] == "close_sent"]
     assert sent and sent[0]["metadata"]["outcome"] == "no_position"
+    assert row(database_url, "BTC")["status"] == "open"  # no closing fill visible yet: back to open, no figures
+    sim.clear_faults()
+    run_json(keyed)
     closed = row(database_url, "BTC")
     assert closed["status"] == "closed" and closed["close_reason"] == "external"
     assert closed["exit_price"] == Decimal("30100")

@@ -751,7 +751,7 @@ def test_parse_accepts_current_shape_with_optional_and_unknown_fields() -> None:
     assert f.liquidation is not None
     assert f.liquidation.liquidated_user == ME and f.liquidation.mark_price == D("1.3188")
     assert f.liquidation.method == "market"
-    assert f.identity == ("tid", "SUI", 118906512037719)
+    assert f.identity == ("tid", "SUI", f.time_ms, f.oid, 118906512037719, f.side)
     # Nulls for optional fields mean "not given".
     item.update(tid=None, cloid=None, feeToken=None, crossed=None, liquidation=None)
     (g,) = parse_fills([item])

@@ -203,9 +203,90 @@ def test_account_max_hold_applies_when_the_row_has_none():
 
 def test_an_exit_rule_plans_one_close_order_at_the_mid():
     plan = plan_account(ACCOUNT, snapshot(pos()), [row(stop_loss_price=D("99"))], NOW, SETTINGS,
-                        mids={"BTC": D("98")})
+                        mids={"BTC": D("98")}, fills=[])
     order, = [a for a in plan.actions if a.type == planner.CLOSE_ORDER]
     assert order.reason == "stop_loss" and order.price == D("98") and order.size == D(1)
+
+
+def test_an_exit_rule_needs_fills_first_and_sends_nothing_without_them():
+    ruled = row(stop_loss_price=D("99"))
+    assert needs_fills(snapshot(pos()), [ruled], [], NOW, SETTINGS, mids={"BTC": D("98")}) == \
+        to_ms(ruled.opened_at) - 1000
+    assert needs_fills(snapshot(pos()), [ruled], [], NOW, SETTINGS, mids={"BTC": D("100")}) is None
+    assert needs_fills(snapshot(pos()), [ruled], [], NOW, SETTINGS, mids={"BTC": D("98")}, verify_rules=False) is None
+    plan = plan_account(ACCOUNT, snapshot(pos()), [ruled], NOW, SETTINGS, mids={"BTC": D("98")},
+                        fills=None, fills_error="HTTP 500")
+    assert types(plan) == ["wait"] and "stop_loss fired" in plan.actions[0].reason
+
+
+def reopen_fills(*, reopen_size="1", reopen_px="100"):
+    """The row's long 1 BTC @ 100 (opened an hour ago) closed at 150 ten minutes ago (+50, fee 0.1 each side),
+    and a new long opened five minutes ago."""
+    return [
+        fill("BTC", "B", "1", "100", "0", at=NOW - timedelta(hours=1), direction="Open Long"),
+        fill("BTC", "A", "1", "150", "1", at=NOW - timedelta(minutes=10), pnl="50"),
+        fill("BTC", "B", reopen_size, reopen_px, "0", at=NOW - timedelta(minutes=5), direction="Open Long"),
+    ]
+
+
+@pytest.mark.parametrize("size,price", [("1", "100"), ("2", "90")])
+def test_a_close_and_reopen_between_runs_closes_the_row_with_its_own_cycle_and_adopts_the_new_one(size, price):
+    ruled = row(take_profit_price=D("120"), trailing_stop_pct=D("5"), best_price=D("150"))
+    snap = snapshot(pos(size=size, entry=price))
+    mids = {"BTC": D("130")}  # the old row's take profit would fire on the new position
+    since = needs_fills(snap, [ruled], [], NOW, SETTINGS, mids=mids)
+    assert since == to_ms(ruled.opened_at) - 1000  # always verified before an order, same size or not
+    plan = plan_account(ACCOUNT, snap, [ruled], NOW, SETTINGS, mids=mids, fills=reopen_fills(reopen_size=size,
+                                                                                              reopen_px=price))
+    assert types(plan) == ["close", "discover"]  # no close_order: the rule never acts on the new position
+    close, discover = plan.actions
+    assert close.position_id == 7 and close.reason == "external"
+    assert (close.exit_price, close.realized_pnl, close.fees) == (D("150"), D("50"), D("0.2"))
+    assert close.closed_at == NOW - timedelta(minutes=10)
+    assert discover.opened_at == NOW - timedelta(minutes=5) and discover.size == D(size)
+    assert discover.metadata == {"reopened_after": 7}
+
+
+def test_a_user_flip_then_close_is_labelled_flipped():
+    fills = [
+        fill("BTC", "B", "1", "100", "0", at=NOW - timedelta(hours=1), direction="Open Long"),
+        fill("BTC", "A", "3", "90", "1", at=NOW - timedelta(minutes=10), pnl="-10", direction="Long > Short"),
+        fill("BTC", "B", "2", "80", "-2", at=NOW - timedelta(minutes=5), pnl="20", direction="Close Short"),
+    ]
+    plan = plan_account(ACCOUNT, snapshot(), [row()], NOW, SETTINGS, fills=fills)
+    close, = plan.actions
+    assert close.type == "close" and close.reason == "flipped" and close.realized_pnl == D("-10")
+    assert close.exit_price == D("90") and close.fees == D("0.13333333333333333333333333333")  # the flip fill: its closing third
+
+
+def test_an_interim_reduction_then_increase_updates_the_interim_pnl():
+    fills = [
+        fill("BTC", "B", "2", "100", "0", at=NOW - timedelta(hours=1), direction="Open Long"),
+        fill("BTC", "A", "1", "110", "2", at=NOW - timedelta(minutes=10), pnl="10"),
+        fill("BTC", "B", "1", "120", "1", at=NOW - timedelta(minutes=5), direction="Open Long"),
+    ]
+    plan = plan_account(ACCOUNT, snapshot(pos(size="2", entry="110")), [row(size="2")], NOW, SETTINGS, fills=fills)
+    update, = plan.actions
+    assert update.type == "update" and update.size == D(2) and update.entry_price == D("110")
+    assert update.realized_pnl == D("10") and update.fees == D("0.3")
+
+
+def test_a_size_change_without_readable_fills_waits_instead_of_resizing():
+    plan = plan_account(ACCOUNT, snapshot(pos(size="2")), [row()], NOW, SETTINGS, fills=None, fills_error="HTTP 429")
+    assert types(plan) == ["wait"] and "verify next run" in plan.actions[0].reason
+
+
+def test_a_rule_order_that_ended_the_cycle_keeps_the_rule_as_reason_even_after_release():
+    from monitor.exchange import close_cloid
+
+    cloid = close_cloid(ADDRESS, 7, 1)
+    fills = [
+        fill("BTC", "B", "1", "100", "0", at=NOW - timedelta(hours=1), direction="Open Long"),
+        fill("BTC", "A", "1", "95", "1", at=NOW - timedelta(minutes=5), pnl="-5", cloid=cloid),
+    ]
+    released = row(close_attempts=1, close_rule="stop_loss", close_cloid=None)
+    close, = plan_account(ACCOUNT, snapshot(), [released], NOW, SETTINGS, fills=fills).actions
+    assert close.reason == "stop_loss"
 
 
 def test_needs_fills_only_for_rows_that_vanished_shrank_or_flipped():
