@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 
 FILLS_PAGE_LIMIT = 2000  # the exchange's maximum fills per userFillsByTime answer
 FILLS_HISTORY = 10_000  # the exchange keeps only the 10,000 most recent fills of a user
-FILLS_MAX_REQUESTS = 12  # requests one fills read may make (a full page costs 120 weight)
-FILLS_CLOCK_MARGIN_MS = 60_000  # the end of a window read "until now", past this host's clock
+FILLS_MAX_REQUESTS = 24  # requests one fills read may make (a full page costs 120 weight)
+FILLS_SPAN_AIM = 1200  # fills a span back from now aims at: well under a page, so few come back capped
 EMPTY_SPOT_META = {"universe": [], "tokens": []}
 
 # Request weights (Hyperliquid docs, rate limits): what each read costs from the per-IP budget.
@@ -207,9 +207,12 @@ class Exchange:
         first = self._fills_page(address, since_ms, until_ms)
         if len(first) < FILLS_PAGE_LIMIT:
             return dedupe_fills(first)
-        end = until_ms if until_ms is not None else int(_time.time() * 1000) + FILLS_CLOCK_MARGIN_MS
+        # The first span back ends "now" by the exchange's clock (endTime null); later ones end where the
+        # previous one started, so no fill is read twice and none is skipped.
+        end = until_ms if until_ms is not None else int(_time.time() * 1000)
+        open_end = until_ms is None
         times = [f.time_ms for f in first]
-        span = max(1, (max(times) - min(times)) * 3 // 4)
+        span = max(1, (max(times) - min(times)) * FILLS_SPAN_AIM // FILLS_PAGE_LIMIT)
         collected: list[Fill] = []
         requests = 1
         while end >= since_ms:
@@ -217,19 +220,24 @@ class Exchange:
                 raise FillsTruncated("userFillsByTime", f"more fills in the window than {FILLS_MAX_REQUESTS}"
                                      " requests read; the most recent part is used", dedupe_fills(collected))
             start = max(since_ms, end - span + 1)
-            page = self._fills_page(address, start, end)
+            page = self._fills_page(address, start, None if open_end else end)
             requests += 1
             if len(page) >= FILLS_PAGE_LIMIT:
+                if start == end and open_end:
+                    raise ReadFailed("userFillsByTime", "a page of fills is newer than this host's clock"
+                                     " (is the clock behind the exchange's?)")
                 if start == end:
                     raise ReadFailed("userFillsByTime", "more fills in one millisecond than one page holds")
                 span = max(1, (end - start + 1) // 2)
                 continue
             collected.extend(page)
+            open_end = False
             if len(collected) >= FILLS_HISTORY:
                 raise FillsTruncated("userFillsByTime", f"the window reaches past the exchange's {FILLS_HISTORY:,}"
                                      "-fill history; the most recent part is used", dedupe_fills(collected))
             end = start - 1
-            span *= 2
+            # Aim the next span at FILLS_SPAN_AIM fills at the density just seen.
+            span = span * 4 if not page else max(1, span // 2, min(span * 4, span * FILLS_SPAN_AIM // len(page)))
         return dedupe_fills(collected)
 
     def _fills_page(self, address: str, start_ms: int, end_ms: int | None) -> list[Fill]:

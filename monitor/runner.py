@@ -389,7 +389,8 @@ class Run:
                 closed = []  # nothing to write: no transaction at all
             # Orders left by a closed position: not for a coin that flipped (its new position's orders
             # stay), and only orders placed before the close (see Closer._cancel_orphans).
-            reopened = {a.coin for a in plan.actions if a.type == planner.DISCOVER}
+            # (a re-open after a close keeps only its own orders: those placed after the close)
+            reopened = {a.coin for a in plan.actions if a.type == planner.DISCOVER and "flipped_from" in a.metadata}
             closed_coins = {a.coin: to_ms(a.closed_at) if a.closed_at else None
                             for a in closed if a.coin not in reopened}
             orders = [a for a in plan.actions if a.type in (planner.CLOSE_ORDER, planner.SETTLE_CLOSE)]

@@ -220,8 +220,15 @@ def test_an_order_that_never_arrived_is_settled_by_cloid_then_retried(keyed, sim
     assert held["status"] == "closing"
     second = run_json(keyed)  # within expiresAfter: nothing is sent again
     assert second["close_orders_sent"] == 0
-    with psycopg.connect(database_url) as conn:  # let the order's expiresAfter pass
+    assert held["close_expires_at"] is not None and held["close_expires_at"] > held["close_started_at"]
+    with psycopg.connect(database_url) as conn:  # an old claim time alone does not let the settler look
         conn.execute("UPDATE positions SET close_started_at = close_started_at - interval '30 seconds'")
+    sim.reset_log()
+    early = run_json(keyed)  # the order's own expiresAfter has not passed: it may still land
+    assert early["close_orders_sent"] == 0 and row(database_url, "BTC")["status"] == "closing"
+    assert not [r for r in sim.requests_log() if r["type"] == "orderStatus"]
+    with psycopg.connect(database_url) as conn:  # let the order's expiresAfter pass
+        conn.execute("UPDATE positions SET close_expires_at = close_expires_at - interval '30 seconds'")
     sim.reset_log()
     third = run_json(keyed)  # unknownOid -> released; the rule fires again with a new cloid
     fourth = run_json(keyed)
@@ -278,10 +285,10 @@ def test_positions_reduced_partially_keep_the_rest_after_a_partial_fill(keyed, s
     first = run_json(keyed)
     assert first["close_orders_sent"] == 1
     after = row(database_url, "SOL")
-    assert after["status"] == "open"
+    assert after["status"] == "open" and after["size"] == Decimal("6")  # the true size, from the fills
     sim.set_partial_fill_ratio("SOL", None)
-    second = run_json(keyed)  # the size is updated to 6 and the rule fires again
-    assert second["updated"] == 1 and second["close_orders_sent"] == 1
+    second = run_json(keyed)  # the rule is still armed and fires again for the rest
+    assert second["close_orders_sent"] == 1
     final = row(database_url, "SOL")
     assert final["status"] == "closed" and final["close_reason"] == "stop_loss"
     assert final["exit_price"] == Decimal("20")
