@@ -794,3 +794,110 @@ def test_same_millisecond_round_trip_follows_the_previous_position() -> None:
     ]
     ordered = dedupe_fills(parse_fills(rows))
     assert [(f.start_position, f.end_position) for f in ordered] == [(D(0), D(5)), (D(5), D(3)), (D(3), D(5))]
+
+
+# --------------------------------------------------------------------------------------------
+# Cycles: the one model of positions
+
+
+def test_cycles_split_at_flat_and_at_a_flip_fill_pro_rata() -> None:
+    from monitor.fills import segment_cycles
+
+    fills = parse_fills([
+        raw_fill(time=1000, side="B", start="0", sz="2", px="100", fee="0.2"),
+        raw_fill(time=2000, side="A", start="2", sz="2", px="110", dir="Close Long", pnl="20", fee="0.4"),
+        raw_fill(time=3000, side="B", start="0", sz="1", px="120", fee="0.1"),
+        raw_fill(time=4000, side="A", start="1", sz="4", px="100", dir="Long > Short", pnl="-20", fee="0.8"),
+        raw_fill(time=5000, side="B", start="-3", sz="1", px="90", dir="Close Short", pnl="10", fee="0.2"),
+    ])
+    first, second, third = segment_cycles(reversed(fills), "ETH", account=ME)
+    assert (first.side, first.start_ms, first.end_ms, first.flipped) == ("long", 1000, 2000, False)
+    assert (first.exit_price, first.realized_pnl, first.fees) == (D("110"), D("20"), D("0.6"))
+    assert (second.side, second.start_ms, second.end_ms, second.flipped) == ("long", 3000, 4000, True)
+    assert (second.exit_price, second.closed_size, second.realized_pnl) == (D("100"), D("1"), D("-20"))
+    assert second.fees == D("0.1") + D("0.2")  # its own opening fee and a quarter of the flip fill's
+    assert (third.side, third.start_ms, third.opened_by_flip, third.ended, third.size) == ("short", 4000, True, False, D("2"))
+    assert third.fees == D("0.6") + D("0.2") and third.realized_pnl == D("10")
+    assert all(c.complete and c.start_known for c in (first, second, third))
+
+
+def test_cycles_same_millisecond_close_and_reopen_are_two_cycles_in_position_order() -> None:
+    from monitor.fills import segment_cycles
+
+    fills = parse_fills([  # listed out of order within the millisecond
+        raw_fill(time=2000, side="B", start="0", sz="3", px="101", fee="0.3", oid=3),
+        raw_fill(time=1000, side="B", start="0", sz="1", px="100", fee="0.1", oid=1),
+        raw_fill(time=2000, side="A", start="1", sz="1", px="101", dir="Close Long", pnl="1", fee="0.1", oid=2),
+    ])
+    first, second = segment_cycles(fills, "ETH", account=ME)
+    assert (first.end_ms, first.realized_pnl, first.exit_price) == (2000, D("1"), D("101"))
+    assert (second.start_ms, second.size, second.ended) == (2000, D("3"), False)
+
+
+def test_self_trade_legs_sharing_a_tid_are_two_fills_and_no_close() -> None:
+    from monitor.fills import segment_cycles
+
+    legs = parse_fills([
+        raw_fill(time=1000, side="B", start="0", sz="2", px="100", fee="0.2", tid=1),
+        raw_fill(time=2000, side="A", start="2", sz="2", px="105", dir="Close Long", pnl="10", fee="0.1",
+                 hash="0x" + "ee" * 32, oid=21, tid=777, crossed=True),
+        raw_fill(time=2000, side="B", start="2", sz="2", px="105", dir="Open Long", fee="0.05",
+                 hash="0x" + "ee" * 32, oid=22, tid=777, crossed=False),
+    ])
+    assert len(dedupe_fills(legs)) == 3  # the shared tid does not merge the two legs
+    cycle, = segment_cycles(legs, "ETH", account=ME)
+    assert not cycle.ended and cycle.size == D("2")
+    assert cycle.realized_pnl == D("10") and cycle.fees == D("0.35") and cycle.closed_size == 0
+
+
+def test_a_liquidation_ends_its_cycle_as_liquidated_and_the_next_one_is_clean() -> None:
+    from monitor.fills import segment_cycles
+
+    fills = parse_fills([
+        raw_fill(time=1000, side="B", start="0", sz="1", px="100"),
+        raw_fill(time=2000, side="A", start="1", sz="1", px="80", dir="Close Long", pnl="-20",
+                 liquidation={"liquidatedUser": ME, "markPx": "80", "method": "market"}),
+        raw_fill(time=3000, side="B", start="0", sz="1", px="81"),
+    ])
+    liquidated, reopened = segment_cycles(fills, "ETH", account=ME)
+    assert liquidated.liquidated and liquidated.ended and not reopened.liquidated
+
+
+def test_cycles_from_overlapping_pages_and_a_start_before_the_window() -> None:
+    from monitor.fills import segment_cycles
+
+    raw = [raw_fill(time=1000 + n, side="A", start=str(10 - n), sz="1", px="100", dir="Close Long", pnl="1",
+                    fee="0.01") for n in range(10)]
+    pages = parse_fills(raw[:6]) + parse_fills(raw[5:])  # the boundary fill comes back on the next page
+    cycle, = segment_cycles(pages, "ETH", account=ME)
+    assert not cycle.start_known and cycle.ended and cycle.fill_count == 10
+    assert cycle.closed_size == D("10") and cycle.realized_pnl == D("10") and cycle.fees == D("0.10")
+
+
+def test_a_missing_fill_breaks_the_cycle_instead_of_closing_it() -> None:
+    from monitor.fills import row_cycles, segment_cycles
+
+    fills = parse_fills([
+        raw_fill(time=1000, side="B", start="0", sz="2", px="100"),
+        # the fill that reduced 2 -> 0 is missing; a new long starts from flat
+        raw_fill(time=3000, side="B", start="0", sz="1", px="120"),
+    ])
+    broken, new = segment_cycles(fills, "ETH", account=ME)
+    assert broken.broken and not broken.ended and not new.broken
+    own = row_cycles(fills, coin="ETH", side="long", opened_ms=1000, account=ME).own
+    assert own == broken  # the row's cycle cannot be closed from these fills
+
+
+def test_row_cycles_skip_an_older_cycle_closed_before_the_row_opened() -> None:
+    from monitor.fills import row_cycles
+
+    fills = parse_fills([
+        raw_fill(time=500, side="B", start="0", sz="1", px="100"),
+        raw_fill(time=900, side="A", start="1", sz="1", px="110", dir="Close Long", pnl="10"),
+        raw_fill(time=5000, side="B", start="0", sz="2", px="120"),  # the row's own position, filled late
+    ])
+    platform = row_cycles(fills, coin="ETH", side="long", opened_ms=1200, account=ME, lookback_ms=1000)
+    assert platform.own is not None and platform.own.start_ms == 5000 and platform.later == ()
+    adopted = row_cycles(fills, coin="ETH", side="long", opened_ms=1200, account=ME, lookback_ms=1000, adopted=True)
+    assert adopted.own is not None and adopted.own.end_ms == 900  # a stale snapshot showed the old one
+    assert [c.start_ms for c in adopted.later] == [5000]
