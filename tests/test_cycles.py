@@ -154,3 +154,29 @@ def test_a_window_just_under_the_history_is_read_whole(sim):
     fills = Exchange(sim.url, timeout=5).read_fills(ALICE, start - 1000)
     assert len(fills) == 9_999
     assert len({(f.time_ms, f.oid) for f in fills}) == 9_999
+
+
+def test_a_user_flip_closed_before_the_next_run_is_labelled_flipped(env, sim, database_url):
+    sim.open_position(ALICE, "ETH", "1", "2000")
+    assert cli(env, "accounts", "add", ALICE).returncode == 0
+    run_json(env)
+    sim.flip(ALICE, "ETH", "-1", "2100")  # long -> short in one fill ...
+    sim.close_external(ALICE, "ETH", "2050")  # ... and the short closed too, before the next run
+    run_json(env)
+    row, = rows(database_url, "ETH")
+    assert row["status"] == "closed" and row["close_reason"] == "flipped"
+    assert row["exit_price"] == Decimal("2100") and row["realized_pnl"] == Decimal("100")
+
+
+def test_a_reduction_then_an_increase_between_runs_updates_the_interim_pnl(env, sim, database_url):
+    sim.open_position(ALICE, "ETH", "2", "2000")
+    assert cli(env, "accounts", "add", ALICE).returncode == 0
+    run_json(env)
+    sim.resize(ALICE, "ETH", "1", "2100")  # +100 realized ...
+    sim.resize(ALICE, "ETH", "2", "2200")  # ... and back to 2: the size is what it was
+    run_json(env)
+    row, = rows(database_url, "ETH")
+    fills = [f for f in sim.fills(ALICE) if f["coin"] == "ETH"]
+    assert row["status"] == "open" and row["size"] == Decimal("2")
+    assert row["entry_price"] == Decimal(sim.position(ALICE, "ETH")["entryPx"])
+    assert row["realized_pnl"] == Decimal("100") and row["fees"] == sum(Decimal(f["fee"]) for f in fills)
