@@ -12,8 +12,11 @@ Two backends share one policy (README, "Locking"):
 - ``postgres``: the lease lives in the ``monitor_lease`` row alone (holder, heartbeat, expiry by
   the database's clock), so hosts sharing a cron line need no shared filesystem.
 
-Either way each new holder advances the lease row's epoch, and every write transaction checks it
-(``Database.fenced``), so a run whose lock was taken over cannot write.
+Either way each new holder advances the lease row's epoch, and the run's state writes check it
+(``Database.fenced``; README "Locking" lists which writes are fenced), so a run whose lock was taken
+over, or released under it by ``lock clear``, cannot write. A holder is judged from the local /proc
+(dead, or killed when silent) only when its host AND machine identity (``machine_identity``) match
+ours, and it is killed only when its stamp carries a process-start token.
 """
 
 from __future__ import annotations
@@ -409,7 +412,8 @@ class LocalRunLock(RunLock):
         )
 
     def clear(self, *, force: bool) -> Holder | None:
-        """Remove the marker. Refuses while its holder is provably alive, unless ``force``."""
+        """Remove the marker. Refuses while its holder is provably alive, or cannot be verified from here
+        (another host or machine) and refreshed its stamp within the stale limit, unless ``force``."""
         from filelock import FileLock
 
         check_lock_path(self.path)
@@ -418,6 +422,10 @@ class LocalRunLock(RunLock):
             return None
         if holder.alive and not force:
             raise LockHeld(f"lock holder is alive ({holder.describe(_utc(self._now()))}); use --force to clear anyway")
+        fresh = holder.heartbeat_at is not None and self._now() - holder.heartbeat_at.timestamp() < self.stale_after
+        if holder.alive is None and fresh and not force:
+            raise LockHeld(f"lock holder cannot be verified from this machine and its stamp is fresh"
+                           f" ({holder.describe(_utc(self._now()))}); use --force to clear anyway")
         from filelock import SoftFileLease
 
         with FileLock(str(self.gate_file), timeout=5, is_singleton=False):

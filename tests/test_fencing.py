@@ -252,3 +252,18 @@ def test_a_superseded_run_does_not_overwrite_its_successors_health_or_alerts(env
     # its own run-history row records how it ended
     exit_code, summary, finished = run_row(database_url, report["run_id"])
     assert exit_code == 75 and finished is not None and summary
+
+
+def test_lock_clear_refuses_a_fresh_holder_it_cannot_verify_unless_forced(env):
+    lock_path = Path(env["MONITOR_LOCK_FILE"])
+    _marker(lock_path, pid=4242, host="other-host.example", start=None, age=10, machine=None, side=False)
+    refused = cli(env, "lock", "clear")
+    assert refused.returncode == 75 and "cannot be verified" in refused.stderr, refused.stderr
+    assert lock_path.exists()
+    forced = cli(env, "lock", "clear", "--force")
+    assert forced.returncode == 0 and "pid 4242" in forced.stdout
+    assert not lock_path.exists()
+    # a stamp silent past the stale limit is a holder that went away: cleared without --force
+    _marker(lock_path, pid=4242, host="other-host.example", start=None, age=400, machine=None, side=False)
+    cleared = cli(dict(env, MONITOR_LOCK_STALE_AFTER="300"), "lock", "clear")
+    assert cleared.returncode == 0 and not lock_path.exists(), cleared.stderr
