@@ -267,3 +267,21 @@ def test_lock_clear_refuses_a_fresh_holder_it_cannot_verify_unless_forced(env):
     _marker(lock_path, pid=4242, host="other-host.example", start=None, age=400, machine=None, side=False)
     cleared = cli(dict(env, MONITOR_LOCK_STALE_AFTER="300"), "lock", "clear")
     assert cleared.returncode == 0 and not lock_path.exists(), cleared.stderr
+
+
+def test_machine_identity_is_the_machine_id_and_the_boot_id_of_this_kernel():
+    from monitor.lock import machine_identity
+
+    def read(path):
+        try:
+            return Path(path).read_text().strip() or "-"
+        except OSError:
+            return "-"
+
+    expected = f"{read('/etc/machine-id')}/{read('/proc/sys/kernel/random/boot_id')}"
+    identity = machine_identity()
+    if expected == "-/-":
+        assert identity is None
+    else:
+        assert identity is not None and identity.split("/pidns-")[0] == expected
+        assert identity == machine_identity()  # stable within a boot
