@@ -472,8 +472,11 @@ def lock_status(ctx: click.Context, as_json: bool) -> None:
     if holder is None:
         click.echo(f"free ({settings.lock_backend} backend, epoch {epoch})")
         return
-    state = {True: "held", False: "stale (holder gone or expired)", None: "held (holder on another host)"}[holder.alive]
-    click.echo(f"{state}: {holder.describe(now)}, run {holder.run_id}, epoch {epoch}, {settings.lock_backend} backend")
+    state = {True: "held", False: "stale (holder gone or expired)",
+             None: "held (holder on another host or machine)"}[holder.alive]
+    machine = f", machine {holder.machine}" if holder.machine else ", machine unrecorded"
+    click.echo(f"{state}: {holder.describe(now)}{machine}, run {holder.run_id}, epoch {epoch},"
+               f" {settings.lock_backend} backend")
 
 
 @lock.command("clear")

@@ -141,6 +141,7 @@ class OperationsMixin:
 
     _execute: Any
     conn: Any
+    lease_name: str
 
     def start_run(self, *, run_id: str, host: str, pid: int, epoch: int | None, dry_run: bool) -> None:
         self._execute(
@@ -206,10 +207,21 @@ class OperationsMixin:
         return dict(cur.fetchall())
 
     @contextmanager
-    def alerts_locked(self) -> Iterator[None]:
-        """One transaction, serialized across processes, for reading, deciding and saving alert state."""
+    def alerts_locked(self, epoch: int | None = None) -> Iterator[None]:
+        """One transaction, serialized across processes, for reading, deciding and saving alert state.
+
+        With ``epoch`` (a run that held the lock) it commits only while no later holder has advanced the
+        lease's epoch (its own release is allowed: alerts are decided after the run let go), so a
+        superseded run cannot overwrite the alert state of the run that replaced it.
+        """
         with self.conn.transaction():
             self._execute("SELECT pg_advisory_xact_lock(%s)", (_ALERTS_LOCK_KEY,))
+            if epoch is not None:
+                row = self._execute("SELECT epoch FROM monitor_lease WHERE name = %s FOR SHARE",
+                                    (self.lease_name,)).fetchone()
+                if row is None or row[0] != epoch:
+                    raise Fenced(f"lock was taken over since this run (epoch {epoch}, the lease is at"
+                                 f" {None if row is None else row[0]})")
             yield
 
     def load_alerts(self) -> list[tuple[Any, ...]]:
@@ -410,7 +422,8 @@ class Database(OperationsMixin):
 
     # ---- lease and fencing ------------------------------------------------------------------
 
-    def advance_epoch(self, *, run_id: str, host: str, pid: int, start: str | None, stale_after: float) -> int:
+    def advance_epoch(self, *, run_id: str, host: str, pid: int, start: str | None, stale_after: float,
+                      machine: str | None = None) -> int:
         """Record this run as the lease holder and advance the epoch (local-lock backend).
 
         The UPDATE takes the lease row's lock, so it waits for any fenced transaction of the previous
@@ -418,15 +431,16 @@ class Database(OperationsMixin):
         """
         row = self._execute(
             "INSERT INTO monitor_lease AS l (name, epoch, holder_run_id, holder_host, holder_pid, holder_start,"
-            " acquired_at, heartbeat_at, expires_at)"
-            " VALUES (%(name)s, 1, %(run)s, %(host)s, %(pid)s, %(start)s, now(), now(),"
+            " holder_machine, acquired_at, heartbeat_at, expires_at)"
+            " VALUES (%(name)s, 1, %(run)s, %(host)s, %(pid)s, %(start)s, %(machine)s, now(), now(),"
             "  now() + make_interval(secs => %(stale)s))"
             " ON CONFLICT (name) DO UPDATE SET epoch = l.epoch + 1, holder_run_id = EXCLUDED.holder_run_id,"
             "  holder_host = EXCLUDED.holder_host, holder_pid = EXCLUDED.holder_pid,"
-            "  holder_start = EXCLUDED.holder_start, acquired_at = now(), heartbeat_at = now(),"
-            "  expires_at = EXCLUDED.expires_at, released_at = NULL"
+            "  holder_start = EXCLUDED.holder_start, holder_machine = EXCLUDED.holder_machine,"
+            "  acquired_at = now(), heartbeat_at = now(), expires_at = EXCLUDED.expires_at, released_at = NULL"
             " RETURNING epoch",
-            {"name": self.lease_name, "run": run_id, "host": host, "pid": pid, "start": start, "stale": stale_after},
+            {"name": self.lease_name, "run": run_id, "host": host, "pid": pid, "start": start, "stale": stale_after,
+             "machine": machine},
         ).fetchone()
         self.run_id, self.epoch = run_id, row[0]
         return row[0]
@@ -440,6 +454,7 @@ class Database(OperationsMixin):
         start: str | None,
         stale_after: float,
         seen_epoch: int | None = None,
+        machine: str | None = None,
     ) -> int | None:
         """Take the PostgreSQL lease when it is free or expired (by the database's clock).
 
@@ -449,7 +464,8 @@ class Database(OperationsMixin):
         self._execute("INSERT INTO monitor_lease (name) VALUES (%s) ON CONFLICT DO NOTHING", (self.lease_name,))
         row = self._execute(
             "UPDATE monitor_lease SET epoch = epoch + 1, holder_run_id = %(run)s, holder_host = %(host)s,"
-            " holder_pid = %(pid)s, holder_start = %(start)s, acquired_at = now(), heartbeat_at = now(),"
+            " holder_pid = %(pid)s, holder_start = %(start)s, holder_machine = %(machine)s,"
+            " acquired_at = now(), heartbeat_at = now(),"
             " expires_at = now() + make_interval(secs => %(stale)s), released_at = NULL"
             " WHERE name = %(name)s AND ("
             "   (%(seen)s::bigint IS NULL AND (holder_run_id IS NULL OR released_at IS NOT NULL"
@@ -464,6 +480,7 @@ class Database(OperationsMixin):
                 "start": start,
                 "stale": stale_after,
                 "seen": seen_epoch,
+                "machine": machine,
             },
         ).fetchone()
         if row is None:
@@ -487,18 +504,23 @@ class Database(OperationsMixin):
         )
         return cur.rowcount == 1
 
-    def clear_lease(self) -> dict[str, Any] | None:
+    def clear_lease(self, run_id: str | None = None) -> dict[str, Any] | None:
+        """Mark the lease released (``lock clear``): its holder's next fenced transaction is refused.
+
+        With ``run_id`` only that holder's lease is released (a newer holder's is left alone).
+        """
         before = self.lease_status()
         self._execute(
-            "UPDATE monitor_lease SET released_at = now() WHERE name = %s AND released_at IS NULL",
-            (self.lease_name,),
+            "UPDATE monitor_lease SET released_at = now() WHERE name = %s AND released_at IS NULL"
+            " AND (%s::text IS NULL OR holder_run_id = %s)",
+            (self.lease_name, run_id, run_id),
         )
         return before
 
     def lease_status(self) -> dict[str, Any] | None:
         cur = self._execute(
-            "SELECT name, epoch, holder_run_id, holder_host, holder_pid, holder_start, acquired_at, heartbeat_at,"
-            " expires_at, released_at, now() AS db_now FROM monitor_lease WHERE name = %s",
+            "SELECT name, epoch, holder_run_id, holder_host, holder_pid, holder_start, holder_machine, acquired_at,"
+            " heartbeat_at, expires_at, released_at, now() AS db_now FROM monitor_lease WHERE name = %s",
             (self.lease_name,),
         )
         row = cur.fetchone()
@@ -508,7 +530,11 @@ class Database(OperationsMixin):
 
     @contextmanager
     def fenced(self, epoch: int) -> Iterator[None]:
-        """A transaction that commits only while ``epoch`` is still the lease's current epoch."""
+        """A transaction that commits only while ``epoch`` is still the lease's current, unreleased epoch.
+
+        A lease released under its holder (``lock clear``) fences it at once; a run releases its own
+        lease only after its last fenced write (``Run.execute``).
+        """
         try:
             with self.conn.transaction():
                 row = self._execute(
@@ -518,6 +544,8 @@ class Database(OperationsMixin):
                 if row is None or row[0] != epoch:
                     current = None if row is None else row[0]
                     raise Fenced(f"lock was taken over (this run has epoch {epoch}, the lease is at {current})")
+                if row[1]:
+                    raise Fenced(f"lock was released under this run (epoch {epoch}; `lock clear`?)")
                 yield
         except psycopg.OperationalError as exc:
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "connection lost"

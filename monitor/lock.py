@@ -12,8 +12,11 @@ Two backends share one policy (README, "Locking"):
 - ``postgres``: the lease lives in the ``monitor_lease`` row alone (holder, heartbeat, expiry by
   the database's clock), so hosts sharing a cron line need no shared filesystem.
 
-Either way each new holder advances the lease row's epoch, and every write transaction checks it
-(``Database.fenced``), so a run whose lock was taken over cannot write.
+Either way each new holder advances the lease row's epoch, and the run's state writes check it
+(``Database.fenced``; README "Locking" lists which writes are fenced), so a run whose lock was taken
+over, or released under it by ``lock clear``, cannot write. A holder is judged from the local /proc
+(dead, or killed when silent) only when its host AND machine identity (``machine_identity``) match
+ours, and it is killed only when its stamp carries a process-start token.
 """
 
 from __future__ import annotations
@@ -67,6 +70,40 @@ def process_state(pid: int) -> str | None:
     return fields[0].decode() if fields else None
 
 
+_INITIAL_PID_NAMESPACE = 0xEFFFFFFC  # the inode Linux reserves for the initial PID namespace
+
+
+def _read_id(path: str) -> str | None:
+    try:
+        text = Path(path).read_text(encoding="ascii").strip()
+    except (OSError, ValueError):
+        return None
+    return text or None
+
+
+def machine_identity() -> str | None:
+    """Whose /proc this process sees, recorded beside the host name of a lock holder.
+
+    ``<machine-id>/<boot-id>`` (``-`` for a part that cannot be read), plus ``/pidns-<inode>`` outside
+    the initial PID namespace: a pid is judged from the local /proc only when the holder recorded the
+    same identity. The boot id is random per kernel boot, so machines cloned with one /etc/machine-id
+    still differ; the PID namespace separates containers on one kernel. None when neither id is
+    readable (then nobody is ever judged dead from /proc; the lock falls back to staleness).
+    """
+    machine = _read_id("/etc/machine-id")
+    boot = _read_id("/proc/sys/kernel/random/boot_id")
+    if machine is None and boot is None:
+        return None
+    identity = f"{machine or '-'}/{boot or '-'}"
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = _INITIAL_PID_NAMESPACE
+    if namespace != _INITIAL_PID_NAMESPACE:
+        identity += f"/pidns-{namespace:x}"
+    return identity
+
+
 def process_is(pid: int, start: int | None) -> bool:
     """Whether ``pid`` is alive (not a zombie) and, when ``start`` is known, is the same process."""
     state = process_state(pid)
@@ -91,6 +128,7 @@ class Holder:
     alive: bool | None = None
     path: str | None = None
     expires_at: datetime | None = None
+    machine: str | None = None  # machine_identity() of the holder; None: not recorded
 
     def age_seconds(self, now: datetime) -> float | None:
         return None if self.started_at is None else max((now - self.started_at).total_seconds(), 0.0)
@@ -161,8 +199,10 @@ class RunLock:
 class LocalRunLock(RunLock):
     backend = "local"
 
-    def __init__(self, path: Path, *, stale_after: float, now: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: Path, *, stale_after: float, now: Callable[[], float] = time.time,
+                 database_factory: Callable[[], Any] | None = None) -> None:
         super().__init__()
+        self._database_factory = database_factory  # `lock clear` marks the lease row released through it
         self.path = Path(path)
         self.side_file = Path(f"{self.path}.holder.json")
         self.gate_file = Path(f"{self.path}.gate")
@@ -248,12 +288,22 @@ class LocalRunLock(RunLock):
                 if not self._marker_is(marker):  # the stamp we read may belong to a newer marker
                     return not self.path.exists() and self._try_acquire()
                 host = _filelock_host()
+                spared = None
                 if owner is not None and owner.hostname == host:
                     start = None if owner.start is None else owner.start % 2**64
-                    if process_is(owner.pid, start):
+                    if start is None:
+                        # a live pid without a start token may be a recycled one: never kill it
+                        spared = "its stamp has no process-start token"
+                    elif not _same_machine(self._side_record(owner)):
+                        # same host name, but maybe another machine (or container): its pid is not ours
+                        spared = "it is not provably on this machine"
+                    elif process_is(owner.pid, start):
                         log.warning("lock holder pid %s silent for %.0fs: stopping it (SIGKILL)", owner.pid, silent_for)
                         if not _kill_and_wait(owner.pid, start):
                             return False
+                if spared is not None:
+                    log.warning("lock holder pid %s silent for %.0fs: not stopped (%s); taking the lock over,"
+                                " the epoch fences it", owner.pid, silent_for, spared)
                 if not self._marker_is(marker):
                     # refreshed or replaced while we judged it; released meanwhile: free to take
                     return not self.path.exists() and self._try_acquire()
@@ -261,10 +311,21 @@ class LocalRunLock(RunLock):
                 self.took_over = (
                     f"took the lock over from pid {owner.pid if owner else '?'} on "
                     f"{owner.hostname if owner else '?'} (silent for {silent_for:.0f}s)"
+                    + (f"; not stopped: {spared}" if spared else "")
                 )
                 return self._try_acquire()
         except Timeout:
             return False
+
+    def _side_record(self, owner: Any) -> dict[str, Any]:
+        """The side file, when it describes ``owner`` (same claim token); else {}."""
+        try:
+            side = json.loads(self.side_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(side, dict) or owner is None or side.get("token") != owner.token:
+            return {}
+        return side
 
     def _marker_is(self, seen: os.stat_result) -> bool:
         """Whether the marker on disk is still the one ``seen`` (same file, not refreshed since)."""
@@ -289,6 +350,7 @@ class LocalRunLock(RunLock):
             "token": self._lease.token,
             "pid": os.getpid(),
             "host": socket.gethostname(),
+            "machine": machine_identity(),
             "started_at": _utc(self.started_at or self._now()).isoformat(),
             "stale_after": self.stale_after,
         }
@@ -334,7 +396,8 @@ class LocalRunLock(RunLock):
             side = {}  # the side file describes an older holder
         started = side.get("started_at")
         alive = None
-        if owner is not None and owner.hostname == _filelock_host():
+        # judged from our /proc only for a holder on this host AND this machine (its side file says)
+        if owner is not None and owner.hostname == _filelock_host() and _same_machine(side):
             alive = process_is(owner.pid, None if owner.start is None else owner.start % 2**64)
         return Holder(
             backend=self.backend,
@@ -345,10 +408,12 @@ class LocalRunLock(RunLock):
             heartbeat_at=_utc(marker.st_mtime),
             alive=alive,
             path=str(self.path),
+            machine=side.get("machine"),
         )
 
     def clear(self, *, force: bool) -> Holder | None:
-        """Remove the marker. Refuses while its holder is provably alive, unless ``force``."""
+        """Remove the marker. Refuses while its holder is provably alive, or cannot be verified from here
+        (another host or machine) and refreshed its stamp within the stale limit, unless ``force``."""
         from filelock import FileLock
 
         check_lock_path(self.path)
@@ -357,15 +422,42 @@ class LocalRunLock(RunLock):
             return None
         if holder.alive and not force:
             raise LockHeld(f"lock holder is alive ({holder.describe(_utc(self._now()))}); use --force to clear anyway")
+        fresh = holder.heartbeat_at is not None and self._now() - holder.heartbeat_at.timestamp() < self.stale_after
+        if holder.alive is None and fresh and not force:
+            raise LockHeld(f"lock holder cannot be verified from this machine and its stamp is fresh"
+                           f" ({holder.describe(_utc(self._now()))}); use --force to clear anyway")
         from filelock import SoftFileLease
 
         with FileLock(str(self.gate_file), timeout=5, is_singleton=False):
-            SoftFileLease(str(self.path), lease_duration=self.stale_after, is_singleton=False).force_break()
+            probe = SoftFileLease(str(self.path), lease_duration=self.stale_after, is_singleton=False)
+            # Fence the holder at once (its next write transaction is refused), then remove its marker.
+            self._release_lease_row(self._side_record(probe.owner).get("run_id"))
+            probe.force_break()
             try:
                 self.side_file.unlink()
             except FileNotFoundError:
                 pass
         return holder
+
+    def _release_lease_row(self, run_id: str | None) -> None:
+        """Mark the holder's lease row released (only that run's, when its side file names it)."""
+        if self._database_factory is None:
+            return
+        try:
+            db = self._database_factory()
+            try:
+                db.clear_lease(run_id)
+            finally:
+                db.close()
+        except Exception as exc:  # noqa: BLE001 - the marker is still cleared; say what was not done
+            log.warning("lock clear: the lease row was not marked released (%s); the old holder is fenced only"
+                        " once its heartbeat notices", getattr(exc, "message", None) or type(exc).__name__)
+
+
+def _same_machine(side: dict[str, Any]) -> bool:
+    """Whether a holder's side file records this machine's identity (unrecorded: not provably ours)."""
+    ours = machine_identity()
+    return ours is not None and side.get("machine") == ours
 
 
 def _filelock_host() -> str:
@@ -411,12 +503,15 @@ class PostgresRunLock(RunLock):
         self._db = self._factory()
         pid = os.getpid()
         start = process_start_time(pid)
+        machine = machine_identity()
         kwargs = dict(run_id=self.run_id, host=self.host, pid=pid, start=None if start is None else str(start),
-                      stale_after=self.stale_after)
+                      stale_after=self.stale_after, machine=machine)
         epoch = self._db.try_acquire_lease(**kwargs)
         if epoch is None:
             status = self._db.lease_status() or {}
-            if status.get("holder_host") == self.host and status.get("holder_pid"):
+            # Judged from our /proc only when host AND machine match: two machines may share MONITOR_HOST_ID.
+            if (status.get("holder_host") == self.host and status.get("holder_pid")
+                    and machine is not None and status.get("holder_machine") == machine):
                 recorded = status.get("holder_start")
                 if not process_is(int(status["holder_pid"]), int(recorded) if recorded else None):
                     epoch = self._db.try_acquire_lease(**kwargs, seen_epoch=status["epoch"])
@@ -504,6 +599,7 @@ def _lease_holder(status: dict[str, Any] | None) -> Holder | None:
         epoch=status.get("epoch"),
         alive=alive,
         expires_at=status.get("expires_at"),
+        machine=status.get("holder_machine"),
     )
 
 

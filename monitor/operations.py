@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Callable, Sequence
 
 from monitor.config import Settings
-from monitor.errors import EXIT_LOCK_HELD, LockHeld, MonitorError
+from monitor.errors import EXIT_LOCK_HELD, Fenced, LockHeld, MonitorError
 from monitor.notify import AlertState, Pinger, RunMetrics, alert_text, decide_alerts, send_webhook, write_metrics_file
 from monitor.runner import Run, RunReport, open_database
 
@@ -44,7 +44,13 @@ def execute_run(settings: Settings, *, dry_run: bool, addresses: Sequence[str],
         raise
     if not dry_run:
         pinger.finish(report.exit_code, body=report.summary_line())
-        _alerts(settings, observed_conditions(report))
+        observed = observed_conditions(report)
+        if report.fenced:
+            # A superseded run decides only the alert about itself; the rest is its successor's state.
+            _alerts(settings, {k: v for k, v in observed.items() if k == "lock_stale_holder"},
+                    only=("lock_stale_holder",))
+        else:
+            _alerts(settings, observed, epoch=run.epoch)
     _metrics(settings, report, started, lock_busy=report.exit_code == EXIT_LOCK_HELD)
     return run, report
 
@@ -75,7 +81,8 @@ def observed_conditions(report: RunReport) -> dict[str, tuple[str, str]]:
     return seen
 
 
-def _alerts(settings: Settings, observed: dict[str, tuple[str, str]], only: Sequence[str] | None = None) -> None:
+def _alerts(settings: Settings, observed: dict[str, tuple[str, str]], only: Sequence[str] | None = None,
+            epoch: int | None = None) -> None:
     try:
         db, _ = open_database(settings)
     except MonitorError as exc:
@@ -84,7 +91,7 @@ def _alerts(settings: Settings, observed: dict[str, tuple[str, str]], only: Sequ
     try:
         if db.pending_migrations():
             return
-        with db.alerts_locked():
+        with db.alerts_locked(epoch):
             previous = {row[0]: AlertState(*row) for row in db.load_alerts()}
             considered = {k: v for k, v in previous.items() if only is None or k in only}
             now = datetime.now(timezone.utc)
@@ -99,6 +106,8 @@ def _alerts(settings: Settings, observed: dict[str, tuple[str, str]], only: Sequ
             log.log(logging.INFO if only is not None else logging.WARNING, text.replace("\n", " | "))
             if settings.alert_webhook:
                 send_webhook(settings.alert_webhook, text)
+    except Fenced as exc:
+        log.warning("alerts not recorded: %s; the run that took it decides them", exc.message)
     except MonitorError as exc:
         log.warning("alerts not recorded: %s", exc.message)
     except psycopg.Error as exc:

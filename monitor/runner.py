@@ -33,7 +33,7 @@ from monitor.errors import (
 )
 from monitor.closing import CloseContext, Closer
 from monitor.exchange import BudgetExhausted, Exchange, FillsTruncated, ReadFailed, RequestCounter, WeightBudget
-from monitor.lock import LocalRunLock, PostgresRunLock, RunLock, process_start_time
+from monitor.lock import LocalRunLock, PostgresRunLock, RunLock, machine_identity, process_start_time
 from monitor.models import Account, AccountSnapshot, PositionRow
 from monitor.planner import AccountPlan, Action, PlanSettings
 
@@ -139,7 +139,8 @@ def make_lock(settings: Settings) -> RunLock:
         lease_name = settings.lease_name
         return PostgresRunLock(lambda: Database(connect(url), lease_name=lease_name),
                                stale_after=settings.lock_stale_after, host=settings.host_id)
-    return LocalRunLock(settings.effective_lock_file, stale_after=settings.lock_stale_after)
+    return LocalRunLock(settings.effective_lock_file, stale_after=settings.lock_stale_after,
+                        database_factory=lambda: open_database(settings)[0])
 
 
 def in_shard(address: str, shard: tuple[int, int] | None) -> bool:
@@ -242,16 +243,25 @@ class Run:
                   "conflicts": report.conflicts, "close_orders_sent": report.close_orders_sent,
                   "would_close": report.would_close, "deferred": report.accounts_deferred,
                   "api_weight": report.api_weight}
-        if self.crashed is not None or report.fenced:
-            summary = report.notes[-1] if report.notes else None
-        else:
-            summary = "; ".join(f"{f['account']}: {f['reason']}" for f in report.failures[:3]) or None
+        if not self.dry_run and not report.fenced:
+            # Fenced, and before the lock is released: a superseded run must not overwrite the read
+            # health its successor recorded. Its own monitor_runs row below is written regardless.
+            try:
+                with db.fenced(self.epoch):
+                    db.record_account_health(self.ok_ids, self.failed_ids)
+            except Fenced as exc:
+                report.fenced = True
+                report.notes.append(f"account health not recorded: {exc.message}")
+            except (DatabaseUnavailable, psycopg.Error) as exc:
+                log.warning("could not record account health: %s", getattr(exc, "message", type(exc).__name__))
         try:
+            if self.crashed is not None or report.fenced:
+                summary = report.notes[-1] if report.notes else None
+            else:
+                summary = "; ".join(f"{f['account']}: {f['reason']}" for f in report.failures[:3]) or None
             db.finish_run(run_id=report.run_id, counts=counts, accounts_failed=report.accounts_failed,
                           exit_code=report.exit_code if self.crashed is None else self.crashed,
                           error_summary=summary)
-            if not self.dry_run:
-                db.record_account_health(self.ok_ids, self.failed_ids)
         except (DatabaseUnavailable, psycopg.Error) as exc:
             # History is worth keeping but never worth failing a run that did its work.
             log.warning("could not record the run's history: %s", getattr(exc, "message", type(exc).__name__))
@@ -273,7 +283,7 @@ class Run:
             start = process_start_time(os.getpid())
             epoch = db.advance_epoch(run_id=self.lock.run_id, host=self.settings.host_id, pid=os.getpid(),
                                      start=None if start is None else str(start),
-                                     stale_after=self.settings.lock_stale_after)
+                                     stale_after=self.settings.lock_stale_after, machine=machine_identity())
         self.epoch = epoch
         self.report.epoch = epoch
 
