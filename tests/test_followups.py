@@ -103,7 +103,7 @@ def test_a_failed_cancel_is_retried_next_run(keyed, sim, database_url):
     sim.add_fault("500", path="exchange", type="cancel", count=1)
     first = run_json(keyed)
     assert first["closed"] == 1
-    assert len(open_oids(sim)) == 1  # one of the two cancels failed
+    assert open_oids(sim)  # a cancel failed: at least one order is still on the book
     second = run_json(keyed)
     assert open_oids(sim) == []
     assert sorted(a["metadata"]["oid"] for a in first["actions"] + second["actions"]
