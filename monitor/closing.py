@@ -124,8 +124,8 @@ class Closer:
                 self._note(f"{account.address} {action.coin}: {exc}; will retry next run")
         if not self.ctx.dry_run and self.ctx.secret_key is not None:
             if closed_coins or followups or self._closed_here:
-                # Orders read before this run's own closes may miss nothing placed before them, but
-                # read them again after a close sent here (the close time is now, not in the past).
+                # Orders read while planning serve for the planner's closes (their close times are past
+                # fills); after a close sent here the book is read again.
                 self._run_followups(account, None if self._closed_here else open_orders)
             return
         coins = dict(closed_coins)

@@ -114,6 +114,30 @@ def test_a_failed_cancel_is_retried_next_run(keyed, sim, database_url):
     assert "cancel failed" in followup["last_error"] and "HTTP 500" in followup["last_error"]
 
 
+def test_a_close_sent_by_an_exit_rule_records_its_follow_up_in_the_same_transaction(keyed, sim, database_url):
+    setup(keyed, sim)
+    take = sim.add_trigger_order(ALICE, "BTC", "A", "1", "33000", "tp")  # the user's own TP, left behind
+    sim.set_mid("BTC", "29000")
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE positions SET stop_loss_price = %s WHERE coin = 'BTC'", (Decimal("29500"),))
+    sim.add_fault("500", path="info", type="frontendOpenOrders", count=None)
+    first = run_json(keyed)
+    assert first["close_orders_sent"] == 1
+    assert closed_row(database_url)["close_reason"] == "stop_loss"
+    assert open_oids(sim) == [take]
+    sim.clear_faults()
+    run_json(keyed)
+    assert open_oids(sim) == []
+    [followup] = followups(database_url)
+    assert (followup["status"], followup["attempts"]) == ("done", 1)
+    assert events(database_url, followup["position_id"])[-4:] == ["closed", "followup_recorded",
+                                                                   "followup_failed", "orders_cancelled"]
+    closed_event, recorded = query(database_url, "SELECT run_id, created_at FROM position_events"
+                                   " WHERE position_id = %s AND event IN ('closed', 'followup_recorded') ORDER BY id",
+                                   (followup["position_id"],))
+    assert closed_event == recorded  # one transaction: the same run and the same now()
+
+
 def test_the_follow_up_survives_a_sigkill_between_the_close_and_the_cancel(keyed, sim, database_url):
     setup(keyed, sim)
     stop = sim.add_trigger_order(ALICE, "BTC", "A", "1", "28000", "sl")
