@@ -133,7 +133,7 @@ class Closer:
             self._note(f"pending follow-up #{followup.id} {account.address} {followup.coin}: {followup.kind}"
                        f" (orders placed up to {followup.not_after_ms} ms), {followup.attempts} failed attempt(s)"
                        + (f", last error: {followup.last_error}" if followup.last_error else ""))
-            self.ctx.report.followups.append(_followup_json(account, followup, followup.status))
+            self.ctx.report.followups.append(followup_json(account, followup, followup.status))
             if followup.coin not in coins or coins[followup.coin] is not None:
                 coins[followup.coin] = max(coins.get(followup.coin) or 0, followup.not_after_ms)
         if coins:
@@ -385,7 +385,7 @@ class Closer:
             elif len(cancelled) < len(targets):
                 self._note(f"follow-up #{followup.id} {account.address} {followup.coin}: left for the next run"
                            " (deadline)")
-                ctx.report.followups.append(_followup_json(account, followup, "pending"))
+                ctx.report.followups.append(followup_json(account, followup, "pending"))
             else:
                 self._followup_finished(account, followup, "done", "orders_cancelled", "position gone",
                                         {"oids": cancelled})
@@ -396,7 +396,7 @@ class Closer:
         with ctx.db.fenced(ctx.epoch):
             finished = ctx.db.finish_followup(followup, status=status, event=event, reason=reason, details=details)
         if finished:
-            ctx.report.followups.append(_followup_json(account, followup, status, reason=reason))
+            ctx.report.followups.append(followup_json(account, followup, status, reason=reason))
 
     def _followup_failed(self, account: Account, followup: Followup, error: str,
                          details: dict[str, Any] | None = None) -> None:
@@ -408,11 +408,11 @@ class Closer:
         alert = attempts >= ctx.max_failures
         self._note(f"follow-up #{followup.id} {account.address} {followup.coin} ({followup.kind}): {error};"
                    f" attempt {attempts}, retried next run")
-        ctx.report.followups.append(_followup_json(account, followup, "pending", attempts=attempts, error=error,
+        ctx.report.followups.append(followup_json(account, followup, "pending", attempts=attempts, error=error,
                                                    alert=alert))
 
 
-def _followup_json(account: Account, followup: Followup, status: str, *, attempts: int | None = None,
+def followup_json(account: Account, followup: Followup, status: str, *, attempts: int | None = None,
                    error: str | None = None, reason: str | None = None, alert: bool = False) -> dict[str, Any]:
     """One follow-up as the run report's ``followups`` list shows it."""
     return {"id": followup.id, "account": account.address, "coin": followup.coin, "kind": followup.kind,

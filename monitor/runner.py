@@ -31,7 +31,7 @@ from monitor.errors import (
     Fenced,
     UsageError,
 )
-from monitor.closing import CloseContext, Closer
+from monitor.closing import CloseContext, Closer, followup_json
 from monitor.exchange import BudgetExhausted, Exchange, FillsTruncated, ReadFailed, RequestCounter, WeightBudget
 from monitor.lock import LocalRunLock, PostgresRunLock, RunLock, process_start_time
 from monitor.models import Account, AccountSnapshot, PositionRow
@@ -314,9 +314,21 @@ class Run:
             settings = plan_settings(self.settings)
             results = self._read_all(accounts, rows_by_account, recent_by_account, settings, mids, counter)
             self._apply_all(results, exchange, mids)
+            self._keep_followup_alerts(accounts)
         finally:
             self.report.requests = counter.requests
             self.report.api_weight = counter.weight
+
+    def _keep_followup_alerts(self, accounts: list[Account]) -> None:
+        """A follow-up past MONITOR_MAX_CLOSE_FAILURES that this run did not get to (its account deferred
+        or unread) keeps its alert: it is reported as it stands, not silently resolved."""
+        worked = {f["id"] for f in self.report.followups}
+        by_id = {a.id: a for a in accounts}
+        for account_id, pending in self.followups.items():
+            for followup in pending:
+                if followup.id not in worked and followup.attempts >= self.settings.max_close_failures:
+                    self.report.followups.append(followup_json(by_id[account_id], followup, "pending", alert=True,
+                                                               reason="not worked this run"))
 
     @staticmethod
     def _by_urgency(accounts: list[Account], rows_by_account: dict[int, list[PositionRow]],

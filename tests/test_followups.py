@@ -185,6 +185,12 @@ def test_attempts_are_counted_and_alert_after_max_failures_then_resolve(keyed, s
     text = cli(env, "status").stdout
     assert "Follow-ups: 1 pending" in text and "cancel_orphans" in text
 
+    sim.add_fault("500", path="info", type="clearinghouseState", count=None)
+    unread = run_json(env, expect=1)  # the account is not read this run: its follow-up waits, the alert stays
+    assert [(f["id"], f["alert"], f["attempts"]) for f in unread["followups"]] == [(f2["id"], True, 2)]
+    alerts = {a["key"]: a for a in query(database_url, "SELECT * FROM monitor_alerts")}
+    assert alerts[key]["active"] and alerts[key]["resolved_at"] is None
+
     sim.clear_faults()
     third = run_json(env)
     assert open_oids(sim) == []
