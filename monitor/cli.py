@@ -223,7 +223,8 @@ def status(ctx: click.Context, as_json: bool, runs: int) -> None:
     click.echo(format_table(overview, ("address", "label", "active", "open_positions", "last_good_read_at",
                                        "consecutive_failures", "last_error")))
     pending = [f for f in followups if f["status"] == "pending"]
-    click.echo(f"\nFollow-ups: {len(pending)} pending" + (", recently finished:" if len(followups) > len(pending) else ""))
+    finished = ", and the last finished" if len(followups) > len(pending) else ""
+    click.echo(f"\nFollow-ups: {len(pending)} pending{finished}")
     if followups:
         click.echo(format_table([{**f, "position": f["position_id"], "updated": f"{f['updated_at']:%Y-%m-%d %H:%M:%S}"}
                                  for f in followups], ("id", "address", "coin", "kind", "status", "attempts",

@@ -721,7 +721,8 @@ class Database(OperationsMixin):
             " VALUES (%s, %s, %s, %s, %s, %s)"
             " ON CONFLICT (account_id, coin, kind) WHERE status = 'pending' DO UPDATE SET"
             "  not_after_ms = GREATEST(f.not_after_ms, EXCLUDED.not_after_ms),"
-            "  position_id = COALESCE(EXCLUDED.position_id, f.position_id), updated_at = now(), run_id = EXCLUDED.run_id"
+            "  position_id = COALESCE(EXCLUDED.position_id, f.position_id), updated_at = now(),"
+            "  run_id = EXCLUDED.run_id"
             " RETURNING id",
             (account_id, coin, kind, not_after_ms, position_id, self.run_id),
         ).fetchone()

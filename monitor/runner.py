@@ -524,13 +524,16 @@ class Run:
         assert self.db is not None
         db = self.db
         applied: list[Action] = []
-        reopened = {a.coin for a in plan.actions if a.type == planner.DISCOVER}  # a flip keeps its orders
+        # A flip's new position began with the very fill that closed the old one: its orders (TP/SL placed
+        # with the flip order) cannot be told from the old position's by time, so a flip records nothing.
+        flipped = {a.metadata.get("flipped_from") for a in plan.actions if a.type == planner.DISCOVER}
         try:
             with db.fenced(self.epoch):
                 for action in plan.actions:
                     if apply_action(db, plan.account, action, self.clock.now()):
                         applied.append(action)
-                        if action.type == planner.CLOSE and action.coin not in reopened and self.settings.secret_key:
+                        if (action.type == planner.CLOSE and action.position_id not in flipped
+                                and self.settings.secret_key):
                             # In the close's own transaction: a crash before the cancels cannot lose them.
                             db.record_followup(account_id=plan.account.id, coin=action.coin, kind="cancel_orphans",
                                                position_id=action.position_id,

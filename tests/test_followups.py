@@ -255,3 +255,15 @@ def test_dry_run_lists_pending_follow_ups_and_writes_nothing(keyed, sim, databas
     assert [a["metadata"]["oid"] for a in dry["actions"] if a["type"] == "cancel_order"] == [stop]
     assert any(n.startswith(f"pending follow-up #{listed['id']}") for n in dry["notes"])
     assert [a for a in sim.requests_log() if a["path"].endswith("/exchange")] == []
+
+
+def test_a_flip_records_no_follow_up_and_keeps_the_new_positions_orders(keyed, sim, database_url):
+    setup(keyed, sim)
+    sim.flip(ALICE, "BTC", "-1", "30500")  # one fill takes the long through zero to a short
+    short_stop = sim.add_trigger_order(ALICE, "BTC", "B", "1", "32000", "sl")
+    report = run_json(keyed)
+    assert [a["reason"] for a in report["actions"] if a["type"] == "close"] == ["flipped"]
+    assert report["discovered"] == 1
+    assert followups(database_url) == []
+    assert short_stop in open_oids(sim)
+    assert [a for a in report["actions"] if a["type"] == "cancel_order"] == []
