@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Callable
 
@@ -410,6 +410,15 @@ class Closer:
                    f" attempt {attempts}, retried next run")
         ctx.report.followups.append(followup_json(account, followup, "pending", attempts=attempts, error=error,
                                                    alert=alert))
+
+
+def close_bound_ms(action: Action, now: datetime) -> int:
+    """A planned close's cancel bound: its closing fill's own time (also for a row adopted after that fill,
+    whose ``closed_at`` is its ``opened_at``), else when it was closed."""
+    fill_at = action.metadata.get("close_fill_at")
+    if isinstance(fill_at, str):
+        return to_ms(datetime.fromisoformat(fill_at))
+    return to_ms(action.closed_at or now)
 
 
 def followup_json(account: Account, followup: Followup, status: str, *, attempts: int | None = None,

@@ -31,7 +31,7 @@ from monitor.errors import (
     Fenced,
     UsageError,
 )
-from monitor.closing import CloseContext, Closer, followup_json
+from monitor.closing import CloseContext, Closer, close_bound_ms, followup_json
 from monitor.exchange import BudgetExhausted, Exchange, FillsTruncated, ReadFailed, RequestCounter, WeightBudget
 from monitor.lock import LocalRunLock, PostgresRunLock, RunLock, process_start_time
 from monitor.models import Account, AccountSnapshot, PositionRow
@@ -537,7 +537,7 @@ class Run:
                             # In the close's own transaction: a crash before the cancels cannot lose them.
                             db.record_followup(account_id=plan.account.id, coin=action.coin, kind="cancel_orphans",
                                                position_id=action.position_id,
-                                               not_after_ms=to_ms(action.closed_at or self.clock.now()))
+                                               not_after_ms=close_bound_ms(action, self.clock.now()))
                     elif action.type in (planner.DISCOVER, planner.UPDATE, planner.CLOSE):
                         self.report.conflicts += 1
         except (Fenced, DatabaseUnavailable):
