@@ -42,3 +42,7 @@ GRANT USAGE ON SEQUENCE
     positions_id_seq,
     position_events_id_seq
 TO :"monitor_role";
+
+-- Durable follow-ups (migration 0007): read, recorded with a close, marked done or moot; never deleted.
+GRANT SELECT, INSERT, UPDATE ON TABLE followups TO :"monitor_role";
+GRANT USAGE ON SEQUENCE followups_id_seq TO :"monitor_role";

@@ -200,11 +200,12 @@ def status(ctx: click.Context, as_json: bool, runs: int) -> None:
         overview = database.account_overview()
         alerts = database.active_alerts()
         lease = database.lease_status()
+        followups = database.followups_overview()
     finally:
         database.close()
     payload = {"runs": recent, "lock": {"backend": settings.lock_backend, "holder": holder.to_json() if holder else None,
                                         "epoch": lease.get("epoch") if lease else None},
-               "accounts": overview, "alerts": alerts}
+               "accounts": overview, "alerts": alerts, "followups": followups}
     if as_json:
         _echo_json(payload)
         return
@@ -221,6 +222,13 @@ def status(ctx: click.Context, as_json: bool, runs: int) -> None:
     click.echo("\nAccounts:")
     click.echo(format_table(overview, ("address", "label", "active", "open_positions", "last_good_read_at",
                                        "consecutive_failures", "last_error")))
+    pending = [f for f in followups if f["status"] == "pending"]
+    finished = ", and the last finished" if len(followups) > len(pending) else ""
+    click.echo(f"\nFollow-ups: {len(pending)} pending{finished}")
+    if followups:
+        click.echo(format_table([{**f, "position": f["position_id"], "updated": f"{f['updated_at']:%Y-%m-%d %H:%M:%S}"}
+                                 for f in followups], ("id", "address", "coin", "kind", "status", "attempts",
+                                                       "position", "updated", "last_error")))
     click.echo("\nActive alerts:" + ("" if alerts else " none"))
     for alert in alerts:
         click.echo(f"  [{alert['kind']}] {alert['message']} (since {alert['first_seen_at']:%Y-%m-%d %H:%M:%S})")

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Callable
 
 from monitor import planner
 from monitor.clock import Clock, from_ms, to_ms
-from monitor.database import Database
+from monitor.database import Database, Followup
 from monitor.exchange import Exchange, FillsTruncated, OpenOrder, ReadFailed, Trader, close_cloid
 from monitor.models import Account
 from monitor.planner import Action, PlanSettings, lookback
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 ORDER_TTL_SECONDS = 10.0  # expiresAfter of a close order, at most
 SETTLE_MARGIN_SECONDS = 2.0  # after expiresAfter, before the cloid is looked up
+CANCEL_ORPHANS = "cancel_orphans"  # followups.kind: cancel the orders a closed position left behind
 
 
 @dataclass
@@ -108,7 +109,10 @@ class Closer:
     # ---- entry point ---------------------------------------------------------------------
 
     def handle(self, account: Account, actions: list[Action], closed_coins: dict[str, int | None], *,
-               open_orders: list[OpenOrder] | None = None) -> None:
+               open_orders: list[OpenOrder] | None = None, followups: list[Followup] | None = None) -> None:
+        """Send/settle closes, then the account's follow-ups: with a key (not a dry run) the closes this run
+        applied were recorded as follow-ups in their own transactions, and every pending one is worked here."""
+        self._closed_here = False
         for action in actions:
             try:
                 if action.type == planner.CLOSE_ORDER:
@@ -117,9 +121,23 @@ class Closer:
                     self._settle(account, action)
             except ReadFailed as exc:
                 self._note(f"{account.address} {action.coin}: {exc}; will retry next run")
-        if closed_coins:
+        if not self.ctx.dry_run and self.ctx.secret_key is not None:
+            if closed_coins or followups or self._closed_here:
+                # Orders read while planning serve for the planner's closes (their close times are past
+                # fills); after a close sent here the book is read again.
+                self._run_followups(account, None if self._closed_here else open_orders)
+            return
+        coins = dict(closed_coins)
+        for followup in followups or ():
+            self._note(f"pending follow-up #{followup.id} {account.address} {followup.coin}: {followup.kind}"
+                       f" (orders placed up to {followup.not_after_ms} ms), {followup.attempts} failed attempt(s)"
+                       + (f", last error: {followup.last_error}" if followup.last_error else ""))
+            self.ctx.report.followups.append(followup_json(account, followup, followup.status))
+            if followup.coin not in coins or coins[followup.coin] is not None:
+                coins[followup.coin] = max(coins.get(followup.coin) or 0, followup.not_after_ms)
+        if coins:
             try:
-                self._cancel_orphans(account, closed_coins, open_orders)
+                self._cancel_orphans(account, coins, open_orders)
             except ReadFailed as exc:
                 self._note(f"{account.address}: could not check orders left by closed positions: {exc}")
 
@@ -246,10 +264,13 @@ class Closer:
                 done = ctx.db.close_position(position_id, closed_at=close.closed_at, reason=close.reason,
                                              exit_price=close.exit_price, realized_pnl=close.realized_pnl,
                                              fees=close.fees, metadata=close.metadata)
+                if done and ctx.secret_key is not None:  # durable: the orders it leaves are cancelled by handle()
+                    ctx.db.record_followup(account_id=account.id, coin=coin, kind=CANCEL_ORPHANS,
+                                           position_id=position_id, not_after_ms=own.end_ms or ctx.clock.now_ms())
             if done:
                 ctx.report.closed += 1
                 ctx.report.actions.append(close)
-                self._cancel_orphans(account, {coin: own.end_ms})
+                self._closed_here = True
             return
         if partial or cloid.lower() in own.cloids:
             self._release_partial(row, cloid, own, f"filled {filled}; {own.size} still open")
@@ -333,3 +354,109 @@ class Closer:
             ctx.report.actions.append(Action("cancel_order", account.address, order.coin,
                                              reason="position gone" if error is None else f"cancel failed: {error}",
                                              metadata={"oid": order.oid, "order_type": order.order_type}))
+
+    # ---- durable follow-ups ---------------------------------------------------------------------
+
+    def _run_followups(self, account: Account, orders: list[OpenOrder] | None) -> None:
+        """Work every pending follow-up of ``account``: done when its cancels succeed, moot when no such
+        order is left, else one more failed attempt (an alert from MONITOR_MAX_CLOSE_FAILURES on).
+
+        Only reduce-only and trigger orders of the follow-up's coin placed at or before its close time are
+        cancelled: a position opened since keeps its orders.
+        """
+        ctx = self.ctx
+        pending = [f for f in ctx.db.pending_followups([account.id]).get(account.id, []) if f.kind == CANCEL_ORPHANS]
+        if not pending or ctx.lock_lost():
+            return
+        if orders is None:
+            try:
+                orders = ctx.exchange.read_open_orders(account.address)
+            except ReadFailed as exc:
+                for followup in pending:
+                    self._followup_failed(account, followup, f"open orders unreadable ({exc})")
+                return
+        for followup in pending:
+            targets = [o for o in orders
+                       if o.coin == followup.coin and (o.reduce_only or o.is_trigger)
+                       and (o.timestamp_ms is None or o.timestamp_ms <= followup.not_after_ms)]
+            if not targets:
+                self._followup_finished(account, followup, "moot", "followup_moot", "no such order left", {})
+                continue
+            try:
+                trader = self._trader(account)
+            except CannotAct as exc:
+                self._note(f"{account.address}: would cancel {len(targets)} order(s) ({followup.coin}) but {exc}")
+                self._followup_finished(account, followup, "moot", "followup_moot", str(exc)[:200],
+                                        {"oids": [o.oid for o in targets]})
+                continue
+            except ReadFailed as exc:
+                self._followup_failed(account, followup, f"cannot sign ({exc})")
+                continue
+            cancelled: list[int] = []
+            errors: list[str] = []
+            for order in targets:
+                expires_after = self._expires_after()
+                if expires_after is None:
+                    break
+                try:
+                    error = trader.cancel(order.coin, order.oid, expires_after)
+                except ReadFailed as exc:
+                    error = exc.reason
+                ctx.report.actions.append(Action(
+                    "cancel_order", account.address, order.coin, position_id=followup.position_id,
+                    reason="position gone" if error is None else f"cancel failed: {error}",
+                    metadata={"oid": order.oid, "order_type": order.order_type, "followup_id": followup.id}))
+                if error is None:
+                    cancelled.append(order.oid)
+                else:
+                    errors.append(f"order {order.oid}: {error}")
+            if errors:
+                self._followup_failed(account, followup, "cancel failed: " + "; ".join(errors),
+                                      {"cancelled": cancelled})
+            elif len(cancelled) < len(targets):
+                self._note(f"follow-up #{followup.id} {account.address} {followup.coin}: left for the next run"
+                           " (deadline)")
+                ctx.report.followups.append(followup_json(account, followup, "pending"))
+            else:
+                self._followup_finished(account, followup, "done", "orders_cancelled", "position gone",
+                                        {"oids": cancelled})
+
+    def _followup_finished(self, account: Account, followup: Followup, status: str, event: str, reason: str,
+                           details: dict[str, Any]) -> None:
+        ctx = self.ctx
+        with ctx.db.fenced(ctx.epoch):
+            finished = ctx.db.finish_followup(followup, status=status, event=event, reason=reason, details=details)
+        if finished:
+            ctx.report.followups.append(followup_json(account, followup, status, reason=reason))
+
+    def _followup_failed(self, account: Account, followup: Followup, error: str,
+                         details: dict[str, Any] | None = None) -> None:
+        ctx = self.ctx
+        with ctx.db.fenced(ctx.epoch):
+            attempts = ctx.db.fail_followup(followup, error=error, details=details)
+        if attempts is None:
+            return  # finished by another run meanwhile
+        alert = attempts >= ctx.max_failures
+        self._note(f"follow-up #{followup.id} {account.address} {followup.coin} ({followup.kind}): {error};"
+                   f" attempt {attempts}, retried next run")
+        ctx.report.followups.append(followup_json(account, followup, "pending", attempts=attempts, error=error,
+                                                   alert=alert))
+
+
+def close_bound_ms(action: Action, now: datetime) -> int:
+    """A planned close's cancel bound: its closing fill's own time (also for a row adopted after that fill,
+    whose ``closed_at`` is its ``opened_at``), else when it was closed."""
+    fill_at = action.metadata.get("close_fill_at")
+    if isinstance(fill_at, str):
+        return to_ms(datetime.fromisoformat(fill_at))
+    return to_ms(action.closed_at or now)
+
+
+def followup_json(account: Account, followup: Followup, status: str, *, attempts: int | None = None,
+                   error: str | None = None, reason: str | None = None, alert: bool = False) -> dict[str, Any]:
+    """One follow-up as the run report's ``followups`` list shows it."""
+    return {"id": followup.id, "account": account.address, "coin": followup.coin, "kind": followup.kind,
+            "position_id": followup.position_id, "not_after_ms": followup.not_after_ms, "status": status,
+            "attempts": followup.attempts if attempts is None else attempts,
+            "error": error if error is not None else followup.last_error if status == "pending" else None,
+            "reason": reason, "alert": alert}

@@ -738,6 +738,102 @@ class Database(OperationsMixin):
     def record_close_event(self, position_id: int, event: str, reason: str | None, details: dict[str, Any]) -> None:
         self._event(position_id, event, None, None, reason, details)
 
+    # ---- follow-ups (durable work a close leaves to do; writes inside fenced) ---------------------
+
+    def record_followup(self, *, account_id: int, coin: str, kind: str, not_after_ms: int,
+                        position_id: int | None) -> int:
+        """Record (or widen) the pending follow-up for (account, coin, kind), in the caller's transaction.
+
+        A pending one for the same coin is kept and its bound moved to the later close: orders placed
+        before either close belong to a closed position.
+        """
+        row = self._execute(
+            "INSERT INTO followups AS f (account_id, coin, kind, not_after_ms, position_id, run_id)"
+            " VALUES (%s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (account_id, coin, kind) WHERE status = 'pending' DO UPDATE SET"
+            "  not_after_ms = GREATEST(f.not_after_ms, EXCLUDED.not_after_ms),"
+            "  position_id = COALESCE(EXCLUDED.position_id, f.position_id), updated_at = now(),"
+            "  run_id = EXCLUDED.run_id"
+            " RETURNING id",
+            (account_id, coin, kind, not_after_ms, position_id, self.run_id),
+        ).fetchone()
+        if position_id is not None:
+            self._event(position_id, "followup_recorded", None, None, kind,
+                        {"followup_id": row[0], "coin": coin, "not_after_ms": not_after_ms})
+        return row[0]
+
+    def pending_followups(self, account_ids: Sequence[int]) -> dict[int, list[Followup]]:
+        """Pending follow-ups of these accounts, by account (one query; none in the steady state)."""
+        result: dict[int, list[Followup]] = {}
+        if not account_ids:
+            return result
+        cur = self._execute(
+            f"SELECT {_FOLLOWUP_COLUMNS} FROM followups WHERE status = 'pending' AND account_id = ANY(%s) ORDER BY id",
+            (list(account_ids),),
+        )
+        for row in cur:
+            followup = Followup(*row)
+            result.setdefault(followup.account_id, []).append(followup)
+        return result
+
+    def finish_followup(self, followup: Followup, *, status: str, event: str, reason: str | None,
+                        details: dict[str, Any]) -> bool:
+        """pending -> done|moot, exactly once; the position's audit trail says what was done."""
+        cur = self._execute(
+            "UPDATE followups SET status = %s, done_at = now(), updated_at = now(), run_id = %s"
+            " WHERE id = %s AND status = 'pending'",
+            (status, self.run_id, followup.id),
+        )
+        if cur.rowcount == 1 and followup.position_id is not None:
+            self._event(followup.position_id, event, None, None, reason,
+                        {"followup_id": followup.id, "coin": followup.coin, **details})
+        return cur.rowcount == 1
+
+    def fail_followup(self, followup: Followup, *, error: str, details: dict[str, Any] | None = None) -> int | None:
+        """One more failed attempt; returns the attempt count (None: no longer pending)."""
+        row = self._execute(
+            "UPDATE followups SET attempts = attempts + 1, last_error = %s, updated_at = now(), run_id = %s"
+            " WHERE id = %s AND status = 'pending' RETURNING attempts",
+            (error[:200], self.run_id, followup.id),
+        ).fetchone()
+        if row is not None and followup.position_id is not None:
+            self._event(followup.position_id, "followup_failed", None, None, error[:200],
+                        {"followup_id": followup.id, "coin": followup.coin, "attempts": row[0], **(details or {})})
+        return None if row is None else row[0]
+
+    def followups_overview(self, finished_limit: int = 10) -> list[dict[str, Any]]:
+        """Every pending follow-up, then the most recently finished ones (for `status`)."""
+        cur = self._execute(
+            "(SELECT f.id, a.address, f.coin, f.kind, f.status, f.attempts, f.last_error, f.not_after_ms,"
+            "  f.position_id, f.created_at, f.updated_at, f.done_at FROM followups f"
+            "  JOIN accounts a ON a.id = f.account_id WHERE f.status = 'pending')"
+            " UNION ALL "
+            "(SELECT f.id, a.address, f.coin, f.kind, f.status, f.attempts, f.last_error, f.not_after_ms,"
+            "  f.position_id, f.created_at, f.updated_at, f.done_at FROM followups f"
+            "  JOIN accounts a ON a.id = f.account_id WHERE f.status <> 'pending' ORDER BY f.done_at DESC LIMIT %s)",
+            (finished_limit,),
+        )
+        names = [c.name for c in cur.description]
+        return [dict(zip(names, row)) for row in cur]
+
+
+_FOLLOWUP_COLUMNS = "id, account_id, coin, kind, not_after_ms, position_id, status, attempts, last_error"
+
+
+@dataclass(frozen=True)
+class Followup:
+    """One row of ``followups``: work a close left to do on the exchange (see README, "No orphaned orders")."""
+
+    id: int
+    account_id: int
+    coin: str
+    kind: str
+    not_after_ms: int
+    position_id: int | None
+    status: str
+    attempts: int
+    last_error: str | None
+
 
 def _jsonable(value: Any) -> Any:
     """Decimals become strings (exact), datetimes ISO text, for jsonb columns."""

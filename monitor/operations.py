@@ -72,6 +72,11 @@ def observed_conditions(report: RunReport) -> dict[str, tuple[str, str]]:
         if note.startswith("ALERT: "):
             key = "close_failed:" + note.split()[1].lstrip("#")
             seen[key] = ("close_failed", note[len("ALERT: "):])
+    for followup in report.followups:
+        if followup.get("alert"):
+            seen[f"followup_failed:{followup['id']}"] = (
+                "followup_failed", f"follow-up #{followup['id']} ({followup['kind']}, {followup['account']}"
+                                   f" {followup['coin']}) failed {followup['attempts']} times: {followup['error']}")
     for action in report.actions:
         if action.type == "close" and action.reason == "liquidation":
             seen[f"liquidation:{action.account}:{action.coin}"] = (

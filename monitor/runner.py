@@ -31,7 +31,7 @@ from monitor.errors import (
     Fenced,
     UsageError,
 )
-from monitor.closing import CloseContext, Closer
+from monitor.closing import CloseContext, Closer, close_bound_ms, followup_json
 from monitor.exchange import BudgetExhausted, Exchange, FillsTruncated, ReadFailed, RequestCounter, WeightBudget
 from monitor.lock import LocalRunLock, PostgresRunLock, RunLock, machine_identity, process_start_time
 from monitor.models import Account, AccountSnapshot, PositionRow
@@ -60,6 +60,7 @@ class RunReport:
     failures: list[dict[str, str]] = field(default_factory=list)
     deferred_accounts: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    followups: list[dict[str, Any]] = field(default_factory=list)  # follow-ups worked (or listed) this run
     overrun: bool = False
     fenced: bool = False
     requests: int = 0
@@ -94,6 +95,7 @@ class RunReport:
             "failures": self.failures,
             "deferred_accounts": self.deferred_accounts,
             "notes": self.notes,
+            "followups": self.followups,
             "overrun": self.overrun,
             "requests": self.requests,
             "api_weight": self.api_weight,
@@ -182,6 +184,7 @@ class Run:
         self.failed_ids: dict[int, str] = {}
         self.progress: Callable[[int, int], None] | None = None
         self.on_locked: Callable[[], object] | None = None  # e.g. the dead-man's-switch "start" ping
+        self.followups: dict[int, list[Any]] = {}  # pending follow-ups by account id (see _process)
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -311,6 +314,8 @@ class Run:
         recent_by_account = self.db.recently_closed_by_account(
             ids, now - timedelta(seconds=self.settings.reopen_guard_seconds))
         accounts = self._by_urgency(accounts, rows_by_account, self.db.last_good_reads(ids))
+        if self.dry_run or self.settings.secret_key:  # without a key nothing could work them
+            self.followups = self.db.pending_followups(ids)
         self.budget = WeightBudget(self.settings.weight_budget)
         counter = RequestCounter()
         exchange = self.exchange_factory(counter, self.budget)
@@ -319,9 +324,21 @@ class Run:
             settings = plan_settings(self.settings)
             results = self._read_all(accounts, rows_by_account, recent_by_account, settings, mids, counter)
             self._apply_all(results, exchange, mids)
+            self._keep_followup_alerts(accounts)
         finally:
             self.report.requests = counter.requests
             self.report.api_weight = counter.weight
+
+    def _keep_followup_alerts(self, accounts: list[Account]) -> None:
+        """A follow-up past MONITOR_MAX_CLOSE_FAILURES that this run did not get to (its account deferred
+        or unread) keeps its alert: it is reported as it stands, not silently resolved."""
+        worked = {f["id"] for f in self.report.followups}
+        by_id = {a.id: a for a in accounts}
+        for account_id, pending in self.followups.items():
+            for followup in pending:
+                if followup.id not in worked and followup.attempts >= self.settings.max_close_failures:
+                    self.report.followups.append(followup_json(by_id[account_id], followup, "pending", alert=True,
+                                                               reason="not worked this run"))
 
     @staticmethod
     def _by_urgency(accounts: list[Account], rows_by_account: dict[int, list[PositionRow]],
@@ -406,9 +423,10 @@ class Run:
             orders = [a for a in plan.actions if a.type in (planner.CLOSE_ORDER, planner.SETTLE_CLOSE)]
             if not (self.dry_run or self.settings.secret_key):
                 closed_coins = {}  # no key: nothing could cancel orphaned orders, so do not read them
-            if orders or closed_coins:
+            pending = self.followups.get(account.id, [])  # retried every run until done or moot
+            if orders or closed_coins or pending:
                 try:
-                    closer.handle(account, orders, closed_coins, open_orders=result.open_orders)
+                    closer.handle(account, orders, closed_coins, open_orders=result.open_orders, followups=pending)
                 except BudgetExhausted:
                     self.report.notes.append(f"{account.address}: weight budget spent; closes wait for the next run")
         if deferred:
@@ -520,11 +538,20 @@ class Run:
         assert self.db is not None
         db = self.db
         applied: list[Action] = []
+        # A flip's new position began with the very fill that closed the old one: its orders (TP/SL placed
+        # with the flip order) cannot be told from the old position's by time, so a flip records nothing.
+        flipped = {a.metadata.get("flipped_from") for a in plan.actions if a.type == planner.DISCOVER}
         try:
             with db.fenced(self.epoch):
                 for action in plan.actions:
                     if apply_action(db, plan.account, action, self.clock.now()):
                         applied.append(action)
+                        if (action.type == planner.CLOSE and action.position_id not in flipped
+                                and self.settings.secret_key):
+                            # In the close's own transaction: a crash before the cancels cannot lose them.
+                            db.record_followup(account_id=plan.account.id, coin=action.coin, kind="cancel_orphans",
+                                               position_id=action.position_id,
+                                               not_after_ms=close_bound_ms(action, self.clock.now()))
                     elif action.type in (planner.DISCOVER, planner.UPDATE, planner.CLOSE):
                         self.report.conflicts += 1
         except (Fenced, DatabaseUnavailable):
