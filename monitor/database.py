@@ -6,6 +6,9 @@ Rules kept here:
 - open rows are inserted through the partial unique index with ``ON CONFLICT DO NOTHING``;
 - a run's writes happen inside ``fenced(epoch)``, which holds the lease row ``FOR SHARE`` and refuses
   to proceed when another holder has advanced the epoch, so a superseded run cannot write.
+- a run claims its accounts in ``account_claims`` before reading them, and each per-account write
+  also holds that account's claim row ``FOR SHARE`` (``require_claim``), so no two runs of any lock
+  (plain, any ``--shard``) touch one account at once.
 """
 
 from __future__ import annotations

@@ -385,9 +385,9 @@ class Run:
     def _apply_all(self, results: list["AccountResult"], exchange: Exchange, mids: dict[str, Any]) -> None:
         """Apply the plans one account at a time, on this thread's single database connection."""
         assert self.db is not None
-        claim_checked = ClaimCheckedDatabase(self.db)
+        checked = ClaimCheckedDatabase(self.db)
         closer = Closer(CloseContext(
-            db=claim_checked, epoch=self.epoch, exchange=exchange, clock=self.clock, secret_key=self.settings.secret_key,
+            db=checked, epoch=self.epoch, exchange=exchange, clock=self.clock, secret_key=self.settings.secret_key,
             dry_run=self.dry_run, slippage=self.settings.close_slippage, max_failures=self.settings.max_close_failures,
             seconds_left=lambda: self.settings.deadline_seconds - (self.clock.monotonic() - self.started),
             mids=mids, report=self.report, lock_lost=self.lock.compromised.is_set,
@@ -429,13 +429,13 @@ class Run:
             if not (self.dry_run or self.settings.secret_key):
                 closed_coins = {}  # no key: nothing could cancel orphaned orders, so do not read them
             if orders or closed_coins:
-                claim_checked.account_id = account.id
+                checked.account_id = account.id
                 try:
                     closer.handle(account, orders, closed_coins, open_orders=result.open_orders)
                 except BudgetExhausted:
                     self.report.notes.append(f"{account.address}: weight budget spent; closes wait for the next run")
                 finally:
-                    claim_checked.account_id = None
+                    checked.account_id = None
         if deferred:
             self.report.accounts_deferred += len(deferred)
             self.report.deferred_accounts.extend(deferred)
