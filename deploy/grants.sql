@@ -36,6 +36,10 @@ GRANT SELECT, INSERT, UPDATE ON TABLE
     monitor_alerts
 TO :"monitor_role";
 
+-- Per-account claims (migration 0006): claimed, checked and released by every run. A write holds its
+-- account's claim row FOR SHARE, which PostgreSQL allows only with UPDATE. Released, never deleted.
+GRANT SELECT, INSERT, UPDATE ON TABLE account_claims TO :"monitor_role";
+
 -- nextval() for the bigserial ids the monitor inserts.
 GRANT USAGE ON SEQUENCE
     accounts_id_seq,

@@ -6,6 +6,9 @@ Rules kept here:
 - open rows are inserted through the partial unique index with ``ON CONFLICT DO NOTHING``;
 - a run's writes happen inside ``fenced(epoch)``, which holds the lease row ``FOR SHARE`` and refuses
   to proceed when another holder has advanced the epoch, so a superseded run cannot write.
+- a run claims its accounts in ``account_claims`` before reading them, and each per-account write
+  also holds that account's claim row ``FOR SHARE`` (``require_claim``), so no two runs of any lock
+  (plain, any ``--shard``) touch one account at once.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import psycopg
 from psycopg.types.json import Jsonb
 
-from monitor.errors import ConfigError, DatabaseUnavailable, Fenced, SchemaBehind
+from monitor.errors import ClaimLost, ConfigError, DatabaseUnavailable, Fenced, SchemaBehind
 from monitor.models import Account, PositionRow
 
 log = logging.getLogger(__name__)
@@ -551,6 +554,68 @@ class Database(OperationsMixin):
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "connection lost"
             raise DatabaseUnavailable(f"database unavailable: {_redact(detail)}") from None
 
+    # ---- per-account claims (README, "Locking": no two runs touch one account) ------------------
+
+    def claim_accounts(self, account_ids: Sequence[int], *, stale_after: float) -> set[int]:
+        """Claim these accounts for this run (``run_id``/``epoch`` of this lease) in one statement.
+
+        A claim held by another run is taken only when it was released, has expired, or its lease's
+        epoch has moved on (that run is fenced). Rows are locked in account order, so two runs claiming
+        overlapping lists wait for each other instead of deadlocking. Returns the accounts won.
+        """
+        if not account_ids:
+            return set()
+        cur = self._execute(
+            "INSERT INTO account_claims AS c (account_id, lease_name, epoch, run_id, claimed_at, expires_at)"
+            " SELECT a, %(lease)s, %(epoch)s, %(run)s, now(), now() + make_interval(secs => %(stale)s)"
+            " FROM unnest(%(ids)s::bigint[]) AS t(a) ORDER BY a"
+            " ON CONFLICT (account_id) DO UPDATE SET lease_name = EXCLUDED.lease_name, epoch = EXCLUDED.epoch,"
+            "  run_id = EXCLUDED.run_id, claimed_at = EXCLUDED.claimed_at, expires_at = EXCLUDED.expires_at,"
+            "  released_at = NULL"
+            " WHERE c.released_at IS NOT NULL OR c.expires_at < now() OR c.run_id = EXCLUDED.run_id"
+            "  OR NOT EXISTS (SELECT 1 FROM monitor_lease l WHERE l.name = c.lease_name AND l.epoch = c.epoch"
+            "                 AND l.released_at IS NULL)"
+            " RETURNING account_id",
+            {"lease": self.lease_name, "epoch": self.epoch, "run": self.run_id, "stale": stale_after,
+             "ids": sorted(set(account_ids))},
+        )
+        return {row[0] for row in cur}
+
+    def claim_holders(self, account_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """Who holds these accounts' claims now: run id, lease name, epoch, expiry."""
+        cur = self._execute(
+            "SELECT account_id, run_id, lease_name, epoch, expires_at FROM account_claims"
+            " WHERE account_id = ANY(%s) AND released_at IS NULL",
+            (list(account_ids),),
+        )
+        return {row[0]: {"run_id": row[1], "lease": row[2], "epoch": row[3], "expires_at": row[4]} for row in cur}
+
+    def require_claim(self, account_id: int, epoch: int) -> None:
+        """Inside a write transaction: hold the account's claim row FOR SHARE and check it is this run's.
+
+        A run taking the claim over must update that row, so it waits for this transaction; after it,
+        this run's checks fail. Raises ClaimLost otherwise.
+        """
+        row = self._execute(
+            "SELECT run_id, epoch, released_at IS NOT NULL, lease_name FROM account_claims WHERE account_id = %s"
+            " FOR SHARE",
+            (account_id,),
+        ).fetchone()
+        if row is None or row[0] != self.run_id or row[1] != epoch or row[2]:
+            holder = "nobody" if row is None else f"run {row[0]} ({row[3]}, epoch {row[1]})"
+            raise ClaimLost(f"claim on account {account_id} was taken over (now held by {holder});"
+                            " stopping without writing more")
+
+    def release_claims(self) -> int:
+        """Release every claim this run still holds (an UPDATE; claims are never deleted)."""
+        if self.run_id is None:
+            return 0
+        cur = self._execute(
+            "UPDATE account_claims SET released_at = now() WHERE run_id = %s AND released_at IS NULL",
+            (self.run_id,),
+        )
+        return cur.rowcount
+
     # ---- position writes (call inside fenced) -------------------------------------------------
 
     def _event(
@@ -629,13 +694,20 @@ class Database(OperationsMixin):
             )
         return cur.rowcount == 1
 
-    def touch_seen(self, position_ids: Sequence[int], now: datetime) -> int:
+    def touch_seen(self, position_ids: Sequence[int], now: datetime, *, claimed_epoch: int | None = None) -> int:
+        """Mark rows seen; with ``claimed_epoch``, only rows of accounts this run still claims (rows locked
+        FOR SHARE in account order, like ``require_claim``)."""
         if not position_ids:
             return 0
+        guard, params = "", [now, list(position_ids)]
+        if claimed_epoch is not None:
+            guard = (" AND account_id IN (SELECT account_id FROM account_claims WHERE run_id = %s AND epoch = %s"
+                     " AND released_at IS NULL ORDER BY account_id FOR SHARE)")
+            params += [self.run_id, claimed_epoch]
         cur = self._execute(
             "UPDATE positions SET last_seen_at = %s, metadata = metadata - 'missing_since'"
-            " WHERE id = ANY(%s) AND closed_at IS NULL",
-            (now, list(position_ids)),
+            " WHERE id = ANY(%s) AND closed_at IS NULL" + guard,
+            params,
         )
         return cur.rowcount
 

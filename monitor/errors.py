@@ -46,5 +46,9 @@ class Fenced(MonitorError):
     exit_code = EXIT_LOCK_HELD
 
 
+class ClaimLost(Fenced):
+    """Another run took over this run's claim on an account (README, "Locking"); nothing more is written."""
+
+
 class UsageError(MonitorError):
     exit_code = EXIT_USAGE

@@ -13,9 +13,10 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import psycopg
 
@@ -59,6 +60,7 @@ class RunReport:
     actions: list[Action] = field(default_factory=list)
     failures: list[dict[str, str]] = field(default_factory=list)
     deferred_accounts: list[str] = field(default_factory=list)
+    held_by_other_runs: list[dict[str, Any]] = field(default_factory=list)  # deferred: claimed by a live run
     notes: list[str] = field(default_factory=list)
     followups: list[dict[str, Any]] = field(default_factory=list)  # follow-ups worked (or listed) this run
     overrun: bool = False
@@ -94,6 +96,7 @@ class RunReport:
             "accounts_deferred": self.accounts_deferred,
             "failures": self.failures,
             "deferred_accounts": self.deferred_accounts,
+            "held_by_other_runs": self.held_by_other_runs,
             "notes": self.notes,
             "followups": self.followups,
             "overrun": self.overrun,
@@ -182,6 +185,7 @@ class Run:
         self.ok_ids: list[int] = []
         self.crashed: int | None = None  # the exit code of a run stopped by an exception
         self.failed_ids: dict[int, str] = {}
+        self.claimed = False  # whether this run claimed accounts (released at the end)
         self.progress: Callable[[int, int], None] | None = None
         self.on_locked: Callable[[], object] | None = None  # e.g. the dead-man's-switch "start" ping
         self.followups: dict[int, list[Any]] = {}  # pending follow-ups by account id (see _process)
@@ -262,6 +266,8 @@ class Run:
                 summary = report.notes[-1] if report.notes else None
             else:
                 summary = "; ".join(f"{f['account']}: {f['reason']}" for f in report.failures[:3]) or None
+            if self.claimed:
+                db.release_claims()
             db.finish_run(run_id=report.run_id, counts=counts, accounts_failed=report.accounts_failed,
                           exit_code=report.exit_code if self.crashed is None else self.crashed,
                           error_summary=summary)
@@ -308,6 +314,9 @@ class Run:
         accounts = self._accounts()
         if not accounts:
             return  # a no-op run touches neither the exchange nor the SDK
+        accounts = self._claim(accounts)
+        if not accounts:
+            return
         now = self.clock.now()
         ids = [a.id for a in accounts]
         rows_by_account = self.db.open_rows_by_account(ids)
@@ -339,6 +348,29 @@ class Run:
                 if followup.id not in worked and followup.attempts >= self.settings.max_close_failures:
                     self.report.followups.append(followup_json(by_id[account_id], followup, "pending", alert=True,
                                                                reason="not worked this run"))
+
+    def _claim(self, accounts: list[Account]) -> list[Account]:
+        """Claim every account of the run in one statement, before anything is read; an account another
+        live run holds (whatever its lock or shard) is deferred, naming that run."""
+        assert self.db is not None
+        self.claimed = True
+        won = self.db.claim_accounts([a.id for a in accounts], stale_after=self.settings.lock_stale_after)
+        held = [a for a in accounts if a.id not in won]
+        if held:
+            holders = self.db.claim_holders([a.id for a in held])
+            by_holder: dict[tuple[Any, ...], int] = {}
+            for account in held:
+                h = holders.get(account.id, {})
+                self.report.held_by_other_runs.append({"account": account.address, "run_id": h.get("run_id"),
+                                                       "lease": h.get("lease"), "epoch": h.get("epoch")})
+                key = (h.get("run_id"), h.get("lease"), h.get("epoch"))
+                by_holder[key] = by_holder.get(key, 0) + 1
+            self.report.deferred_accounts.extend(a.address for a in held)
+            self.report.accounts_deferred += len(held)
+            for (run_id, lease, epoch), count in by_holder.items():
+                self.report.notes.append(f"{count} account(s) claimed by another run (run {run_id}, lock {lease},"
+                                         f" epoch {epoch}): deferred to the next run")
+        return [a for a in accounts if a.id in won]
 
     @staticmethod
     def _by_urgency(accounts: list[Account], rows_by_account: dict[int, list[PositionRow]],
@@ -380,8 +412,9 @@ class Run:
     def _apply_all(self, results: list["AccountResult"], exchange: Exchange, mids: dict[str, Any]) -> None:
         """Apply the plans one account at a time, on this thread's single database connection."""
         assert self.db is not None
+        checked = ClaimCheckedDatabase(self.db)
         closer = Closer(CloseContext(
-            db=self.db, epoch=self.epoch, exchange=exchange, clock=self.clock, secret_key=self.settings.secret_key,
+            db=checked, epoch=self.epoch, exchange=exchange, clock=self.clock, secret_key=self.settings.secret_key,
             dry_run=self.dry_run, slippage=self.settings.close_slippage, max_failures=self.settings.max_close_failures,
             seconds_left=lambda: self.settings.deadline_seconds - (self.clock.monotonic() - self.started),
             mids=mids, report=self.report, lock_lost=self.lock.compromised.is_set,
@@ -425,13 +458,16 @@ class Run:
                 closed_coins = {}  # no key: nothing could cancel orphaned orders, so do not read them
             pending = self.followups.get(account.id, [])  # retried every run until done or moot
             if orders or closed_coins or pending:
+                checked.account_id = account.id
                 try:
                     closer.handle(account, orders, closed_coins, open_orders=result.open_orders, followups=pending)
                 except BudgetExhausted:
                     self.report.notes.append(f"{account.address}: weight budget spent; closes wait for the next run")
+                finally:
+                    checked.account_id = None
         if deferred:
-            self.report.accounts_deferred = len(deferred)
-            self.report.deferred_accounts = deferred
+            self.report.accounts_deferred += len(deferred)
+            self.report.deferred_accounts.extend(deferred)
             why = "deadline" if self.past_deadline() else "weight budget"
             if why == "deadline":
                 self.report.overrun = True
@@ -441,7 +477,7 @@ class Run:
                                          f" {len(deferred)} account(s) deferred, least urgent first")
         if seen_ids and not self.dry_run and not self.report.fenced:
             with self.db.fenced(self.epoch):
-                self.db.touch_seen(seen_ids, self.clock.now())
+                self.db.touch_seen(seen_ids, self.clock.now(), claimed_epoch=self.epoch)
 
     def _read_mids(self, exchange: Exchange, accounts: list[Account],
                    rows_by_account: dict[int, list[PositionRow]]) -> dict[str, Any]:
@@ -543,6 +579,7 @@ class Run:
         flipped = {a.metadata.get("flipped_from") for a in plan.actions if a.type == planner.DISCOVER}
         try:
             with db.fenced(self.epoch):
+                db.require_claim(plan.account.id, self.epoch)
                 for action in plan.actions:
                     if apply_action(db, plan.account, action, self.clock.now()):
                         applied.append(action)
@@ -567,6 +604,26 @@ class Run:
         for action in applied:
             self._count(action.type)
         return [a for a in applied if a.type == planner.CLOSE]
+
+
+class ClaimCheckedDatabase:
+    """The run's Database as the closer sees it: each ``fenced()`` transaction also holds and checks this
+    run's claim on the account being handled (``account_id``), so a run whose claim on that account was
+    taken over writes nothing more for it. Everything else is the Database itself."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self.account_id: int | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._db, name)
+
+    @contextmanager
+    def fenced(self, epoch: int) -> Iterator[None]:
+        with self._db.fenced(epoch):
+            if self.account_id is not None:
+                self._db.require_claim(self.account_id, epoch)
+            yield
 
 
 @dataclass
