@@ -143,9 +143,12 @@ def plan_account(
     recently_closed: Sequence[PositionRow] = (),
     mids: dict[str, Decimal] | None = None,
     verify_rules: bool = True,
+    fills_from_ms: int | None = None,
 ) -> AccountPlan:
     """Decide what to do for one account. ``fills`` is None when none were read (or the read failed);
-    with ``fills_truncated`` they are the part of the window the exchange still keeps (the most recent)."""
+    with ``fills_truncated`` they are the part of the window the exchange still keeps (the most recent).
+    ``fills_from_ms`` is where the read began: a row whose window starts earlier is judged without fills
+    (a part of its history would give it wrong figures); ``needs_fills`` covers every row that needs them."""
     plan = AccountPlan(account)
     address = account.address
     rows_by_coin = {row.coin: row for row in rows}
@@ -153,7 +156,8 @@ def plan_account(
 
     for row in rows:
         position = snapshot.positions.get(row.coin)
-        cycles = _row_cycles(fills, row, address, settings)
+        covered = fills_from_ms is None or to_ms(row.opened_at - lookback(row, settings)) >= fills_from_ms
+        cycles = _row_cycles(fills, row, address, settings) if covered else None
         own = cycles.own if cycles is not None else None
         if own is not None and own.ended and not own.broken:
             actions = _cycle_ended(address, row, cycles, position, now, fills_truncated)
@@ -162,13 +166,16 @@ def plan_account(
         elif own is not None and own.broken:
             plan.actions.append(Action(WAIT, address, row.coin, position_id=row.id,
                                        reason="its fills do not add up (some missing), retry next run"))
-        elif position is None:
-            plan.actions.extend(_vanished(address, row, now, settings, fills, fills_error, fills_truncated))
-        elif position.side != row.side:
-            plan.actions.append(_flip_unproven(address, row, fills, fills_error))
         else:
-            plan.actions.extend(_still_open(address, account, row, position, now, fills, fills_error, own,
-                                            fills_truncated, mids, plan, settings, verify_rules))
+            row_fills = fills if covered else None
+            if position is None:
+                plan.actions.extend(_vanished(address, row, now, settings, row_fills, fills_error,
+                                              fills_truncated and covered))
+            elif position.side != row.side:
+                plan.actions.append(_flip_unproven(address, row, row_fills, fills_error))
+            else:
+                plan.actions.extend(_still_open(address, account, row, position, now, row_fills, fills_error, own,
+                                                fills_truncated, mids, plan, settings, verify_rules))
 
     recent_by_coin: dict[str, PositionRow] = {}
     for row in recently_closed:

@@ -531,7 +531,7 @@ class Run:
             return AccountResult(account, deferred="budget")
         plan = planner.plan_account(account, snapshot, rows, now, settings, fills=fills, fills_error=fills_error,
                                     fills_truncated=truncated, recently_closed=recent, mids=mids,
-                                    verify_rules=verify_rules)
+                                    verify_rules=verify_rules, fills_from_ms=since)
         open_orders = None
         can_act = self.dry_run or self.settings.secret_key is not None  # list them, or cancel them
         if can_act and any(a.type == planner.CLOSE for a in plan.actions):

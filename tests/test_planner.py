@@ -295,3 +295,17 @@ def test_needs_fills_only_for_rows_that_vanished_shrank_or_flipped():
     since = needs_fills(snap, rows, [], NOW, SETTINGS)
     assert since == to_ms(NOW - timedelta(hours=1)) - 1000
     assert needs_fills(snapshot(pos("BTC")), [row("BTC")], [], NOW, SETTINGS) is None
+
+
+def test_a_row_whose_window_the_fills_read_does_not_cover_is_judged_without_them():
+    """Fills read for another row from ten minutes ago show only the end of an older row's cycle: that row
+    must not be closed with the figures of a part of its history (its earlier reductions are not there)."""
+    old = row("BTC", size="2", opened=NOW - timedelta(days=2))
+    fills = [fill("BTC", "A", "2", "150", "2", at=NOW - timedelta(minutes=5), pnl="100"),
+             fill("BTC", "B", "2", "100", "0", at=NOW - timedelta(minutes=4), direction="Open Long")]
+    plan = plan_account(ACCOUNT, snapshot(pos("BTC", size="2")), [old], NOW, SETTINGS, fills=fills,
+                        fills_from_ms=to_ms(NOW - timedelta(minutes=10)))
+    assert types(plan) == [] and plan.seen_ids == [7]
+    # Read for this row's own window (from its open), the same fills do show its close and a new row.
+    assert types(plan_account(ACCOUNT, snapshot(pos("BTC", size="2")), [old], NOW, SETTINGS, fills=fills,
+                              fills_from_ms=to_ms(old.opened_at) - 1000)) == ["close", "discover"]
