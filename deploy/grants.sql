@@ -36,6 +36,9 @@ GRANT SELECT, INSERT, UPDATE ON TABLE
     monitor_alerts
 TO :"monitor_role";
 
+-- The exchange cache (migration 0008): userRole answers and meta, with an expiry; dropped by UPDATE.
+GRANT SELECT, INSERT, UPDATE ON TABLE key_roles, exchange_meta TO :"monitor_role";
+
 -- nextval() for the bigserial ids the monitor inserts.
 GRANT USAGE ON SEQUENCE
     accounts_id_seq,
