@@ -201,3 +201,34 @@ def test_observed_conditions_name_exit_starved():
     report = RunReport(run_id="r", dry_run=False, exit_starved=2, notes=["0xabc: exit work starved of weight (x)"])
     kind, message = observed_conditions(report)["exit_starved"]
     assert kind == "exit_starved" and "2 account(s)" in message and "0xabc" in message
+
+
+def test_a_coin_listed_after_meta_was_cached_reads_meta_again(env, sim, agent, database_url):
+    keyed = dict(env, MONITOR_HL_SECRET_KEY=agent.key.hex())
+    sim.open_position(ALICE, "BTC", "1", "30000")
+    assert cli(env, "accounts", "add", ALICE).returncode == 0
+    run_json(keyed)
+    stop_row(database_url, ALICE, "BTC", "31000")
+    assert run_json(keyed)["close_orders_sent"] == 1  # meta is cached now, without NEWCOIN
+    sim.add_coin("NEWCOIN", sz_decimals=1, mid="10")
+    sim.open_position(ALICE, "NEWCOIN", "5", "10")
+    run_json(keyed)
+    stop_row(database_url, ALICE, "NEWCOIN", "11")
+    sim.reset_log()
+    report = run_json(keyed)
+    assert report["close_orders_sent"] == 1 and report["closed"] == 1
+    assert info_types(sim).count("meta") == 1 and sim.position(ALICE, "NEWCOIN") is None
+
+
+def test_a_dry_run_neither_sends_nor_fills_the_cache(env, sim, agent, database_url):
+    keyed = dict(env, MONITOR_HL_SECRET_KEY=agent.key.hex())
+    sim.open_position(ALICE, "BTC", "1", "30000")
+    assert cli(env, "accounts", "add", ALICE).returncode == 0
+    run_json(keyed)
+    stop_row(database_url, ALICE, "BTC", "31000")
+    sim.reset_log()
+    report = run_json(keyed, "--dry-run")
+    assert report["would_close"] == 1 and orders_sent(sim) == [] and report["exit_reserved"] == 0
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT (SELECT count(*) FROM key_roles) + (SELECT count(*) FROM exchange_meta)"
+                            ).fetchone()[0] == 0
