@@ -90,6 +90,29 @@ def test_stop_losses_fire_and_are_sent_in_the_same_run_with_500_accounts_at_the_
         assert sim.position(address, coin) is None
 
 
+def test_a_close_to_settle_is_settled_in_the_run_with_500_accounts_at_the_default_budget(env, sim, agent,
+                                                                                           database_url):
+    # A close whose answer was lost (the order never reached the exchange): the row is 'closing' with a cloid.
+    quiet = filler(499)
+    sim.load({"accounts": {a: {"positions": {"SOL": {"szi": "2", "entryPx": "100"}}} for a in quiet},
+              "agents": {agent.address.lower(): ALICE}})
+    sim.open_position(ALICE, "BTC", "1", "30000")
+    register(database_url, [(a, "SOL", "2", "100", None) for a in quiet] + [(ALICE, "BTC", "1", "30000", None)])
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("UPDATE positions SET status = 'closing', close_cloid = %s, close_attempts = 1,"
+                     " close_rule = 'stop_loss', close_started_at = now() - interval '1 minute' WHERE coin = 'BTC'",
+                     ("0x" + "5e" * 16,))
+    sim.reset_log()
+
+    report = run_json(dict(env, MONITOR_HL_SECRET_KEY=agent.key.hex()))
+
+    assert [e["user"] for e in sim.requests_log() if e["type"] == "orderStatus"] == [ALICE], report["notes"]
+    assert report["exit_starved"] == 0 and report["exit_reserved"] > 0
+    with psycopg.connect(database_url) as conn:
+        status, attempts = conn.execute("SELECT status, close_attempts FROM positions WHERE coin = 'BTC'").fetchone()
+    assert status == "open" and attempts == 1  # never placed: reopened for a fresh attempt next run
+
+
 def stop_row(database_url: str, address: str, coin: str, stop: str) -> None:
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute("UPDATE positions p SET stop_loss_price = %s FROM accounts a WHERE a.id = p.account_id"
