@@ -116,6 +116,8 @@ class RunReport:
             parts.append(f"{self.would_close} would close on the exchange")
         if self.conflicts:
             parts.append(f"{self.conflicts} already handled by another writer")
+        if self.exit_starved:
+            parts.append(f"{self.exit_starved} with exit work starved of API weight")
         accounts = f"{self.accounts_ok} accounts read"
         if self.accounts_failed:
             accounts += f", {self.accounts_failed} failed"
@@ -471,7 +473,7 @@ class Run:
 
     def _exit_starved(self, note: str) -> None:
         """Exit work that could not get weight: a note, and the `exit_starved` alert (never a silent run)."""
-        log.warning(note)
+        log.info(note)  # the note itself reaches stderr (and the alert); no second line
         self.report.exit_starved += 1
         self.report.notes.append(note)
 
