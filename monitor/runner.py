@@ -78,7 +78,8 @@ class RunReport:
 
     @property
     def changed(self) -> bool:
-        return bool(self.discovered or self.updated or self.closed or self.close_orders_sent or self.failures)
+        return bool(self.discovered or self.updated or self.closed or self.close_orders_sent or self.failures
+                    or self.exit_starved)
 
     def to_json(self) -> dict[str, Any]:
         return {
