@@ -67,7 +67,7 @@ def observed_conditions(report: RunReport) -> dict[str, tuple[str, str]]:
             key = "close_failed:" + note.split()[1].lstrip("#")
             seen[key] = ("close_failed", note[len("ALERT: "):])
     if report.exit_starved:
-        starved = [note for note in report.notes if "exit work starved" in note or "although an exit rule" in note]
+        starved = [note for note in report.notes if "exit work starved" in note]
         seen["exit_starved"] = ("exit_starved", f"{report.exit_starved} account(s) with exit work (a fired rule's"
                                                 " order, a close to settle, orders to cancel) got no API weight"
                                                 " this run" + (f" (first: {starved[0]})" if starved else ""))

@@ -441,8 +441,8 @@ class Run:
         urgent = self.reserve.urgent_accounts
         for result in results:
             if result.deferred == "budget" and result.account.id in urgent:
-                self._exit_starved(f"{result.account.address}: not read (weight budget spent) although an exit"
-                                   " rule fires or a close is to settle; next run")
+                self._exit_starved(f"{result.account.address}: exit work starved: not read (weight budget spent)"
+                                   " although an exit rule fires or a close is to settle; next run")
         if deferred:
             self.report.accounts_deferred = len(deferred)
             self.report.deferred_accounts = deferred
