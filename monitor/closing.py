@@ -21,7 +21,9 @@ from typing import Any, Callable
 from monitor import planner
 from monitor.clock import Clock, from_ms, to_ms
 from monitor.database import Database, Followup
-from monitor.exchange import Exchange, FillsTruncated, OpenOrder, ReadFailed, Trader, close_cloid
+from monitor.exchange import (Exchange, FillsTruncated, OpenOrder, ReadFailed, Trader, close_cloid,
+                              is_authorization_error, is_meta_error)
+from monitor.exit_budget import CACHE_TTL, signer_address
 from monitor.models import Account
 from monitor.planner import Action, PlanSettings, lookback
 
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 ORDER_TTL_SECONDS = 10.0  # expiresAfter of a close order, at most
 SETTLE_MARGIN_SECONDS = 2.0  # after expiresAfter, before the cloid is looked up
 CANCEL_ORPHANS = "cancel_orphans"  # followups.kind: cancel the orders a closed position left behind
+MAIN_DEX = ""  # the cache is keyed by perp dex; only the main one is traded today
 
 
 @dataclass
@@ -64,14 +67,33 @@ class Closer:
         self._traders: dict[str, Trader] = {}
         self._vaults: dict[str, str | None] = {}
 
+    def _signer(self) -> str:
+        if not hasattr(self, "_signer_address"):
+            assert self.ctx.secret_key is not None
+            self._signer_address = signer_address(self.ctx.secret_key)
+        return self._signer_address
+
+    def _role(self, address: str) -> tuple[str, str | None]:
+        """userRole of ``address``, from the database cache (key_roles) while fresh, else asked (weight 60)."""
+        ctx = self.ctx
+        signer = self._signer()
+        if not hasattr(self, "_cached_roles"):
+            self._cached_roles = ctx.db.cached_roles(signer, CACHE_TTL)
+        if address in self._cached_roles:
+            return self._cached_roles[address]
+        role, linked = ctx.exchange.user_role(address)
+        # Only answers that let the key act are kept: a "missing" key may be approved any minute.
+        usable = role in ("agent", "user") if address == signer else role == "subAccount"
+        if usable and not ctx.dry_run:
+            ctx.db.store_role(signer, address, role, linked)
+            self._cached_roles[address] = (role, linked)
+        return role, linked
+
     def _key_master(self) -> str | None:
         """The account the key signs for: its master when it is an agent, itself when it is a user key."""
         if not hasattr(self, "_master"):
-            from eth_account import Account as EthAccount
-
-            assert self.ctx.secret_key is not None
-            signer = EthAccount.from_key(self.ctx.secret_key).address.lower()
-            role, linked = self.ctx.exchange.user_role(signer)
+            signer = self._signer()
+            role, linked = self._role(signer)
             self._master = linked if role == "agent" else signer if role == "user" else None
         return self._master
 
@@ -85,22 +107,58 @@ class Closer:
         if account.address == master:
             vault = None
         else:
-            role, linked = self.ctx.exchange.user_role(account.address)
+            role, linked = self._role(account.address)
             if role != "subAccount" or linked != master:
                 raise CannotAct(f"the key acts for {master}, which does not control {account.address}")
             vault = account.address
         self._vaults[account.address] = vault
         return vault
 
-    def _trader(self, account: Account) -> Trader:
+    def _meta(self, coin: str | None = None) -> dict[str, Any]:
+        """meta of the main dex: once per run at most, from the database cache (exchange_meta) while fresh.
+        A coin the cached meta does not list (a new listing) makes it read again."""
         ctx = self.ctx
         if ctx.meta is None:
-            ctx.meta = ctx.exchange.read_meta()  # once per run, and only when an order is to be sent
+            ctx.meta = ctx.db.cached_meta(MAIN_DEX, CACHE_TTL)
+            self._meta_fresh = False
+        listed = ctx.meta is not None and (coin is None or any(
+            isinstance(a, dict) and a.get("name") == coin for a in ctx.meta.get("universe", [])))
+        if not listed and not getattr(self, "_meta_fresh", False):
+            ctx.meta = ctx.exchange.read_meta()
+            self._meta_fresh = True
+            self._traders.clear()  # built on the old meta
+            if not ctx.dry_run:
+                ctx.db.store_meta(MAIN_DEX, ctx.meta)
+        assert ctx.meta is not None
+        return ctx.meta
+
+    def _trader(self, account: Account, coin: str | None = None) -> Trader:
+        ctx = self.ctx
+        meta = self._meta(coin)  # only when an order is to be sent
         if account.address not in self._traders:
             assert ctx.secret_key is not None
-            self._traders[account.address] = Trader(ctx.exchange, ctx.secret_key, account.address, ctx.meta,
+            self._traders[account.address] = Trader(ctx.exchange, ctx.secret_key, account.address, meta,
                                                     vault_address=self._vault_for(account))
         return self._traders[account.address]
+
+    def _refused(self, account: Account, error: str | None) -> None:
+        """An order or cancel was refused: a "not authorized" kind drops the key's cached roles, a bad
+        size/price the cached meta, so the next attempt asks the exchange again."""
+        ctx = self.ctx
+        if ctx.dry_run or not error:
+            return
+        if is_authorization_error(error):
+            dropped = ctx.db.drop_roles(self._signer(), error)
+            for name in ("_master", "_cached_roles"):
+                self.__dict__.pop(name, None)
+            self._vaults.clear()
+            self._traders.clear()
+            self._note(f"{account.address}: the exchange refused the key ({error[:80]});"
+                       f" {dropped} cached role answer(s) dropped")
+        elif is_meta_error(error):
+            ctx.db.drop_meta(MAIN_DEX)
+            ctx.meta = None
+            self._traders.clear()
 
     def _note(self, text: str) -> None:
         log.info(text)
@@ -163,7 +221,7 @@ class Closer:
             self._already(action)
             return
         try:
-            trader = self._trader(account)  # before the claim: a key that cannot act leaves the row open
+            trader = self._trader(account, action.coin)  # before the claim: a key that cannot act leaves the row open
         except CannotAct as exc:
             ctx.report.would_close += 1
             self._note(f"would close #{row.id} {action.coin} ({action.reason}) but {exc}; nothing sent")
@@ -210,6 +268,7 @@ class Closer:
         elif outcome.kind == "rejected":
             with ctx.db.fenced(ctx.epoch):
                 ctx.db.release_close(row.id, cloid=cloid, event="close_failed", error=outcome.error)
+            self._refused(account, outcome.error)
             attempts = row.close_attempts + 1
             level = "ALERT: " if attempts >= ctx.max_failures else ""
             self._note(f"{level}#{row.id} {action.coin}: close rejected ({outcome.error}); attempt {attempts}")
@@ -342,7 +401,7 @@ class Closer:
                                                  metadata={"oid": order.oid, "order_type": order.order_type}))
                 continue
             try:
-                trader = self._trader(account)
+                trader = self._trader(account, order.coin)
             except CannotAct as exc:
                 self._note(f"{account.address}: would cancel order {order.oid} ({order.coin}) but {exc}")
                 continue
@@ -351,6 +410,7 @@ class Closer:
                 self._note(f"{account.address}: order {order.oid} left for the next run (deadline)")
                 continue
             error = trader.cancel(order.coin, order.oid, expires_after)
+            self._refused(account, error)
             ctx.report.actions.append(Action("cancel_order", account.address, order.coin,
                                              reason="position gone" if error is None else f"cancel failed: {error}",
                                              metadata={"oid": order.oid, "order_type": order.order_type}))

@@ -256,7 +256,42 @@ class OperationsMixin:
         return [dict(zip(names, row)) for row in cur]
 
 
-class Database(OperationsMixin):
+class ExchangeCacheMixin:
+    """Exchange answers kept between runs (key_roles, exchange_meta): read fresh-only, dropped by UPDATE."""
+
+    _execute: Any
+
+    def cached_meta(self, dex: str, max_age: Any) -> dict[str, Any] | None:
+        row = self._execute("SELECT meta FROM exchange_meta WHERE dex = %s AND dropped_at IS NULL"
+                            " AND fetched_at > now() - %s", (dex, max_age)).fetchone()
+        return row[0] if row else None
+
+    def store_meta(self, dex: str, meta: dict[str, Any]) -> None:
+        self._execute("INSERT INTO exchange_meta (dex, meta) VALUES (%s, %s) ON CONFLICT (dex) DO UPDATE"
+                      " SET meta = EXCLUDED.meta, fetched_at = now(), dropped_at = NULL", (dex, Jsonb(meta)))
+
+    def drop_meta(self, dex: str) -> int:
+        return self._execute("UPDATE exchange_meta SET dropped_at = now() WHERE dex = %s AND dropped_at IS NULL",
+                             (dex,)).rowcount
+
+    def cached_roles(self, signer: str, max_age: Any) -> dict[str, tuple[str, str | None]]:
+        """address -> (role, linked) for the answers about ``signer``'s key that are fresh and not dropped."""
+        cur = self._execute("SELECT address, role, linked FROM key_roles WHERE signer = %s AND dropped_at IS NULL"
+                            " AND checked_at > now() - %s", (signer, max_age))
+        return {address: (role, linked) for address, role, linked in cur}
+
+    def store_role(self, signer: str, address: str, role: str, linked: str | None) -> None:
+        self._execute("INSERT INTO key_roles (signer, address, role, linked) VALUES (%s, %s, %s, %s)"
+                      " ON CONFLICT (signer, address) DO UPDATE SET role = EXCLUDED.role, linked = EXCLUDED.linked,"
+                      " checked_at = now(), dropped_at = NULL, drop_reason = NULL", (signer, address, role, linked))
+
+    def drop_roles(self, signer: str, reason: str) -> int:
+        """Forget every cached answer about ``signer``'s key (the exchange refused it); returns how many."""
+        return self._execute("UPDATE key_roles SET dropped_at = now(), drop_reason = %s"
+                             " WHERE signer = %s AND dropped_at IS NULL", (reason[:200], signer)).rowcount
+
+
+class Database(OperationsMixin, ExchangeCacheMixin):
     """All SQL of the monitor, on one connection (the operations tables' statements come from OperationsMixin)."""
 
     def __init__(self, conn: psycopg.Connection, *, lease_name: str = "run") -> None:

@@ -33,7 +33,23 @@ EMPTY_SPOT_META = {"universe": [], "tokens": []}
 
 # Request weights (Hyperliquid docs, rate limits): what each read costs from the per-IP budget.
 WEIGHT = {"clearinghouseState": 2, "allMids": 2, "orderStatus": 2, "meta": 20, "frontendOpenOrders": 20,
-          "openOrders": 20, "userFillsByTime": 20, "exchange": 1}
+          "openOrders": 20, "userFillsByTime": 20, "userRole": 60, "exchange": 1}
+
+# Rejections of a signed action that mean "this key may not act here" (reference §3.5: a revoked or unknown
+# agent, an unfunded signer, a vaultAddress the key does not control). Matched as substrings, lowercase.
+AUTHORIZATION_ERRORS = ("user or api wallet", "must deposit before performing actions", "not authorized",
+                        "unauthorized", "not approved")
+# Rejections that a stale szDecimals (a cached ``meta``) would explain.
+META_ERRORS = ("invalid size", "invalid price", "divisible by tick size")
+
+
+def is_authorization_error(text: str | None) -> bool:
+    """Whether an /exchange refusal says the key may not act for the account (so a cached role is wrong)."""
+    return bool(text) and any(marker in text.lower() for marker in AUTHORIZATION_ERRORS)
+
+
+def is_meta_error(text: str | None) -> bool:
+    return bool(text) and any(marker in text.lower() for marker in META_ERRORS)
 
 
 def _is_unparsed(body: Any) -> bool:
@@ -128,17 +144,35 @@ class BudgetExhausted(Exception):
 
 
 class WeightBudget:
-    """A run's share of the per-IP rate limit (1200 weight/minute), shared by every thread of the run."""
+    """A run's share of the per-IP rate limit (1200 weight/minute), shared by every thread of the run.
+
+    Part of it may be held back for the run's exit work (``hold``): while held, ``take`` never dips
+    into it, so reads cannot starve a fired rule's order. ``open_reserve`` releases it when the run
+    turns to its closes, which then draw from the reserve and whatever the reads left.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.spent = 0
+        self.reserved = 0
         self._lock = threading.Lock()
+
+    def hold(self, weight: int) -> int:
+        """Hold ``weight`` back from reads (at most what is left); returns what is held."""
+        with self._lock:
+            self.reserved = max(0, min(weight, self.limit - self.spent))
+            return self.reserved
+
+    def open_reserve(self) -> None:
+        with self._lock:
+            self.reserved = 0
 
     def take(self, kind: str, weight: int) -> None:
         with self._lock:
-            if self.spent + weight > self.limit:
-                raise BudgetExhausted(f"{kind} needs {weight}, {self.limit - self.spent} of {self.limit} left")
+            available = self.limit - self.reserved - self.spent
+            if weight > available:
+                held = f", {self.reserved} held for exit work" if self.reserved else ""
+                raise BudgetExhausted(f"{kind} needs {weight}, {max(available, 0)} of {self.limit} left{held}")
             self.spent += weight
 
 
@@ -270,7 +304,7 @@ class Exchange:
 
     def user_role(self, address: str) -> tuple[str, str | None]:
         """userRole (weight 60): ("agent", master) | ("subAccount", master) | ("user", None) | ("vault"|"missing", None)."""
-        body = self._post("userRole", {"type": "userRole", "user": address}, 60)
+        body = self._post("userRole", {"type": "userRole", "user": address}, WEIGHT["userRole"])
         if not isinstance(body, dict) or not isinstance(body.get("role"), str):
             raise ReadFailed("userRole", "invalid answer")
         data = body.get("data") if isinstance(body.get("data"), dict) else {}

@@ -77,6 +77,11 @@ def observed_conditions(report: RunReport) -> dict[str, tuple[str, str]]:
             seen[f"followup_failed:{followup['id']}"] = (
                 "followup_failed", f"follow-up #{followup['id']} ({followup['kind']}, {followup['account']}"
                                    f" {followup['coin']}) failed {followup['attempts']} times: {followup['error']}")
+    if report.exit_starved:
+        starved = [note for note in report.notes if "exit work starved" in note]
+        seen["exit_starved"] = ("exit_starved", f"{report.exit_starved} account(s) with exit work (a fired rule's"
+                                                " order, a close to settle, orders to cancel) got no API weight"
+                                                " this run" + (f" (first: {starved[0]})" if starved else ""))
     for action in report.actions:
         if action.type == "close" and action.reason == "liquidation":
             seen[f"liquidation:{action.account}:{action.coin}"] = (

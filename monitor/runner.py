@@ -33,6 +33,7 @@ from monitor.errors import (
     UsageError,
 )
 from monitor.closing import CloseContext, Closer, close_bound_ms, followup_json
+from monitor.exit_budget import CACHE_TTL, ExitReserve, exit_reserve, signer_address
 from monitor.exchange import BudgetExhausted, Exchange, FillsTruncated, ReadFailed, RequestCounter, WeightBudget
 from monitor.lock import LocalRunLock, PostgresRunLock, RunLock, machine_identity, process_start_time
 from monitor.models import Account, AccountSnapshot, PositionRow
@@ -57,6 +58,8 @@ class RunReport:
     accounts_ok: int = 0
     accounts_failed: int = 0
     accounts_deferred: int = 0
+    exit_reserved: int = 0
+    exit_starved: int = 0
     actions: list[Action] = field(default_factory=list)
     failures: list[dict[str, str]] = field(default_factory=list)
     deferred_accounts: list[str] = field(default_factory=list)
@@ -78,7 +81,8 @@ class RunReport:
 
     @property
     def changed(self) -> bool:
-        return bool(self.discovered or self.updated or self.closed or self.close_orders_sent or self.failures)
+        return bool(self.discovered or self.updated or self.closed or self.close_orders_sent or self.failures
+                    or self.exit_starved)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -94,6 +98,8 @@ class RunReport:
             "accounts_ok": self.accounts_ok,
             "accounts_failed": self.accounts_failed,
             "accounts_deferred": self.accounts_deferred,
+            "exit_reserved": self.exit_reserved,
+            "exit_starved": self.exit_starved,
             "failures": self.failures,
             "deferred_accounts": self.deferred_accounts,
             "held_by_other_runs": self.held_by_other_runs,
@@ -116,6 +122,8 @@ class RunReport:
             parts.append(f"{self.would_close} would close on the exchange")
         if self.conflicts:
             parts.append(f"{self.conflicts} already handled by another writer")
+        if self.exit_starved:
+            parts.append(f"{self.exit_starved} with exit work starved of API weight")
         accounts = f"{self.accounts_ok} accounts read"
         if self.accounts_failed:
             accounts += f", {self.accounts_failed} failed"
@@ -186,6 +194,7 @@ class Run:
         self.crashed: int | None = None  # the exit code of a run stopped by an exception
         self.failed_ids: dict[int, str] = {}
         self.claimed = False  # whether this run claimed accounts (released at the end)
+        self.reserve = ExitReserve()  # the weight held back for this run's exit work
         self.progress: Callable[[int, int], None] | None = None
         self.on_locked: Callable[[], object] | None = None  # e.g. the dead-man's-switch "start" ping
         self.followups: dict[int, list[Any]] = {}  # pending follow-ups by account id (see _process)
@@ -322,7 +331,7 @@ class Run:
         rows_by_account = self.db.open_rows_by_account(ids)
         recent_by_account = self.db.recently_closed_by_account(
             ids, now - timedelta(seconds=self.settings.reopen_guard_seconds))
-        accounts = self._by_urgency(accounts, rows_by_account, self.db.last_good_reads(ids))
+        last_reads = self.db.last_good_reads(ids)
         if self.dry_run or self.settings.secret_key:  # without a key nothing could work them
             self.followups = self.db.pending_followups(ids)
         self.budget = WeightBudget(self.settings.weight_budget)
@@ -330,8 +339,12 @@ class Run:
         exchange = self.exchange_factory(counter, self.budget)
         try:
             mids = self._read_mids(exchange, accounts, rows_by_account)
+            # Exit work first: what it will cost is held back before the reads spend the budget.
+            self.reserve = self._reserve_exit_work(accounts, rows_by_account, mids, now)
+            accounts = self._by_urgency(accounts, rows_by_account, last_reads, self.reserve.urgent_accounts)
             settings = plan_settings(self.settings)
             results = self._read_all(accounts, rows_by_account, recent_by_account, settings, mids, counter)
+            self.budget.open_reserve()  # the closes draw from it, and from whatever the reads left
             self._apply_all(results, exchange, mids)
             self._keep_followup_alerts(accounts)
         finally:
@@ -372,17 +385,41 @@ class Run:
                                          f" epoch {epoch}): deferred to the next run")
         return [a for a in accounts if a.id in won]
 
+    def _reserve_exit_work(self, accounts: list[Account], rows_by_account: dict[int, list[PositionRow]],
+                           mids: dict[str, Any], now: Any) -> ExitReserve:
+        """Hold back from the reads the weight this run's exit work needs (see monitor/exit_budget.py)."""
+        assert self.db is not None
+        can_send = self.settings.secret_key is not None and not self.dry_run
+        pending = {account_id: len(items) for account_id, items in self.followups.items()}
+        estimate = exit_reserve(accounts, rows_by_account, mids, now, budget=self.settings.weight_budget,
+                                can_send=can_send, pending_cancels=pending)
+        if can_send and estimate.firing:  # only then is the cache worth a look: a quiet run costs no SQL
+            signer = signer_address(self.settings.secret_key)
+            roles = self.db.cached_roles(signer, CACHE_TTL)
+            key = roles.get(signer)
+            master = None if key is None else key[1] if key[0] == "agent" else signer
+            estimate = exit_reserve(accounts, rows_by_account, mids, now, budget=self.settings.weight_budget,
+                                    can_send=can_send, meta_cached=self.db.cached_meta("", CACHE_TTL) is not None,
+                                    key_master=master, cached_accounts=set(roles), pending_cancels=pending)
+        estimate.weight = self.budget.hold(estimate.weight)
+        self.report.exit_reserved = estimate.weight
+        if estimate.weight:
+            log.info(estimate.describe())
+        return estimate
+
     @staticmethod
     def _by_urgency(accounts: list[Account], rows_by_account: dict[int, list[PositionRow]],
-                    last_reads: dict[int, Any]) -> list[Account]:
-        """Most urgent first: rows with exit rules, then open rows, then the least recently read."""
+                    last_reads: dict[int, Any], exit_work: Any = frozenset()) -> list[Account]:
+        """Most urgent first: exit work this run (a rule firing, a close to settle), then rows with exit
+        rules, then open rows, then the least recently read."""
         def rank(account: Account) -> tuple[int, float]:
             rows = rows_by_account.get(account.id, [])
             ruled = any(r.stop_loss_price is not None or r.take_profit_price is not None
                         or r.trailing_stop_pct is not None or r.close_requested_at is not None
                         or r.status == "closing" for r in rows)
             last = last_reads.get(account.id)
-            return (0 if ruled else 1 if rows else 2, last.timestamp() if last else 0.0)
+            return (-1 if account.id in exit_work else 0 if ruled else 1 if rows else 2,
+                    last.timestamp() if last else 0.0)
         return sorted(accounts, key=rank)
 
     def _read_all(self, accounts: list[Account], rows_by_account: dict[int, list[PositionRow]],
@@ -461,10 +498,16 @@ class Run:
                 checked.account_id = account.id
                 try:
                     closer.handle(account, orders, closed_coins, open_orders=result.open_orders, followups=pending)
-                except BudgetExhausted:
-                    self.report.notes.append(f"{account.address}: weight budget spent; closes wait for the next run")
+                except BudgetExhausted as exc:
+                    self._exit_starved(f"{account.address}: exit work starved of weight ({exc});"
+                                       " closes wait for the next run")
                 finally:
                     checked.account_id = None
+        urgent = self.reserve.urgent_accounts
+        for result in results:
+            if result.deferred == "budget" and result.account.id in urgent:
+                self._exit_starved(f"{result.account.address}: exit work starved: not read (weight budget spent)"
+                                   " although an exit rule fires or a close is to settle; next run")
         if deferred:
             self.report.accounts_deferred += len(deferred)
             self.report.deferred_accounts.extend(deferred)
@@ -493,6 +536,12 @@ class Run:
         except (ReadFailed, BudgetExhausted) as exc:
             self.report.notes.append(f"mid prices unreadable ({exc}); exit rules skipped this run")
             return {}
+
+    def _exit_starved(self, note: str) -> None:
+        """Exit work that could not get weight: a note, and the `exit_starved` alert (never a silent run)."""
+        log.info(note)  # the note itself reaches stderr (and the alert); no second line
+        self.report.exit_starved += 1
+        self.report.notes.append(note)
 
     def _fail(self, account: Account, reason: str) -> None:
         log.warning("account %s: %s", account.address, reason)

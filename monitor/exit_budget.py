@@ -1,0 +1,109 @@
+"""What a run's exit work will cost, held back from the weight budget before the reads spend it.
+
+With hundreds of accounts the reads alone spend the whole per-run budget (2 per account), so a fired
+rule's order, and the reads that explain its close, never found weight. The run now works out, after
+``allMids`` and before any account is read, which rows need exit work this run and what it costs:
+
+* an open row whose rule fires at this run's mids (the same ``planner.exit_rule`` the plan uses):
+  one order, the fills read that explains its close, an open-orders read and two cancels (its own
+  TP/SL left on the book) = ``ROW_CLOSE_WEIGHT``;
+* a row in ``closing``: ``orderStatus`` for its cloid, then the same fills/open-orders/cancels =
+  ``ROW_SETTLE_WEIGHT``;
+* pending cancels recorded by earlier runs (per account: an open-orders read + one per cancel);
+* once, when an order is to be sent: ``meta`` unless cached, the key's ``userRole`` unless cached,
+  and a ``userRole`` per other account unless cached (a sub-account of the key's master).
+
+That sum, at most ``budget // RESERVE_SHARE`` (half the budget: reads always keep the other half),
+is held back; reads never dip into it, and the closer draws from it. Pure: no I/O here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Collection, Mapping, Sequence
+
+from monitor.exchange import WEIGHT
+from monitor.models import Account, PositionRow
+from monitor.planner import exit_rule
+
+# Cached exchange answers (key_roles, exchange_meta) are trusted this long.
+CACHE_TTL = timedelta(hours=1)
+CANCELS_PER_ROW = 2
+ROW_CLOSE_WEIGHT = (WEIGHT["exchange"] + WEIGHT["userFillsByTime"] + WEIGHT["frontendOpenOrders"]
+                    + CANCELS_PER_ROW * WEIGHT["exchange"])  # 43
+ROW_SETTLE_WEIGHT = WEIGHT["orderStatus"] + ROW_CLOSE_WEIGHT - WEIGHT["exchange"]  # 44
+RESERVE_SHARE = 2  # the reserve is at most 1/RESERVE_SHARE of the run's budget
+
+
+@dataclass
+class ExitReserve:
+    weight: int = 0  # held back (capped)
+    wanted: int = 0  # what the exit work would cost (uncapped)
+    firing: list[int] = field(default_factory=list)  # row ids whose rule fires at this run's mids
+    closing: list[int] = field(default_factory=list)  # row ids in 'closing'
+    urgent_accounts: set[int] = field(default_factory=set)  # accounts with exit work: read first
+
+    def describe(self) -> str:
+        capped = f" (capped from {self.wanted})" if self.wanted > self.weight else ""
+        return (f"{self.weight} weight held for exit work{capped}: {len(self.firing)} rule(s) firing,"
+                f" {len(self.closing)} close(s) to settle")
+
+
+def firing(row: PositionRow, account: Account, mids: Mapping[str, Decimal], now: datetime) -> bool:
+    """Whether the planner will ask for a close order for this row, given its snapshot agrees."""
+    if row.status != "open" or row.closed_at is not None:
+        return False
+    mid = mids.get(row.coin)
+    if mid is None:
+        return False  # no mid, no order (the closer postpones it)
+    rule, _ = exit_rule(row, mid, now, account.max_hold_seconds)
+    return rule is not None
+
+
+def exit_reserve(accounts: Sequence[Account], rows_by_account: Mapping[int, Sequence[PositionRow]],
+                 mids: Mapping[str, Decimal], now: datetime, *, budget: int, can_send: bool,
+                 meta_cached: bool = False, key_master: str | None = None,
+                 cached_accounts: Collection[str] = (),
+                 pending_cancels: Mapping[int, int] | None = None) -> ExitReserve:
+    """The weight this run's exit work needs (see the module's docstring).
+
+    ``key_master``: the account the key acts for, when its role is cached (None: unknown, every
+    account then counts a userRole). ``cached_accounts``: accounts whose role is cached.
+    """
+    reserve = ExitReserve()
+    sending_accounts: list[Account] = []
+    for account in accounts:
+        for row in rows_by_account.get(account.id, ()):
+            if row.status == "closing" and row.closed_at is None:
+                reserve.closing.append(row.id)
+                reserve.urgent_accounts.add(account.id)
+                reserve.wanted += ROW_SETTLE_WEIGHT if can_send else WEIGHT["orderStatus"]
+            elif firing(row, account, mids, now):
+                reserve.firing.append(row.id)
+                reserve.urgent_accounts.add(account.id)
+                if can_send:
+                    reserve.wanted += ROW_CLOSE_WEIGHT
+                    if not sending_accounts or sending_accounts[-1] is not account:
+                        sending_accounts.append(account)
+        cancels = (pending_cancels or {}).get(account.id, 0)
+        if cancels and can_send:
+            reserve.urgent_accounts.add(account.id)
+            reserve.wanted += WEIGHT["frontendOpenOrders"] + cancels * WEIGHT["exchange"]
+    if sending_accounts:
+        if not meta_cached:
+            reserve.wanted += WEIGHT["meta"]
+        if key_master is None:
+            reserve.wanted += WEIGHT["userRole"]
+        reserve.wanted += WEIGHT["userRole"] * sum(
+            1 for a in sending_accounts if a.address != key_master and a.address not in cached_accounts)
+    reserve.weight = min(reserve.wanted, budget // RESERVE_SHARE)
+    return reserve
+
+
+def signer_address(secret_key: str) -> str:
+    """The lowercase address of the configured key (never the key itself)."""
+    from eth_account import Account as EthAccount
+
+    return EthAccount.from_key(secret_key).address.lower()
