@@ -474,7 +474,7 @@ class Round:
 
     # ---- scripted trading patterns -----------------------------------------------------------------
 
-    def _target(self, controlled: bool = True) -> tuple[str, str] | None:
+    def _target(self, controlled: bool = True, firing: bool = False) -> tuple[str, str] | None:
         """An (account, coin) with an open row and a position on the exchange; a row whose exit rule fires
         first (the patterns are about what a rule does to the wrong position)."""
         fired = self.fired_rules(count=False)
@@ -485,8 +485,12 @@ class Round:
                    if (not controlled or r[1] in self.controlled) and self.sim.position(r[1], r[2])]
         if not options:
             return None
-        firing = [o for o in options if o[0] in fired]
-        _, address, coin = self.rng.choice(firing if firing and self.rng.random() < 0.8 else options)
+        fire = [o for o in options if o[0] in fired]
+        row_id, address, coin = self.rng.choice(fire if fire and (firing or self.rng.random() < 0.8) else options)
+        if firing and row_id not in fired:  # the pattern needs a close order: ask for one
+            with psycopg.connect(self.url, autocommit=True) as conn:
+                conn.execute("UPDATE positions SET close_requested_at = now() WHERE id = %s", (row_id,))
+            self.stats.rules["requested"] += 1
         return address, coin
 
     def pattern_reopen(self, name: str) -> bool:
@@ -512,7 +516,7 @@ class Round:
     def pattern_in_flight(self, name: str) -> bool:
         """The position grows or shrinks between the monitor's read and its close order (a simulator hook
         runs just before the order is applied)."""
-        target = self._target()
+        target = self._target(firing=True)
         if target is None:
             return False
         address = target[0]
@@ -912,6 +916,8 @@ class Round:
         self.clean_run("setup")
         self.set_rules()
         self.patterns = rng.sample(PATTERNS, rng.choice([0, 1, 1, 2, 2]))
+        if getattr(self.args, "patterns", None):
+            self.patterns = list(self.args.patterns)
         if "busy_close" in self.patterns and "busy_flip" in self.patterns:
             self.patterns.remove("busy_flip")
         scripts = {"reopen_same": self.pattern_reopen, "reopen_diff": self.pattern_reopen,
@@ -1035,6 +1041,10 @@ class Round:
                 " p.close_attempts, p.source, p.exit_price, p.realized_pnl, p.fees, p.metadata"
                 " FROM positions p JOIN accounts a ON a.id = p.account_id ORDER BY p.id"
             ).fetchall()
+            run_pids = dict(conn.execute("SELECT run_id, pid FROM monitor_runs").fetchall())
+            account_of_event = dict(conn.execute(
+                "SELECT e.id, a.address FROM position_events e JOIN positions p ON p.id = e.position_id"
+                " JOIN accounts a ON a.id = p.account_id").fetchall())
             claims = {r[0]: r[1:] for r in conn.execute(
                 "SELECT e.details->>'cloid', e.run_id, r.started_at FROM position_events e"
                 " LEFT JOIN monitor_runs r ON r.run_id = e.run_id WHERE e.event = 'closing_claimed'")}
@@ -1118,31 +1128,29 @@ class Round:
 
         # (v) no write from a superseded epoch. Each lock name (one per --shard layout) has its own epochs:
         # when runs of several layouts ran, only the runs known to be of one lease are compared.
-        lease_of_run: dict[str, str] = {}
-        for p in self.procs:
-            if p.report and p.report.get("run_id"):
-                k_n = p.shard.split("/") if p.shard else None
-                lease_of_run[p.report["run_id"]] = f"run:shard-{k_n[0]}-of-{k_n[1]}" if k_n else "run"
-        for _, report in self.clean_runs:
-            if report and report.get("run_id"):
-                lease_of_run[report["run_id"]] = "run"
+        def lease(shard: str | None) -> str:
+            return "run" if not shard else "run:shard-{}-of-{}".format(*shard.split("/"))
+
+        shard_of_pid = {p.popen.pid: p.shard for p in self.procs}
+        lease_of_run = {run_id: lease(shard_of_pid[pid]) for run_id, pid in run_pids.items() if pid in shard_of_pid}
+        lease_of_run.update({run_id: "run" for run_id, pid in run_pids.items() if pid == os.getpid()})  # clean runs
         highest_of: dict[str, int] = {}
         epoch_of_run: dict[str, int] = {}
         for event_id, position_id, run_id, epoch, kind in events:
             if epoch is None or run_id is None:
                 self.violation(f"(v) event {event_id} ({kind} #{position_id}) has no epoch/run id")
                 continue
-            lease = lease_of_run.get(run_id) if self.mixed_shards else "run"
-            if lease is not None:
-                highest = highest_of.get(lease, 0)
+            name = lease_of_run.get(run_id) if self.mixed_shards else "run"
+            if name is not None:
+                highest = highest_of.get(name, 0)
                 if epoch < highest:
                     self.violation(f"(v) event {event_id} ({kind} #{position_id}) by run {run_id} at epoch {epoch} "
                                    f"was written after epoch {highest} had written")
-                highest_of[lease] = max(highest, epoch)
+                highest_of[name] = max(highest, epoch)
             if epoch_of_run.setdefault(run_id, epoch) != epoch:
                 self.violation(f"(v) run {run_id} wrote under two epochs ({epoch_of_run[run_id]}, {epoch})")
-        for lease, highest in highest_of.items():
-            current = lease_epochs.get(lease, 0) if self.mixed_shards else max(lease_epochs.values(), default=0)
+        for name, highest in highest_of.items():
+            current = lease_epochs.get(name, 0) if self.mixed_shards else max(lease_epochs.values(), default=0)
             if highest > current:
                 self.violation(f"(v) events at epoch {highest} above the lease's epoch {current}")
         for p in self.procs:
@@ -1150,6 +1158,25 @@ class Round:
                 if epoch_of_run[p.report["run_id"]] != p.report.get("epoch"):
                     self.violation(f"(v) run {p.index} reported epoch {p.report.get('epoch')} but wrote under "
                                    f"{epoch_of_run[p.report['run_id']]}")
+
+        # ... and no two runs (of different --shard layouts) write for one account at once: per account, the
+        # runs writing its events in id order never go A, B, A.
+        if self.mixed_shards:
+            writers: dict[str, list[str]] = defaultdict(list)
+            for event_id, _, run_id, _, _ in events:
+                seq = writers[account_of_event[event_id]]
+                if run_id and (not seq or seq[-1] != run_id):
+                    seq.append(run_id)
+            for address, seq in sorted(writers.items()):
+                self.stats.checks["(v) one run per account at a time"] += 1
+                for i, run_id in enumerate(seq):
+                    inside = [r for r in seq[i + 1:] if r != run_id]
+                    if run_id in seq[i + 1:] and inside:
+                        other = inside[0]
+                        self.violation(f"(v) runs {run_id} ({lease_of_run.get(run_id, '?')}) and {other} "
+                                       f"({lease_of_run.get(other, '?')}) wrote for {address} at the same time "
+                                       f"(their events interleave)")
+                        break
 
         self.check_cycles(rows, fills, positions, claims, clean_report)
 
@@ -1366,6 +1393,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"play every round as this kind (default: a round whose seed is {MANY_EVERY - 1} modulo"
                              f" {MANY_EVERY} is a 'many accounts' round, {MANY_ACCOUNTS} accounts under the default"
                              " weight budget; the others are normal)")
+    parser.add_argument("--patterns", type=lambda t: [p for p in t.split(",") if p], default=None,
+                        metavar="A,B", help="script exactly these trading patterns in every normal round (default: up"
+                                            " to two at random); one of: " + ", ".join(PATTERNS))
     parser.add_argument("--verbose", "-v", action="store_true")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
@@ -1447,8 +1477,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"outcomes: {fmt(stats.outcomes)}")
     print(f"violations: {len(unknown)}" + (f" (plus {len(known)} matching known bugs)" if known else ""))
     by_invariant = Counter(v[2].split(" ", 1)[0] for v in stats.violations)
-    print("new invariants: " + "; ".join(f"{name} {stats.checks[name]} checks, {by_invariant[name]} violations"
-                                         for name in NEW_INVARIANTS))
+    names = list(NEW_INVARIANTS) + sorted(set(stats.checks) - set(NEW_INVARIANTS))
+    print("invariant checks: " + "; ".join(f"{name} {stats.checks[name]} checks, {by_invariant[name.split()[0]]}"
+                                           f" violations" for name in names))
     if stats.violations:
         print(f"violations by invariant: {fmt(by_invariant)}")
         seeds = sorted({v[1] for v in unknown}) or sorted({v[1] for v in known})
