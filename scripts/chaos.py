@@ -27,7 +27,34 @@ from a fresh database and a cleared simulator, so a round is replayed from its s
    (v)   no write from a superseded epoch: position_events in id order never go back to an older
          epoch, each run id writes under one epoch (the one its JSON reported), and nothing is
          written above the lease's current epoch;
+   (vi)  every exit rule that fires has its order sent: before the clean run (and before each
+         default-budget run of a "many accounts" round) the rows whose stop loss, take profit or close
+         request fires at the simulator's mids are listed; after it each is closed or has a close order
+         (one of its cloids) placed since the run began;
+   (vii) no row is 'closing' past its order's expiry plus one run: a row still 'closing' with the same
+         cloid after a clean run that began 3 s after the order's expiresAfter (recorded by the simulator;
+         claim + 10 s if the order never arrived) is a violation (the round waits up to 14 s for one);
+   (viii) after a clean run, no reduce-only or TP/SL order placed before a tracked position's close is
+         left open for a coin without a position (on the accounts the key controls);
+   (ix)  each closed row's exit price, P&L and fees equal those of its own cycle, computed here from the
+         simulator's complete fill ledger (cycles_of: a cycle runs from leaving zero to returning to or
+         crossing zero; a crossing fill's closing part and that share of its fee end the old cycle). A row's
+         cycle is the latest on its side that began at or before its opened_at (older ones within the
+         re-open guard are accepted too: a row adopted from a stale snapshot). Fees are not compared when
+         the cycle began beyond the 10,000 fills the exchange serves;
+   (x)   no close order lands on a position other than its row's cycle: when it was placed, the position
+         (if not flat) is the row's cycle, or one that opened after the run that sent it began (the run
+         could not have seen it);
+   and, in rounds with mixed --shard runs, (v) is checked per lock name and runs of different layouts
+   never write for one account at once (its events never go run A, run B, run A);
    plus: no run prints a traceback or exits with an unexpected code, and the clean run succeeds.
+
+Each normal round also scripts up to two trading patterns (PATTERNS below; ``--patterns`` forces them):
+same-side close and re-open between two runs, a size change while a close order is in flight, an account
+past 10,000 fills with a close or flip, transient faults on every follow-up read and cancel, and mixed
+``--shard`` runs. A round whose seed is 39 modulo 40 (or every round with ``--kind many``) is a "many
+accounts" round: 520 accounts, one position each, 10-25 rules firing, two runs under the default weight
+budget checked by (vi), then a clean run with the budget lifted and the other invariants.
 
 Violations print with their round's seed. A violation with the signature of a bug this runner found
 before (now fixed, with a regression test) names that test, as a hint. ``OPEN_BUGS`` lists signatures
