@@ -686,8 +686,10 @@ class Round:
         if not rows:
             return
         expiry: dict[int, int] = {}
+        order_status: dict[int, str] = {}
         for row_id, address, coin, cloid, started in rows:
             order = next((o for o in self.sim.orders(address) if o.get("cloid") == cloid), None)
+            order_status[row_id] = order["status"] if order else "never placed"
             if order is not None and order.get("expiresAfter") is not None:
                 expiry[row_id] = int(order["expiresAfter"])
             else:  # never reached the exchange: its expiresAfter was at most ORDER_TTL after the claim
@@ -704,8 +706,9 @@ class Round:
                 continue
             after = [start for start, report in self.clean_runs if report and start > expiry[row_id] + SETTLE_SLACK_MS]
             if after:
-                self.violation(f"(vii) row #{row_id} {address} {coin} is still 'closing' (cloid {cloid}, claimed "
-                               f"{started.isoformat()}), {len(after)} run(s) started after its order expired")
+                self.violation(f"(vii) row #{row_id} {address} {coin} is still 'closing' (cloid {cloid}, order "
+                               f"{order_status[row_id]}, claimed {started.isoformat()}), {len(after)} run(s) started "
+                               f"{SETTLE_SLACK_MS // 1000} s or more after its order expired")
 
     # ---- processes -------------------------------------------------------------------------------
 
@@ -943,8 +946,8 @@ class Round:
         self.clean_run("setup")
         self.set_rules()
         self.patterns = rng.sample(PATTERNS, rng.choice([0, 1, 1, 2, 2]))
-        if getattr(self.args, "patterns", None):
-            self.patterns = list(self.args.patterns)
+        if getattr(self.args, "patterns", None) is not None:
+            self.patterns = [p for p in self.args.patterns if p != "none"]
         if "busy_close" in self.patterns and "busy_flip" in self.patterns:
             self.patterns.remove("busy_flip")
         scripts = {"reopen_same": self.pattern_reopen, "reopen_diff": self.pattern_reopen,
@@ -1422,7 +1425,7 @@ def main(argv: list[str] | None = None) -> int:
                              " weight budget; the others are normal)")
     parser.add_argument("--patterns", type=lambda t: [p for p in t.split(",") if p], default=None,
                         metavar="A,B", help="script exactly these trading patterns in every normal round (default: up"
-                                            " to two at random); one of: " + ", ".join(PATTERNS))
+                                            " to two at random; 'none': none); of: " + ", ".join(PATTERNS))
     parser.add_argument("--verbose", "-v", action="store_true")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
