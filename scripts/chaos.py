@@ -40,8 +40,9 @@ from a fresh database and a cleared simulator, so a round is replayed from its s
          simulator's complete fill ledger (cycles_of: a cycle runs from leaving zero to returning to or
          crossing zero; a crossing fill's closing part and that share of its fee end the old cycle). A row's
          cycle is the latest on its side that began at or before its opened_at (older ones within the
-         re-open guard are accepted too: a row adopted from a stale snapshot). Fees are not compared when
-         the cycle began beyond the 10,000 fills the exchange serves;
+         re-open guard are accepted too: a row adopted from a stale snapshot). Past the 10,000 fills the
+         exchange serves, fees are not compared when the cycle began out of reach, and exit price and
+         P&L are those of the closing fills still in reach;
    (x)   no close order lands on a position other than its row's cycle: when it was placed, the position
          (if not flat) is the row's cycle, or one that opened after the run that sent it began (the run
          could not have seen it);
@@ -304,6 +305,18 @@ def cycles_of(fills: list[dict[str, Any]], coin: str) -> list[Cycle]:
                 current = Cycle(coin, 1 if after > 0 else -1, f["time"], index, fees=fee * abs(after) / size)
                 out.append(current)
     return out
+
+
+def closing_figures(fills: list[dict[str, Any]], indices: list[int]) -> tuple[Decimal | None, Decimal]:
+    """Exit price and P&L of some of a cycle's closing fills (each counted for its closing part)."""
+    value = size = pnl = Decimal(0)
+    for i in indices:
+        f = fills[i]
+        closing = min(Decimal(f["sz"]), abs(Decimal(f["startPosition"])))
+        value += Decimal(f["px"]) * closing
+        size += closing
+        pnl += Decimal(f["closedPnl"])
+    return (value / size if size else None), pnl
 
 
 def close_enough(a: Decimal | None, b: Decimal | None) -> bool:
@@ -1252,10 +1265,13 @@ class Round:
             wants = []
             for c in options:
                 fees_known = c.start_ms is not None and c.first_index >= reach
-                if close_enough(exit_price, c.exit_price) and close_enough(pnl, c.pnl) and (
+                want_exit, want_pnl = c.exit_price, c.pnl
+                if any(i < reach for i in c.closing_indices):  # only the closing fills the exchange still serves
+                    want_exit, want_pnl = closing_figures(fills[address], [i for i in c.closing_indices if i >= reach])
+                if close_enough(exit_price, want_exit) and close_enough(pnl, want_pnl) and (
                         not fees_known or close_enough(fees, c.fees)):
                     break
-                wants.append(f"{c.exit_price}/{c.pnl}/{c.fees if fees_known else '?'} (cycle from {c.start_ms})")
+                wants.append(f"{want_exit}/{want_pnl}/{c.fees if fees_known else '?'} (cycle from {c.start_ms})")
             else:
                 self.violation(f"(ix) row #{row_id} {address} {coin} {side} ({reason}): written exit/pnl/fees "
                                f"{exit_price}/{pnl}/{fees}, its own cycle gives {' or '.join(wants)}")
