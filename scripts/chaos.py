@@ -696,8 +696,6 @@ class Round:
     # ---- (vii) no row stays closing past its order's expiry plus one run -------------------------
 
     def check_closing_settled(self) -> None:
-        from monitor.exchange import close_cloid  # noqa: F401 - the cloid is the row's own
-
         with psycopg.connect(self.url) as conn:
             self.stats.checks["(vii)"] += conn.execute(
                 "SELECT count(*) FROM position_events WHERE event = 'closing_claimed'").fetchone()[0]
