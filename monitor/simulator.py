@@ -283,6 +283,7 @@ class Order:
     order_type: str = "Limit"
     status: str = "open"
     status_ts: int = 0
+    expires_after: int | None = None  # the expiresAfter of the /exchange action that placed it, if any
 
     def trigger_condition(self) -> str:
         if not self.is_trigger or self.trigger_px is None:
@@ -331,7 +332,7 @@ class Order:
             "reduceOnly": self.reduce_only, "tif": self.tif, "isTrigger": self.is_trigger,
             "triggerPx": fmt(self.trigger_px) if self.trigger_px is not None else None, "tpsl": self.tpsl,
             "isMarket": self.is_market, "orderType": self.order_type, "status": self.status,
-            "statusTimestamp": self.status_ts,
+            "statusTimestamp": self.status_ts, "expiresAfter": self.expires_after,
         }
 
     @staticmethod
@@ -345,6 +346,7 @@ class Order:
             trigger_px=D(tp) if tp not in (None, "0.0", "0") else None, tpsl=d.get("tpsl"),
             is_market=bool(d.get("isMarket", True)), order_type=str(d.get("orderType", "Limit")),
             status=str(d.get("status", "open")), status_ts=int(d.get("statusTimestamp", d.get("timestamp", 0))),
+            expires_after=int(d["expiresAfter"]) if d.get("expiresAfter") is not None else None,
         )
 
 
@@ -454,6 +456,7 @@ class Simulator:
         self._weight_window: deque[tuple[float, int]] = deque()
         self._faults: list[Fault] = []
         self._fault_seq = 0
+        self._hooks: list[dict[str, Any]] = []  # add_request_hook: callbacks run before a matching request
         self.latency_ms = float(latency_ms)
         self._init_state()
         self.fee_rate = D(fee_rate, "fee_rate")
@@ -1003,6 +1006,33 @@ class Simulator:
             deltas = [-d * _sign(pos.szi) for d in self._split(coin, abs(pos.szi), len(prices))]
             return self._trade(address, coin, deltas, prices)
 
+    def add_fill_history(self, address: str, coin: str, count: int, sz: Any = None, px: Any = None) -> int:
+        """Give ``address`` ``count`` (even) more fills on ``coin``: open/close round trips of ``sz`` (default
+        one size step) at ``px`` (default the mid), spread evenly in time from just after the account's last
+        fill to now, ending flat. A busy account in bulk: past the 10,000 fills userFillsByTime can reach.
+        ``coin`` must have no open position. Returns the number of fills added."""
+        with self._lock:
+            n = int(count)
+            if n < 2 or n % 2:
+                raise SimulatorError("count must be an even number >= 2")
+            acct = self._account(address, create=True)
+            if coin in acct.positions:
+                raise SimulatorError(f"{coin} position is open for {acct.address}")
+            szd = int(self._ensure_coin(coin).get("szDecimals", 8))
+            size = D(sz, "sz") if sz is not None else Decimal(1).scaleb(-szd)
+            self._check_size(coin, size, "sz")
+            price = D(px, "px") if px is not None else self._mids.get(coin, Decimal(1))
+            now = self.now_ms()
+            first = (acct.fills[-1]["time"] + 1) if acct.fills else now - n
+            first = min(first, now)
+            span = max(0, now - first)
+            o = self._external_order(acct, coin, "B", size * (n // 2), price, "FrontendMarket")
+            for i in range(n):
+                ts = first + (span * i) // max(1, n - 1)
+                self._fill(acct, coin, size if i % 2 == 0 else -size, price, oid=o.oid, ts=ts)
+            self._bump(acct)
+            return n
+
     def liquidate(self, address: str, coin: str, mark_px: Any, px: Any = None,
                   cancel_orders: bool = True) -> list[dict[str, Any]]:
         """Market-liquidate the whole position: one fill at ``px`` (default mark_px), dir "Liquidated Cross
@@ -1261,6 +1291,45 @@ class Simulator:
     def list_faults(self) -> list[dict[str, Any]]:
         with self._lock:
             return [f.to_json() for f in self._faults]
+
+    def add_request_hook(self, callback: Callable[[str, str | None, str | None, dict[str, Any]], Any],
+                         path: str | None = None, type: str | None = None, user: str | None = None,
+                         count: int | None = 1) -> int:
+        """In-process only: call ``callback(path, type, user, body)`` just before the next ``count`` matching
+        requests are processed (None = until cleared); a test's way to change the exchange between a
+        client's read and its write (e.g. the position grows while a close order is in flight). /info:
+        before the answer is built; /exchange: after the signature and the account are resolved, before
+        the action is applied (``user`` is the account acted for). The callback may call any scripting
+        method; an exception in it is swallowed. Returns the hook's id."""
+        with self._lock:
+            self._fault_seq += 1
+            self._hooks.append({"id": self._fault_seq, "fn": callback, "path": _norm_path(path) if path else None,
+                                "type": type, "user": _addr(user) if user else None,
+                                "remaining": None if count is None else int(count)})
+            return self._fault_seq
+
+    def clear_request_hooks(self) -> int:
+        with self._lock:
+            n = len(self._hooks)
+            self._hooks = []
+            return n
+
+    def _run_hooks(self, path: str, typ: str | None, user: str | None, body: dict[str, Any]) -> None:
+        with self._lock:
+            due = []
+            for h in list(self._hooks):
+                if h["path"] not in (None, path) or h["type"] not in (None, typ) or h["user"] not in (None, user):
+                    continue
+                due.append(h["fn"])
+                if h["remaining"] is not None:
+                    h["remaining"] -= 1
+                    if h["remaining"] <= 0:
+                        self._hooks.remove(h)
+        for fn in due:
+            try:
+                fn(path, typ, user, body)
+            except Exception:  # noqa: BLE001 - a scripting hook that the state did not allow
+                pass
 
     def _take_fault(self, path: str, typ: str | None, user: str | None) -> Fault | None:
         with self._lock:
@@ -1537,6 +1606,8 @@ class Simulator:
         entry["user"] = user
         base_weight = 2 if typ in _INFO_WEIGHT_2 else 60 if typ == "userRole" else 20
         entry["weight"] = base_weight
+        if self._hooks:
+            self._run_hooks("/info", typ, user, body)
         fault = self._take_fault("/info", typ, user)
         entry["fault"] = fault.kind if fault else None
         limited = self._rate_limited(base_weight)
@@ -1635,6 +1706,8 @@ class Simulator:
         with self._lock:
             actor, err = self._resolve_actor(signer, vault, typ)
         entry["user"] = actor
+        if self._hooks and actor is not None:
+            self._run_hooks("/exchange", typ, actor, body)
         fault = self._take_fault("/exchange", typ, actor)
         entry["fault"] = fault.kind if fault else None
         limited = self._rate_limited(entry["weight"])
@@ -1697,7 +1770,7 @@ class Simulator:
         typ = action["type"]
         acct.n_actions += max(1, n_items)
         if typ == "order":
-            statuses = [self._place(acct, w) for w in action["orders"]]
+            statuses = [self._place(acct, w, expires) for w in action["orders"]]
             self._bump(acct)
             return {"status": "ok", "response": {"type": "order", "data": {"statuses": statuses}}}
         if typ in ("cancel", "cancelByCloid"):
@@ -1736,7 +1809,7 @@ class Simulator:
         # scheduleCancel / noop: accepted, no effect in the simulator
         return {"status": "ok", "response": {"type": "default"}}
 
-    def _place(self, acct: Account, w: dict[str, Any]) -> Any:
+    def _place(self, acct: Account, w: dict[str, Any], expires: int | None = None) -> Any:
         a = w["a"]
         if not 0 <= a < len(self._universe):
             return {"error": f"Invalid asset. asset={a}"}
@@ -1770,9 +1843,11 @@ class Simulator:
             o = self._new_order(acct, coin, side, px, sz, cloid, reduce_only, None, is_trigger=True,
                                 trigger_px=Decimal(str(trig["triggerPx"])), tpsl=trig.get("tpsl"),
                                 is_market=bool(trig.get("isMarket", True)))
+            o.expires_after = expires
             return {"resting": with_cloid({"oid": o.oid})}
         tif = t["limit"]["tif"]
         o = self._new_order(acct, coin, side, px, sz, cloid, reduce_only, tif)
+        o.expires_after = expires
         mid = self._mids.get(coin)
         if self.min_notional > 0 and sz * (mid or px) < self.min_notional:
             self._set_status(o, "minTradeNtlRejected")
@@ -1821,6 +1896,7 @@ class Simulator:
         "cancel_order", "set_fee_rate", "set_partial_fill_ratio", "set_latency", "set_config", "approve_agent",
         "revoke_agent", "add_account", "add_sub_account", "add_coin", "now_ms", "set_time", "advance_time",
         "set_clock_offset", "clear", "snapshot", "load", "requests_log", "reset_log", "total_weight",
+        "add_fill_history",
         "add_fault", "clear_faults", "list_faults", "meta", "mids", "position", "positions", "fills", "orders",
         "accounts",
     )

@@ -27,7 +27,36 @@ from a fresh database and a cleared simulator, so a round is replayed from its s
    (v)   no write from a superseded epoch: position_events in id order never go back to an older
          epoch, each run id writes under one epoch (the one its JSON reported), and nothing is
          written above the lease's current epoch;
+   (vi)  every exit rule that fires has its order sent: before the clean run (and before each
+         default-budget run of a "many accounts" round) the rows whose stop loss, take profit or close
+         request fires at the simulator's mids are listed; after it each is closed or has a close order
+         (one of its cloids) placed since the run began;
+   (vii) no row is 'closing' past its order's expiry plus one run: a row still 'closing' with the same
+         cloid after a clean run that began 3 s after the order's expiresAfter (recorded by the simulator;
+         claim + 10 s if the order never arrived) is a violation (the round waits up to 14 s for one);
+   (viii) after a clean run, no reduce-only or TP/SL order placed before a position's close is left open
+         for a coin without a position, once the table recorded that close (rows all closed; the last
+         cycle was a row's; on the accounts the key controls);
+   (ix)  each closed row's exit price, P&L and fees equal those of its own cycle, computed here from the
+         simulator's complete fill ledger (cycles_of: a cycle runs from leaving zero to returning to or
+         crossing zero; a crossing fill's closing part and that share of its fee end the old cycle). A row's
+         cycle is the latest on its side that began at or before its opened_at (older ones within the
+         re-open guard are accepted too: a row adopted from a stale snapshot). Past the 10,000 fills the
+         exchange serves, fees are not compared when the cycle began out of reach, and exit price and
+         P&L are those of the closing fills still in reach;
+   (x)   no close order lands on a position other than its row's cycle: when it was placed, the position
+         (if not flat) is the row's cycle, or one that opened after the run that sent it began (the run
+         could not have seen it);
+   and, in rounds with mixed --shard runs, (v) is checked per lock name and runs of different layouts
+   never write for one account at once (its events never go run A, run B, run A);
    plus: no run prints a traceback or exits with an unexpected code, and the clean run succeeds.
+
+Each normal round also scripts up to two trading patterns (PATTERNS below; ``--patterns`` forces them):
+same-side close and re-open between two runs, a size change while a close order is in flight, an account
+past 10,000 fills with a close or flip, transient faults on every follow-up read and cancel, and mixed
+``--shard`` runs. A round whose seed is 39 modulo 40 (or every round with ``--kind many``) is a "many
+accounts" round: 520 accounts, one position each, 10-25 rules firing, two runs under the default weight
+budget checked by (vi), then a clean run with the budget lifted and the other invariants.
 
 Violations print with their round's seed. A violation with the signature of a bug this runner found
 before (now fixed, with a regression test) names that test, as a hint. ``OPEN_BUGS`` lists signatures
@@ -77,6 +106,28 @@ COINS = {"BTC": Decimal("0.01"), "ETH": Decimal("0.1"), "SOL": Decimal("1"), "DO
 FAULT_KINDS = ("429", "500", "hang", "malformed", "error_body", "missing_field", "empty", "stale", "drop_response")
 INFO_TYPES = ("clearinghouseState", "userFillsByTime", "allMids", "frontendOpenOrders", "meta", "orderStatus")
 EXIT_OK_CODES = {0, 1, 69, 75}
+# Scripted trading patterns, at most two per round (chosen at random, counted by kind in the figures):
+#   reopen_same / reopen_diff: between two runs a watched position is closed and re-opened on the same side,
+#     with the same size and entry / a different one;
+#   grow_in_flight / shrink_in_flight: the position changes size while a close order is in flight (a
+#     simulator hook runs just before the order is applied, after the monitor read the size);
+#   busy_close / busy_flip: an account gets 10,000+ more fills (the exchange serves only the latest 10,000),
+#     then a watched position on it closes / flips;
+#   followup_faults: a reduce-only stop is left behind by an outside close, and every follow-up read and
+#     write (frontendOpenOrders, orderStatus, userFillsByTime, cancel) fails a few times;
+#   mixed_shards: the runs are started with different --shard values (1/2, 2/3, ...) and without one.
+PATTERNS = ("reopen_same", "reopen_diff", "grow_in_flight", "shrink_in_flight", "busy_close", "busy_flip",
+            "followup_faults", "mixed_shards")
+SHARDS = ("1/2", "2/2", "1/3", "2/3", "3/3")
+NOISE_COIN = "ATOM"  # the busy accounts' noise trades (never one of COINS)
+# A round whose seed is MANY_EVERY-1 modulo MANY_EVERY is a "many accounts" round: 500+ watched accounts
+# (sub-accounts of the key's master), one position each, exit rules firing on a few, runs under the default
+# weight budget. It costs about 30 s, so it is rare (and never in the 6 rounds of tests/test_chaos.py).
+MANY_EVERY = 40
+MANY_ACCOUNTS = 520
+ORDER_TTL_MS = 10_000  # a close order's expiresAfter is at most this after its claim (monitor/closing.py)
+SETTLE_SLACK_MS = 3_000  # (vii): a run that starts this long after an order's expiry must settle its row
+NEW_INVARIANTS = ("(vi)", "(vii)", "(viii)", "(ix)", "(x)")
 # Signatures of bugs found by this runner (fixed in deb7fc8): a hint naming the regression test.
 SIGNATURE_FLIP = ("looks like the fixed bug of tests/test_chaos.py::test_a_flip_is_closed_with_the_flip_fills_"
                   "figures_even_when_fills_lag: a flip closed before its fills showed it")
@@ -166,6 +217,7 @@ class Proc:
     err_path: Path
     started: float
     fate: str
+    shard: str | None = None
     stopped_for: float = 0.0
     killed: bool = False
     code: int | None = None
@@ -183,7 +235,96 @@ class Stats:
     exit_codes: Counter = field(default_factory=Counter)
     rules: Counter = field(default_factory=Counter)
     outcomes: Counter = field(default_factory=Counter)
+    patterns: Counter = field(default_factory=Counter)
+    checks: Counter = field(default_factory=Counter)  # invariant -> how many times it was checked
     violations: list[tuple[int, int, str, bool]] = field(default_factory=list)  # round, seed, text, known
+
+
+# --------------------------------------------------------------------------------------------------
+# cycles of a position, from the simulator's own fill ledger (independent of monitor.fills)
+
+
+@dataclass
+class Cycle:
+    """One position from leaving zero to returning to (or crossing) zero, on one coin of one account."""
+
+    coin: str
+    sign: int  # +1 long, -1 short
+    start_ms: int | None  # None: the ledger starts inside this position
+    first_index: int  # index in the account's fill list of its first fill
+    end_ms: int | None = None
+    closing_indices: list[int] = field(default_factory=list)
+    exit_value: Decimal = Decimal(0)
+    closed_size: Decimal = Decimal(0)
+    pnl: Decimal = Decimal(0)
+    fees: Decimal = Decimal(0)
+
+    @property
+    def exit_price(self) -> Decimal | None:
+        return self.exit_value / self.closed_size if self.closed_size else None
+
+
+def signed(fill: dict[str, Any]) -> Decimal:
+    return Decimal(fill["sz"]) if fill["side"] == "B" else -Decimal(fill["sz"])
+
+
+def cycles_of(fills: list[dict[str, Any]], coin: str) -> list[Cycle]:
+    """Segment one coin's fills (in ledger order) into cycles. A fill that crosses zero ends one cycle and
+    starts the next: its closing part (|startPosition| of its size) and that share of its fee belong to the
+    ending cycle, its closedPnl entirely (the exchange books it on the closed part), the rest of its fee to
+    the new cycle. A fill that adds counts its fee; a fill that reduces counts its size at its price, its
+    closedPnl and its fee."""
+    out: list[Cycle] = []
+    current: Cycle | None = None
+    for index, f in enumerate(fills):
+        if f["coin"] != coin:
+            continue
+        before = Decimal(f["startPosition"])
+        size = Decimal(f["sz"])
+        after = before + signed(f)
+        fee = Decimal(f["fee"])
+        if before == 0:
+            current = Cycle(coin, 1 if after > 0 else -1, f["time"], index, fees=fee)
+            out.append(current)
+            continue
+        if current is None:  # the ledger starts inside a position
+            current = Cycle(coin, 1 if before > 0 else -1, None, index)
+            out.append(current)
+        if after * before > 0 and abs(after) > abs(before):  # adds
+            current.fees += fee
+            continue
+        closing = min(size, abs(before))
+        current.exit_value += Decimal(f["px"]) * closing
+        current.closed_size += closing
+        current.pnl += Decimal(f["closedPnl"])
+        current.fees += fee if closing == size else fee * closing / size
+        current.closing_indices.append(index)
+        if after * before <= 0:
+            current.end_ms = f["time"]
+            current = None
+            if after != 0:  # crosses zero: the rest opens the next cycle
+                current = Cycle(coin, 1 if after > 0 else -1, f["time"], index, fees=fee * abs(after) / size)
+                out.append(current)
+    return out
+
+
+def closing_figures(fills: list[dict[str, Any]], indices: list[int]) -> tuple[Decimal | None, Decimal]:
+    """Exit price and P&L of some of a cycle's closing fills (each counted for its closing part)."""
+    value = size = pnl = Decimal(0)
+    for i in indices:
+        f = fills[i]
+        closing = min(Decimal(f["sz"]), abs(Decimal(f["startPosition"])))
+        value += Decimal(f["px"]) * closing
+        size += closing
+        pnl += Decimal(f["closedPnl"])
+    return (value / size if size else None), pnl
+
+
+def close_enough(a: Decimal | None, b: Decimal | None) -> bool:
+    """Equal money figures, up to the last digits of a division (pro rata fees, average prices)."""
+    if a is None or b is None:
+        return a is None and b is None
+    return abs(Decimal(a) - Decimal(b)) <= Decimal("1e-9") * max(Decimal(1), abs(Decimal(b)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,7 +350,21 @@ class Round:
         self.procs: list[Proc] = []
         self.violations: list[tuple[str, bool]] = []
         self.stale_used = False
+        self.stale_users: set[str | None] = set()  # accounts given stale answers (None: every account)
         self._conn: psycopg.Connection | None = None
+        forced = getattr(args, "kind", None)
+        self.kind = forced or ("many" if seed % MANY_EVERY == MANY_EVERY - 1 else "normal")
+        self.extra_env: dict[str, str] = {}
+        self.patterns: list[str] = []
+        self.mixed_shards = False
+        self.clean_runs: list[tuple[int, dict[str, Any] | None]] = []  # (start, sim ms; report) of clean runs
+
+    @property
+    def controlled(self) -> set[str]:
+        """The accounts the key may close: its master account, and the master's sub-accounts."""
+        if self.kind == "many":
+            return set(self.accounts)
+        return {self.agent_account} | ({self.accounts[1]} if self.sub_account else set())
 
     # ---- environment ---------------------------------------------------------------------------
 
@@ -228,6 +383,7 @@ class Round:
             "MONITOR_HOST_ID": "chaos-host",
             "PYTHONDONTWRITEBYTECODE": "1",
         })
+        environ.update(self.extra_env)
         return environ
 
     def violation(self, text: str, known: bool = False) -> None:
@@ -322,6 +478,7 @@ class Round:
                                  "frontendOpenOrders": rng.choice(["oid", "coin"])}[typ]
             if kind == "stale":
                 self.stale_used = True
+                self.stale_users.add(user)
                 if rng.random() < 0.5:
                     args["k"] = rng.randint(1, 3)
         elif kind == "drop_response":
@@ -358,15 +515,230 @@ class Round:
                                  (mid * (Decimal("0.5") if long else Decimal("1.5")), row_id))
                 self.stats.rules[rule] += 1
 
+    # ---- scripted trading patterns -----------------------------------------------------------------
+
+    def _target(self, controlled: bool = True, firing: bool = False) -> tuple[str, str] | None:
+        """An (account, coin) with an open row and a position on the exchange; a row whose exit rule fires
+        first (the patterns are about what a rule does to the wrong position)."""
+        fired = self.fired_rules(count=False)
+        with psycopg.connect(self.url) as conn:
+            rows = conn.execute("SELECT p.id, a.address, p.coin FROM positions p JOIN accounts a ON a.id = p.account_id"
+                                " WHERE p.closed_at IS NULL AND p.status = 'open' ORDER BY p.id").fetchall()
+        options = [(r[0], r[1], r[2]) for r in rows
+                   if (not controlled or r[1] in self.controlled) and self.sim.position(r[1], r[2])]
+        if not options:
+            return None
+        fire = [o for o in options if o[0] in fired]
+        row_id, address, coin = self.rng.choice(fire if fire and (firing or self.rng.random() < 0.8) else options)
+        if firing and row_id not in fired:  # the pattern needs a close order: ask for one
+            with psycopg.connect(self.url, autocommit=True) as conn:
+                conn.execute("UPDATE positions SET close_requested_at = now() WHERE id = %s", (row_id,))
+            self.stats.rules["requested"] += 1
+        return address, coin
+
+    def pattern_reopen(self, name: str) -> bool:
+        """Between two runs: close the position outside and re-open it on the same side."""
+        target = self._target()
+        if target is None:
+            return False
+        address, coin = target
+        pos = self.sim.position(address, coin)
+        szi, entry = Decimal(pos["szi"]), Decimal(pos["entryPx"])
+        if name == "reopen_same":
+            new_szi, new_entry = szi, entry
+        else:
+            new_szi = self.size(coin) * (1 if szi > 0 else -1)
+            new_entry = self.price(coin)
+            if new_szi == szi and new_entry == entry:
+                new_szi += COINS[coin] * (1 if szi > 0 else -1)
+        self.sim.close_external(address, coin, self.price(coin), parts=self.rng.choice([1, 2]))
+        time.sleep(0.002)
+        self.sim.open_position(address, coin, new_szi, new_entry)
+        return True
+
+    def pattern_in_flight(self, name: str) -> bool:
+        """The position grows or shrinks between the monitor's read and its close order (a simulator hook
+        runs just before the order is applied)."""
+        target = self._target(firing=True)
+        if target is None:
+            return False
+        address = target[0]
+        names = [u["name"] for u in self.sim.meta()["universe"]]
+        steps = self.rng.randint(1, 3)
+
+        def resize(path: str, typ: str | None, user: str | None, body: dict[str, Any]) -> None:
+            coin = names[body["action"]["orders"][0]["a"]]
+            pos = self.sim.position(address, coin)
+            if pos is None:
+                return
+            szi = Decimal(pos["szi"])
+            sign = 1 if szi > 0 else -1
+            unit = COINS.get(coin, Decimal("0.01"))
+            if name == "grow_in_flight":
+                new = szi + sign * unit * steps
+            else:
+                if abs(szi) <= unit:
+                    return
+                new = szi - sign * unit * min(steps, int(abs(szi) / unit) - 1)
+            self.sim.resize(address, coin, new, self.sim.mids()[coin])
+            self.stats.outcomes[f"{name}: resized before the order landed"] += 1
+
+        self.sim.add_request_hook(resize, path="exchange", type="order", user=address, count=1)
+        return True
+
+    def pattern_busy(self, name: str) -> bool:
+        """10,000+ fills on another coin (past what userFillsByTime serves), then a close or a flip."""
+        target = self._target(controlled=self.rng.random() < 0.7)
+        if target is None:
+            return False
+        address, coin = target
+        time.sleep(0.05)  # room for the noise fills after the account's last one (< 2,000 per millisecond)
+        self.sim.add_fill_history(address, NOISE_COIN, 10_000 + 2 * self.rng.randint(1, 200))
+        szi = Decimal(self.sim.position(address, coin)["szi"])
+        if name == "busy_close":
+            self.sim.close_external(address, coin, self.price(coin), parts=self.rng.choice([1, 2]))
+        else:
+            self.sim.flip(address, coin, -(1 if szi > 0 else -1) * self.size(coin), self.price(coin))
+        return True
+
+    def pattern_followup_faults(self, name: str) -> bool:
+        """A stop left behind by an outside close, and every follow-up read and cancel fails a few times."""
+        target = self._target()
+        if target is None:
+            return False
+        address, coin = target
+        szi = Decimal(self.sim.position(address, coin)["szi"])
+        far = self.mid(coin) * (Decimal("0.5") if szi > 0 else Decimal("1.5"))
+        self.sim.add_trigger_order(address, coin, "A" if szi > 0 else "B", abs(szi),
+                                   far.quantize(Decimal("0.000001")), "sl")
+        self.sim.close_external(address, coin, self.price(coin))
+        # The fills that explain the close fail at most once (so that a run gets to the follow-ups), the
+        # follow-ups themselves one to three times.
+        for path, typ, most in (("info", "userFillsByTime", 1), ("info", "frontendOpenOrders", 3),
+                                ("info", "orderStatus", 3), ("exchange", "cancel", 3)):
+            count = self.rng.randint(0, most) if most == 1 else self.rng.randint(1, most)
+            kind = self.rng.choice(["500", "429", "hang", "error_body"])
+            if not count:
+                continue
+            args: dict[str, Any] = {}
+            if kind == "hang":
+                args["seconds"] = round(self.rng.uniform(1.0, 1.6), 2)
+            self.sim.add_fault(kind, path=path, type=typ, user=address, count=count, **args)
+            self.stats.faults[kind] += 1
+        return True
+
+    def pattern_mixed_shards(self, name: str) -> bool:
+        self.mixed_shards = True
+        return True
+
+    # ---- (vi) a rule that fires has its order sent ----------------------------------------------
+
+    def fired_rules(self, count: bool = True) -> dict[int, tuple[str, str, str]]:
+        """Open rows of accounts the key controls whose position is on the exchange (same side) and whose
+        stop loss, take profit or close request fires at the simulator's mids now: row -> (account, coin,
+        rule)."""
+        mids = {c: Decimal(p) for c, p in self.sim.mids().items()}
+        with psycopg.connect(self.url) as conn:
+            rows = conn.execute(
+                "SELECT p.id, a.address, p.coin, p.side, p.stop_loss_price, p.take_profit_price, p.close_requested_at"
+                " FROM positions p JOIN accounts a ON a.id = p.account_id"
+                " WHERE p.closed_at IS NULL AND p.status = 'open' ORDER BY p.id").fetchall()
+        out: dict[int, tuple[str, str, str]] = {}
+        for row_id, address, coin, side, stop, take, requested in rows:
+            if address not in self.controlled or coin not in mids:
+                continue
+            pos = self.sim.position(address, coin)
+            if pos is None or (Decimal(pos["szi"]) > 0) != (side == "long"):
+                continue
+            mid, long = mids[coin], side == "long"
+            rule = None
+            if requested is not None:
+                rule = "requested"
+            elif stop is not None and (mid <= stop if long else mid >= stop):
+                rule = "stop_loss"
+            elif take is not None and (mid >= take if long else mid <= take):
+                rule = "take_profit"
+            if rule:
+                out[row_id] = (address, coin, rule)
+        return out
+
+    def check_rules_sent(self, fired: dict[int, tuple[str, str, str]], report: dict[str, Any] | None,
+                         label: str, started_ms: int | None = None) -> None:
+        """(vi): each row whose rule fired before a run is closed by it, or got a close order from it."""
+        from monitor.exchange import close_cloid
+
+        if report is None or report.get("exit_code") == 75:
+            return  # the run did not run (or lost its lock): the next one must act
+        if any("deadline" in note for note in report.get("notes", [])):
+            self.stats.outcomes["(vi) not checkable: the run reached its deadline"] += 1
+            return
+        failed = {f.get("account") for f in report.get("failures", [])}
+        since = started_ms if started_ms is not None else (self.clean_runs[-1][0] if self.clean_runs else 0)
+        with psycopg.connect(self.url) as conn:
+            state = {r[0]: r[1:] for r in conn.execute(
+                "SELECT id, status, close_attempts FROM positions WHERE id = ANY(%s)", (list(fired),))}
+        by_account: dict[str, list[dict[str, Any]]] = {}
+        for row_id, (address, coin, rule) in sorted(fired.items()):
+            if address in failed:
+                continue
+            self.stats.checks["(vi)"] += 1
+            status, attempts = state[row_id]
+            if status == "closed":
+                continue
+            cloids = {close_cloid(address, row_id, k) for k in range(1, attempts + 2)}
+            orders = by_account.setdefault(address, self.sim.orders(address))
+            if any(o.get("cloid") in cloids and o["timestamp"] >= since for o in orders):
+                continue
+            deferred = address in report.get("deferred_accounts", [])
+            self.violation(f"(vi) row #{row_id} {address} {coin}: its {rule} rule fired before {label}, which sent"
+                           f" no close order for it (row {status}{', account deferred' if deferred else ''})")
+
+    # ---- (vii) no row stays closing past its order's expiry plus one run -------------------------
+
+    def check_closing_settled(self) -> None:
+        with psycopg.connect(self.url) as conn:
+            self.stats.checks["(vii)"] += conn.execute(
+                "SELECT count(*) FROM position_events WHERE event = 'closing_claimed'").fetchone()[0]
+            rows = conn.execute(
+                "SELECT p.id, a.address, p.coin, p.close_cloid, p.close_started_at FROM positions p"
+                " JOIN accounts a ON a.id = p.account_id WHERE p.status = 'closing' ORDER BY p.id").fetchall()
+        if not rows:
+            return
+        expiry: dict[int, int] = {}
+        order_status: dict[int, str] = {}
+        for row_id, address, coin, cloid, started in rows:
+            order = next((o for o in self.sim.orders(address) if o.get("cloid") == cloid), None)
+            order_status[row_id] = order["status"] if order else "never placed"
+            if order is not None and order.get("expiresAfter") is not None:
+                expiry[row_id] = int(order["expiresAfter"])
+            else:  # never reached the exchange: its expiresAfter was at most ORDER_TTL after the claim
+                expiry[row_id] = ms(started) + ORDER_TTL_MS
+        due = max(expiry.values()) + SETTLE_SLACK_MS
+        if not any(start > due for start, report in self.clean_runs if report) and due - self.sim.now_ms() < 14_000:
+            time.sleep(max(0.0, (due - self.sim.now_ms()) / 1000 + 0.1))  # then one more run must settle them
+            self.clean_run("settle")
+        with psycopg.connect(self.url) as conn:
+            still = {r[0]: r[1] for r in conn.execute(
+                "SELECT id, close_cloid FROM positions WHERE status = 'closing'").fetchall()}
+        for row_id, address, coin, cloid, started in rows:
+            if still.get(row_id) != cloid:
+                continue
+            after = [start for start, report in self.clean_runs if report and start > expiry[row_id] + SETTLE_SLACK_MS]
+            if after:
+                self.violation(f"(vii) row #{row_id} {address} {coin} is still 'closing' (cloid {cloid}, order "
+                               f"{order_status[row_id]}, claimed {started.isoformat()}), {len(after)} run(s) started "
+                               f"{SETTLE_SLACK_MS // 1000} s or more after its order expired")
+
     # ---- processes -------------------------------------------------------------------------------
 
-    def start_process(self, fate: str) -> Proc:
+    def start_process(self, fate: str, shard: str | None = None) -> Proc:
         n = len(self.procs)
         out_path, err_path = self.dir / f"run{n}.out", self.dir / f"run{n}.err"
+        argv = [sys.executable, "-m", "monitor", "run", "--json"] + (["--shard", shard] if shard else [])
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            popen = subprocess.Popen([sys.executable, "-m", "monitor", "run", "--json"], env=self.env(), cwd=ROOT,
-                                     stdout=out, stderr=err, start_new_session=True)
-        proc = Proc(n, popen, out_path, err_path, time.monotonic(), fate)
+            popen = subprocess.Popen(argv, env=self.env(), cwd=ROOT, stdout=out, stderr=err, start_new_session=True)
+        proc = Proc(n, popen, out_path, err_path, time.monotonic(), fate + (f" --shard {shard}" if shard else ""),
+                    shard=shard)
         self.procs.append(proc)
         self.stats.runs += 1
         return proc
@@ -402,10 +774,16 @@ class Round:
         """What happens when (seconds from the first start); every random choice is drawn here, up front."""
         rng = self.rng
         events: list[tuple[float, Callable[[], None]]] = []
-        for n in range(rng.randint(1, 5)):
-            at = 0.0 if n == 0 else round(rng.uniform(0.0, 1.5), 2)
+        count = rng.randint(1, 5)
+        shards: list[str | None] = [None] * count
+        if self.mixed_shards:  # plain, K/2 and K/3 runs started together, and maybe more of either
+            count = max(count, 3)
+            shards = [None, rng.choice(SHARDS[:2]), rng.choice(SHARDS[2:])]
+            shards += [rng.choice((None,) + SHARDS) for _ in range(count - 3)]
+        for n in range(count):
+            at = 0.0 if n == 0 else round(rng.uniform(0.0, 0.3 if self.mixed_shards else 1.5), 2)
             fate = rng.choices(["normal", "kill", "stop"], weights=[6, 1, 1])[0]
-            events.append((at, self._starter(fate, rng.uniform(0.05, 2.0), rng.uniform(0.3, 2.0))))
+            events.append((at, self._starter(fate, rng.uniform(0.05, 2.0), rng.uniform(0.3, 2.0), shards[n])))
         # Signals aimed at whichever run holds the lock at that moment (found through the lease row).
         scenario = rng.choices(["none", "kill holder", "stop holder", "takeover"], weights=[4, 2, 2, 3])[0]
         if scenario != "none":
@@ -426,9 +804,9 @@ class Round:
             events.append((round(rng.uniform(0.2, 2.0), 2), self.terminate_connections))
         return sorted(events, key=lambda e: e[0])
 
-    def _starter(self, fate: str, after: float, duration: float) -> Callable[[], None]:
+    def _starter(self, fate: str, after: float, duration: float, shard: str | None = None) -> Callable[[], None]:
         def start() -> None:
-            proc = self.start_process(fate)
+            proc = self.start_process(fate, shard)
             if fate == "kill":
                 self._later.append((time.monotonic() + after, lambda: self.signal(proc, signal.SIGKILL)))
             elif fate == "stop":
@@ -537,6 +915,7 @@ class Round:
     def clean_run(self, label: str) -> dict[str, Any] | None:
         environ = self.env(clean=True)
         for attempt in range(20):
+            started = self.sim.now_ms()
             code, out, err = in_process_cli(environ, "run", "--json")
             if code == 75 and attempt < 19:
                 if attempt % 3 == 0:
@@ -555,13 +934,19 @@ class Round:
         if code != 0 or report.get("accounts_failed") or report.get("accounts_deferred"):
             self.violation(f"{label} run without faults did not succeed (exit {code}): failures "
                            f"{report.get('failures')}, notes {report.get('notes')}")
+        if label != "setup":
+            self.clean_runs.append((started, report))
         return report
 
     def play(self) -> None:
         sim, rng = self.sim, self.rng
         sim.clear_faults()
+        sim.clear_request_hooks()
         sim.clear()
         sim.reset_log()
+        if self.kind == "many":
+            self.play_many()
+            return
         sim.approve_agent(self.agent_account, self.key.address)
         if self.sub_account:
             sim.add_sub_account(self.agent_account, self.accounts[1])
@@ -579,6 +964,25 @@ class Round:
         marks = [time.monotonic()]
         self.clean_run("setup")
         self.set_rules()
+        self.patterns = rng.sample(PATTERNS, rng.choice([0, 1, 1, 2, 2]))
+        if getattr(self.args, "patterns", None) is not None:
+            self.patterns = [p for p in self.args.patterns if p != "none"]
+        if "busy_close" in self.patterns and "busy_flip" in self.patterns:
+            self.patterns.remove("busy_flip")
+        scripts = {"reopen_same": self.pattern_reopen, "reopen_diff": self.pattern_reopen,
+                   "grow_in_flight": self.pattern_in_flight, "shrink_in_flight": self.pattern_in_flight,
+                   "busy_close": self.pattern_busy, "busy_flip": self.pattern_busy,
+                   "followup_faults": self.pattern_followup_faults, "mixed_shards": self.pattern_mixed_shards}
+        from monitor.simulator import SimulatorError
+
+        for name in sorted(self.patterns, key=lambda n: (not n.startswith("busy"), PATTERNS.index(n))):
+            try:
+                done = scripts[name](name)  # busy_* first: its noise fills must follow the account's last fill
+            except SimulatorError as exc:  # a scripting call the state did not allow
+                done = False
+                if self.args.verbose:
+                    print(f"  (pattern {name} skipped: {exc})")
+            self.stats.patterns[name if done else f"{name} (not scripted)"] += 1
         for _ in range(rng.randint(2, 8)):
             if rng.random() < 0.35:
                 self.fault()
@@ -594,18 +998,90 @@ class Round:
         sim.clear_faults()
         if not sim.wait_until_idle(timeout=30):  # a hung order may still be applied after its client gave up
             print(f"round {self.index}: warning: the simulator still had requests in flight after 30 s", flush=True)
+        sim.clear_request_hooks()
         marks.append(time.monotonic())
+        fired = self.fired_rules()
         report = self.clean_run("clean")
+        self.check_rules_sent(fired, report, "the clean run")
         marks.append(time.monotonic())
         self.check(report)
         again = self.clean_run("second clean") if report is not None else None
         if again is not None and (again["discovered"] or again["updated"] or again["closed"]):
             self.violation(f"(ii) a second clean run still changed the table: discovered {again['discovered']}, "
                            f"updated {again['updated']}, closed {again['closed']}")
+        self.check_closing_settled()
         marks.append(time.monotonic())
         if self.args.verbose:
             phases = zip(("setup", "chaos", "clean", "check"), (b - a for a, b in zip(marks, marks[1:])))
             print(f"round {self.index} ({self.backend}, {len(self.procs)} runs): "
+                  + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in phases), flush=True)
+
+    def play_many(self) -> None:
+        """500+ watched accounts (sub-accounts of the key's master), one position each; exit rules fire on a
+        few, and runs under the default weight budget must still send their orders (vi)."""
+        sim, rng = self.sim, self.rng
+        master = ACCOUNTS[0]
+        self.accounts = [master] + ["0x" + hashlib.sha256(f"chaos many {self.seed} {i}".encode()).hexdigest()[:40]
+                                    for i in range(MANY_ACCOUNTS - 1)]
+        self.agent_account = master
+        sim.approve_agent(master, self.key.address)
+        for sub in self.accounts[1:]:
+            sim.add_sub_account(master, sub)
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            with conn.cursor() as cur:
+                cur.executemany("INSERT INTO accounts (address) VALUES (%s)", [(a,) for a in self.accounts])
+        for address in self.accounts:
+            coin = rng.choice(sorted(COINS))
+            sim.open_position(address, coin, self.size(coin) * rng.choice([1, -1]), self.price(coin))
+        marks = [time.monotonic()]
+        lifted = {"MONITOR_LOCK_STALE_AFTER": "60", "MONITOR_WEIGHT_BUDGET": "100000"}
+        self.extra_env = lifted
+        self.clean_run("setup")  # adopt all of them in one run (budget lifted)
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            rows = conn.execute("SELECT id, side FROM positions WHERE closed_at IS NULL ORDER BY id").fetchall()
+            for row_id, side in rng.sample(rows, min(len(rows), rng.randint(10, 25))):
+                rule = rng.choice(["stop_loss", "take_profit", "requested"])
+                far = Decimal("1000000") if side == "long" else Decimal("0.000001")
+                near = Decimal("0.000001") if side == "long" else Decimal("1000000")
+                if rule == "stop_loss":
+                    conn.execute("UPDATE positions SET stop_loss_price = %s WHERE id = %s", (far, row_id))
+                elif rule == "take_profit":
+                    conn.execute("UPDATE positions SET take_profit_price = %s WHERE id = %s", (near, row_id))
+                else:
+                    conn.execute("UPDATE positions SET close_requested_at = now() WHERE id = %s", (row_id,))
+                self.stats.rules[rule] += 1
+        self.stats.patterns["many_accounts"] += 1
+        marks.append(time.monotonic())
+        self.extra_env = {"MONITOR_LOCK_STALE_AFTER": "60"}  # the default weight budget
+        for n in range(2):
+            fired = self.fired_rules()
+            started = sim.now_ms()
+            code, out, err = in_process_cli(self.env(), "run", "--json")
+            self.stats.runs += 1
+            self.stats.exit_codes[code] += 1
+            if "Traceback" in err:
+                self.violation(f"default-budget run {n} crashed: {err.strip().splitlines()[-1][:300]}")
+                continue
+            try:
+                report = json.loads(out.strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                self.violation(f"default-budget run {n} gave no JSON (exit {code}): {err.strip()[-300:]}")
+                continue
+            self.stats.outcomes["close orders sent by default-budget runs"] += report.get("close_orders_sent", 0)
+            self.stats.outcomes["accounts deferred by default-budget runs"] += report.get("accounts_deferred", 0)
+            self.check_rules_sent(fired, report, f"default-budget run {n} ({len(self.accounts)} accounts, "
+                                  f"{len(fired)} rules firing)", started_ms=started)
+        marks.append(time.monotonic())
+        self.extra_env = lifted
+        fired = self.fired_rules()
+        report = self.clean_run("clean")
+        self.check_rules_sent(fired, report, "the clean run")
+        self.check(report)
+        self.check_closing_settled()
+        marks.append(time.monotonic())
+        if self.args.verbose:
+            phases = zip(("setup", "default-budget runs", "clean+check"), (b - a for a, b in zip(marks, marks[1:])))
+            print(f"round {self.index} (many accounts: {len(self.accounts)}): "
                   + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in phases), flush=True)
 
     # ---- invariants --------------------------------------------------------------------------------
@@ -616,8 +1092,16 @@ class Round:
         with psycopg.connect(self.url) as conn:
             rows = conn.execute(
                 "SELECT p.id, a.address, p.coin, p.side, p.size, p.status, p.opened_at, p.closed_at, p.close_reason,"
-                " p.close_attempts, p.source FROM positions p JOIN accounts a ON a.id = p.account_id ORDER BY p.id"
+                " p.close_attempts, p.source, p.exit_price, p.realized_pnl, p.fees, p.metadata"
+                " FROM positions p JOIN accounts a ON a.id = p.account_id ORDER BY p.id"
             ).fetchall()
+            run_pids = dict(conn.execute("SELECT run_id, pid FROM monitor_runs").fetchall())
+            account_of_event = dict(conn.execute(
+                "SELECT e.id, a.address FROM position_events e JOIN positions p ON p.id = e.position_id"
+                " JOIN accounts a ON a.id = p.account_id").fetchall())
+            claims = {r[0]: r[1:] for r in conn.execute(
+                "SELECT e.details->>'cloid', e.run_id, r.started_at FROM position_events e"
+                " LEFT JOIN monitor_runs r ON r.run_id = e.run_id WHERE e.event = 'closing_claimed'")}
             events = conn.execute(
                 "SELECT id, position_id, run_id, epoch, event FROM position_events ORDER BY id").fetchall()
             lease_epochs = dict(conn.execute("SELECT name, epoch FROM monitor_lease").fetchall())
@@ -642,7 +1126,9 @@ class Round:
                     row = next((r for r in rows if r[1] == address and r[2] == coin and r[7] is None), None)
                     match = (row is not None and coin not in want and self.stale_used
                              and self._closed_before(fills[address], coin, row[6]))
-                    self.violation(f"(ii) {address} {coin}: table {have.get(coin)} vs exchange {want.get(coin)}"
+                    busy = (" [an account past the exchange's 10,000 fills: its latest fills are in reach, issue 10"
+                            " item 5]" if len(fills[address]) > 10_000 else "")
+                    self.violation(f"(ii) {address} {coin}: table {have.get(coin)} vs exchange {want.get(coin)}{busy}"
                                    + (f" [{SIGNATURE_PHANTOM}]" if match else ""),
                                    known=match and SIGNATURE_PHANTOM in OPEN_BUGS)
 
@@ -677,7 +1163,7 @@ class Round:
                                    f"placed on {address} ({order['status']})")
                 if order["status"] == "filled":
                     filled_by_row[owner[1]] += 1
-            if address not in (self.agent_account, self.accounts[1] if self.sub_account else None):
+            if address not in self.controlled:
                 sent = [o["cloid"] for o in orders if o["cloid"] in owner_of]
                 if sent:
                     self.violation(f"(iv) orders were placed on {address}, which the key does not control: {sent}")
@@ -696,27 +1182,161 @@ class Round:
             if r[7] is not None:
                 self.stats.outcomes[f"closed: {r[8]}"] += 1
 
-        # (v) no write from a superseded epoch
-        highest = 0
+        # (v) no write from a superseded epoch. Each lock name (one per --shard layout) has its own epochs:
+        # when runs of several layouts ran, only the runs known to be of one lease are compared.
+        def lease(shard: str | None) -> str:
+            return "run" if not shard else "run:shard-{}-of-{}".format(*shard.split("/"))
+
+        shard_of_pid = {p.popen.pid: p.shard for p in self.procs}
+        lease_of_run = {run_id: lease(shard_of_pid[pid]) for run_id, pid in run_pids.items() if pid in shard_of_pid}
+        lease_of_run.update({run_id: "run" for run_id, pid in run_pids.items() if pid == os.getpid()})  # clean runs
+        highest_of: dict[str, int] = {}
         epoch_of_run: dict[str, int] = {}
         for event_id, position_id, run_id, epoch, kind in events:
             if epoch is None or run_id is None:
                 self.violation(f"(v) event {event_id} ({kind} #{position_id}) has no epoch/run id")
                 continue
-            if epoch < highest:
-                self.violation(f"(v) event {event_id} ({kind} #{position_id}) by run {run_id} at epoch {epoch} "
-                               f"was written after epoch {highest} had written")
-            highest = max(highest, epoch)
+            name = lease_of_run.get(run_id) if self.mixed_shards else "run"
+            if name is not None:
+                highest = highest_of.get(name, 0)
+                if epoch < highest:
+                    self.violation(f"(v) event {event_id} ({kind} #{position_id}) by run {run_id} at epoch {epoch} "
+                                   f"was written after epoch {highest} had written")
+                highest_of[name] = max(highest, epoch)
             if epoch_of_run.setdefault(run_id, epoch) != epoch:
                 self.violation(f"(v) run {run_id} wrote under two epochs ({epoch_of_run[run_id]}, {epoch})")
-        current = max(lease_epochs.values(), default=0)
-        if highest > current:
-            self.violation(f"(v) events at epoch {highest} above the lease's epoch {current}")
+        for name, highest in highest_of.items():
+            current = lease_epochs.get(name, 0) if self.mixed_shards else max(lease_epochs.values(), default=0)
+            if highest > current:
+                self.violation(f"(v) events at epoch {highest} above the lease's epoch {current}")
         for p in self.procs:
             if p.report and p.report.get("run_id") in epoch_of_run:
                 if epoch_of_run[p.report["run_id"]] != p.report.get("epoch"):
                     self.violation(f"(v) run {p.index} reported epoch {p.report.get('epoch')} but wrote under "
                                    f"{epoch_of_run[p.report['run_id']]}")
+
+        # ... and no two runs (of different --shard layouts) write for one account at once: per account, the
+        # runs writing its events in id order never go A, B, A.
+        if self.mixed_shards:
+            writers: dict[str, list[str]] = defaultdict(list)
+            for event_id, _, run_id, _, _ in events:
+                seq = writers[account_of_event[event_id]]
+                if run_id and (not seq or seq[-1] != run_id):
+                    seq.append(run_id)
+            for address, seq in sorted(writers.items()):
+                self.stats.checks["(v) one run per account at a time"] += 1
+                for i, run_id in enumerate(seq):
+                    inside = [r for r in seq[i + 1:] if r != run_id]
+                    if run_id in seq[i + 1:] and inside:
+                        other = inside[0]
+                        self.violation(f"(v) runs {run_id} ({lease_of_run.get(run_id, '?')}) and {other} "
+                                       f"({lease_of_run.get(other, '?')}) wrote for {address} at the same time "
+                                       f"(their events interleave)")
+                        break
+
+        self.check_cycles(rows, fills, positions, claims, clean_report)
+
+    # ---- (viii), (ix), (x): the exchange's own cycles ---------------------------------------------
+
+    def row_cycles(self, cycles: list[Cycle], row: tuple[Any, ...]) -> list[Cycle]:
+        """The cycles a row may be tracking, newest first: those on its side that started at or before its
+        opened_at, the latest always, older ones back to the re-open guard (a row adopted from a stale
+        snapshot tracks the position that snapshot showed)."""
+        opened = ms(row[6])
+        sign = 1 if row[3] == "long" else -1
+        slack = 0 if row[10] == "discovered" else 1000
+        mine = [c for c in cycles if c.sign == sign and (c.start_ms is None or c.start_ms <= opened + slack)]
+        mine.reverse()
+        return [c for i, c in enumerate(mine)
+                if i == 0 or (c.start_ms is not None and c.start_ms >= opened - REOPEN_GUARD_MS)]
+
+    def check_cycles(self, rows: list[tuple[Any, ...]], fills: dict[str, list[dict[str, Any]]],
+                     positions: dict[str, dict[str, Any]], claims: dict[str, tuple[Any, ...]],
+                     clean_report: dict[str, Any] | None) -> None:
+        cycles = {(a, c): cycles_of(fills[a], c) for a in self.accounts for c in {f["coin"] for f in fills[a]}}
+
+        # (ix) each closed row's figures are its own cycle's (computed here from the simulator's ledger)
+        for r in rows:
+            row_id, address, coin, side, closed_at, reason = r[0], r[1], r[2], r[3], r[7], r[8]
+            exit_price, pnl, fees, metadata = r[11], r[12], r[13], r[14] or {}
+            if closed_at is None or metadata.get("unexplained"):
+                continue
+            reach = max(0, len(fills[address]) - 10_000)  # userFillsByTime serves the latest 10,000 only
+            options = [c for c in self.row_cycles(cycles.get((address, coin), []), r) if c.end_ms is not None]
+            if not options:
+                continue  # no cycle of this row ended: (iii) reports a false close
+            if all(i < reach for c in options for i in c.closing_indices):
+                continue  # its close is out of the exchange's reach
+            self.stats.checks["(ix)"] += 1
+            wants = []
+            for c in options:
+                fees_known = c.start_ms is not None and c.first_index >= reach
+                want_exit, want_pnl = c.exit_price, c.pnl
+                if any(i < reach for i in c.closing_indices):  # only the closing fills the exchange still serves
+                    want_exit, want_pnl = closing_figures(fills[address], [i for i in c.closing_indices if i >= reach])
+                if close_enough(exit_price, want_exit) and close_enough(pnl, want_pnl) and (
+                        not fees_known or close_enough(fees, c.fees)):
+                    break
+                wants.append(f"{want_exit}/{want_pnl}/{c.fees if fees_known else '?'} (cycle from {c.start_ms})")
+            else:
+                self.violation(f"(ix) row #{row_id} {address} {coin} {side} ({reason}): written exit/pnl/fees "
+                               f"{exit_price}/{pnl}/{fees}, its own cycle gives {' or '.join(wants)}")
+
+        # (x) no close order for a position other than its row's cycle
+        from monitor.exchange import close_cloid
+
+        by_id = {r[0]: r for r in rows}
+        owner_of = {close_cloid(r[1], r[0], k): r[0] for r in rows for k in range(1, r[9] + 2)}
+        for address in self.accounts:
+            for order in self.sim.orders(address):
+                row_id = owner_of.get(order.get("cloid") or "")
+                if row_id is None:
+                    continue
+                r = by_id[row_id]
+                mine = self.row_cycles(cycles.get((address, r[2]), []), r)
+                if not mine:
+                    continue
+                self.stats.checks["(x)"] += 1
+                before = [i for i, f in enumerate(fills[address]) if f["coin"] == r[2] and f["oid"] != order["oid"]
+                          and f["time"] <= order["timestamp"]]
+                if not before:
+                    continue
+                last = fills[address][before[-1]]
+                if Decimal(last["startPosition"]) + signed(last) == 0:
+                    continue  # flat when it landed: a reduce-only order does nothing
+                current = next(c for c in reversed(cycles[(address, r[2])]) if c.first_index <= before[-1])
+                if current in mine or current.start_ms is None:
+                    continue
+                claim = claims.get(order["cloid"])
+                run_start = ms(claim[1]) if claim and claim[1] else order["timestamp"] - int(STALE_AFTER * 1000)
+                if None in self.stale_users or address in self.stale_users:
+                    self.stats.outcomes["(x) not checkable: the account had stale answers"] += 1
+                    continue  # the run may have been shown the position as it was before
+                if current.start_ms < run_start - 300:  # the run began after this position opened
+                    self.violation(f"(x) close order {order['cloid']} of row #{row_id} {address} {r[2]} {r[3]} (opened "
+                                   f"{r[6].isoformat()}) landed on a position opened at {current.start_ms} ms, before "
+                                   f"its run started ({run_start} ms), not the row's own ({mine[0].start_ms} ms)")
+
+        # (viii) after a clean run, no reduce-only or TP/SL order left for a coin without a position
+        if clean_report is None or clean_report.get("exit_code") != 0:
+            return
+        for address in sorted(self.controlled):
+            open_orders = self.sim.orders(address, open_only=True)
+            for (a, coin), cs in sorted(cycles.items()):
+                if a != address or coin in positions[address] or not cs or cs[-1].end_ms is None:
+                    continue
+                mine = [r for r in rows if r[1] == address and r[2] == coin]
+                if not any(cs[-1] in self.row_cycles(cs, r) for r in mine):
+                    continue  # a position the monitor never saw: nothing told it to look
+                if any(r[7] is None for r in mine):
+                    continue  # its close is not recorded yet ((ii) reports a row left open)
+                self.stats.checks["(viii)"] += 1
+                left = [o for o in open_orders if o["coin"] == coin and (o["reduceOnly"] or o["isTrigger"])
+                        and o["timestamp"] <= cs[-1].end_ms]
+                if left:
+                    self.violation(f"(viii) {address} {coin}: position closed at {cs[-1].end_ms} ms, but after the "
+                                   f"clean run {len(left)} order(s) it left are still open: "
+                                   + ", ".join(f"{o['oid']} {o['orderType']}" for o in left))
 
     def _check_figures(self, rows: list[tuple[Any, ...]], fills: dict[str, list[dict[str, Any]]]) -> None:
         """A closed row's exit price, P&L and fees are the ones the complete fills give (written once, right)."""
@@ -833,6 +1453,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="violations matching an open bug in OPEN_BUGS (with an xfail test) do not fail the"
                              " exit code")
     parser.add_argument("--keep-failed", action="store_true", help="keep the database of a round with violations")
+    parser.add_argument("--kind", choices=["normal", "many"], default=None,
+                        help=f"play every round as this kind (default: a round whose seed is {MANY_EVERY - 1} modulo"
+                             f" {MANY_EVERY} is a 'many accounts' round, {MANY_ACCOUNTS} accounts under the default"
+                             " weight budget; the others are normal)")
+    parser.add_argument("--patterns", type=lambda t: [p for p in t.split(",") if p], default=None,
+                        metavar="A,B", help="script exactly these trading patterns in every normal round (default: up"
+                                            " to two at random; 'none': none); of: " + ", ".join(PATTERNS))
     parser.add_argument("--verbose", "-v", action="store_true")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
@@ -882,7 +1509,8 @@ def main(argv: list[str] | None = None) -> int:
                 rnd.cleanup(keep=args.keep_failed and bool(rnd.violations))
             if args.verbose or (index + 1) % 25 == 0:
                 elapsed = time.monotonic() - began
-                print(f"round {index + 1}/{args.rounds} done ({elapsed:.0f}s, {stats.runs} runs, "
+                print(f"round {index + 1}/{args.rounds} ({rnd.kind}{': ' + ', '.join(rnd.patterns) if rnd.patterns else ''})"
+                      f" done ({elapsed:.0f}s, {stats.runs} runs, "
                       f"{len(stats.violations)} violations)", flush=True)
     except KeyboardInterrupt:
         interrupted_at = stats.rounds
@@ -909,9 +1537,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"process chaos: {fmt(stats.chaos)}")
     print(f"exchange script ops: {fmt(stats.ops)}")
     print(f"exit rules set: {fmt(stats.rules)}")
+    print(f"trading patterns by kind: {fmt(stats.patterns)}")
     print(f"outcomes: {fmt(stats.outcomes)}")
     print(f"violations: {len(unknown)}" + (f" (plus {len(known)} matching known bugs)" if known else ""))
     by_invariant = Counter(v[2].split(" ", 1)[0] for v in stats.violations)
+    names = list(NEW_INVARIANTS) + sorted(set(stats.checks) - set(NEW_INVARIANTS))
+    print("invariant checks: " + "; ".join(f"{name} {stats.checks[name]} checks, {by_invariant[name.split()[0]]}"
+                                           f" violations" for name in names))
     if stats.violations:
         print(f"violations by invariant: {fmt(by_invariant)}")
         seeds = sorted({v[1] for v in unknown}) or sorted({v[1] for v in known})

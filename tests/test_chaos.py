@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import re
 import subprocess
 import sys
 import time
+from decimal import Decimal
 from typing import Any
 
 import eth_account
@@ -128,6 +130,82 @@ def test_checker_catches_a_close_order_on_the_wrong_account(chaos_round):
     chaos_round.sim.add_limit_order(chaos_round.accounts[0], "SOL", "A", "1", "1000", cloid=cloid)
     chaos_round.check({"exit_code": 0})
     assert any("was placed on" in text for text, _ in chaos_round.violations), chaos_round.violations
+
+
+def test_cycles_split_a_crossing_fill_pro_rata():
+    chaos = load_chaos()
+
+    def fill(side, sz, px, start, pnl, fee, t):
+        return {"coin": "ETH", "side": side, "sz": sz, "px": px, "startPosition": start, "closedPnl": pnl,
+                "fee": fee, "time": t, "oid": t}
+
+    fills = [fill("B", "2", "100", "0", "0", "0.2", 1),         # opens long 2
+             fill("B", "1", "130", "2", "0", "0.1", 2),         # adds: long 3 @ 110
+             fill("A", "1", "120", "3", "10", "0.3", 3),        # reduces to 2
+             fill("A", "5", "140", "2", "60", "1.0", 4),        # long 2 -> short 3: 2/5 of it closes
+             fill("B", "3", "150", "-3", "-30", "0.6", 5)]      # the short returns to zero
+    long, short = chaos.cycles_of(fills, "ETH")
+    assert (long.sign, long.start_ms, long.end_ms) == (1, 1, 4)
+    assert long.exit_price == (Decimal(120) + 2 * Decimal(140)) / 3  # 1 at 120 and the closing 2 at 140
+    assert (long.pnl, long.fees) == (Decimal(70), Decimal("0.2") + Decimal("0.1") + Decimal("0.3") + Decimal("0.4"))
+    assert (short.sign, short.start_ms, short.end_ms) == (-1, 4, 5)
+    assert (short.exit_price, short.pnl, short.fees) == (Decimal(150), Decimal(-30), Decimal("0.6") + Decimal("0.6"))
+
+
+def test_checker_catches_figures_that_are_not_the_rows_own_cycle(chaos_round):
+    chaos_round.sim.close_external(chaos_round.accounts[0], "ETH", "1800")
+    report = chaos_round.clean_run("clean")
+    with psycopg.connect(chaos_round.url, autocommit=True) as conn:
+        conn.execute("UPDATE positions SET realized_pnl = realized_pnl + 1 WHERE coin = 'ETH'")
+    chaos_round.check(report)
+    assert "(ix)" in invariants(chaos_round), chaos_round.violations  # (iv) checks the figures too
+
+
+def test_checker_catches_an_order_sent_for_a_position_opened_after_its_row(chaos_round):
+    from monitor.exchange import close_cloid
+
+    rnd, alice = chaos_round, chaos_round.accounts[0]
+    rnd.sim.close_external(alice, "BTC", "30500")
+    rnd.sim.open_position(alice, "BTC", "0.5", "30000")  # the same size and entry: the table cannot tell
+    time.sleep(0.5)  # then a run starts
+    with psycopg.connect(rnd.url, autocommit=True) as conn:
+        row_id = conn.execute("SELECT id FROM positions WHERE coin = 'BTC'").fetchone()[0]
+        conn.execute("INSERT INTO monitor_runs (run_id, host, pid, epoch) VALUES ('late', 'h', 1, 1)")
+        cloid = close_cloid(alice, row_id, 1)
+        conn.execute("INSERT INTO position_events (position_id, run_id, epoch, event, details)"
+                     " VALUES (%s, 'late', 1, 'closing_claimed', %s)", (row_id, json.dumps({"cloid": cloid})))
+    rnd.sim.add_limit_order(alice, "BTC", "A", "0.5", "1", reduce_only=True, cloid=cloid)  # the rule's close
+    rnd.check({"exit_code": 0})
+    assert any(text.startswith("(x) close order " + cloid) for text, _ in rnd.violations), rnd.violations
+
+
+def test_checker_catches_a_stop_left_behind_and_a_fired_rule_never_sent(chaos_round):
+    rnd, alice = chaos_round, chaos_round.accounts[0]
+    fired = rnd.fired_rules()
+    assert fired == {}
+    oid = rnd.sim.add_trigger_order(alice, "ETH", "B", "2", "2500", "sl")
+    rnd.sim.close_external(alice, "ETH", "1800")
+    with psycopg.connect(rnd.url, autocommit=True) as conn:
+        # a run recorded the close, and its follow-up (cancel the stop) was lost
+        conn.execute("UPDATE positions SET status = 'closed', closed_at = now(), close_reason = 'external'"
+                     " WHERE coin = 'ETH'")
+        conn.execute("UPDATE positions SET close_requested_at = now() WHERE coin = 'BTC'")
+    fired = rnd.fired_rules()
+    assert [v[1:] for v in fired.values()] == [("BTC", "requested")]
+    rnd.check_rules_sent(fired, {"exit_code": 0, "notes": []}, "a run that sent nothing", started_ms=0)
+    rnd.check({"exit_code": 0})
+    texts = " | ".join(text for text, _ in rnd.violations)
+    assert "(vi) row" in texts and f"(viii) {alice} ETH" in texts and str(oid) in texts, texts
+
+
+def test_checker_catches_a_row_left_closing_after_its_order_expired(chaos_round):
+    rnd = chaos_round
+    with psycopg.connect(rnd.url, autocommit=True) as conn:
+        conn.execute("UPDATE positions SET status = 'closing', close_cloid = '0x' || repeat('ab', 16),"
+                     " close_started_at = now() - interval '20 seconds' WHERE coin = 'SOL'")
+    rnd.clean_runs.append((rnd.sim.now_ms(), {"exit_code": 0}))  # a run that began after the expiry, and left it
+    rnd.check_closing_settled()
+    assert invariants(rnd) == {"(vii)"}, rnd.violations
 
 
 # --------------------------------------------------------------------------------------------------

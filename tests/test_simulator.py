@@ -534,3 +534,57 @@ def test_control_over_http_and_cli_process(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
+
+
+def test_a_request_hook_changes_the_position_between_read_and_order(sim):
+    master, agent = eth_account.Account.create(), eth_account.Account.create()
+    user = master.address
+    sim.open_position(user, "ETH", "0.5", "1800")
+    sim.set_mid("ETH", "1900")
+    sim.approve_agent(user, agent.address)
+    seen = []
+
+    def grow(path, typ, who, body):
+        seen.append((path, typ, who, body["action"]["orders"][0]["s"]))
+        sim.resize(user, "ETH", "0.8", "1900")
+
+    sim.add_request_hook(grow, path="exchange", type="order", user=user)
+    info = make_info(sim)
+    assert info.user_state(user)["assetPositions"][0]["position"]["szi"] == "0.5"  # the read
+    ex = make_exchange(sim, agent, account_address=user)
+    expires = get_timestamp_ms() + 5000
+    ex.set_expires_after(expires)
+    r = ex.order("ETH", False, 0.5, 1805.0, {"limit": {"tif": "Ioc"}}, reduce_only=True, cloid=Cloid.from_int(9))
+    assert r["response"]["data"]["statuses"][0]["filled"]["totalSz"] == "0.5"
+    assert seen == [("/exchange", "order", user.lower(), "0.5")]
+    assert sim.position(user, "ETH")["szi"] == "0.3"  # grew to 0.8 before the order: 0.3 is left
+    (order,) = [o for o in sim.orders(user) if o["cloid"]]
+    assert order["expiresAfter"] == expires
+    ex.order("ETH", False, 0.1, 1805.0, {"limit": {"tif": "Ioc"}}, reduce_only=True, cloid=Cloid.from_int(10))
+    assert len(seen) == 1  # count=1: used up
+    assert sim.clear_request_hooks() == 0
+
+
+def test_a_busy_account_keeps_only_its_latest_10000_fills_reachable(sim):
+    user = new_address()
+    sim.open_position(user, "BTC", "0.01", "30000")
+    time.sleep(0.02)
+    assert sim.add_fill_history(user, "ATOM", 10_100) == 10_100
+    sim.close_external(user, "BTC", "31000")
+    fills = sim.fills(user)
+    assert len(fills) == 10_102 and fills[-1]["coin"] == "BTC"
+    assert [f["time"] for f in fills] == sorted(f["time"] for f in fills)
+    check_chain(fills)
+    info = make_info(sim)
+    reachable, seen, start = [], set(), 0
+    while True:  # page forward by time, as the docs say
+        page = info.user_fills_by_time(user, start)
+        new = [f for f in page if f["tid"] not in seen]
+        seen.update(f["tid"] for f in new)
+        reachable += new
+        if len(page) < 2000 or not new:
+            break
+        start = page[-1]["time"]
+    assert len(reachable) == 10_000 and reachable[-1]["coin"] == "BTC"
+    assert not any(f["coin"] == "BTC" and f["dir"] == "Open Long" for f in reachable)  # the opening fill is gone
+    assert sim.positions(user) == {}
