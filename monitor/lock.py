@@ -259,9 +259,10 @@ class LocalRunLock(RunLock):
         deadline = time.monotonic() + wait
         while True:
             holder = self.holder()
-            # only a live holder on this host is certain to write its side file in a moment
+            # a holder writes its side file a moment after its stamp; until then it cannot be judged from
+            # /proc either (the side file names its machine), so wait for it unless it is provably dead
             complete = holder is None or (
-                holder.pid is not None and (holder.started_at is not None or holder.alive is not True)
+                holder.pid is not None and (holder.started_at is not None or holder.alive is False)
             )
             if complete or time.monotonic() >= deadline:
                 return holder
