@@ -1149,6 +1149,10 @@ class Round:
             for attempt in range(1, r[9] + 2):
                 owner_of[close_cloid(r[1], r[0], attempt)] = (r[1], r[0])
         filled_by_row: Counter = Counter()
+        filled_cloids: dict[int, list[str]] = {}
+        with psycopg.connect(self.url) as conn:
+            partial = {(r[0], r[1]) for r in conn.execute(
+                "SELECT position_id, details->>'cloid' FROM position_events WHERE event = 'close_partial'")}
         for address in self.accounts:
             orders = [o for o in self.sim.orders(address) if o.get("cloid")]
             for cloid, n in Counter(o["cloid"] for o in orders).items():
@@ -1163,13 +1167,17 @@ class Round:
                                    f"placed on {address} ({order['status']})")
                 if order["status"] == "filled":
                     filled_by_row[owner[1]] += 1
+                    filled_cloids.setdefault(owner[1], []).append(order["cloid"])
             if address not in self.controlled:
                 sent = [o["cloid"] for o in orders if o["cloid"] in owner_of]
                 if sent:
                     self.violation(f"(iv) orders were placed on {address}, which the key does not control: {sent}")
         for row_id, n in filled_by_row.items():
-            if n > 1:
-                self.violation(f"(iv) row #{row_id} has {n} filled close orders")
+            # More than one filled close order is right only when each earlier one left part of the
+            # position open (a stale size, or the position grew in flight): the row recorded close_partial.
+            unexplained = [c for c in filled_cloids.get(row_id, [])[:-1] if (row_id, c) not in partial]
+            if n > 1 and unexplained:
+                self.violation(f"(iv) row #{row_id} has {n} filled close orders ({len(unexplained)} not partial)")
         self.stats.outcomes["filled close orders (all runs)"] += sum(filled_by_row.values())
         self._check_figures(rows, fills)
         closed_events = Counter(e[1] for e in events if e[4] == "closed")
@@ -1358,6 +1366,10 @@ class Round:
                 continue
             got = tuple(figures_of[row_id][:3])
             want = (expected.exit_price, expected.realized_pnl, expected.fees)
+            if (figures_of[row_id][3] or {}).get("opening_fills_missing"):
+                # past the exchange's 10,000-fill history the opening fills' fees are gone (documented);
+                # exit price and P&L come from the closing fills, which are there ((ix) checks the rest)
+                got, want = got[:2], want[:2]
             if got != want:
                 # closed_at is "now", not the flip fill's time: the monitor closed it without seeing the flip
                 match = r[8] == "flipped" and expected.flat and ms(closed_at) != expected.closed_at_ms
