@@ -443,7 +443,7 @@ class Closer:
                 self._followup_finished(account, followup, "moot", "followup_moot", "no such order left", {})
                 continue
             try:
-                trader = self._trader(account)
+                trader = self._trader(account, followup.coin)  # a coin listed since meta was cached reads it anew
             except CannotAct as exc:
                 self._note(f"{account.address}: would cancel {len(targets)} order(s) ({followup.coin}) but {exc}")
                 self._followup_finished(account, followup, "moot", "followup_moot", str(exc)[:200],

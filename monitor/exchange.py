@@ -481,14 +481,22 @@ class Trader:
         sz_decimals = self.sz_decimals.get(coin, 0)
         price = round_price(mid * (1 + slippage) if is_buy else mid * (1 - slippage), sz_decimals, is_buy=is_buy)
         size = size.quantize(Decimal(1).scaleb(-sz_decimals)) if sz_decimals >= 0 else size
-        wire = {"a": self.sdk.info.name_to_asset(coin), "b": is_buy, "p": decimal_to_wire(price),
+        try:
+            asset = self.sdk.info.name_to_asset(coin)
+        except KeyError:
+            return OrderOutcome("rejected", error=f"{coin} is not in the exchange's meta (asset id unknown)")
+        wire = {"a": asset, "b": is_buy, "p": decimal_to_wire(price),
                 "s": decimal_to_wire(size), "r": True, "t": {"limit": {"tif": "Ioc"}}, "c": cloid}
         body = self._send(order_wires_to_order_action([wire], None, "na"), expires_after_ms)
         return interpret_order_response(body, size)
 
     def cancel(self, coin: str, oid: int, expires_after_ms: int) -> str | None:
         """Cancel one order; None on success, else the exchange's error text."""
-        action = {"type": "cancel", "cancels": [{"a": self.sdk.info.name_to_asset(coin), "o": oid}]}
+        try:
+            asset = self.sdk.info.name_to_asset(coin)
+        except KeyError:
+            return f"{coin} is not in the exchange's meta (asset id unknown)"
+        action = {"type": "cancel", "cancels": [{"a": asset, "o": oid}]}
         body = self._send(action, expires_after_ms)
         if not isinstance(body, dict) or body.get("status") != "ok":
             return str(body.get("response") if isinstance(body, dict) else body)[:200]

@@ -159,6 +159,16 @@ def plan_account(
         covered = fills_from_ms is None or to_ms(row.opened_at - lookback(row, settings)) >= fills_from_ms
         cycles = _row_cycles(fills, row, address, settings) if covered else None
         own = cycles.own if cycles is not None else None
+        if cycles is not None and fills_truncated and fills:
+            reach = segment_cycles(fills, row.coin, account=address)
+            if reach and (reach[0].start_known or reach[0].side != row.side):
+                # The oldest fills in reach start from flat or from the other side: the row's own cycle
+                # ended before them, out of the exchange's history. Close it (no figures to be had) and
+                # adopt what is open now; never act on that with the row's rules.
+                actions = _ended_out_of_reach(address, row, reach, position, now)
+                adopted.update(a.coin for a in actions if a.type == DISCOVER)
+                plan.actions.extend(actions)
+                continue
         if own is not None and own.ended and not own.broken:
             actions = _cycle_ended(address, row, cycles, position, now, fills_truncated)
             adopted.update(a.coin for a in actions if a.type == DISCOVER)
@@ -241,6 +251,12 @@ def cycle_close(address: str, row: PositionRow, own: Cycle, now: datetime, *, tr
     """The CLOSE of a row whose cycle ended, with that cycle's own figures."""
     closed_at, extra = _close_time(row, own.figures(), now)
     metadata: dict[str, Any] = {"fills": own.fill_count, **extra}
+    if own.gap:
+        # Fills are missing inside the cycle: it ended (a fill took it to zero), but its figures would be
+        # wrong. Closed without them, and said so.
+        return Action(CLOSE, address, row.coin, position_id=row.id, side=row.side, size=row.size,
+                      reason=reason or close_reason(row, own, address), exit_price=None, realized_pnl=None,
+                      fees=None, closed_at=closed_at, metadata={**metadata, "unexplained": True, "fills_gap": True})
     if not own.start_known:
         metadata["opening_fills_missing"] = True  # older than the exchange keeps: fees cover what is there
         if truncated:
@@ -267,6 +283,26 @@ def _cycle_ended(address: str, row: PositionRow, cycles: RowCycles, position: Ex
     actions.append(Action(DISCOVER, address, row.coin, side=position.side, size=position.size,
                           entry_price=position.entry_price, opened_at=from_ms(latest.start_ms),
                           metadata={link: row.id}))
+    return actions
+
+
+def _ended_out_of_reach(address: str, row: PositionRow, reach: list[Cycle], position: ExchangePosition | None,
+                        now: datetime) -> list[Action]:
+    first = reach[0]
+    actions = [Action(CLOSE, address, row.coin, position_id=row.id, side=row.side, size=row.size,
+                      reason="external", exit_price=None, realized_pnl=None, fees=None,
+                      closed_at=max(row.opened_at, min(now, from_ms(first.start_ms))),
+                      metadata={"unexplained": True, "fills_truncated": True,
+                                "closed_before": from_ms(first.start_ms).isoformat()})]
+    latest = reach[-1]
+    if (position is not None and not latest.ended and not latest.broken and latest.side == position.side
+            and latest.start_known):
+        actions.append(Action(DISCOVER, address, row.coin, side=position.side, size=position.size,
+                              entry_price=position.entry_price, opened_at=from_ms(latest.start_ms),
+                              metadata={"reopened_after": row.id}))
+    elif position is not None:
+        actions.append(Action(WAIT, address, row.coin, position_id=row.id,
+                              reason="on the exchange again, but no fill in reach shows that position opening"))
     return actions
 
 
@@ -358,8 +394,8 @@ def _still_open(address: str, account: Account, row: PositionRow, position: Exch
     if changed:
         actions.append(Action(UPDATE, address, row.coin, position_id=row.id, side=row.side, size=position.size,
                               previous_size=row.size, entry_price=position.entry_price,
-                              realized_pnl=own.realized_pnl if own is not None else None,
-                              fees=own.fees if own is not None else None))
+                              realized_pnl=own.realized_pnl if own is not None and own.complete else None,
+                              fees=own.fees if own is not None and own.complete else None))
     else:
         plan.seen_ids.append(row.id)
     if row.status == "closing":
@@ -380,8 +416,13 @@ def _still_open(address: str, account: Account, row: PositionRow, position: Exch
                 f"{rule} fired, but the row's opening is older than the exchange's fill history; nothing sent"
                 " until a fill shows whose position this is")))
         else:
+            # Sized to the larger of the snapshot and the fills (a snapshot can lag a position that grew);
+            # a reduce-only order is capped at the position by the exchange, so it never over-closes.
+            size = position.size
+            if own is not None and not own.ended and own.complete and own.size > size:
+                size = own.size
             actions.append(Action(CLOSE_ORDER, address, row.coin, position_id=row.id, side=row.side,
-                                  size=position.size, reason=rule, price=mid))
+                                  size=size, reason=rule, price=mid))
     return actions
 
 

@@ -626,6 +626,10 @@ class Run:
         # A flip's new position began with the very fill that closed the old one: its orders (TP/SL placed
         # with the flip order) cannot be told from the old position's by time, so a flip records nothing.
         flipped = {a.metadata.get("flipped_from") for a in plan.actions if a.type == planner.DISCOVER}
+        reopened_at: dict[Any, set[int]] = {}
+        for a in plan.actions:
+            if a.type == planner.DISCOVER and a.opened_at is not None and "reopened_after" in a.metadata:
+                reopened_at.setdefault(a.metadata["reopened_after"], set()).add(to_ms(a.opened_at))
         try:
             with db.fenced(self.epoch):
                 db.require_claim(plan.account.id, self.epoch)
@@ -635,9 +639,11 @@ class Run:
                         if (action.type == planner.CLOSE and action.position_id not in flipped
                                 and self.settings.secret_key):
                             # In the close's own transaction: a crash before the cancels cannot lose them.
+                            bound = close_bound_ms(action, self.clock.now())
+                            if bound in reopened_at.get(action.position_id, ()):
+                                bound -= 1  # re-opened in the close's millisecond: its orders may share it
                             db.record_followup(account_id=plan.account.id, coin=action.coin, kind="cancel_orphans",
-                                               position_id=action.position_id,
-                                               not_after_ms=close_bound_ms(action, self.clock.now()))
+                                               position_id=action.position_id, not_after_ms=bound)
                     elif action.type in (planner.DISCOVER, planner.UPDATE, planner.CLOSE):
                         self.report.conflicts += 1
         except (Fenced, DatabaseUnavailable):

@@ -1,0 +1,52 @@
+"""Truncated window: a row's own cycle ended out of reach, a NEW same-side cycle opened within reach.
+The planner takes the new cycle for the row's own and the old row's rule sends an order on it."""
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal as D
+
+from monitor import planner
+from monitor.clock import to_ms
+from monitor.models import Account, AccountSnapshot, ExchangePosition, Fill, PositionRow
+from monitor.planner import PlanSettings, needs_fills, plan_account
+
+NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
+ADDRESS = "0x" + "ab" * 20
+ACCOUNT = Account(id=1, address=ADDRESS, label=None, active=True)
+S = PlanSettings()
+
+
+def mk(coin, side, sz, px, start, at, n, direction):
+    return Fill(coin=coin, price=D(px), size=D(sz), side=side, time_ms=to_ms(at), start_position=D(start),
+                direction=direction, closed_pnl=D(0), fee=D("0.1"), hash="0x" + "%064x" % n, oid=n, tid=n)
+
+
+def test_rule_never_fires_on_a_cycle_that_opened_after_the_row():
+    opened = NOW - timedelta(days=10)
+    row = PositionRow(id=7, account_id=1, coin="BTC", side="long", size=D(1), entry_price=D(100), status="open",
+                      opened_at=opened, source="platform", take_profit_price=D(110))
+    snap = AccountSnapshot(address=ADDRESS, positions={"BTC": ExchangePosition("BTC", "long", D(1), D(100))})
+    mids = {"BTC": D(111)}
+    since = needs_fills(snap, [row], [], NOW, S, mids=mids)
+    assert since is not None  # the rule fires: fills are read to verify
+    # The most recent part of the window (the row's own close is older than the 10,000 kept fills):
+    # BTC re-opened from zero an hour ago (a NEW position), plus other coins' fills.
+    recent = [mk("BTC", "B", "1", "100", "0", NOW - timedelta(hours=1), 1, "Open Long")]
+    recent += [mk("SOL", "B" if i % 2 == 0 else "A", "1", "20", "1" if i % 2 == 0 else "2",
+                  NOW - timedelta(minutes=50) + timedelta(seconds=i), 100 + i, "x") for i in range(20)]
+    plan = plan_account(ACCOUNT, snap, [row], NOW, S, fills=recent, fills_error="truncated", fills_truncated=True,
+                        mids=mids, fills_from_ms=since)
+    kinds = [a.type for a in plan.actions]
+    assert planner.CLOSE_ORDER not in kinds, plan.actions
+
+
+def test_rule_never_fires_on_a_new_cycle_when_entry_changed_either():
+    opened = NOW - timedelta(days=10)
+    row = PositionRow(id=7, account_id=1, coin="BTC", side="long", size=D(1), entry_price=D(100), status="open",
+                      opened_at=opened, source="platform", stop_loss_price=D(95))
+    snap = AccountSnapshot(address=ADDRESS, positions={"BTC": ExchangePosition("BTC", "long", D(2), D(96))})
+    mids = {"BTC": D(94)}
+    since = needs_fills(snap, [row], [], NOW, S, mids=mids)
+    recent = [mk("BTC", "B", "2", "96", "0", NOW - timedelta(hours=1), 1, "Open Long")]
+    plan = plan_account(ACCOUNT, snap, [row], NOW, S, fills=recent, fills_error="truncated", fills_truncated=True,
+                        mids=mids, fills_from_ms=since)
+    kinds = [a.type for a in plan.actions]
+    assert planner.CLOSE_ORDER not in kinds, plan.actions
