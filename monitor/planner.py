@@ -154,12 +154,17 @@ def plan_account(
     rows_by_coin = {row.coin: row for row in rows}
     adopted: set[str] = set()
 
+    # Past the exchange's history the fills begin at the oldest one still kept: only rows whose window
+    # starts before it are truncated; a younger row's window is read whole.
+    reach_from = min((f.time_ms for f in fills), default=None) if fills_truncated and fills else None
     for row in rows:
         position = snapshot.positions.get(row.coin)
-        covered = fills_from_ms is None or to_ms(row.opened_at - lookback(row, settings)) >= fills_from_ms
+        window_start = to_ms(row.opened_at - lookback(row, settings))
+        covered = fills_from_ms is None or window_start >= fills_from_ms
+        row_truncated = fills_truncated and covered and (reach_from is None or window_start < reach_from)
         cycles = _row_cycles(fills, row, address, settings) if covered else None
         own = cycles.own if cycles is not None else None
-        if cycles is not None and fills_truncated and fills:
+        if cycles is not None and row_truncated and fills:
             reach = segment_cycles(fills, row.coin, account=address)
             if reach and (reach[0].start_known or reach[0].side != row.side):
                 # The oldest fills in reach start from flat or from the other side: the row's own cycle
@@ -170,7 +175,7 @@ def plan_account(
                 plan.actions.extend(actions)
                 continue
         if own is not None and own.ended and not own.broken:
-            actions = _cycle_ended(address, row, cycles, position, now, fills_truncated)
+            actions = _cycle_ended(address, row, cycles, position, now, row_truncated)
             adopted.update(a.coin for a in actions if a.type == DISCOVER)
             plan.actions.extend(actions)
         elif own is not None and own.broken:
@@ -179,13 +184,12 @@ def plan_account(
         else:
             row_fills = fills if covered else None
             if position is None:
-                plan.actions.extend(_vanished(address, row, now, settings, row_fills, fills_error,
-                                              fills_truncated and covered))
+                plan.actions.extend(_vanished(address, row, now, settings, row_fills, fills_error, row_truncated))
             elif position.side != row.side:
                 plan.actions.append(_flip_unproven(address, row, row_fills, fills_error))
             else:
                 plan.actions.extend(_still_open(address, account, row, position, now, row_fills, fills_error, own,
-                                                fills_truncated, mids, plan, settings, verify_rules))
+                                                row_truncated, mids, plan, settings, verify_rules))
 
     recent_by_coin: dict[str, PositionRow] = {}
     for row in recently_closed:

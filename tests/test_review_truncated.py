@@ -50,3 +50,23 @@ def test_rule_never_fires_on_a_new_cycle_when_entry_changed_either():
                         mids=mids, fills_from_ms=since)
     kinds = [a.type for a in plan.actions]
     assert planner.CLOSE_ORDER not in kinds, plan.actions
+
+
+def test_a_row_younger_than_the_oldest_fill_in_reach_is_not_judged_truncated():
+    """Found by chaos (busy_flip, seed 902): the account's read was truncated for an older row, and a young
+    row whose whole window is in reach was closed as 'ended out of reach' because an older cycle of its coin
+    (from flat, long before the row) was the first in reach: a false close."""
+    young = PositionRow(id=8, account_id=1, coin="BTC", side="long", size=D(1), entry_price=D(100), status="open",
+                        opened_at=NOW - timedelta(minutes=5), source="platform")
+    old = PositionRow(id=7, account_id=1, coin="ETH", side="long", size=D(1), entry_price=D(100), status="open",
+                      opened_at=NOW - timedelta(days=3), source="platform")
+    recent = [mk("BTC", "B", "1", "90", "0", NOW - timedelta(hours=2), 1, "Open Long"),
+              mk("BTC", "A", "1", "95", "1", NOW - timedelta(hours=1), 2, "Close Long"),
+              mk("BTC", "B", "1", "100", "0", NOW - timedelta(minutes=5), 3, "Open Long")]
+    snap = AccountSnapshot(address=ADDRESS, positions={"BTC": ExchangePosition("BTC", "long", D(1), D(100)),
+                                                        "ETH": ExchangePosition("ETH", "long", D(2), D(100))})
+    since = needs_fills(snap, [young, old], [], NOW, S)
+    plan = plan_account(ACCOUNT, snap, [young, old], NOW, S, fills=recent, fills_error="truncated",
+                        fills_truncated=True, fills_from_ms=since)
+    assert [a for a in plan.actions if a.position_id == 8] == []  # the young row: unchanged, only seen
+    assert 8 in plan.seen_ids
