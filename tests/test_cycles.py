@@ -75,20 +75,19 @@ def test_a_close_and_reopen_between_runs_is_two_rows_and_the_old_rule_never_touc
     assert stop not in {o["oid"] for o in sim.orders(ALICE, open_only=True)}  # the old stop is cancelled
 
 
-def test_a_close_order_sized_from_a_stale_snapshot_leaves_the_rest_open_with_the_rule_armed(keyed, sim, database_url):
+def test_a_position_that_grew_while_its_close_order_was_in_flight_stays_open_with_the_rule_armed(keyed, sim, database_url):
     sim.open_position(ALICE, "SOL", "10", "20")
     assert cli(keyed, "accounts", "add", ALICE).returncode == 0
     run_json(keyed)
     set_row(database_url, "SOL", stop_loss_price=Decimal("19"))
-    sim.add_fault("stale", user=ALICE, count=None)  # the snapshot keeps showing 10 ...
-    sim.resize(ALICE, "SOL", "15", "20")  # ... while the position grew to 15
     sim.set_mid("SOL", "18")
+    # the position grows to 15 after the run read 10, just before its close order lands
+    sim.add_request_hook(lambda *_: sim.resize(ALICE, "SOL", "15", "20"), path="exchange", type="order", user=ALICE)
     first = run_json(keyed)
     assert first["close_orders_sent"] == 1
     row, = rows(database_url, "SOL")
     assert row["status"] == "open" and row["size"] == Decimal("5")  # the true rest, not 'closing' forever
     assert sim.position(ALICE, "SOL")["szi"] in ("5", "5.0", "5.00")
-    sim.clear_faults()
     second = run_json(keyed)  # the rule is still armed: the rest is closed
     assert second["close_orders_sent"] == 1
     row, = rows(database_url, "SOL")
@@ -180,3 +179,18 @@ def test_a_reduction_then_an_increase_between_runs_updates_the_interim_pnl(env, 
     assert row["status"] == "open" and row["size"] == Decimal("2")
     assert row["entry_price"] == Decimal(sim.position(ALICE, "ETH")["entryPx"])
     assert row["realized_pnl"] == Decimal("100") and row["fees"] == sum(Decimal(f["fee"]) for f in fills)
+
+
+def test_a_close_order_is_sized_to_the_fills_when_the_snapshot_lags_a_growth(keyed, sim, database_url):
+    sim.open_position(ALICE, "SOL", "10", "20")
+    assert cli(keyed, "accounts", "add", ALICE).returncode == 0
+    run_json(keyed)
+    set_row(database_url, "SOL", stop_loss_price=Decimal("19"))
+    sim.add_fault("stale", user=ALICE, count=None)  # the snapshot keeps showing 10 ...
+    sim.resize(ALICE, "SOL", "15", "20")  # ... while the fills show it grew to 15
+    sim.set_mid("SOL", "18")
+    report = run_json(keyed)
+    sent, = [a for a in report["actions"] if a["type"] == "close_sent"]
+    assert Decimal(sent["size"]) == Decimal("15")  # the whole position in one order
+    row, = rows(database_url, "SOL")
+    assert row["status"] == "closed" and row["close_reason"] == "stop_loss" and sim.position(ALICE, "SOL") is None
