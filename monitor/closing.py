@@ -65,6 +65,8 @@ class Closer:
     def __init__(self, ctx: CloseContext) -> None:
         self.ctx = ctx
         self._traders: dict[str, Trader] = {}
+        # orders sent whose effect is read from fills next (in handle): (row, cloid, rule, partial, filled)
+        self._settles: dict[str, list[tuple[Any, str, str, bool, Decimal | None]]] = {}
         self._vaults: dict[str, str | None] = {}
 
     def _signer(self) -> str:
@@ -166,6 +168,14 @@ class Closer:
 
     # ---- entry point ---------------------------------------------------------------------
 
+    def send_orders(self, account: Account, actions: list[Action]) -> None:
+        """Send the close orders of fired rules; what they did is settled from fills by ``handle`` later."""
+        for action in actions:
+            try:
+                self._close(account, action)
+            except ReadFailed as exc:
+                self._note(f"{account.address} {action.coin}: {exc}; will retry next run")
+
     def handle(self, account: Account, actions: list[Action], closed_coins: dict[str, int | None], *,
                open_orders: list[OpenOrder] | None = None, followups: list[Followup] | None = None) -> None:
         """Send/settle closes, then the account's follow-ups: with a key (not a dry run) the closes this run
@@ -179,6 +189,11 @@ class Closer:
                     self._settle(account, action)
             except ReadFailed as exc:
                 self._note(f"{account.address} {action.coin}: {exc}; will retry next run")
+        for row, cloid, rule, partial, filled in self._settles.pop(account.address, []):
+            try:
+                self._settle_from_fills(account, row, cloid, rule, partial=partial, filled=filled)
+            except ReadFailed as exc:
+                self._note(f"#{row.id} {row.coin}: {exc}; the row is settled next run")
         if not self.ctx.dry_run and self.ctx.secret_key is not None:
             if closed_coins or followups or self._closed_here:
                 # Orders read while planning serve for the planner's closes (their close times are past
@@ -260,11 +275,12 @@ class Closer:
         if outcome.kind in ("filled", "partial"):
             # A reduce-only order is capped at the position (a stale size reads as "partial"), and a position
             # that grew since the read is bigger than the order: the row's cycle in the fills decides.
-            self._settle_from_fills(account, row, cloid, action.reason or _rule(row),
-                                    partial=outcome.kind == "partial", filled=outcome.filled_size)
+            self._settles.setdefault(account.address, []).append(
+                (row, cloid, action.reason or _rule(row), outcome.kind == "partial", outcome.filled_size))
         elif outcome.kind == "no_position":
             # Already flat: the row is closed from its fills, with whatever ended its cycle as the reason.
-            self._settle_from_fills(account, row, cloid, action.reason or _rule(row), partial=True)
+            self._settles.setdefault(account.address, []).append(
+                (row, cloid, action.reason or _rule(row), True, None))
         elif outcome.kind == "rejected":
             with ctx.db.fenced(ctx.epoch):
                 ctx.db.release_close(row.id, cloid=cloid, event="close_failed", error=outcome.error)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from monitor.models import (
     AccountSnapshot,
@@ -66,6 +67,33 @@ class ReadFailed(Exception):
         self.reason = reason
         self.rate_limited = retry_after is not None
         self.retry_after = retry_after
+
+
+FILLS_REREAD_MARGIN_MS = 60_000  # a second read of one account's fills in a run starts this far before the first
+
+
+@dataclass(frozen=True)
+class CachedFills:
+    since_ms: int
+    read_at_ms: int  # this host's clock when the read began
+    fills: list[Fill]
+    truncated: bool
+
+
+class FillsCache:
+    """Fills read this run, per account, shared by the run's threads (each run starts with an empty one)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_address: dict[str, CachedFills] = {}
+
+    def get(self, address: str) -> CachedFills | None:
+        with self._lock:
+            return self._by_address.get(address)
+
+    def put(self, address: str, entry: CachedFills) -> None:
+        with self._lock:
+            self._by_address[address] = entry
 
 
 class FillsTruncated(ReadFailed):
@@ -156,6 +184,17 @@ class WeightBudget:
         self.spent = 0
         self.reserved = 0
         self._lock = threading.Lock()
+        self._local = threading.local()
+
+    @contextmanager
+    def urgent(self, flag: bool = True) -> Iterator[None]:
+        """Reads of an account with exit work (the reserve counts them) draw on the reserve, on this thread."""
+        previous = getattr(self._local, "urgent", False)
+        self._local.urgent = flag
+        try:
+            yield
+        finally:
+            self._local.urgent = previous
 
     def hold(self, weight: int) -> int:
         """Hold ``weight`` back from reads (at most what is left); returns what is held."""
@@ -169,6 +208,11 @@ class WeightBudget:
 
     def take(self, kind: str, weight: int) -> None:
         with self._lock:
+            if getattr(self._local, "urgent", False) and self.reserved:
+                if weight <= self.limit - self.spent:
+                    self.spent += weight
+                    self.reserved = max(0, self.reserved - weight)
+                    return
             available = self.limit - self.reserved - self.spent
             if weight > available:
                 held = f", {self.reserved} held for exit work" if self.reserved else ""
@@ -180,9 +224,11 @@ class Exchange:
     """Reads (and, with a key, writes) for one run. Not shared between threads: make one per worker."""
 
     def __init__(self, base_url: str, *, timeout: float, counter: RequestCounter | None = None,
-                 before_request: Callable[[str, int], None] | None = None) -> None:
+                 before_request: Callable[[str, int], None] | None = None,
+                 fills_cache: "FillsCache | None" = None) -> None:
         from hyperliquid.info import Info  # heavy import, deferred to the first run that reads
 
+        self.fills_cache = fills_cache
         self.base_url = base_url
         self.timeout = timeout
         self.counter = counter or RequestCounter()
@@ -225,6 +271,44 @@ class Exchange:
             raise ReadFailed("clearinghouseState", f"invalid answer ({exc})") from None
 
     def read_fills(self, address: str, since_ms: int, until_ms: int | None = None) -> list[Fill]:
+        """Every fill of the account from ``since_ms`` (inclusive) until now, deduplicated, oldest first.
+
+        Within one run, an account whose fills were read already (for at least this window) is read again
+        only from shortly before that read (``FILLS_REREAD_MARGIN_MS``, for clock differences and fills
+        that show up late): a close order's own fills cost one request, not the whole window again.
+        """
+        import time as _time
+
+        from monitor.fills import dedupe_fills
+
+        cache = self.fills_cache if until_ms is None else None
+        cached = cache.get(address) if cache is not None else None
+        read_at = int(_time.time() * 1000)
+        if cached is None or cached.since_ms > since_ms:
+            try:
+                fills = self._read_fills(address, since_ms, until_ms)
+            except FillsTruncated as exc:
+                if cache is not None:
+                    cache.put(address, CachedFills(since_ms, read_at, exc.fills, True))
+                raise
+            if cache is not None:
+                cache.put(address, CachedFills(since_ms, read_at, fills, False))
+            return fills
+        start = max(since_ms, cached.read_at_ms - FILLS_REREAD_MARGIN_MS)
+        truncated = cached.truncated
+        try:
+            newer = self._read_fills(address, start, None)
+        except FillsTruncated as exc:
+            newer, truncated = exc.fills, True
+        merged = dedupe_fills([*cached.fills, *newer])
+        cache.put(address, CachedFills(cached.since_ms, read_at, merged, truncated))  # type: ignore[union-attr]
+        window = [f for f in merged if f.time_ms >= since_ms]
+        if truncated:
+            raise FillsTruncated("userFillsByTime", "the window reaches past the exchange's fill history;"
+                                 " the most recent part is used", window)
+        return window
+
+    def _read_fills(self, address: str, since_ms: int, until_ms: int | None = None) -> list[Fill]:
         """Every fill of the account from ``since_ms`` (inclusive) until now, deduplicated, oldest first.
 
         One request when the window holds less than a page (the usual case). A capped answer (2,000 fills)

@@ -4,17 +4,19 @@ With hundreds of accounts the reads alone spend the whole per-run budget (2 per 
 rule's order, and the reads that explain its close, never found weight. The run now works out, after
 ``allMids`` and before any account is read, which rows need exit work this run and what it costs:
 
-* an open row whose rule fires at this run's mids (the same ``planner.exit_rule`` the plan uses):
-  one order, the fills read that explains its close, an open-orders read and two cancels (its own
-  TP/SL left on the book) = ``ROW_CLOSE_WEIGHT``;
-* a row in ``closing``: ``orderStatus`` for its cloid, then the same fills/open-orders/cancels =
-  ``ROW_SETTLE_WEIGHT``;
+* an open row whose rule fires at this run's mids (the same ``planner.exit_rule`` the plan uses): its
+  account's read and the fills read that checks its cycle, one order, the fills read that explains its
+  close, an open-orders read and two cancels (its own TP/SL left on the book) = ``ROW_CLOSE_WEIGHT``;
+* a row in ``closing``: its account's read, ``orderStatus`` for its cloid, then the same
+  fills/open-orders/cancels = ``ROW_SETTLE_WEIGHT``;
 * pending cancels recorded by earlier runs (per account: an open-orders read + one per cancel);
 * once, when an order is to be sent: ``meta`` unless cached, the key's ``userRole`` unless cached,
   and a ``userRole`` per other account unless cached (a sub-account of the key's master).
 
-That sum, at most ``budget // RESERVE_SHARE`` (half the budget: reads always keep the other half),
-is held back; reads never dip into it, and the closer draws from it. Pure: no I/O here.
+That sum, at most 4/5 of the budget (reads of accounts without exit work keep the rest; they can wait a
+run, a fired stop loss cannot), is held back; the reads of the accounts with exit work (their positions,
+and the fills that check a row's cycle before its order) and the closer draw from it, other reads never
+do. Pure: no I/O here.
 """
 
 from __future__ import annotations
@@ -31,10 +33,14 @@ from monitor.planner import exit_rule
 # Cached exchange answers (key_roles, exchange_meta) are trusted this long.
 CACHE_TTL = timedelta(hours=1)
 CANCELS_PER_ROW = 2
-ROW_CLOSE_WEIGHT = (WEIGHT["exchange"] + WEIGHT["userFillsByTime"] + WEIGHT["frontendOpenOrders"]
-                    + CANCELS_PER_ROW * WEIGHT["exchange"])  # 43
-ROW_SETTLE_WEIGHT = WEIGHT["orderStatus"] + ROW_CLOSE_WEIGHT - WEIGHT["exchange"]  # 44
-RESERVE_SHARE = 2  # the reserve is at most 1/RESERVE_SHARE of the run's budget
+# The account's own read and the fills read that checks the row's cycle before its order (drawn from the
+# reserve: an account with exit work reads on it), then the order and what follows it.
+ROW_READ_WEIGHT = WEIGHT["clearinghouseState"] + WEIGHT["userFillsByTime"]  # 22
+ROW_CLOSE_WEIGHT = (ROW_READ_WEIGHT + WEIGHT["exchange"] + WEIGHT["userFillsByTime"] + WEIGHT["frontendOpenOrders"]
+                    + CANCELS_PER_ROW * WEIGHT["exchange"])  # 65
+ROW_SETTLE_WEIGHT = WEIGHT["clearinghouseState"] + WEIGHT["orderStatus"] + ROW_CLOSE_WEIGHT - ROW_READ_WEIGHT \
+    - WEIGHT["exchange"]  # 46
+RESERVE_SHARE_OF = (4, 5)  # the reserve is at most 4/5 of the run's budget: other accounts' reads can wait a run
 
 
 @dataclass
@@ -98,7 +104,7 @@ def exit_reserve(accounts: Sequence[Account], rows_by_account: Mapping[int, Sequ
             reserve.wanted += WEIGHT["userRole"]
         reserve.wanted += WEIGHT["userRole"] * sum(
             1 for a in sending_accounts if a.address != key_master and a.address not in cached_accounts)
-    reserve.weight = min(reserve.wanted, budget // RESERVE_SHARE)
+    reserve.weight = min(reserve.wanted, budget * RESERVE_SHARE_OF[0] // RESERVE_SHARE_OF[1])
     return reserve
 
 

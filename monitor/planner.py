@@ -395,11 +395,13 @@ def _still_open(address: str, account: Account, row: PositionRow, position: Exch
         # difference stays, so the next run reads fills again) and send nothing for it.
         return [Action(WAIT, address, row.coin, position_id=row.id,
                        reason=f"size or entry changed; fills unreadable ({fills_error or 'not read'}), verify next run")]
+    # the cycle's figures so far, when they are all there (past the history its start is out of reach)
+    whole = own is not None and own.complete and (own.start_known or not truncated)
     if changed:
         actions.append(Action(UPDATE, address, row.coin, position_id=row.id, side=row.side, size=position.size,
                               previous_size=row.size, entry_price=position.entry_price,
-                              realized_pnl=own.realized_pnl if own is not None and own.complete else None,
-                              fees=own.fees if own is not None and own.complete else None))
+                              realized_pnl=own.realized_pnl if whole else None,
+                              fees=own.fees if whole else None))
     else:
         plan.seen_ids.append(row.id)
     if row.status == "closing":
@@ -415,10 +417,6 @@ def _still_open(address: str, account: Account, row: PositionRow, position: Exch
             actions.append(Action(WAIT, address, row.coin, position_id=row.id, reason=(
                 f"{rule} fired, but fills ({fills_error or 'not read'}) could not show the position is still this"
                 " row's; nothing sent, retry next run")))
-        elif verify_rules and truncated and changed and (own is None or not own.start_known):
-            actions.append(Action(WAIT, address, row.coin, position_id=row.id, reason=(
-                f"{rule} fired, but the row's opening is older than the exchange's fill history; nothing sent"
-                " until a fill shows whose position this is")))
         else:
             # Sized to the larger of the snapshot and the fills (a snapshot can lag a position that grew);
             # a reduce-only order is capped at the position by the exchange, so it never over-closes.

@@ -34,7 +34,8 @@ from monitor.errors import (
 )
 from monitor.closing import CloseContext, Closer, close_bound_ms, followup_json
 from monitor.exit_budget import CACHE_TTL, ExitReserve, exit_reserve, signer_address
-from monitor.exchange import BudgetExhausted, Exchange, FillsTruncated, ReadFailed, RequestCounter, WeightBudget
+from monitor.exchange import (BudgetExhausted, Exchange, FillsCache, FillsTruncated, ReadFailed, RequestCounter,
+                              WeightBudget)
 from monitor.lock import LocalRunLock, PostgresRunLock, RunLock, machine_identity, process_start_time
 from monitor.models import Account, AccountSnapshot, PositionRow
 from monitor.planner import AccountPlan, Action, PlanSettings
@@ -182,9 +183,10 @@ class Run:
         self.dry_run = dry_run
         self.addresses = list(addresses)
         self.clock = clock or Clock()
+        self.fills_cache = FillsCache()  # an account's fills, read again after a close order, cost one request
         self.exchange_factory = exchange_factory or (
             lambda counter, budget: Exchange(settings.hl_api_url, timeout=settings.http_timeout, counter=counter,
-                                             before_request=budget.take))
+                                             before_request=budget.take, fills_cache=self.fills_cache))
         self.lock = make_lock(settings)
         self.report = RunReport(run_id=self.lock.run_id, dry_run=dry_run)
         self.db: Database | None = None
@@ -385,6 +387,17 @@ class Run:
                                          f" epoch {epoch}): deferred to the next run")
         return [a for a in accounts if a.id in won]
 
+    def _with_claim(self, checked: "ClaimCheckedDatabase", account: Account, work: Callable[[], object]) -> None:
+        """Closer work for one account: its writes check the account's claim; a spent budget is reported."""
+        checked.account_id = account.id
+        try:
+            work()
+        except BudgetExhausted as exc:
+            self._exit_starved(f"{account.address}: exit work starved of weight ({exc});"
+                               " closes wait for the next run")
+        finally:
+            checked.account_id = None
+
     def _reserve_exit_work(self, accounts: list[Account], rows_by_account: dict[int, list[PositionRow]],
                            mids: dict[str, Any], now: Any) -> ExitReserve:
         """Hold back from the reads the weight this run's exit work needs (see monitor/exit_budget.py)."""
@@ -434,8 +447,9 @@ class Run:
             exchange = getattr(local, "exchange", None)
             if exchange is None:
                 exchange = local.exchange = self.exchange_factory(counter, self.budget)
-            return self._plan_one(exchange, account, rows_by_account.get(account.id, []),
-                                  recent_by_account.get(account.id, []), settings, mids)
+            with self.budget.urgent(account.id in self.reserve.urgent_accounts):  # its reads are in the reserve
+                return self._plan_one(exchange, account, rows_by_account.get(account.id, []),
+                                      recent_by_account.get(account.id, []), settings, mids)
 
         results: list[AccountResult] = []
         workers = max(1, min(self.settings.read_parallelism, len(accounts)))
@@ -458,6 +472,7 @@ class Run:
             plan_settings=plan_settings(self.settings)))
         seen_ids: list[int] = []
         deferred: list[str] = []
+        later: list[tuple[Account, list[Action], dict[str, int | None], Any, list[Any]]] = []
         for result in results:
             account = result.account
             if result.deferred:
@@ -490,19 +505,22 @@ class Run:
             reopened = {a.coin for a in plan.actions if a.type == planner.DISCOVER and "flipped_from" in a.metadata}
             closed_coins = {a.coin: to_ms(a.closed_at) if a.closed_at else None
                             for a in closed if a.coin not in reopened}
-            orders = [a for a in plan.actions if a.type in (planner.CLOSE_ORDER, planner.SETTLE_CLOSE)]
+            fired = [a for a in plan.actions if a.type == planner.CLOSE_ORDER]
+            settles = [a for a in plan.actions if a.type == planner.SETTLE_CLOSE]
             if not (self.dry_run or self.settings.secret_key):
                 closed_coins = {}  # no key: nothing could cancel orphaned orders, so do not read them
             pending = self.followups.get(account.id, [])  # retried every run until done or moot
-            if orders or closed_coins or pending:
-                checked.account_id = account.id
-                try:
-                    closer.handle(account, orders, closed_coins, open_orders=result.open_orders, followups=pending)
-                except BudgetExhausted as exc:
-                    self._exit_starved(f"{account.address}: exit work starved of weight ({exc});"
-                                       " closes wait for the next run")
-                finally:
-                    checked.account_id = None
+            if fired:
+                # Fired rules' orders go out first, every account's before any account's settling reads
+                # and cancels, so the weight left is spent on the orders (their fills are read after).
+                self._with_claim(checked, account, lambda: closer.send_orders(account, fired))
+            if fired or settles or closed_coins or pending:
+                later.append((account, settles, closed_coins, result.open_orders, pending))
+        for account, settles, closed_coins, open_orders, pending in later:
+            if self.lock.compromised.is_set():
+                break
+            self._with_claim(checked, account, lambda: closer.handle(
+                account, settles, closed_coins, open_orders=open_orders, followups=pending))
         urgent = self.reserve.urgent_accounts
         for result in results:
             if result.deferred == "budget" and result.account.id in urgent:

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from eth_account import Account as EthAccount
 
-from monitor.exit_budget import ROW_CLOSE_WEIGHT, exit_reserve
+from monitor.exit_budget import ROW_CLOSE_WEIGHT, ROW_SETTLE_WEIGHT, exit_reserve
 from monitor.models import Account, PositionRow
 from monitor.operations import observed_conditions
 from tests.conftest import cli, run_json
@@ -79,7 +79,7 @@ def test_stop_losses_fire_and_are_sent_in_the_same_run_with_500_accounts_at_the_
     assert sorted(e["user"] for e in orders) == sorted(a for a, _ in firing)
     assert report["close_orders_sent"] == 5 and report["closed"] == 5
     assert report["exit_starved"] == 0
-    assert 0 < report["exit_reserved"] <= 500  # at most half of the default budget
+    assert 0 < report["exit_reserved"] <= 800  # at most 4/5 of the default budget
     assert sum(e["weight"] for e in sim.requests_log()) <= 1000  # the budget holds
     assert report["accounts_deferred"] > 0  # the reserve came out of the reads, the least urgent wait
     with psycopg.connect(database_url) as conn:
@@ -143,7 +143,7 @@ def test_a_second_close_asks_neither_userrole_nor_meta(env, sim, agent, database
     spent = [(e["type"], e["weight"]) for e in sim.requests_log() if e["type"] != "clearinghouseState"]
     assert sorted(t for t, _ in spent) == ["allMids", "frontendOpenOrders", "order", "userFillsByTime",
                                            "userFillsByTime"], spent
-    assert sum(w for _, w in spent) <= 2 + 20 + ROW_CLOSE_WEIGHT + 5, spent  # (+ a fills surcharge)
+    assert sum(w for _, w in spent) <= 2 + ROW_CLOSE_WEIGHT + 5, spent  # (+ a fills surcharge)
     with psycopg.connect(database_url) as conn:
         cached = conn.execute("SELECT address, role, linked FROM key_roles WHERE dropped_at IS NULL"
                               " ORDER BY role").fetchall()
@@ -213,10 +213,10 @@ def test_the_reserve_counts_only_rules_that_fire_at_this_runs_mids_and_is_capped
     reserve = exit_reserve([account], rows, mids, now, budget=1000, can_send=True, meta_cached=True,
                            key_master=account.address)
     assert reserve.firing == [2, 4] and reserve.closing == [3]  # row 1's stop is below the mid
-    assert reserve.wanted == 2 * ROW_CLOSE_WEIGHT + 44 and reserve.weight == reserve.wanted
+    assert reserve.wanted == 2 * ROW_CLOSE_WEIGHT + ROW_SETTLE_WEIGHT and reserve.weight == reserve.wanted
     cold = exit_reserve([account], rows, mids, now, budget=1000, can_send=True)
     assert cold.wanted == reserve.wanted + 20 + 60 + 60  # meta, the key's role, the account's role
-    assert exit_reserve([account], rows, mids, now, budget=100, can_send=True).weight == 50  # half the budget
+    assert exit_reserve([account], rows, mids, now, budget=100, can_send=True).weight == 80  # 4/5 of the budget
     assert exit_reserve([account], rows, {}, now, budget=1000, can_send=True).firing == []  # no mid, no order
     assert exit_reserve([account], rows, mids, now, budget=1000, can_send=False).wanted == 2  # orderStatus only
 
