@@ -186,7 +186,7 @@ def _action_row(action: Any) -> dict[str, Any]:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.option("--runs", default=5, show_default=True, help="How many recent runs to show.")
+@click.option("--runs", default=5, show_default=True, type=click.IntRange(1, 1000), help="How many recent runs to show.")
 @click.pass_context
 def status(ctx: click.Context, as_json: bool, runs: int) -> None:
     """Last runs, lock holder, accounts and their last good read, open positions, active alerts."""

@@ -312,6 +312,9 @@ class Database(OperationsMixin, ExchangeCacheMixin):
         self.statements += 1
         try:
             return self.conn.execute(query, params)
+        except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn):
+            # A table or column of a later migration: the schema is behind this version (exit 78).
+            raise SchemaBehind("database schema is behind this version; run `position-monitor db migrate`") from None
         except psycopg.OperationalError as exc:
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "connection lost"
             raise DatabaseUnavailable(f"database unavailable: {_redact(detail)}") from None
@@ -430,7 +433,8 @@ class Database(OperationsMixin, ExchangeCacheMixin):
         query = (
             "SELECT p.id, a.address, p.coin, p.side, p.size, p.entry_price, p.status, p.opened_at, p.closed_at, "
             "p.exit_price, p.realized_pnl, p.fees, p.close_reason, p.source, p.stop_loss_price, "
-            "p.take_profit_price, p.close_requested_at, p.last_seen_at "
+            "p.take_profit_price, p.close_requested_at, p.last_seen_at, p.trailing_stop_pct, p.best_price, "
+            "p.max_hold_seconds, p.close_rule, p.close_attempts, p.metadata "
             "FROM positions p JOIN accounts a ON a.id = p.account_id WHERE true"
         )
         params: list[Any] = []

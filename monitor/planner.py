@@ -85,6 +85,11 @@ class Action:
             return f"trailing stop {who}{row} best price -> {self.price}"
         if self.type == MARK_MISSING:
             return f"mark {who}{row} missing from the exchange (no closing fill yet)"
+        if self.type == "close_sent":
+            outcome = self.metadata.get("outcome")
+            return f"close order sent {who}{row} ({self.reason}): {outcome}, filled {self.size} at {self.price}"
+        if self.type == "cancel_order":
+            return f"cancel order {self.metadata.get('oid')} {who}{row}: {self.reason}"
         return f"wait {who}{row}: {self.reason}"
 
 
