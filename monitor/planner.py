@@ -159,14 +159,14 @@ def plan_account(
     rows_by_coin = {row.coin: row for row in rows}
     adopted: set[str] = set()
 
-    # Past the exchange's history the fills begin at the oldest one still kept: only rows whose window
-    # starts before it are truncated; a younger row's window is read whole.
+    # Past the exchange's history the fills begin at the oldest one still kept: only rows that opened
+    # before it are truncated; a younger row's cycle is in reach (only part of its lead-in may not be).
     reach_from = min((f.time_ms for f in fills), default=None) if fills_truncated and fills else None
     for row in rows:
         position = snapshot.positions.get(row.coin)
         window_start = to_ms(row.opened_at - lookback(row, settings))
         covered = fills_from_ms is None or window_start >= fills_from_ms
-        row_truncated = fills_truncated and covered and (reach_from is None or window_start < reach_from)
+        row_truncated = fills_truncated and covered and (reach_from is None or to_ms(row.opened_at) < reach_from)
         cycles = _row_cycles(fills, row, address, settings) if covered else None
         own = cycles.own if cycles is not None else None
         if cycles is not None and row_truncated and fills:

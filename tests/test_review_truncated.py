@@ -70,3 +70,18 @@ def test_a_row_younger_than_the_oldest_fill_in_reach_is_not_judged_truncated():
                         fills_truncated=True, fills_from_ms=since)
     assert [a for a in plan.actions if a.position_id == 8] == []  # the young row: unchanged, only seen
     assert 8 in plan.seen_ids
+
+
+def test_an_adopted_row_whose_open_is_in_reach_but_not_its_lead_in_is_not_closed():
+    """Found by chaos (busy_flip, seed 5019): a row adopted at a flip on a busy account, whose 120 s lead-in
+    reaches past the oldest fill in reach while its own open is in reach, was closed as 'ended out of reach'
+    (the first cycle in reach was an older one) and adopted again, run after run."""
+    opened = NOW - timedelta(seconds=30)
+    row = PositionRow(id=9, account_id=1, coin="ETH", side="short", size=D(1), entry_price=D(100), status="open",
+                      opened_at=opened, source="discovered")
+    recent = [mk("ETH", "B", "1", "90", "0", NOW - timedelta(seconds=100), 1, "Open Long"),
+              mk("ETH", "A", "2", "100", "1", opened, 2, "Long > Short")]
+    snap = AccountSnapshot(address=ADDRESS, positions={"ETH": ExchangePosition("ETH", "short", D(2), D(100))})
+    plan = plan_account(ACCOUNT, snap, [row], NOW, S, fills=recent, fills_error="truncated", fills_truncated=True,
+                        fills_from_ms=to_ms(opened - S.reopen_guard))
+    assert [a.type for a in plan.actions] == ["update"]  # the row's own cycle, resized; never closed
