@@ -342,6 +342,11 @@ class CloseFigures:
     last_fill_ms: int | None  # time of the last of those
 
 
+# A position the fills do not show at all: nothing reduced, nothing paid.
+_NO_FIGURES = CloseFigures(exit_price=None, closed_size=_ZERO, realized_pnl=_ZERO, fees=_ZERO, closed_at_ms=None,
+                           flat=False, liquidated=False, fill_count=0, last_fill_ms=None)
+
+
 # --------------------------------------------------------------------------------------------
 # Cycles: the one model of positions
 
@@ -525,8 +530,7 @@ def close_figures(
                 f"{coin}: a fill after {cycle.last_fill_ms} does not start where the {side} position was;"
                 " fills are missing")
         return cycle.figures()
-    return CloseFigures(exit_price=None, closed_size=_ZERO, realized_pnl=_ZERO, fees=_ZERO, closed_at_ms=None,
-                        flat=False, liquidated=False, fill_count=0, last_fill_ms=None)
+    return _NO_FIGURES
 
 
 @dataclass(frozen=True)
@@ -594,8 +598,7 @@ def row_close_figures(
     own = row_cycles(fills, coin=coin, side=side, opened_ms=opened_ms, account=account, lookback_ms=lookback_ms,
                      adopted=adopted).own
     if own is None:
-        return CloseFigures(exit_price=None, closed_size=_ZERO, realized_pnl=_ZERO, fees=_ZERO, closed_at_ms=None,
-                            flat=False, liquidated=False, fill_count=0, last_fill_ms=None)
+        return _NO_FIGURES
     if own.broken:
         raise ExchangeDataError(f"{coin}: fills are missing after {own.last_fill_ms}")
     return own.figures()

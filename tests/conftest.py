@@ -35,6 +35,7 @@ if hypothesis_settings is not None:
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hyperliquid"
 FIXTURE_ACCOUNT = "0x5e9ee1089755c3435139848e47e6635505d5a13a"
+ALICE = "0x" + "a1" * 20  # the account most end-to-end tests trade on
 
 
 def fixture_response(name: str) -> Any:
@@ -121,6 +122,16 @@ def env(tmp_path: Path, database_url: str, sim: Any) -> dict[str, str]:
         "PYTHONDONTWRITEBYTECODE": "1",
     })
     return environ
+
+
+@pytest.fixture
+def keyed(env: dict[str, str], sim: Any) -> dict[str, str]:
+    """An agent wallet approved by ALICE, its key in the environment."""
+    from eth_account import Account as EthAccount
+
+    agent = EthAccount.create()
+    sim.approve_agent(ALICE, agent.address)
+    return dict(env, MONITOR_HL_SECRET_KEY=agent.key.hex())
 
 
 def cli(env: dict[str, str], *args: str, timeout: float = 60, **kwargs: Any) -> subprocess.CompletedProcess:

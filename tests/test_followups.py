@@ -16,18 +16,8 @@ from decimal import Decimal
 
 import psycopg
 import pytest
-from eth_account import Account as EthAccount
 
-from tests.conftest import ROOT, cli, run_json
-
-ALICE = "0x" + "a1" * 20
-
-
-@pytest.fixture
-def keyed(env, sim):
-    agent = EthAccount.create()
-    sim.approve_agent(ALICE, agent.address)
-    return dict(env, MONITOR_HL_SECRET_KEY=agent.key.hex())
+from tests.conftest import ALICE, ROOT, cli, run_json
 
 
 def setup(env, sim, coin="BTC"):
