@@ -1017,9 +1017,13 @@ class Round:
         report = self.clean_run("clean")
         carried: dict[int, tuple[str, str, str]] = {}
         self.check_rules_sent(fired, report, "the clean run", carry=carried)
-        if report is not None and report.get("exit_starved"):
+        out_of_time = report is not None and any("deadline" in note for note in report.get("notes", []))
+        if report is not None and (report.get("exit_starved") or out_of_time):
             # The weight budget could not pay for all the exit work (busy accounts past the fill history
-            # cost many pages): the run said so; the next clean run finishes it, and must send what was left.
+            # cost many pages), or a loaded machine made the run reach its deadline (the chaos lock's stale
+            # limit is short): the run said so; the next clean run finishes it, and must send what was left.
+            if out_of_time:
+                self.stats.outcomes["clean run reached its deadline (run again)"] += 1
             started = self.sim.now_ms()
             report = self.clean_run("clean (after exit_starved)")
             self.check_rules_sent({k: v for k, v in carried.items() if k in self.fired_rules()}, report,
