@@ -1033,7 +1033,9 @@ class Round:
         again = self.clean_run("second clean") if report is not None else None
         if again is not None and (again["discovered"] or again["updated"] or again["closed"]):
             self.violation(f"(ii) a second clean run still changed the table: discovered {again['discovered']}, "
-                           f"updated {again['updated']}, closed {again['closed']}")
+                           f"updated {again['updated']}, closed {again['closed']} (the clean run's notes: "
+                           f"{'; '.join(report.get('notes', []))[:300] if report else None}; the second's actions: "
+                           f"{[(a.get('type'), a.get('coin'), a.get('reason')) for a in again.get('actions', [])][:6]})")
         self.check_closing_settled()
         marks.append(time.monotonic())
         if self.args.verbose:
