@@ -275,7 +275,7 @@ class Exchange:
 
         Within one run, an account whose fills were read already (for at least this window) is read again
         only from shortly before that read (``FILLS_REREAD_MARGIN_MS``, for clock differences and fills
-        that show up late): a close order's own fills cost one request, not the whole window again.
+        that show up late): a close order's own fills cost about one request, not the whole window again.
         """
         import time as _time
 
@@ -294,6 +294,8 @@ class Exchange:
             if cache is not None:
                 cache.put(address, CachedFills(since_ms, read_at, fills, False))
             return fills
+        # A host clock more than the margin off the exchange's could start it after a new fill: the row then
+        # waits for the next run, whose own full read settles it (never a wrong figure, only later).
         start = max(since_ms, cached.read_at_ms - FILLS_REREAD_MARGIN_MS)
         truncated = cached.truncated
         try:
@@ -331,6 +333,7 @@ class Exchange:
         open_end = until_ms is None
         times = [f.time_ms for f in first]
         span = max(1, (max(times) - min(times)) * FILLS_SPAN_AIM // FILLS_PAGE_LIMIT)
+        known = set(times)  # times at which fills exist (seen in capped answers): empty stretches are skipped
         collected: list[Fill] = []
         requests = 1
         while end >= since_ms:
@@ -346,7 +349,10 @@ class Exchange:
                                      " (is the clock behind the exchange's?)")
                 if start == end:
                     raise ReadFailed("userFillsByTime", "more fills in one millisecond than one page holds")
-                span = max(1, (end - start + 1) // 2)
+                times = [f.time_ms for f in page]
+                known.update(times)
+                # whatever part of the span a capped answer holds, its 2,000 fills lie within max-min
+                span = max(1, min((end - start + 1) // 2, (max(times) - min(times)) * FILLS_SPAN_AIM // FILLS_PAGE_LIMIT))
                 continue
             collected.extend(page)
             open_end = False
@@ -354,8 +360,13 @@ class Exchange:
                 raise FillsTruncated("userFillsByTime", f"the window reaches past the exchange's {FILLS_HISTORY:,}"
                                      "-fill history; the most recent part is used", dedupe_fills(collected))
             end = start - 1
-            # Aim the next span at FILLS_SPAN_AIM fills at the density just seen.
-            span = span * 4 if not page else max(1, span // 2, min(span * 4, span * FILLS_SPAN_AIM // len(page)))
+            # Aim the next span at FILLS_SPAN_AIM fills at the density just seen; after an empty one, reach
+            # straight back to the newest time a capped answer showed fills at.
+            if page:
+                span = max(1, span // 2, min(span * 4, span * FILLS_SPAN_AIM // len(page)))
+            else:
+                below = [t for t in known if t <= end]
+                span = span * 4 if not below else max(span, end - max(below) + 1)
         return dedupe_fills(collected)
 
     def _fills_page(self, address: str, start_ms: int, end_ms: int | None) -> list[Fill]:

@@ -184,3 +184,21 @@ def test_a_close_order_is_sized_to_the_fills_when_the_snapshot_lags_a_growth(key
     assert Decimal(sent["size"]) == Decimal("15")  # the whole position in one order
     row, = rows(database_url, "SOL")
     assert row["status"] == "closed" and row["close_reason"] == "stop_loss" and sim.position(ALICE, "SOL") is None
+
+
+def test_a_second_fills_read_of_an_account_in_one_run_costs_one_request_and_sees_new_fills(sim):
+    from monitor.exchange import Exchange, FillsCache
+
+    sim.set_clock_offset(-180_000)  # a burst of 3,000 fills three minutes ago (more than a page) ...
+    sim.open_position(ALICE, "SOL", "1", "20")
+    start = sim.now_ms()
+    for n in range(3000):
+        sim.resize(ALICE, "SOL", "2" if n % 2 == 0 else "1", "20")
+    sim.set_clock_offset(0)
+    exchange = Exchange(sim.url, timeout=5, fills_cache=FillsCache())
+    first = exchange.read_fills(ALICE, start - 1000)
+    sim.close_external(ALICE, "SOL", "21")  # the close order's fill, after the first read
+    sim.reset_log()
+    second = exchange.read_fills(ALICE, start - 1000)
+    assert len(sim.requests_log(type="userFillsByTime")) == 1
+    assert len(second) == len(first) + 1 and second[-1].end_position == 0
