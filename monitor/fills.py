@@ -582,23 +582,3 @@ def row_cycles(
     if own_index is None:
         return RowCycles(own=None, later=())
     return RowCycles(own=cycles[own_index], later=tuple(cycles[own_index + 1:]))
-
-
-def row_close_figures(
-    fills: Iterable[Fill],
-    *,
-    coin: str,
-    side: Literal["long", "short"],
-    opened_ms: int,
-    account: str,
-    lookback_ms: int = 1000,
-    adopted: bool = True,
-) -> CloseFigures:
-    """The figures of the row's own cycle (see ``row_cycles``); ``ExchangeDataError`` when fills are missing."""
-    own = row_cycles(fills, coin=coin, side=side, opened_ms=opened_ms, account=account, lookback_ms=lookback_ms,
-                     adopted=adopted).own
-    if own is None:
-        return _NO_FIGURES
-    if own.broken:
-        raise ExchangeDataError(f"{coin}: fills are missing after {own.last_fill_ms}")
-    return own.figures()
