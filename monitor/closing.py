@@ -392,6 +392,10 @@ class Closer:
             ctx.db.release_close(row.id, cloid=row.close_cloid, event=event,
                                  error=f"order {row.close_cloid} {status}; position still open")
         self._note(f"#{row.id} {row.coin}: unfinished close {row.close_cloid} was {status}; row reopened for retry")
+        then = action.metadata.get("then")
+        if then and action.price is not None:  # the rule still fires (checked against fills): a new attempt now
+            self._close(account, Action(planner.CLOSE_ORDER, account.address, row.coin, position_id=row.id,
+                                        side=row.side, size=action.size, reason=then, price=action.price))
 
     # ---- orphaned orders -------------------------------------------------------------------
 

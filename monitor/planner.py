@@ -123,7 +123,7 @@ def needs_fills(snapshot: AccountSnapshot, rows: Sequence[PositionRow], recently
         elif (position.side != row.side or position.size != row.size
               or (position.entry_price is not None and position.entry_price != row.entry_price)):
             starts.append(row.opened_at - lookback(row, settings))
-        elif verify_rules and row.status == "open" and exit_rule(row, (mids or {}).get(row.coin), now,
+        elif verify_rules and row.status in ("open", "closing") and exit_rule(row, (mids or {}).get(row.coin), now,
                                                                  account_max_hold)[0] is not None:
             starts.append(row.opened_at - lookback(row, settings))
     open_coins = {row.coin for row in rows}
@@ -409,11 +409,16 @@ def _still_open(address: str, account: Account, row: PositionRow, position: Exch
                               fees=own.fees if whole else None))
     else:
         plan.seen_ids.append(row.id)
-    if row.status == "closing":
-        actions.append(Action(SETTLE_CLOSE, address, row.coin, position_id=row.id, side=row.side,
-                              size=position.size, reason=_rule_of(row)))
-        return actions
     mid = (mids or {}).get(row.coin)
+    if row.status == "closing":
+        # If its close order turns out never placed (or cancelled, or expired), the rule that still fires
+        # sends a new one in this run; only when the fills checked the position is still this row's.
+        rule = exit_rule(row, mid, now, account.max_hold_seconds)[0]
+        then = rule if rule is not None and mid is not None and (not verify_rules or fills is not None) else None
+        actions.append(Action(SETTLE_CLOSE, address, row.coin, position_id=row.id, side=row.side,
+                              size=position.size, reason=_rule_of(row), price=mid if then else None,
+                              metadata={"then": then} if then else {}))
+        return actions
     rule, best = exit_rule(row, mid, now, account.max_hold_seconds)
     if best is not None and best != row.best_price:
         actions.append(Action(TRACK_BEST, address, row.coin, position_id=row.id, price=best))
