@@ -4,17 +4,12 @@ name_to_asset raises KeyError, which nothing catches: the whole run crashes (lat
 from decimal import Decimal
 
 import psycopg
-from eth_account import Account as EthAccount
 
-from tests.conftest import cli, run_json
-
-ALICE = "0x" + "a1" * 20
+from tests.conftest import ALICE, cli, run_json
 
 
-def test_followup_cancel_for_a_coin_listed_after_meta_was_cached(env, sim, database_url):
-    agent = EthAccount.create()
-    sim.approve_agent(ALICE, agent.address)
-    keyed = dict(env, MONITOR_HL_SECRET_KEY=agent.key.hex())
+
+def test_followup_cancel_for_a_coin_listed_after_meta_was_cached(keyed, sim, database_url):
     sim.open_position(ALICE, "BTC", "1", "30000")
     assert cli(keyed, "accounts", "add", ALICE).returncode == 0
     run_json(keyed)

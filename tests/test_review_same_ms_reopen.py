@@ -2,17 +2,12 @@
 follow-up cancels every reduce-only/trigger order placed at or before the close's time, so the NEW
 position's stop loss is cancelled."""
 import psycopg
-from eth_account import Account as EthAccount
 
-from tests.conftest import cli, run_json
-
-ALICE = "0x" + "a1" * 20
+from tests.conftest import ALICE, cli, run_json
 
 
-def test_new_positions_stop_placed_in_the_closing_block_survives(env, sim, database_url):
-    agent = EthAccount.create()
-    sim.approve_agent(ALICE, agent.address)
-    keyed = dict(env, MONITOR_HL_SECRET_KEY=agent.key.hex())
+
+def test_new_positions_stop_placed_in_the_closing_block_survives(keyed, sim, database_url):
     sim.open_position(ALICE, "ETH", "1", "2000")
     assert cli(keyed, "accounts", "add", ALICE).returncode == 0
     run_json(keyed)

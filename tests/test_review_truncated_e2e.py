@@ -5,17 +5,12 @@ from decimal import Decimal
 
 import psycopg
 import pytest
-from eth_account import Account as EthAccount
 
-from tests.conftest import cli, run_json
-
-ALICE = "0x" + "a1" * 20
+from tests.conftest import ALICE, cli, run_json
 
 
-def test_old_rule_closes_new_position_past_history(env, sim, database_url):
-    agent = EthAccount.create()
-    sim.approve_agent(ALICE, agent.address)
-    keyed = dict(env, MONITOR_HL_SECRET_KEY=agent.key.hex())
+
+def test_old_rule_closes_new_position_past_history(keyed, sim, database_url):
     sim.open_position(ALICE, "ETH", "1", "2000")
     assert cli(keyed, "accounts", "add", ALICE).returncode == 0
     run_json(keyed)
