@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
@@ -16,7 +17,7 @@ import click
 
 from monitor import __version__
 from monitor.config import LOG_LEVELS, TESTNET_API_URL, Settings, load_settings
-from monitor.errors import EXIT_CONFIG, EXIT_OK, MonitorError, UsageError
+from monitor.errors import EXIT_CONFIG, EXIT_OK, MonitorError, UsageError, exit_code_for
 from monitor.models import normalize_address
 
 log = logging.getLogger("monitor")
@@ -30,10 +31,17 @@ class MonitorGroup(click.Group):
             return super().invoke(ctx)
         except MonitorError as exc:
             click.echo(f"position-monitor: {exc.message}", err=True)
-            ctx.exit(exc.exit_code)
-        except KeyboardInterrupt:
+            ctx.exit(exit_code_for(exc))
+        except KeyboardInterrupt as exc:
             click.echo("position-monitor: interrupted", err=True)
-            ctx.exit(130)
+            ctx.exit(exit_code_for(exc))
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise  # click's own: it prints and exits as documented
+        except Exception as exc:
+            # A bug: its traceback (for the report), then one line, and the code the run recorded (70).
+            traceback.print_exc(file=sys.stderr)
+            click.echo(f"position-monitor: internal error: {type(exc).__name__}: {exc}", err=True)
+            ctx.exit(exit_code_for(exc))
 
 
 def _settings(ctx: click.Context) -> Settings:
@@ -151,9 +159,9 @@ def run(ctx: click.Context, dry_run: bool, as_json: bool, accounts: tuple[str, .
         bar.update(done - bar.pos)
 
     try:
-        run_, report = execute_run(settings, dry_run=dry_run, addresses=addresses,
-                                   progress=progress if interactive else None,
-                                   on_start=lambda r: setattr(_run_filter, "run_id", r.lock.run_id))
+        report = execute_run(settings, dry_run=dry_run, addresses=addresses,
+                             progress=progress if interactive else None,
+                             on_start=lambda run_id: setattr(_run_filter, "run_id", run_id))
     finally:
         if bar is not None:
             bar.update(bar.length - bar.pos)

@@ -13,7 +13,7 @@ The order of steps is what makes a close exactly-once:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Callable
@@ -26,6 +26,7 @@ from monitor.exchange import (Exchange, FillsTruncated, OpenOrder, ReadFailed, T
 from monitor.exit_budget import CACHE_TTL, signer_address
 from monitor.models import Account
 from monitor.planner import Action, PlanSettings, lookback
+from monitor.report import Alert
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,24 @@ class CloseContext:
     max_failures: int
     seconds_left: Callable[[], float]
     mids: dict[str, Decimal]
-    report: Any
     lock_lost: Callable[[], bool] = lambda: False
     plan_settings: PlanSettings = PlanSettings()
     meta: dict[str, Any] | None = None
+
+
+@dataclass
+class CloseOutcome:
+    """What the closer did this run, for the run's report (built once, from every phase's result)."""
+
+    close_orders_sent: int = 0
+    would_close: int = 0
+    closed: int = 0
+    conflicts: int = 0
+    exit_starved: int = 0
+    actions: list[Action] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    followups: list[dict[str, Any]] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)
 
 
 def _rule(row: Any) -> str:
@@ -64,6 +79,7 @@ class CannotAct(Exception):
 class Closer:
     def __init__(self, ctx: CloseContext) -> None:
         self.ctx = ctx
+        self.done = CloseOutcome()  # what this run did, for its report
         self._traders: dict[str, Trader] = {}
         # orders sent whose effect is read from fills next (in handle): (row, cloid, rule, partial, filled)
         self._settles: dict[str, list[tuple[Any, str, str, bool, Decimal | None]]] = {}
@@ -164,7 +180,7 @@ class Closer:
 
     def _note(self, text: str) -> None:
         log.info(text)
-        self.ctx.report.notes.append(text)
+        self.done.notes.append(text)
 
     # ---- entry point ---------------------------------------------------------------------
 
@@ -205,7 +221,7 @@ class Closer:
             self._note(f"pending follow-up #{followup.id} {account.address} {followup.coin}: {followup.kind}"
                        f" (orders placed up to {followup.not_after_ms} ms), {followup.attempts} failed attempt(s)"
                        + (f", last error: {followup.last_error}" if followup.last_error else ""))
-            self.ctx.report.followups.append(followup_json(account, followup, followup.status))
+            self.done.followups.append(followup_json(account, followup, followup.status))
             if followup.coin not in coins or coins[followup.coin] is not None:
                 coins[followup.coin] = max(coins.get(followup.coin) or 0, followup.not_after_ms)
         if coins:
@@ -219,7 +235,7 @@ class Closer:
     def _close(self, account: Account, action: Action) -> None:
         ctx = self.ctx
         if ctx.dry_run or ctx.secret_key is None:
-            ctx.report.would_close += 1
+            self.done.would_close += 1
             if ctx.secret_key is None and not ctx.dry_run:
                 self._note(f"would close #{action.position_id} {action.coin} ({action.reason}):"
                            " no MONITOR_HL_SECRET_KEY, nothing sent")
@@ -238,7 +254,7 @@ class Closer:
         try:
             trader = self._trader(account, action.coin)  # before the claim: a key that cannot act leaves the row open
         except CannotAct as exc:
-            ctx.report.would_close += 1
+            self.done.would_close += 1
             self._note(f"would close #{row.id} {action.coin} ({action.reason}) but {exc}; nothing sent")
             return
         cloid = close_cloid(account.address, row.id, row.close_attempts + 1)
@@ -263,12 +279,12 @@ class Closer:
             outcome = trader.close_ioc(action.coin, side=row.side, size=action.size or row.size, mid=action.price,
                                        slippage=ctx.slippage, cloid=cloid, expires_after_ms=expires_after)
         except ReadFailed as exc:
-            ctx.report.close_orders_sent += 1
+            self.done.close_orders_sent += 1
             self._note(f"#{row.id} {action.coin}: close order answer unknown ({exc.reason});"
                        f" settled by its cloid {cloid} next run")
             return
-        ctx.report.close_orders_sent += 1
-        ctx.report.actions.append(Action("close_sent", account.address, action.coin, position_id=row.id,
+        self.done.close_orders_sent += 1
+        self.done.actions.append(Action("close_sent", account.address, action.coin, position_id=row.id,
                                          reason=action.reason, size=outcome.filled_size,
                                          price=outcome.average_price, metadata={"outcome": outcome.kind,
                                                                                 "cloid": cloid}))
@@ -286,8 +302,11 @@ class Closer:
                 ctx.db.release_close(row.id, cloid=cloid, event="close_failed", error=outcome.error)
             self._refused(account, outcome.error)
             attempts = row.close_attempts + 1
-            level = "ALERT: " if attempts >= ctx.max_failures else ""
-            self._note(f"{level}#{row.id} {action.coin}: close rejected ({outcome.error}); attempt {attempts}")
+            text = f"#{row.id} {action.coin}: close rejected ({outcome.error}); attempt {attempts}"
+            if attempts >= ctx.max_failures:
+                self.done.alerts.append(Alert(f"close_failed:{row.id}", "close_failed", text))
+                text = "ALERT: " + text
+            self._note(text)
         # "unknown": the row stays closing and is settled by its cloid next run.
 
     def _expires_after(self) -> int | None:
@@ -300,7 +319,7 @@ class Closer:
         return ctx.clock.now_ms() + int(min(ORDER_TTL_SECONDS, left) * 1000)
 
     def _already(self, action: Action) -> None:
-        self.ctx.report.conflicts += 1
+        self.done.conflicts += 1
         self._note(f"#{action.position_id} {action.coin}: already closing or closed by another process")
 
     def _settle_from_fills(self, account: Account, row: Any, cloid: str, rule: str, *, partial: bool,
@@ -343,8 +362,8 @@ class Closer:
                     ctx.db.record_followup(account_id=account.id, coin=coin, kind=CANCEL_ORPHANS,
                                            position_id=position_id, not_after_ms=own.end_ms or ctx.clock.now_ms())
             if done:
-                ctx.report.closed += 1
-                ctx.report.actions.append(close)
+                self.done.closed += 1
+                self.done.actions.append(close)
                 self._closed_here = True
             return
         if partial or cloid.lower() in own.cloids:
@@ -416,7 +435,7 @@ class Closer:
         ]
         for order in targets:
             if ctx.dry_run or ctx.secret_key is None:
-                ctx.report.actions.append(Action("cancel_order", account.address, order.coin,
+                self.done.actions.append(Action("cancel_order", account.address, order.coin,
                                                  reason="would cancel: position gone",
                                                  metadata={"oid": order.oid, "order_type": order.order_type}))
                 continue
@@ -431,7 +450,7 @@ class Closer:
                 continue
             error = trader.cancel(order.coin, order.oid, expires_after)
             self._refused(account, error)
-            ctx.report.actions.append(Action("cancel_order", account.address, order.coin,
+            self.done.actions.append(Action("cancel_order", account.address, order.coin,
                                              reason="position gone" if error is None else f"cancel failed: {error}",
                                              metadata={"oid": order.oid, "order_type": order.order_type}))
 
@@ -482,7 +501,7 @@ class Closer:
                     error = trader.cancel(order.coin, order.oid, expires_after)
                 except ReadFailed as exc:
                     error = exc.reason
-                ctx.report.actions.append(Action(
+                self.done.actions.append(Action(
                     "cancel_order", account.address, order.coin, position_id=followup.position_id,
                     reason="position gone" if error is None else f"cancel failed: {error}",
                     metadata={"oid": order.oid, "order_type": order.order_type, "followup_id": followup.id}))
@@ -496,7 +515,7 @@ class Closer:
             elif len(cancelled) < len(targets):
                 self._note(f"follow-up #{followup.id} {account.address} {followup.coin}: left for the next run"
                            " (deadline)")
-                ctx.report.followups.append(followup_json(account, followup, "pending"))
+                self.done.followups.append(followup_json(account, followup, "pending"))
             else:
                 self._followup_finished(account, followup, "done", "orders_cancelled", "position gone",
                                         {"oids": cancelled})
@@ -507,7 +526,7 @@ class Closer:
         with ctx.db.fenced(ctx.epoch):
             finished = ctx.db.finish_followup(followup, status=status, event=event, reason=reason, details=details)
         if finished:
-            ctx.report.followups.append(followup_json(account, followup, status, reason=reason))
+            self.done.followups.append(followup_json(account, followup, status, reason=reason))
 
     def _followup_failed(self, account: Account, followup: Followup, error: str,
                          details: dict[str, Any] | None = None) -> None:
@@ -519,7 +538,7 @@ class Closer:
         alert = attempts >= ctx.max_failures
         self._note(f"follow-up #{followup.id} {account.address} {followup.coin} ({followup.kind}): {error};"
                    f" attempt {attempts}, retried next run")
-        ctx.report.followups.append(followup_json(account, followup, "pending", attempts=attempts, error=error,
+        self.done.followups.append(followup_json(account, followup, "pending", attempts=attempts, error=error,
                                                    alert=alert))
 
 

@@ -1,7 +1,9 @@
-"""Expected faults and the exit codes they map to (sysexits.h values).
+"""Expected faults, and the one place every outcome of a command maps to its exit code.
 
-Each carries one line for the user. The CLI prints that line and exits with ``exit_code``;
-no traceback is shown for these.
+Exit codes are sysexits.h values (README, "Exit codes"). Each expected fault carries one line for the
+user: the CLI prints that line and exits with ``exit_code``; no traceback is shown for these. What a run
+records in ``monitor_runs`` comes from ``exit_code_for`` too, so the history never disagrees with the
+process's own exit status.
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ EXIT_ACCOUNT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_DB_UNAVAILABLE = 69  # EX_UNAVAILABLE
 EXIT_LOCK_HELD = 75  # EX_TEMPFAIL
+EXIT_SOFTWARE = 70  # EX_SOFTWARE: a bug (an unexpected exception)
 EXIT_CONFIG = 78  # EX_CONFIG
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 class MonitorError(Exception):
@@ -36,6 +41,12 @@ class DatabaseUnavailable(MonitorError):
     exit_code = EXIT_DB_UNAVAILABLE
 
 
+class DatabaseError(MonitorError):
+    """The database refused a statement (not a lost connection: that is DatabaseUnavailable)."""
+
+    exit_code = EXIT_SOFTWARE
+
+
 class LockHeld(MonitorError):
     exit_code = EXIT_LOCK_HELD
 
@@ -52,3 +63,14 @@ class ClaimLost(Fenced):
 
 class UsageError(MonitorError):
     exit_code = EXIT_USAGE
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The exit code of a command that ended with ``exc`` (and of the run it recorded)."""
+    if isinstance(exc, MonitorError):
+        return exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else EXIT_ACCOUNT_FAILED if exc.code else EXIT_OK
+    return EXIT_SOFTWARE

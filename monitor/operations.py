@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 from monitor.config import Settings
 from monitor.errors import EXIT_LOCK_HELD, Fenced, LockHeld, MonitorError
 from monitor.notify import AlertState, Pinger, RunMetrics, alert_text, decide_alerts, send_webhook, write_metrics_file
-from monitor.runner import Run, RunReport, open_database
+from monitor.runner import RunHooks, RunReport, open_database, run_once
 
 log = logging.getLogger(__name__)
 
@@ -24,18 +24,21 @@ ALERT_RESEND_AFTER = timedelta(hours=1)
 
 def execute_run(settings: Settings, *, dry_run: bool, addresses: Sequence[str],
                 progress: Callable[[int, int], None] | None = None,
-                on_start: Callable[[Run], None] | None = None) -> tuple[Run, RunReport]:
+                on_start: Callable[[str], object] | None = None) -> RunReport:
     """A run with its pings, alerts and metrics. LockHeld propagates (exit 75) after being recorded."""
-    run = Run(settings, dry_run=dry_run, addresses=addresses)
-    if on_start is not None:
-        on_start(run)
-    run.progress = progress
-    pinger = Pinger(settings.ping_url, run_id=run.lock.run_id)
+    pinger: Pinger | None = None
+
+    def started_run(run_id: str) -> None:
+        nonlocal pinger
+        pinger = Pinger(settings.ping_url, run_id=run_id)
+        if on_start is not None:
+            on_start(run_id)
+
+    hooks = RunHooks(on_start=started_run, progress=progress,
+                     on_locked=None if dry_run else lambda: pinger.start() if pinger else None)
     started = time.time()
     try:
-        if not dry_run:
-            run.on_locked = pinger.start
-        report = run.execute()
+        report = run_once(settings, dry_run=dry_run, addresses=addresses, hooks=hooks)
     except LockHeld as exc:
         # A skipped run is not a failed one: no ping (the holder pings), but a streak may alert.
         if not dry_run:
@@ -43,6 +46,7 @@ def execute_run(settings: Settings, *, dry_run: bool, addresses: Sequence[str],
         _metrics(settings, None, started, lock_busy=True)
         raise
     if not dry_run:
+        assert pinger is not None
         pinger.finish(report.exit_code, body=report.summary_line())
         observed = observed_conditions(report)
         if report.fenced:
@@ -50,9 +54,9 @@ def execute_run(settings: Settings, *, dry_run: bool, addresses: Sequence[str],
             _alerts(settings, {k: v for k, v in observed.items() if k == "lock_stale_holder"},
                     only=("lock_stale_holder",))
         else:
-            _alerts(settings, observed, epoch=run.epoch)
+            _alerts(settings, observed, epoch=report.epoch)
     _metrics(settings, report, started, lock_busy=report.exit_code == EXIT_LOCK_HELD)
-    return run, report
+    return report
 
 
 def observed_conditions(report: RunReport) -> dict[str, tuple[str, str]]:
@@ -66,22 +70,13 @@ def observed_conditions(report: RunReport) -> dict[str, tuple[str, str]]:
     if report.conflicts:
         seen["conflicts"] = ("conflicts", f"{report.conflicts} change(s) already made by another writer"
                                           " (another process writing positions?)")
-    for note in report.notes:
-        if "took the lock over" in note or "took the lease over" in note:
-            seen["lock_stale_holder"] = ("lock_stale_holder", note)
-        if note.startswith("ALERT: "):
-            key = "close_failed:" + note.split()[1].lstrip("#")
-            seen[key] = ("close_failed", note[len("ALERT: "):])
+    for alert in report.alerts:  # typed by the phase that saw it: close_failed, exit_starved, lock_stale_holder
+        seen[alert.key] = (alert.kind, alert.text)
     for followup in report.followups:
         if followup.get("alert"):
             seen[f"followup_failed:{followup['id']}"] = (
                 "followup_failed", f"follow-up #{followup['id']} ({followup['kind']}, {followup['account']}"
                                    f" {followup['coin']}) failed {followup['attempts']} times: {followup['error']}")
-    if report.exit_starved:
-        starved = [note for note in report.notes if "exit work starved" in note]
-        seen["exit_starved"] = ("exit_starved", f"{report.exit_starved} account(s) with exit work (a fired rule's"
-                                                " order, a close to settle, orders to cancel) got no API weight"
-                                                " this run" + (f" (first: {starved[0]})" if starved else ""))
     for action in report.actions:
         if action.type == "close" and action.reason == "liquidation":
             seen[f"liquidation:{action.account}:{action.coin}"] = (

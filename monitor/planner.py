@@ -98,6 +98,7 @@ class AccountPlan:
     account: Account
     actions: list[Action] = field(default_factory=list)
     seen_ids: list[int] = field(default_factory=list)  # rows confirmed unchanged: only last_seen_at moves
+    now: datetime | None = None  # the moment the plan was made for: what its writes record
 
     @property
     def changes(self) -> list[Action]:
@@ -154,7 +155,7 @@ def plan_account(
     with ``fills_truncated`` they are the part of the window the exchange still keeps (the most recent).
     ``fills_from_ms`` is where the read began: a row whose window starts earlier is judged without fills
     (a part of its history would give it wrong figures); ``needs_fills`` covers every row that needs them."""
-    plan = AccountPlan(account)
+    plan = AccountPlan(account, now=now)
     address = account.address
     rows_by_coin = {row.coin: row for row in rows}
     adopted: set[str] = set()

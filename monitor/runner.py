@@ -1,8 +1,10 @@
-"""One run: take the lock, read every account, plan, apply (or print), report.
+"""One run, top to bottom in ``run_once`` (README, "How a run works").
 
-This module orchestrates; SQL lives in ``database``, HTTP in ``exchange``, the decisions in
-``planner``. Each account's writes are one fenced transaction: one account's fault never aborts
-another's, and a run whose lock was taken over writes nothing more.
+setup (lock, database, epoch, history) -> inputs -> read and plan -> apply -> exits -> report. Each phase
+is a function from values to values; the report is built once, from their results. SQL lives in
+``database``, HTTP in ``exchange``, the decisions in ``planner``, exchange writes in ``closing``. Every
+write is fenced: one account's fault never aborts another's, and a run whose lock was taken over writes
+nothing more (``RunContext.stopped``).
 """
 
 from __future__ import annotations
@@ -12,127 +14,215 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import Any, Callable, Iterator, Sequence
-
-import psycopg
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
 
 from monitor import planner
 from monitor.clock import Clock, to_ms
+from monitor.closing import CloseContext, CloseOutcome, Closer, close_bound_ms, followup_json
 from monitor.config import Settings
-from monitor.database import Database, connect, embedded_database_url
-from monitor.errors import (
-    EXIT_ACCOUNT_FAILED,
-    EXIT_LOCK_HELD,
-    EXIT_OK,
-    DatabaseUnavailable,
-    Fenced,
-    UsageError,
+from monitor.database import Database, Followup, connect, embedded_database_url
+from monitor.errors import DatabaseError, DatabaseUnavailable, Fenced, UsageError, exit_code_for
+from monitor.exchange import (
+    BudgetExhausted,
+    Exchange,
+    FillsCache,
+    FillsTruncated,
+    OpenOrder,
+    ReadFailed,
+    RequestCounter,
+    WeightBudget,
 )
-from monitor.closing import CloseContext, Closer, close_bound_ms, followup_json
 from monitor.exit_budget import CACHE_TTL, ExitReserve, exit_reserve, signer_address
-from monitor.exchange import (BudgetExhausted, Exchange, FillsCache, FillsTruncated, ReadFailed, RequestCounter,
-                              WeightBudget)
 from monitor.lock import LocalRunLock, PostgresRunLock, RunLock, machine_identity, process_start_time
 from monitor.models import Account, AccountSnapshot, PositionRow
 from monitor.planner import AccountPlan, Action, PlanSettings
+from monitor.report import Alert, RunReport
 
 log = logging.getLogger(__name__)
 
 RATE_LIMIT_BACKOFF = 0.5  # seconds before the first retry of a 429; doubled each time
+LOCK_LOST = "lock lost (taken over or cleared): stopping without writing more"
+
+ExchangeFactory = Callable[[RequestCounter, WeightBudget], Exchange]
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+
+def run_once(settings: Settings, *, dry_run: bool = False, addresses: Sequence[str] = (),
+             clock: Clock | None = None, hooks: RunHooks | None = None,
+             exchange_factory: ExchangeFactory | None = None) -> RunReport:
+    """One run of the monitor, as the README's "How a run works" tells it. Returns the report; raises only
+    for run-wide faults (lock held, database down, a bug), after recording the run as what it is."""
+    with setup(settings, dry_run=dry_run, clock=clock or Clock(), hooks=hooks or RunHooks(),
+               exchange_factory=exchange_factory) as run:
+        inputs = load_inputs(run, addresses)  # accounts claimed, their rows, pending follow-ups
+        reads = read_accounts(run, inputs)  # mids, the exit reserve, positions and fills, a plan each
+        applied = apply_plans(run, reads)  # the plans' changes, in fenced transactions
+        exits = work_exits(run, inputs, reads, applied)  # fired rules' orders, settles, orphan cancels
+        mark_seen(run, reads)  # last_seen_at of the rows the snapshot confirmed
+        run.report = build_report(run, inputs, reads, applied, exits)
+    assert run.report is not None
+    return run.report
 
 
 @dataclass
-class RunReport:
-    run_id: str
+class RunHooks:
+    """What the caller hears while a run goes: its id (before the lock), the lock taken, read progress."""
+
+    on_start: Callable[[str], object] | None = None
+    on_locked: Callable[[], object] | None = None
+    progress: Callable[[int, int], None] | None = None
+
+
+@dataclass
+class RunContext:
+    """What setup fixed for the whole run. ``stopped`` says why the run must write nothing more."""
+
+    settings: Settings
     dry_run: bool
-    epoch: int | None = None
-    discovered: int = 0
-    updated: int = 0
-    closed: int = 0
-    conflicts: int = 0
-    close_orders_sent: int = 0
-    would_close: int = 0
-    accounts_ok: int = 0
-    accounts_failed: int = 0
-    accounts_deferred: int = 0
-    exit_reserved: int = 0
-    exit_starved: int = 0
-    actions: list[Action] = field(default_factory=list)
-    failures: list[dict[str, str]] = field(default_factory=list)
-    deferred_accounts: list[str] = field(default_factory=list)
-    held_by_other_runs: list[dict[str, Any]] = field(default_factory=list)  # deferred: claimed by a live run
-    notes: list[str] = field(default_factory=list)
-    followups: list[dict[str, Any]] = field(default_factory=list)  # follow-ups worked (or listed) this run
-    overrun: bool = False
-    fenced: bool = False
-    requests: int = 0
-    api_weight: int = 0
-    sql_statements: int = 0
-    duration_seconds: float = 0.0
+    clock: Clock
+    lock: RunLock
+    db: Database
+    epoch: int
+    started: float  # clock.monotonic() when the run began
+    exchange_factory: ExchangeFactory
+    hooks: RunHooks
+    stopped: str | None = None
+    claimed: bool = False  # accounts were claimed (released when the run is recorded)
+    report: RunReport | None = None
 
     @property
-    def exit_code(self) -> int:
-        if self.fenced:
-            return EXIT_LOCK_HELD
-        return EXIT_ACCOUNT_FAILED if self.accounts_failed else EXIT_OK
+    def run_id(self) -> str:
+        return self.lock.run_id
 
     @property
-    def changed(self) -> bool:
-        return bool(self.discovered or self.updated or self.closed or self.close_orders_sent or self.failures
-                    or self.exit_starved)
+    def can_send(self) -> bool:
+        """Orders and cancels may go out: a key, and not a dry run."""
+        return self.settings.secret_key is not None and not self.dry_run
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "run_id": self.run_id,
-            "dry_run": self.dry_run,
-            "epoch": self.epoch,
-            "discovered": self.discovered,
-            "updated": self.updated,
-            "closed": self.closed,
-            "conflicts": self.conflicts,
-            "close_orders_sent": self.close_orders_sent,
-            "would_close": self.would_close,
-            "accounts_ok": self.accounts_ok,
-            "accounts_failed": self.accounts_failed,
-            "accounts_deferred": self.accounts_deferred,
-            "exit_reserved": self.exit_reserved,
-            "exit_starved": self.exit_starved,
-            "failures": self.failures,
-            "deferred_accounts": self.deferred_accounts,
-            "held_by_other_runs": self.held_by_other_runs,
-            "notes": self.notes,
-            "followups": self.followups,
-            "overrun": self.overrun,
-            "requests": self.requests,
-            "api_weight": self.api_weight,
-            "sql_statements": self.sql_statements,
-            "duration_seconds": round(self.duration_seconds, 3),
-            "exit_code": self.exit_code,
-            "actions": [a.to_json() for a in self.actions],
-        }
+    @property
+    def can_act(self) -> bool:
+        """Exit work is worth planning: sent with a key, or listed by a dry run."""
+        return self.dry_run or self.settings.secret_key is not None
 
-    def summary_line(self) -> str:
-        parts = [f"{self.discovered} discovered", f"{self.updated} updated", f"{self.closed} closed"]
-        if self.close_orders_sent:
-            parts.append(f"{self.close_orders_sent} close orders sent")
-        if self.would_close:
-            parts.append(f"{self.would_close} would close on the exchange")
-        if self.conflicts:
-            parts.append(f"{self.conflicts} already handled by another writer")
-        if self.exit_starved:
-            parts.append(f"{self.exit_starved} with exit work starved of API weight")
-        accounts = f"{self.accounts_ok} accounts read"
-        if self.accounts_failed:
-            accounts += f", {self.accounts_failed} failed"
-        if self.accounts_deferred:
-            accounts += f", {self.accounts_deferred} deferred"
-        head = "dry run (nothing written or sent): " if self.dry_run else ""
-        tail = " (overran its deadline)" if self.overrun else ""
-        return f"{head}{', '.join(parts)}; {accounts}{tail}"
+    def seconds_left(self) -> float:
+        return self.settings.deadline_seconds - (self.clock.monotonic() - self.started)
+
+    def past_deadline(self) -> bool:
+        return self.seconds_left() <= 0
+
+    def lock_lost(self) -> bool:
+        return self.lock.compromised.is_set()
+
+    def stop(self, why: str) -> None:
+        if self.stopped is None:
+            self.stopped = why
+
+
+# ---- setup and history ---------------------------------------------------------------------------
+
+
+@contextmanager
+def setup(settings: Settings, *, dry_run: bool, clock: Clock, hooks: RunHooks,
+          exchange_factory: ExchangeFactory | None) -> Iterator[RunContext]:
+    """Lock, database, epoch and the run's history row; on the way out the history is finished (with the
+    exit code the process will exit with), the database closed and the lock released."""
+    lock = make_lock(settings)
+    if hooks.on_start is not None:
+        hooks.on_start(lock.run_id)
+    started = clock.monotonic()
+    db: Database | None = None
+    if isinstance(lock, PostgresRunLock):
+        # With the PostgreSQL backend the lock lives in the database: it must be reachable first.
+        db = _open_database(settings)
+        try:
+            lock.acquire()
+        except BaseException:
+            db.close()
+            raise
+    else:
+        lock.acquire()
+    run: RunContext | None = None
+    crashed: int | None = None
+    try:
+        if hooks.on_locked is not None:
+            hooks.on_locked()
+        if db is None:
+            db = _open_database(settings)
+        epoch = _start_epoch(db, lock, settings)
+        fills_cache = FillsCache()  # an account's fills, read again after a close order, cost one request
+        run = RunContext(settings=settings, dry_run=dry_run, clock=clock, lock=lock, db=db, epoch=epoch,
+                         started=started, hooks=hooks, exchange_factory=exchange_factory or (
+                             lambda counter, budget: Exchange(settings.hl_api_url, timeout=settings.http_timeout,
+                                                              counter=counter, before_request=budget.take,
+                                                              fills_cache=fills_cache)))
+        db.start_run(run_id=lock.run_id, host=settings.host_id, pid=os.getpid(), epoch=epoch, dry_run=dry_run)
+        yield run
+    except Fenced as exc:  # taken over between phases: recorded as what it is (exit 75)
+        if run is not None:
+            run.stop(exc.message)
+            run.report = run.report or _empty_report(run)
+            run.report.fenced = True
+            run.report.notes.append(exc.message)
+    except BaseException as exc:
+        crashed = exit_code_for(exc)  # recorded as the code the process exits with
+        if run is not None:
+            run.report = run.report or _empty_report(run)
+            run.report.notes.append(f"run stopped: {getattr(exc, 'message', type(exc).__name__)}")
+        raise
+    finally:
+        try:
+            if run is not None and run.report is not None:
+                record_history(run, run.report, crashed)
+                run.report.duration_seconds = clock.monotonic() - started
+                run.report.sql_statements = run.db.statements
+        finally:
+            if db is not None:
+                db.close()
+            lock.release()
+
+
+def _empty_report(run: RunContext) -> RunReport:
+    return RunReport(run_id=run.run_id, dry_run=run.dry_run, epoch=run.epoch)
+
+
+def record_history(run: RunContext, report: RunReport, crashed: int | None) -> None:
+    """Read health per account and the run's own monitor_runs row, before the connection closes."""
+    db = run.db
+    if not run.dry_run and not report.fenced:
+        # Fenced, and before the lock is released: a superseded run must not overwrite the read
+        # health its successor recorded. Its own monitor_runs row below is written regardless.
+        try:
+            with db.fenced(run.epoch):
+                db.record_account_health(report.ok_account_ids, report.failed_account_ids)
+        except Fenced as exc:
+            report.fenced = True
+            report.notes.append(f"account health not recorded: {exc.message}")
+        except (DatabaseUnavailable, DatabaseError) as exc:
+            log.warning("could not record account health: %s", exc.message)
+    counts = {"discovered": report.discovered, "updated": report.updated, "closed": report.closed,
+              "conflicts": report.conflicts, "close_orders_sent": report.close_orders_sent,
+              "would_close": report.would_close, "deferred": report.accounts_deferred,
+              "api_weight": report.api_weight}
+    if crashed is not None or report.fenced:
+        summary = report.notes[-1] if report.notes else None
+    else:
+        summary = "; ".join(f"{f['account']}: {f['reason']}" for f in report.failures[:3]) or None
+    try:
+        if run.claimed:
+            db.release_claims()
+        db.finish_run(run_id=report.run_id, counts=counts, accounts_failed=report.accounts_failed,
+                      exit_code=report.exit_code if crashed is None else crashed, error_summary=summary)
+    except (DatabaseUnavailable, DatabaseError) as exc:
+        # History is worth keeping but never worth failing a run that did its work.
+        log.warning("could not record the run's history: %s", exc.message)
 
 
 def database_url(settings: Settings) -> tuple[str, bool]:
@@ -147,6 +237,20 @@ def open_database(settings: Settings) -> tuple[Database, bool]:
     return Database(connect(url), lease_name=settings.lease_name), embedded
 
 
+def _open_database(settings: Settings) -> Database:
+    """The run's connection, its schema current (the embedded default keeps itself current)."""
+    db, embedded = open_database(settings)
+    try:
+        if embedded:
+            db.migrate()
+        else:
+            db.require_current_schema()
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
 def make_lock(settings: Settings) -> RunLock:
     if settings.lock_backend == "postgres":
         url, _ = database_url(settings)
@@ -155,6 +259,68 @@ def make_lock(settings: Settings) -> RunLock:
                                stale_after=settings.lock_stale_after, host=settings.host_id)
     return LocalRunLock(settings.effective_lock_file, stale_after=settings.lock_stale_after,
                         database_factory=lambda: open_database(settings)[0])
+
+
+def _start_epoch(db: Database, lock: RunLock, settings: Settings) -> int:
+    """The run's fencing epoch: the lease's (PostgreSQL backend), or advanced here (file lock)."""
+    if isinstance(lock, PostgresRunLock):
+        db.run_id, db.epoch = lock.run_id, lock.epoch
+        return lock.epoch
+    start = process_start_time(os.getpid())
+    return db.advance_epoch(run_id=lock.run_id, host=settings.host_id, pid=os.getpid(),
+                            start=None if start is None else str(start),
+                            stale_after=settings.lock_stale_after, machine=machine_identity())
+
+
+# ---- inputs --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Inputs:
+    """What the database says before anything is read: the accounts this run claimed and their rows."""
+
+    accounts: list[Account] = field(default_factory=list)  # claimed by this run, most urgent first later
+    held: dict[int, tuple[Account, dict[str, Any]]] = field(default_factory=dict)  # claimed by a live run
+    rows: dict[int, list[PositionRow]] = field(default_factory=dict)
+    recent: dict[int, list[PositionRow]] = field(default_factory=dict)  # closed within the reopen guard
+    last_reads: dict[int, datetime] = field(default_factory=dict)
+    followups: dict[int, list[Followup]] = field(default_factory=dict)  # pending, by account id
+    now: datetime | None = None
+
+
+def load_inputs(run: RunContext, addresses: Sequence[str]) -> Inputs:
+    """The accounts to read (claimed in one statement; one another live run holds is deferred, naming that
+    run), their open and recently closed rows, their last good reads and their pending follow-ups."""
+    accounts = _accounts(run, addresses)
+    if not accounts:
+        return Inputs()  # a no-op run touches neither the exchange nor the SDK
+    db, now = run.db, run.clock.now()
+    run.claimed = True
+    won = db.claim_accounts([a.id for a in accounts], stale_after=run.settings.lock_stale_after)
+    held = [a for a in accounts if a.id not in won]
+    holders = db.claim_holders([a.id for a in held]) if held else {}
+    ids = [a.id for a in accounts if a.id in won]
+    if not ids:
+        return Inputs(held={a.id: (a, holders.get(a.id, {})) for a in held}, now=now)
+    return Inputs(
+        accounts=[a for a in accounts if a.id in won],
+        held={a.id: (a, holders.get(a.id, {})) for a in held},
+        rows=db.open_rows_by_account(ids),
+        recent=db.recently_closed_by_account(ids, now - timedelta(seconds=run.settings.reopen_guard_seconds)),
+        last_reads=db.last_good_reads(ids),
+        followups=db.pending_followups(ids) if run.can_act else {},  # without a key nothing could work them
+        now=now,
+    )
+
+
+def _accounts(run: RunContext, addresses: Sequence[str]) -> list[Account]:
+    if not addresses:
+        return [a for a in run.db.list_accounts(active_only=True) if in_shard(a.address, run.settings.shard)]
+    found = run.db.list_accounts(addresses=addresses)
+    missing = sorted(set(addresses) - {a.address for a in found})
+    if missing:
+        raise UsageError(f"not a watched account: {missing[0]} (add it with `position-monitor accounts add`)")
+    return [a for a in found if a.active] or found
 
 
 def in_shard(address: str, shard: tuple[int, int] | None) -> bool:
@@ -173,510 +339,461 @@ def plan_settings(settings: Settings) -> PlanSettings:
     )
 
 
-class Run:
-    """A single run of the monitor. ``execute`` returns the report; it raises only for run-wide faults."""
+# ---- read and plan -------------------------------------------------------------------------------
 
-    def __init__(self, settings: Settings, *, dry_run: bool = False, addresses: Sequence[str] = (),
-                 clock: Clock | None = None,
-                 exchange_factory: Callable[[RequestCounter, "WeightBudget"], Exchange] | None = None) -> None:
-        self.settings = settings
-        self.dry_run = dry_run
-        self.addresses = list(addresses)
-        self.clock = clock or Clock()
-        self.fills_cache = FillsCache()  # an account's fills, read again after a close order, cost one request
-        self.exchange_factory = exchange_factory or (
-            lambda counter, budget: Exchange(settings.hl_api_url, timeout=settings.http_timeout, counter=counter,
-                                             before_request=budget.take, fills_cache=self.fills_cache))
-        self.lock = make_lock(settings)
-        self.report = RunReport(run_id=self.lock.run_id, dry_run=dry_run)
-        self.db: Database | None = None
-        self.started = self.clock.monotonic()
-        self.epoch: int | None = None
-        self.ok_ids: list[int] = []
-        self.crashed: int | None = None  # the exit code of a run stopped by an exception
-        self.failed_ids: dict[int, str] = {}
-        self.claimed = False  # whether this run claimed accounts (released at the end)
-        self.reserve = ExitReserve()  # the weight held back for this run's exit work
-        self.progress: Callable[[int, int], None] | None = None
-        self.on_locked: Callable[[], object] | None = None  # e.g. the dead-man's-switch "start" ping
-        self.followups: dict[int, list[Any]] = {}  # pending follow-ups by account id (see _process)
 
-    # -- the run ----------------------------------------------------------------------------
+@dataclass
+class AccountRead:
+    """What the read phase produced for one account."""
 
-    def execute(self) -> RunReport:
-        # The lock comes first. With the PostgreSQL backend the lock lives in the database, so the
-        # database (and its schema) must be reachable before it can be taken.
-        if isinstance(self.lock, PostgresRunLock):
-            self._open_database()
-            try:
-                self.lock.acquire()
-            except BaseException:
-                self._close_database()
-                raise
-        else:
-            self.lock.acquire()
-        try:
-            if self.on_locked is not None:
-                self.on_locked()
-            if self.lock.took_over:
-                self.report.notes.append(self.lock.took_over)
-            if self.db is None:
-                self._open_database()
-            self._start_epoch()
-            self.db.start_run(run_id=self.report.run_id, host=self.settings.host_id, pid=os.getpid(),
-                              epoch=self.epoch, dry_run=self.dry_run)
-            self._process()
-        except Fenced as exc:
-            self.report.fenced = True
-            self.report.notes.append(exc.message)
-        except BaseException as exc:
-            # Recorded in the run history as what it is, never as a success.
-            self.crashed = getattr(exc, "exit_code", 70)
-            self.report.notes.append(f"run stopped: {getattr(exc, 'message', type(exc).__name__)}")
-            raise
-        finally:
-            self.report.duration_seconds = self.clock.monotonic() - self.started
-            self._close_database()
-            self.lock.release()
-        return self.report
+    account: Account
+    plan: AccountPlan | None = None
+    failure: str | None = None
+    deferred: str | None = None  # "deadline" or "budget": not read this run
+    open_orders: list[OpenOrder] | None = None
 
-    def _open_database(self) -> None:
-        db, embedded = open_database(self.settings)
-        self.db = db
-        try:
-            if embedded:
-                db.migrate()  # the embedded default keeps itself current
-            else:
-                db.require_current_schema()
-        except BaseException:
-            self._close_database()
-            raise
 
-    def _record(self) -> None:
-        """Run history and per-account read health, before the connection closes."""
-        db, report = self.db, self.report
-        if db is None or self.epoch is None:
-            return
-        counts = {"discovered": report.discovered, "updated": report.updated, "closed": report.closed,
-                  "conflicts": report.conflicts, "close_orders_sent": report.close_orders_sent,
-                  "would_close": report.would_close, "deferred": report.accounts_deferred,
-                  "api_weight": report.api_weight}
-        if not self.dry_run and not report.fenced:
-            # Fenced, and before the lock is released: a superseded run must not overwrite the read
-            # health its successor recorded. Its own monitor_runs row below is written regardless.
-            try:
-                with db.fenced(self.epoch):
-                    db.record_account_health(self.ok_ids, self.failed_ids)
-            except Fenced as exc:
-                report.fenced = True
-                report.notes.append(f"account health not recorded: {exc.message}")
-            except (DatabaseUnavailable, psycopg.Error) as exc:
-                log.warning("could not record account health: %s", getattr(exc, "message", type(exc).__name__))
-        try:
-            if self.crashed is not None or report.fenced:
-                summary = report.notes[-1] if report.notes else None
-            else:
-                summary = "; ".join(f"{f['account']}: {f['reason']}" for f in report.failures[:3]) or None
-            if self.claimed:
-                db.release_claims()
-            db.finish_run(run_id=report.run_id, counts=counts, accounts_failed=report.accounts_failed,
-                          exit_code=report.exit_code if self.crashed is None else self.crashed,
-                          error_summary=summary)
-        except (DatabaseUnavailable, psycopg.Error) as exc:
-            # History is worth keeping but never worth failing a run that did its work.
-            log.warning("could not record the run's history: %s", getattr(exc, "message", type(exc).__name__))
+@dataclass
+class Reads:
+    """The read phase's results, and the exchange session the exit work goes on with."""
 
-    def _close_database(self) -> None:
-        if self.db is not None:
-            self._record()
-            self.report.sql_statements = self.db.statements
-            self.db.close()
-            self.db = None
+    results: list[AccountRead] = field(default_factory=list)
+    mids: dict[str, Decimal] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    reserve: ExitReserve = field(default_factory=ExitReserve)
+    exchange: Exchange | None = None
+    counter: RequestCounter = field(default_factory=RequestCounter)
 
-    def _start_epoch(self) -> None:
-        db = self.db
-        assert db is not None
-        if isinstance(self.lock, PostgresRunLock):
-            epoch = self.lock.epoch
-            db.run_id, db.epoch = self.lock.run_id, epoch
-        else:
-            start = process_start_time(os.getpid())
-            epoch = db.advance_epoch(run_id=self.lock.run_id, host=self.settings.host_id, pid=os.getpid(),
-                                     start=None if start is None else str(start),
-                                     stale_after=self.settings.lock_stale_after, machine=machine_identity())
-        self.epoch = epoch
-        self.report.epoch = epoch
 
-    def _accounts(self) -> list[Account]:
-        assert self.db is not None
-        if not self.addresses:
-            return [a for a in self.db.list_accounts(active_only=True) if in_shard(a.address, self.settings.shard)]
-        found = self.db.list_accounts(addresses=self.addresses)
-        missing = sorted(set(self.addresses) - {a.address for a in found})
-        if missing:
-            raise UsageError(f"not a watched account: {missing[0]} (add it with `position-monitor accounts add`)")
-        return [a for a in found if a.active] or found
+def read_accounts(run: RunContext, inputs: Inputs) -> Reads:
+    """Mid prices (when an exit rule needs them), the weight held back for exit work, then every account
+    read and planned, most urgent first, up to ``read_parallelism`` at a time (one HTTP session each)."""
+    if not inputs.accounts:
+        return Reads()
+    counter, budget = RequestCounter(), WeightBudget(run.settings.weight_budget)
+    exchange = run.exchange_factory(counter, budget)
+    reads = Reads(exchange=exchange, counter=counter)
+    reads.mids = _read_mids(exchange, inputs, reads.notes)
+    assert inputs.now is not None
+    reads.reserve = _reserve_exit_work(run, inputs, reads.mids, inputs.now, budget)
+    accounts = by_urgency(inputs.accounts, inputs.rows, inputs.last_reads, reads.reserve.urgent_accounts)
+    settings = plan_settings(run.settings)
+    local = threading.local()
 
-    def past_deadline(self) -> bool:
-        return self.clock.monotonic() - self.started >= self.settings.deadline_seconds
+    def work(account: Account) -> AccountRead:
+        if run.lock_lost() or run.past_deadline():
+            return AccountRead(account, deferred="deadline")
+        session = getattr(local, "exchange", None)
+        if session is None:
+            session = local.exchange = run.exchange_factory(counter, budget)
+        with budget.urgent(account.id in reads.reserve.urgent_accounts):  # its reads are in the reserve
+            return read_account(run, session, account, inputs.rows.get(account.id, []),
+                                inputs.recent.get(account.id, []), settings, reads.mids)
 
-    def _process(self) -> None:
-        assert self.db is not None
-        accounts = self._accounts()
-        if not accounts:
-            return  # a no-op run touches neither the exchange nor the SDK
-        accounts = self._claim(accounts)
-        if not accounts:
-            return
-        now = self.clock.now()
-        ids = [a.id for a in accounts]
-        rows_by_account = self.db.open_rows_by_account(ids)
-        recent_by_account = self.db.recently_closed_by_account(
-            ids, now - timedelta(seconds=self.settings.reopen_guard_seconds))
-        last_reads = self.db.last_good_reads(ids)
-        if self.dry_run or self.settings.secret_key:  # without a key nothing could work them
-            self.followups = self.db.pending_followups(ids)
-        self.budget = WeightBudget(self.settings.weight_budget)
-        counter = RequestCounter()
-        exchange = self.exchange_factory(counter, self.budget)
-        try:
-            mids = self._read_mids(exchange, accounts, rows_by_account)
-            # Exit work first: what it will cost is held back before the reads spend the budget.
-            self.reserve = self._reserve_exit_work(accounts, rows_by_account, mids, now)
-            accounts = self._by_urgency(accounts, rows_by_account, last_reads, self.reserve.urgent_accounts)
-            settings = plan_settings(self.settings)
-            results = self._read_all(accounts, rows_by_account, recent_by_account, settings, mids, counter)
-            self.budget.open_reserve()  # the closes draw from it, and from whatever the reads left
-            self._apply_all(results, exchange, mids)
-            self._keep_followup_alerts(accounts)
-        finally:
-            self.report.requests = counter.requests
-            self.report.api_weight = counter.weight
-
-    def _keep_followup_alerts(self, accounts: list[Account]) -> None:
-        """A follow-up past MONITOR_MAX_CLOSE_FAILURES that this run did not get to (its account deferred
-        or unread) keeps its alert: it is reported as it stands, not silently resolved."""
-        worked = {f["id"] for f in self.report.followups}
-        by_id = {a.id: a for a in accounts}
-        for account_id, pending in self.followups.items():
-            for followup in pending:
-                if followup.id not in worked and followup.attempts >= self.settings.max_close_failures:
-                    self.report.followups.append(followup_json(by_id[account_id], followup, "pending", alert=True,
-                                                               reason="not worked this run"))
-
-    def _claim(self, accounts: list[Account]) -> list[Account]:
-        """Claim every account of the run in one statement, before anything is read; an account another
-        live run holds (whatever its lock or shard) is deferred, naming that run."""
-        assert self.db is not None
-        self.claimed = True
-        won = self.db.claim_accounts([a.id for a in accounts], stale_after=self.settings.lock_stale_after)
-        held = [a for a in accounts if a.id not in won]
-        if held:
-            holders = self.db.claim_holders([a.id for a in held])
-            by_holder: dict[tuple[Any, ...], int] = {}
-            for account in held:
-                h = holders.get(account.id, {})
-                self.report.held_by_other_runs.append({"account": account.address, "run_id": h.get("run_id"),
-                                                       "lease": h.get("lease"), "epoch": h.get("epoch")})
-                key = (h.get("run_id"), h.get("lease"), h.get("epoch"))
-                by_holder[key] = by_holder.get(key, 0) + 1
-            self.report.deferred_accounts.extend(a.address for a in held)
-            self.report.accounts_deferred += len(held)
-            for (run_id, lease, epoch), count in by_holder.items():
-                self.report.notes.append(f"{count} account(s) claimed by another run (run {run_id}, lock {lease},"
-                                         f" epoch {epoch}): deferred to the next run")
-        return [a for a in accounts if a.id in won]
-
-    def _with_claim(self, checked: "ClaimCheckedDatabase", account: Account, work: Callable[[], object]) -> None:
-        """Closer work for one account: its writes check the account's claim; a spent budget is reported."""
-        checked.account_id = account.id
-        try:
-            work()
-        except BudgetExhausted as exc:
-            self._exit_starved(f"{account.address}: exit work starved of weight ({exc});"
-                               " closes wait for the next run")
-        finally:
-            checked.account_id = None
-
-    def _reserve_exit_work(self, accounts: list[Account], rows_by_account: dict[int, list[PositionRow]],
-                           mids: dict[str, Any], now: Any) -> ExitReserve:
-        """Hold back from the reads the weight this run's exit work needs (see monitor/exit_budget.py)."""
-        assert self.db is not None
-        can_send = self.settings.secret_key is not None and not self.dry_run
-        pending = {account_id: len(items) for account_id, items in self.followups.items()}
-        estimate = exit_reserve(accounts, rows_by_account, mids, now, budget=self.settings.weight_budget,
-                                can_send=can_send, pending_cancels=pending)
-        if can_send and estimate.firing:  # only then is the cache worth a look: a quiet run costs no SQL
-            signer = signer_address(self.settings.secret_key)
-            roles = self.db.cached_roles(signer, CACHE_TTL)
-            key = roles.get(signer)
-            master = None if key is None else key[1] if key[0] == "agent" else signer
-            estimate = exit_reserve(accounts, rows_by_account, mids, now, budget=self.settings.weight_budget,
-                                    can_send=can_send, meta_cached=self.db.cached_meta("", CACHE_TTL) is not None,
-                                    key_master=master, cached_accounts=set(roles), pending_cancels=pending)
-        estimate.weight = self.budget.hold(estimate.weight)
-        self.report.exit_reserved = estimate.weight
-        if estimate.weight:
-            log.info(estimate.describe())
-        return estimate
-
-    @staticmethod
-    def _by_urgency(accounts: list[Account], rows_by_account: dict[int, list[PositionRow]],
-                    last_reads: dict[int, Any], exit_work: Any = frozenset()) -> list[Account]:
-        """Most urgent first: exit work this run (a rule firing, a close to settle), then rows with exit
-        rules, then open rows, then the least recently read."""
-        def rank(account: Account) -> tuple[int, float]:
-            rows = rows_by_account.get(account.id, [])
-            ruled = any(r.stop_loss_price is not None or r.take_profit_price is not None
-                        or r.trailing_stop_pct is not None or r.close_requested_at is not None
-                        or r.status == "closing" for r in rows)
-            last = last_reads.get(account.id)
-            return (-1 if account.id in exit_work else 0 if ruled else 1 if rows else 2,
-                    last.timestamp() if last else 0.0)
-        return sorted(accounts, key=rank)
-
-    def _read_all(self, accounts: list[Account], rows_by_account: dict[int, list[PositionRow]],
-                  recent_by_account: dict[int, list[PositionRow]], settings: PlanSettings,
-                  mids: dict[str, Any], counter: RequestCounter) -> list["AccountResult"]:
-        """Read and plan every account, up to ``read_parallelism`` at a time (one HTTP session per worker)."""
-        local = threading.local()
-
-        def work(account: Account) -> AccountResult:
-            if self.lock.compromised.is_set() or self.past_deadline():
-                return AccountResult(account, deferred="deadline")
-            exchange = getattr(local, "exchange", None)
-            if exchange is None:
-                exchange = local.exchange = self.exchange_factory(counter, self.budget)
-            with self.budget.urgent(account.id in self.reserve.urgent_accounts):  # its reads are in the reserve
-                return self._plan_one(exchange, account, rows_by_account.get(account.id, []),
-                                      recent_by_account.get(account.id, []), settings, mids)
-
-        results: list[AccountResult] = []
-        workers = max(1, min(self.settings.read_parallelism, len(accounts)))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read") as pool:
-            for index, result in enumerate(pool.map(work, accounts)):
-                results.append(result)
-                if self.progress is not None:
-                    self.progress(index + 1, len(accounts))
-        return results
-
-    def _apply_all(self, results: list["AccountResult"], exchange: Exchange, mids: dict[str, Any]) -> None:
-        """Apply the plans one account at a time, on this thread's single database connection."""
-        assert self.db is not None
-        checked = ClaimCheckedDatabase(self.db)
-        closer = Closer(CloseContext(
-            db=checked, epoch=self.epoch, exchange=exchange, clock=self.clock, secret_key=self.settings.secret_key,
-            dry_run=self.dry_run, slippage=self.settings.close_slippage, max_failures=self.settings.max_close_failures,
-            seconds_left=lambda: self.settings.deadline_seconds - (self.clock.monotonic() - self.started),
-            mids=mids, report=self.report, lock_lost=self.lock.compromised.is_set,
-            plan_settings=plan_settings(self.settings)))
-        seen_ids: list[int] = []
-        deferred: list[str] = []
-        later: list[tuple[Account, list[Action], dict[str, int | None], Any, list[Any]]] = []
-        for result in results:
-            account = result.account
-            if result.deferred:
-                deferred.append(account.address)
-                continue
+    workers = max(1, min(run.settings.read_parallelism, len(accounts)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read") as pool:
+        for index, result in enumerate(pool.map(work, accounts)):
+            reads.results.append(result)
             if result.failure is not None:
-                self._fail(account, result.failure)
-            if result.plan is None:
-                continue
-            if result.failure is None:
-                self.report.accounts_ok += 1
-                self.ok_ids.append(account.id)
-            plan = result.plan
-            self.report.actions.extend(plan.actions)
-            seen_ids.extend(plan.seen_ids)
-            if self.lock.compromised.is_set():
-                self.report.fenced = True
-                self.report.notes.append("lock lost (taken over or cleared): stopping without writing more")
-                break
-            if self.dry_run:
-                self._count_planned(plan)
-                closed = [a for a in plan.actions if a.type == planner.CLOSE]
-            elif plan.changes:
-                closed = self._apply(plan)
-            else:
-                closed = []  # nothing to write: no transaction at all
-            # Orders left by a closed position: not for a coin that flipped (its new position's orders
-            # stay), and only orders placed before the close (see Closer._cancel_orphans).
-            # (a re-open after a close keeps only its own orders: those placed after the close)
-            reopened = {a.coin for a in plan.actions if a.type == planner.DISCOVER and "flipped_from" in a.metadata}
-            closed_coins = {a.coin: to_ms(a.closed_at) if a.closed_at else None
-                            for a in closed if a.coin not in reopened}
-            fired = [a for a in plan.actions if a.type == planner.CLOSE_ORDER]
-            settles = [a for a in plan.actions if a.type == planner.SETTLE_CLOSE]
-            if not (self.dry_run or self.settings.secret_key):
-                closed_coins = {}  # no key: nothing could cancel orphaned orders, so do not read them
-            pending = self.followups.get(account.id, [])  # retried every run until done or moot
-            if fired:
-                # Fired rules' orders go out first, every account's before any account's settling reads
-                # and cancels, so the weight left is spent on the orders (their fills are read after).
-                self._with_claim(checked, account, lambda: closer.send_orders(account, fired))
-            if fired or settles or closed_coins or pending:
-                later.append((account, settles, closed_coins, result.open_orders, pending))
-        for account, settles, closed_coins, open_orders, pending in later:
-            if self.lock.compromised.is_set():
-                break
-            self._with_claim(checked, account, lambda: closer.handle(
-                account, settles, closed_coins, open_orders=open_orders, followups=pending))
-        urgent = self.reserve.urgent_accounts
-        for result in results:
-            if result.deferred == "budget" and result.account.id in urgent:
-                self._exit_starved(f"{result.account.address}: exit work starved: not read (weight budget spent)"
-                                   " although an exit rule fires or a close is to settle; next run")
-        if deferred:
-            self.report.accounts_deferred += len(deferred)
-            self.report.deferred_accounts.extend(deferred)
-            why = "deadline" if self.past_deadline() else "weight budget"
-            if why == "deadline":
-                self.report.overrun = True
-                self.report.notes.append(f"deadline reached: {len(deferred)} account(s) left for the next run")
-            else:
-                self.report.notes.append(f"weight budget ({self.settings.weight_budget}/run) spent:"
-                                         f" {len(deferred)} account(s) deferred, least urgent first")
-        if seen_ids and not self.dry_run and not self.report.fenced:
-            with self.db.fenced(self.epoch):
-                self.db.touch_seen(seen_ids, self.clock.now(), claimed_epoch=self.epoch)
+                log.warning("account %s: %s", result.account.address, result.failure)
+            if run.hooks.progress is not None:
+                run.hooks.progress(index + 1, len(accounts))
+    budget.open_reserve()  # the exit work draws on it, and on whatever the reads left
+    return reads
 
-    def _read_mids(self, exchange: Exchange, accounts: list[Account],
-                   rows_by_account: dict[int, list[PositionRow]]) -> dict[str, Any]:
-        """allMids, once per run, only when some open row has an exit rule (its order is priced off the mid)."""
-        held_too_long = {a.id for a in accounts if a.max_hold_seconds is not None}
-        if not any(r.stop_loss_price is not None or r.take_profit_price is not None or r.trailing_stop_pct is not None
-                   or r.close_requested_at is not None or r.max_hold_seconds is not None
-                   or (account_id in held_too_long)
-                   for account_id, rows in rows_by_account.items() for r in rows):
-            return {}
-        try:
-            return exchange.read_mids()
-        except (ReadFailed, BudgetExhausted) as exc:
-            self.report.notes.append(f"mid prices unreadable ({exc}); exit rules skipped this run")
-            return {}
 
-    def _exit_starved(self, note: str) -> None:
-        """Exit work that could not get weight: a note, and the `exit_starved` alert (never a silent run)."""
-        log.info(note)  # the note itself reaches stderr (and the alert); no second line
-        self.report.exit_starved += 1
-        self.report.notes.append(note)
+def _read_mids(exchange: Exchange, inputs: Inputs, notes: list[str]) -> dict[str, Decimal]:
+    """allMids, once per run, only when some open row has an exit rule (its order is priced off the mid)."""
+    held_too_long = {a.id for a in inputs.accounts if a.max_hold_seconds is not None}
+    if not any(r.stop_loss_price is not None or r.take_profit_price is not None or r.trailing_stop_pct is not None
+               or r.close_requested_at is not None or r.max_hold_seconds is not None
+               or (account_id in held_too_long)
+               for account_id, rows in inputs.rows.items() for r in rows):
+        return {}
+    try:
+        return exchange.read_mids()
+    except (ReadFailed, BudgetExhausted) as exc:
+        notes.append(f"mid prices unreadable ({exc}); exit rules skipped this run")
+        return {}
 
-    def _fail(self, account: Account, reason: str) -> None:
-        log.warning("account %s: %s", account.address, reason)
-        self.report.accounts_failed += 1
-        self.report.failures.append({"account": account.address, "reason": reason})
-        self.failed_ids[account.id] = reason[:200]
 
-    def _plan_one(self, exchange: Exchange, account: Account, rows: list[PositionRow],
-                  recent: list[PositionRow], settings: PlanSettings, mids: dict[str, Any]) -> "AccountResult":
-        """Read one account and plan it (runs on a worker thread: touches no shared state but the budget)."""
-        try:
-            snapshot = self._read_positions(exchange, account.address)
-            now = self.clock.now()
-            if not snapshot.positions and any(now - r.opened_at >= settings.close_grace for r in rows):
-                # An empty answer for an account with open rows: read once more before believing it.
-                try:
-                    snapshot = self._read_positions(exchange, account.address)
-                except ReadFailed as exc:
-                    return AccountResult(account, failure=f"confirming an empty account: {exc}")
-            fills = None
-            fills_error = None
-            truncated = False
-            verify_rules = self.dry_run or self.settings.secret_key is not None  # an order could be sent
-            since = planner.needs_fills(snapshot, rows, recent, now, settings, mids=mids,
-                                        account_max_hold=account.max_hold_seconds, verify_rules=verify_rules)
-            if since is not None:
-                try:
-                    fills = exchange.read_fills(account.address, since)
-                except FillsTruncated as exc:
-                    fills, truncated, fills_error = exc.fills, True, str(exc)
-                except ReadFailed as exc:
-                    fills_error = str(exc)
-        except ReadFailed as exc:
-            return AccountResult(account, failure=str(exc))
-        except BudgetExhausted:
-            return AccountResult(account, deferred="budget")
-        plan = planner.plan_account(account, snapshot, rows, now, settings, fills=fills, fills_error=fills_error,
-                                    fills_truncated=truncated, recently_closed=recent, mids=mids,
-                                    verify_rules=verify_rules, fills_from_ms=since)
-        open_orders = None
-        can_act = self.dry_run or self.settings.secret_key is not None  # list them, or cancel them
-        if can_act and any(a.type == planner.CLOSE for a in plan.actions):
-            # Orders a closed position may leave behind, read here in parallel rather than one by one later.
+def _reserve_exit_work(run: RunContext, inputs: Inputs, mids: dict[str, Decimal], now: datetime,
+                       budget: WeightBudget) -> ExitReserve:
+    """Hold back from the reads the weight this run's exit work needs (see monitor/exit_budget.py)."""
+    settings = run.settings
+    pending = {account_id: len(items) for account_id, items in inputs.followups.items()}
+    estimate = exit_reserve(inputs.accounts, inputs.rows, mids, now, budget=settings.weight_budget,
+                            can_send=run.can_send, pending_cancels=pending)
+    if run.can_send and estimate.firing and settings.secret_key is not None:
+        # Only then is the cache worth a look: a quiet run costs no SQL.
+        signer = signer_address(settings.secret_key)
+        roles = run.db.cached_roles(signer, CACHE_TTL)
+        key = roles.get(signer)
+        master = None if key is None else key[1] if key[0] == "agent" else signer
+        estimate = exit_reserve(inputs.accounts, inputs.rows, mids, now, budget=settings.weight_budget,
+                                can_send=True, meta_cached=run.db.cached_meta("", CACHE_TTL) is not None,
+                                key_master=master, cached_accounts=set(roles), pending_cancels=pending)
+    estimate.weight = budget.hold(estimate.weight)
+    if estimate.weight:
+        log.info(estimate.describe())
+    return estimate
+
+
+def by_urgency(accounts: list[Account], rows_by_account: dict[int, list[PositionRow]],
+               last_reads: dict[int, datetime], exit_work: set[int] | frozenset[int] = frozenset()) -> list[Account]:
+    """Most urgent first: exit work this run (a rule firing, a close to settle), then rows with exit
+    rules, then open rows, then the least recently read."""
+    def rank(account: Account) -> tuple[int, float]:
+        rows = rows_by_account.get(account.id, [])
+        ruled = any(r.stop_loss_price is not None or r.take_profit_price is not None
+                    or r.trailing_stop_pct is not None or r.close_requested_at is not None
+                    or r.status == "closing" for r in rows)
+        last = last_reads.get(account.id)
+        return (-1 if account.id in exit_work else 0 if ruled else 1 if rows else 2,
+                last.timestamp() if last else 0.0)
+    return sorted(accounts, key=rank)
+
+
+def read_account(run: RunContext, exchange: Exchange, account: Account, rows: list[PositionRow],
+                 recent: list[PositionRow], settings: PlanSettings, mids: dict[str, Decimal]) -> AccountRead:
+    """Read one account and plan it (on a worker thread: touches no shared state but the budget). ``now`` is
+    read once, after the positions: the plan and the writes it leads to use that one moment."""
+    try:
+        snapshot = _read_positions(run, exchange, account.address)
+        now = run.clock.now()
+        if not snapshot.positions and any(now - r.opened_at >= settings.close_grace for r in rows):
+            # An empty answer for an account with open rows: read once more before believing it.
             try:
-                open_orders = exchange.read_open_orders(account.address)
-            except (ReadFailed, BudgetExhausted):
-                open_orders = None  # the closer reads them itself, or notes it could not
-        # A history longer than the exchange keeps is not a failure of this run: it will not get better.
-        return AccountResult(account, plan=plan, failure=None if truncated else fills_error, open_orders=open_orders)
-
-    def _read_positions(self, exchange: Exchange, address: str) -> Any:
-        """clearinghouseState, retried on 429 with backoff while the deadline allows."""
-        for attempt in range(3):
-            try:
-                return exchange.read_positions(address)
+                snapshot = _read_positions(run, exchange, account.address)
             except ReadFailed as exc:
-                wait = RATE_LIMIT_BACKOFF * (2 ** attempt)
-                if not exc.rate_limited or attempt == 2 or self.settings.deadline_seconds - (
-                        self.clock.monotonic() - self.started) < wait + 1:
-                    raise
-                log.info("%s: rate limited, retrying in %.1fs", address, wait)
-                time.sleep(wait)
-        raise AssertionError("unreachable")
-
-    def _count_planned(self, plan: AccountPlan) -> None:
-        for action in plan.actions:
-            self._count(action.type)
-
-    def _count(self, kind: str) -> None:
-        if kind == planner.DISCOVER:
-            self.report.discovered += 1
-        elif kind == planner.UPDATE:
-            self.report.updated += 1
-        elif kind == planner.CLOSE:
-            self.report.closed += 1
-
-    def _apply(self, plan: AccountPlan) -> list[Action]:
-        """Apply one account's plan in one fenced transaction; returns the close actions it applied."""
-        assert self.db is not None
-        db = self.db
-        applied: list[Action] = []
-        # A flip's new position began with the very fill that closed the old one: its orders (TP/SL placed
-        # with the flip order) cannot be told from the old position's by time, so a flip records nothing.
-        flipped = {a.metadata.get("flipped_from") for a in plan.actions if a.type == planner.DISCOVER}
-        reopened_at: dict[Any, set[int]] = {}
-        for a in plan.actions:
-            if a.type == planner.DISCOVER and a.opened_at is not None and "reopened_after" in a.metadata:
-                reopened_at.setdefault(a.metadata["reopened_after"], set()).add(to_ms(a.opened_at))
+                return AccountRead(account, failure=f"confirming an empty account: {exc}")
+        fills = None
+        fills_error = None
+        truncated = False
+        verify_rules = run.can_act  # an order could be sent (or listed)
+        since = planner.needs_fills(snapshot, rows, recent, now, settings, mids=mids,
+                                    account_max_hold=account.max_hold_seconds, verify_rules=verify_rules)
+        if since is not None:
+            try:
+                fills = exchange.read_fills(account.address, since)
+            except FillsTruncated as exc:
+                fills, truncated, fills_error = exc.fills, True, str(exc)
+            except ReadFailed as exc:
+                fills_error = str(exc)
+    except ReadFailed as exc:
+        return AccountRead(account, failure=str(exc))
+    except BudgetExhausted:
+        return AccountRead(account, deferred="budget")
+    plan = planner.plan_account(account, snapshot, rows, now, settings, fills=fills, fills_error=fills_error,
+                                fills_truncated=truncated, recently_closed=recent, mids=mids,
+                                verify_rules=verify_rules, fills_from_ms=since)
+    open_orders = None
+    if run.can_act and any(a.type == planner.CLOSE for a in plan.actions):
+        # Orders a closed position may leave behind, read here in parallel rather than one by one later.
         try:
-            with db.fenced(self.epoch):
-                db.require_claim(plan.account.id, self.epoch)
-                for action in plan.actions:
-                    if apply_action(db, plan.account, action, self.clock.now()):
-                        applied.append(action)
-                        if (action.type == planner.CLOSE and action.position_id not in flipped
-                                and self.settings.secret_key):
-                            # In the close's own transaction: a crash before the cancels cannot lose them.
-                            bound = close_bound_ms(action, self.clock.now())
-                            if bound in reopened_at.get(action.position_id, ()):
-                                bound -= 1  # re-opened in the close's millisecond: its orders may share it
-                            db.record_followup(account_id=plan.account.id, coin=action.coin, kind="cancel_orphans",
-                                               position_id=action.position_id, not_after_ms=bound)
-                    elif action.type in (planner.DISCOVER, planner.UPDATE, planner.CLOSE):
-                        self.report.conflicts += 1
-        except (Fenced, DatabaseUnavailable):
+            open_orders = exchange.read_open_orders(account.address)
+        except (ReadFailed, BudgetExhausted):
+            open_orders = None  # the closer reads them itself, or notes it could not
+    # A history longer than the exchange keeps is not a failure of this run: it will not get better.
+    return AccountRead(account, plan=plan, failure=None if truncated else fills_error, open_orders=open_orders)
+
+
+def _read_positions(run: RunContext, exchange: Exchange, address: str) -> AccountSnapshot:
+    """clearinghouseState, retried on 429 with backoff while the deadline allows."""
+    for attempt in range(3):
+        try:
+            return exchange.read_positions(address)
+        except ReadFailed as exc:
+            wait = RATE_LIMIT_BACKOFF * (2 ** attempt)
+            if not exc.rate_limited or attempt == 2 or run.seconds_left() < wait + 1:
+                raise
+            log.info("%s: rate limited, retrying in %.1fs", address, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+# ---- apply ---------------------------------------------------------------------------------------
+
+
+COUNTED = (planner.DISCOVER, planner.UPDATE, planner.CLOSE)
+
+
+@dataclass
+class Applied:
+    """The apply phase's results: what each account's plan changed (in a dry run: would change)."""
+
+    closes: dict[int, list[Action]] = field(default_factory=dict)  # account id -> the closes applied
+    counts: dict[str, int] = field(default_factory=dict)  # discover / update / close, and conflicts
+    failures: dict[int, str] = field(default_factory=dict)  # account id -> why its writes failed
+
+    def count(self, kind: str, n: int = 1) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + n
+
+
+def apply_plans(run: RunContext, reads: Reads) -> Applied:
+    """Every plan's changes, one fenced transaction per account (a dry run counts them and writes nothing).
+    One account's fault never aborts the others; a lost lock or fence stops the run writing."""
+    applied = Applied()
+    for result in reads.results:
+        plan = result.plan
+        if plan is None:
+            continue
+        if run.lock_lost():
+            run.stop(LOCK_LOST)
+        if run.stopped:
+            break
+        if run.dry_run:
+            for action in plan.actions:
+                if action.type in COUNTED:
+                    applied.count(action.type)
+            applied.closes[plan.account.id] = [a for a in plan.actions if a.type == planner.CLOSE]
+            continue
+        if not plan.changes:
+            continue  # nothing to write: no transaction at all
+        try:
+            done, conflicts = _apply_account(run, plan)
+        except Fenced as exc:
+            run.stop(exc.message)
+            break
+        except DatabaseUnavailable:
             raise
         except Exception as exc:  # noqa: BLE001 - one account's fault must not abort the others
             log.exception("account %s: applying the plan failed", plan.account.address)
-            if plan.account.id in self.ok_ids:
-                self.ok_ids.remove(plan.account.id)
-                self.report.accounts_ok -= 1
-            if plan.account.id not in self.failed_ids:
-                self._fail(plan.account, f"database write failed: {type(exc).__name__}: {str(exc)[:120]}")
-            return []
-        for action in applied:
-            self._count(action.type)
-        return [a for a in applied if a.type == planner.CLOSE]
+            applied.failures[plan.account.id] = f"database write failed: {type(exc).__name__}: {str(exc)[:120]}"
+            continue
+        for action in done:
+            if action.type in COUNTED:
+                applied.count(action.type)
+        applied.count("conflicts", conflicts)
+        applied.closes[plan.account.id] = [a for a in done if a.type == planner.CLOSE]
+    return applied
+
+
+def _apply_account(run: RunContext, plan: AccountPlan) -> tuple[list[Action], int]:
+    """One account's plan in one fenced transaction: the actions applied, and how many another writer
+    had already made."""
+    db, now = run.db, plan.now or run.clock.now()  # the moment the plan was made for
+    applied: list[Action] = []
+    conflicts = 0
+    # A flip's new position began with the very fill that closed the old one: its orders (TP/SL placed
+    # with the flip order) cannot be told from the old position's by time, so a flip records nothing.
+    flipped = {a.metadata.get("flipped_from") for a in plan.actions if a.type == planner.DISCOVER}
+    reopened_at: dict[Any, set[int]] = {}
+    for a in plan.actions:
+        if a.type == planner.DISCOVER and a.opened_at is not None and "reopened_after" in a.metadata:
+            reopened_at.setdefault(a.metadata["reopened_after"], set()).add(to_ms(a.opened_at))
+    with db.fenced(run.epoch):
+        db.require_claim(plan.account.id, run.epoch)
+        for action in plan.actions:
+            if apply_action(db, plan.account, action, now):
+                applied.append(action)
+                if (action.type == planner.CLOSE and action.position_id not in flipped
+                        and run.settings.secret_key):
+                    # In the close's own transaction: a crash before the cancels cannot lose them.
+                    bound = close_bound_ms(action, now)
+                    if bound in reopened_at.get(action.position_id, ()):
+                        bound -= 1  # re-opened in the close's millisecond: its orders may share it
+                    db.record_followup(account_id=plan.account.id, coin=action.coin, kind="cancel_orphans",
+                                       position_id=action.position_id, not_after_ms=bound)
+            elif action.type in COUNTED:
+                conflicts += 1
+    return applied, conflicts
+
+
+def apply_action(db: Database, account: Account, action: Action, now: datetime) -> bool:
+    """Carry out one planned change. False when another writer got there first (not an error)."""
+    if action.type == planner.DISCOVER:
+        new_id = db.insert_discovered(account_id=account.id, coin=action.coin, side=action.side or "long",
+                                      size=action.size, entry_price=action.entry_price,
+                                      opened_at=action.opened_at or now, now=now, metadata=action.metadata)
+        if new_id is None:
+            log.info("%s %s: another writer inserted the open row first", account.address, action.coin)
+        return new_id is not None
+    if action.type == planner.UPDATE:
+        return db.update_position(action.position_id, size=action.size, entry_price=action.entry_price, now=now,
+                                  realized_pnl=action.realized_pnl, fees=action.fees,
+                                  previous_size=action.previous_size)
+    if action.type == planner.CLOSE:
+        return db.close_position(action.position_id, closed_at=action.closed_at or now, reason=action.reason,
+                                 exit_price=action.exit_price, realized_pnl=action.realized_pnl, fees=action.fees,
+                                 metadata=action.metadata)
+    if action.type == planner.TRACK_BEST:
+        return db.set_best_price(action.position_id, action.price)
+    if action.type == planner.MARK_MISSING:
+        return db.merge_metadata(action.position_id, {"missing_since": (action.closed_at or now).isoformat()})
+    return False
+
+
+# ---- exit work -----------------------------------------------------------------------------------
+
+
+def work_exits(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied) -> CloseOutcome:
+    """Exit work: every fired rule's order first, across all accounts (so the weight left is spent on the
+    orders), then per account the settles of orders sent, and the orders closed positions left behind."""
+    if reads.exchange is None:
+        return CloseOutcome()
+    closer = Closer(CloseContext(
+        db=ClaimCheckedDatabase(run.db), epoch=run.epoch, exchange=reads.exchange, clock=run.clock,
+        secret_key=run.settings.secret_key, dry_run=run.dry_run, slippage=run.settings.close_slippage,
+        max_failures=run.settings.max_close_failures, seconds_left=run.seconds_left, mids=reads.mids,
+        lock_lost=run.lock_lost, plan_settings=plan_settings(run.settings)))
+    done = closer.done
+    later: list[tuple[Account, list[Action], dict[str, int | None], list[OpenOrder] | None, list[Followup]]] = []
+    try:
+        for result in reads.results:
+            account, plan = result.account, result.plan
+            if plan is None or run.stopped or run.lock_lost():
+                continue
+            # Orders left by a closed position: not for a coin that flipped (its new position's orders
+            # stay), and only orders placed before the close (see Closer._cancel_orphans).
+            reopened = {a.coin for a in plan.actions if a.type == planner.DISCOVER and "flipped_from" in a.metadata}
+            closed_coins = {a.coin: to_ms(a.closed_at) if a.closed_at else None
+                            for a in applied.closes.get(account.id, []) if a.coin not in reopened}
+            fired = [a for a in plan.actions if a.type == planner.CLOSE_ORDER]
+            settles = [a for a in plan.actions if a.type == planner.SETTLE_CLOSE]
+            if not run.can_act:
+                closed_coins = {}  # no key: nothing could cancel orphaned orders, so do not read them
+            pending = inputs.followups.get(account.id, [])  # retried every run until done or moot
+            if fired:
+                _with_claim(closer, account, lambda a=account, f=fired: closer.send_orders(a, f))
+            if fired or settles or closed_coins or pending:
+                later.append((account, settles, closed_coins, result.open_orders, pending))
+        for account, settles, closed_coins, open_orders, pending in later:
+            if run.stopped or run.lock_lost():
+                break
+            _with_claim(closer, account, lambda a=account, s=settles, c=closed_coins, o=open_orders, p=pending:
+                        closer.handle(a, s, c, open_orders=o, followups=p))
+    except Fenced as exc:
+        run.stop(exc.message)
+    for result in reads.results:
+        if result.deferred == "budget" and result.account.id in reads.reserve.urgent_accounts:
+            _exit_starved(done, f"{result.account.address}: exit work starved: not read (weight budget spent)"
+                                " although an exit rule fires or a close is to settle; next run")
+    _keep_followup_alerts(run, inputs, done)
+    return done
+
+
+def _with_claim(closer: Closer, account: Account, work: Callable[[], object]) -> None:
+    """Closer work for one account: its writes check the account's claim; a spent budget is reported."""
+    checked = closer.ctx.db
+    assert isinstance(checked, ClaimCheckedDatabase)
+    checked.account_id = account.id
+    try:
+        work()
+    except BudgetExhausted as exc:
+        _exit_starved(closer.done, f"{account.address}: exit work starved of weight ({exc});"
+                                   " closes wait for the next run")
+    finally:
+        checked.account_id = None
+
+
+def _exit_starved(done: CloseOutcome, note: str) -> None:
+    """Exit work that could not get weight: a note, and the `exit_starved` alert (never a silent run)."""
+    log.info(note)  # the note itself reaches stderr (and the alert); no second line
+    done.exit_starved += 1
+    done.notes.append(note)
+
+
+def _keep_followup_alerts(run: RunContext, inputs: Inputs, done: CloseOutcome) -> None:
+    """A follow-up past MONITOR_MAX_CLOSE_FAILURES that this run did not get to (its account deferred
+    or unread) keeps its alert: it is reported as it stands, not silently resolved."""
+    worked = {f["id"] for f in done.followups}
+    by_id = {a.id: a for a in inputs.accounts}
+    for account_id, pending in inputs.followups.items():
+        for followup in pending:
+            if followup.id not in worked and followup.attempts >= run.settings.max_close_failures:
+                done.followups.append(followup_json(by_id[account_id], followup, "pending", alert=True,
+                                                    reason="not worked this run"))
+
+
+def mark_seen(run: RunContext, reads: Reads) -> None:
+    """last_seen_at of the rows each snapshot confirmed unchanged, in one fenced statement."""
+    seen_ids = [i for r in reads.results if r.plan is not None for i in r.plan.seen_ids]
+    if not seen_ids or run.dry_run or run.stopped:
+        return
+    try:
+        with run.db.fenced(run.epoch):
+            run.db.touch_seen(seen_ids, run.clock.now(), claimed_epoch=run.epoch)
+    except Fenced as exc:
+        run.stop(exc.message)
+
+
+# ---- the report ----------------------------------------------------------------------------------
+
+
+def build_report(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied, exits: CloseOutcome) -> RunReport:
+    """The run's report, built once from what every phase returned."""
+    report = RunReport(run_id=run.run_id, dry_run=run.dry_run, epoch=run.epoch)
+    if run.lock.took_over:
+        report.notes.append(run.lock.took_over)
+        report.alerts.append(Alert("lock_stale_holder", "lock_stale_holder", run.lock.took_over))
+    _report_held(report, inputs)
+    report.notes.extend(reads.notes)
+    report.exit_reserved = reads.reserve.weight
+    deferred: list[str] = []
+    for result in reads.results:
+        account = result.account
+        if result.deferred:
+            deferred.append(account.address)
+            continue
+        failure = result.failure or applied.failures.get(account.id)
+        if failure is not None:
+            report.accounts_failed += 1
+            report.failures.append({"account": account.address, "reason": failure})
+            report.failed_account_ids[account.id] = failure[:200]
+        elif result.plan is not None:
+            report.accounts_ok += 1
+            report.ok_account_ids.append(account.id)
+        if result.plan is not None:
+            report.actions.extend(result.plan.actions)
+    report.discovered = applied.counts.get(planner.DISCOVER, 0)
+    report.updated = applied.counts.get(planner.UPDATE, 0)
+    report.closed = applied.counts.get(planner.CLOSE, 0) + exits.closed
+    report.conflicts = applied.counts.get("conflicts", 0) + exits.conflicts
+    report.close_orders_sent, report.would_close = exits.close_orders_sent, exits.would_close
+    report.actions.extend(exits.actions)
+    report.notes.extend(exits.notes)
+    report.followups.extend(exits.followups)
+    report.alerts.extend(exits.alerts)
+    report.exit_starved = exits.exit_starved
+    if exits.exit_starved:
+        first = next((n for n in exits.notes if "exit work starved" in n), None)
+        report.alerts.append(exit_starved_alert(exits.exit_starved, first))
+    if deferred:
+        report.accounts_deferred += len(deferred)
+        report.deferred_accounts.extend(deferred)
+        if run.past_deadline():
+            report.overrun = True
+            report.notes.append(f"deadline reached: {len(deferred)} account(s) left for the next run")
+        else:
+            report.notes.append(f"weight budget ({run.settings.weight_budget}/run) spent:"
+                                f" {len(deferred)} account(s) deferred, least urgent first")
+    if run.stopped:
+        report.fenced = True
+        report.notes.append(run.stopped)
+    report.requests, report.api_weight = reads.counter.requests, reads.counter.weight
+    return report
+
+
+def exit_starved_alert(count: int, first_note: str | None) -> Alert:
+    return Alert("exit_starved", "exit_starved",
+                 f"{count} account(s) with exit work (a fired rule's order, a close to settle, orders to cancel)"
+                 " got no API weight this run" + (f" (first: {first_note})" if first_note else ""))
+
+
+def _report_held(report: RunReport, inputs: Inputs) -> None:
+    """Accounts another live run had claimed: deferred, naming that run."""
+    by_holder: dict[tuple[Any, ...], int] = {}
+    for account, holder in inputs.held.values():
+        report.held_by_other_runs.append({"account": account.address, "run_id": holder.get("run_id"),
+                                          "lease": holder.get("lease"), "epoch": holder.get("epoch")})
+        key = (holder.get("run_id"), holder.get("lease"), holder.get("epoch"))
+        by_holder[key] = by_holder.get(key, 0) + 1
+        report.deferred_accounts.append(account.address)
+        report.accounts_deferred += 1
+    for (run_id, lease, epoch), count in by_holder.items():
+        report.notes.append(f"{count} account(s) claimed by another run (run {run_id}, lock {lease},"
+                            f" epoch {epoch}): deferred to the next run")
 
 
 class ClaimCheckedDatabase:
@@ -699,36 +816,3 @@ class ClaimCheckedDatabase:
             yield
 
 
-@dataclass
-class AccountResult:
-    """What the read phase produced for one account."""
-
-    account: Account
-    plan: AccountPlan | None = None
-    failure: str | None = None
-    deferred: str | None = None
-    open_orders: list[Any] | None = None
-
-
-def apply_action(db: Database, account: Account, action: Action, now: Any) -> bool:
-    """Carry out one planned change. False when another writer got there first (not an error)."""
-    if action.type == planner.DISCOVER:
-        new_id = db.insert_discovered(account_id=account.id, coin=action.coin, side=action.side or "long",
-                                      size=action.size, entry_price=action.entry_price,
-                                      opened_at=action.opened_at or now, now=now, metadata=action.metadata)
-        if new_id is None:
-            log.info("%s %s: another writer inserted the open row first", account.address, action.coin)
-        return new_id is not None
-    if action.type == planner.UPDATE:
-        return db.update_position(action.position_id, size=action.size, entry_price=action.entry_price, now=now,
-                                  realized_pnl=action.realized_pnl, fees=action.fees,
-                                  previous_size=action.previous_size)
-    if action.type == planner.CLOSE:
-        return db.close_position(action.position_id, closed_at=action.closed_at or now, reason=action.reason,
-                                 exit_price=action.exit_price, realized_pnl=action.realized_pnl, fees=action.fees,
-                                 metadata=action.metadata)
-    if action.type == planner.TRACK_BEST:
-        return db.set_best_price(action.position_id, action.price)
-    if action.type == planner.MARK_MISSING:
-        return db.merge_metadata(action.position_id, {"missing_since": (action.closed_at or now).isoformat()})
-    return False

@@ -222,9 +222,10 @@ def test_the_reserve_counts_only_rules_that_fire_at_this_runs_mids_and_is_capped
 
 
 def test_observed_conditions_name_exit_starved():
-    from monitor.runner import RunReport
+    from monitor.runner import RunReport, exit_starved_alert
 
-    report = RunReport(run_id="r", dry_run=False, exit_starved=2, notes=["0xabc: exit work starved of weight (x)"])
+    note = "0xabc: exit work starved of weight (x)"
+    report = RunReport(run_id="r", dry_run=False, exit_starved=2, notes=[note], alerts=[exit_starved_alert(2, note)])
     kind, message = observed_conditions(report)["exit_starved"]
     assert kind == "exit_starved" and "2 account(s)" in message and "0xabc" in message
 

@@ -1,0 +1,115 @@
+"""What a run reports: its counts, actions, notes and the alert conditions it saw, as typed values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from monitor.errors import EXIT_ACCOUNT_FAILED, EXIT_LOCK_HELD, EXIT_OK
+
+if TYPE_CHECKING:
+    from monitor.planner import Action
+
+
+@dataclass(frozen=True)
+class Alert:
+    """An alert condition a run observed: ``key`` identifies it across runs (README, "Alerts"), ``kind`` is
+    its class (``close_failed``, ``exit_starved``, ``lock_stale_holder``, ...), ``text`` what to tell."""
+
+    key: str
+    kind: str
+    text: str
+
+
+@dataclass
+class RunReport:
+    run_id: str
+    dry_run: bool
+    epoch: int | None = None
+    discovered: int = 0
+    updated: int = 0
+    closed: int = 0
+    conflicts: int = 0
+    close_orders_sent: int = 0
+    would_close: int = 0
+    accounts_ok: int = 0
+    accounts_failed: int = 0
+    accounts_deferred: int = 0
+    exit_reserved: int = 0
+    exit_starved: int = 0
+    actions: list[Action] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)  # the conditions this run saw (README, "Alerts")
+    failures: list[dict[str, str]] = field(default_factory=list)
+    deferred_accounts: list[str] = field(default_factory=list)
+    held_by_other_runs: list[dict[str, Any]] = field(default_factory=list)  # deferred: claimed by a live run
+    notes: list[str] = field(default_factory=list)
+    ok_account_ids: list[int] = field(default_factory=list)  # read and applied (not in the JSON)
+    failed_account_ids: dict[int, str] = field(default_factory=dict)  # account id -> why (not in the JSON)
+    followups: list[dict[str, Any]] = field(default_factory=list)  # follow-ups worked (or listed) this run
+    overrun: bool = False
+    fenced: bool = False
+    requests: int = 0
+    api_weight: int = 0
+    sql_statements: int = 0
+    duration_seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        if self.fenced:
+            return EXIT_LOCK_HELD
+        return EXIT_ACCOUNT_FAILED if self.accounts_failed else EXIT_OK
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.discovered or self.updated or self.closed or self.close_orders_sent or self.failures
+                    or self.exit_starved)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "dry_run": self.dry_run,
+            "epoch": self.epoch,
+            "discovered": self.discovered,
+            "updated": self.updated,
+            "closed": self.closed,
+            "conflicts": self.conflicts,
+            "close_orders_sent": self.close_orders_sent,
+            "would_close": self.would_close,
+            "accounts_ok": self.accounts_ok,
+            "accounts_failed": self.accounts_failed,
+            "accounts_deferred": self.accounts_deferred,
+            "exit_reserved": self.exit_reserved,
+            "exit_starved": self.exit_starved,
+            "failures": self.failures,
+            "deferred_accounts": self.deferred_accounts,
+            "held_by_other_runs": self.held_by_other_runs,
+            "notes": self.notes,
+            "followups": self.followups,
+            "overrun": self.overrun,
+            "requests": self.requests,
+            "api_weight": self.api_weight,
+            "sql_statements": self.sql_statements,
+            "duration_seconds": round(self.duration_seconds, 3),
+            "exit_code": self.exit_code,
+            "actions": [a.to_json() for a in self.actions],
+            "alerts": [{"key": a.key, "kind": a.kind, "text": a.text} for a in self.alerts],
+        }
+
+    def summary_line(self) -> str:
+        parts = [f"{self.discovered} discovered", f"{self.updated} updated", f"{self.closed} closed"]
+        if self.close_orders_sent:
+            parts.append(f"{self.close_orders_sent} close orders sent")
+        if self.would_close:
+            parts.append(f"{self.would_close} would close on the exchange")
+        if self.conflicts:
+            parts.append(f"{self.conflicts} already handled by another writer")
+        if self.exit_starved:
+            parts.append(f"{self.exit_starved} with exit work starved of API weight")
+        accounts = f"{self.accounts_ok} accounts read"
+        if self.accounts_failed:
+            accounts += f", {self.accounts_failed} failed"
+        if self.accounts_deferred:
+            accounts += f", {self.accounts_deferred} deferred"
+        head = "dry run (nothing written or sent): " if self.dry_run else ""
+        tail = " (overran its deadline)" if self.overrun else ""
+        return f"{head}{', '.join(parts)}; {accounts}{tail}"
