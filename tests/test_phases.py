@@ -156,3 +156,21 @@ def test_a_crash_is_recorded_with_the_code_the_process_exits_with(settings: Any,
         with setup(settings, dry_run=False, clock=Clock(), hooks=RunHooks(), exchange_factory=None):
             1 / 0  # noqa: B018 - a bug inside a phase
     assert db.recent_runs(1)[0]["exit_code"] == EXIT_SOFTWARE
+
+
+def test_a_crash_exits_70_with_one_line_after_its_traceback(env: dict[str, str], monkeypatch: Any) -> None:
+    """The CLI's side of the same promise: an unexpected exception is exit 70 (what the run recorded),
+    its traceback first (it is a bug), then one line; never Python's exit 1."""
+    from click.testing import CliRunner
+
+    import monitor.operations
+    from monitor.cli import cli
+
+    def crash(*_args: Any, **_kwargs: Any) -> Any:
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(monitor.operations, "execute_run", crash)
+    result = CliRunner().invoke(cli, ["run"], env=env)
+    assert result.exit_code == 70, result.output
+    assert result.output.rstrip().splitlines()[-1] == "position-monitor: internal error: ZeroDivisionError: boom"
+    assert "Traceback" in result.output
