@@ -12,11 +12,11 @@ ROUNDS ?= 500
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml testkit/pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required") if sys.version_info < (3, 11) else None'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e ./testkit -e '.[test]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -38,4 +38,4 @@ chaos: $(STAMP)
 	$(PY) scripts/chaos.py --rounds $(ROUNDS)
 
 clean:
-	rm -rf $(VENV) .demo .bench .hypothesis *.egg-info
+	rm -rf $(VENV) .demo .bench .hypothesis *.egg-info testkit/*.egg-info

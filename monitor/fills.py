@@ -2,8 +2,8 @@
 
 Everything is ``Decimal``; nothing here turns a price, size, PnL or fee into a float.
 
-Two facts about the exchange's fill lists that the code below relies on (both seen in the recorded
-``userFills`` answer in ``tests/fixtures/hyperliquid/userFills.json``):
+Two facts about the exchange's fill lists that the code below relies on (both seen in a recorded
+mainnet ``userFills`` answer, 500 fills of one account):
 
 * The list is newest first, but fills that share a millisecond are listed in the order they
   happened (oldest first). ``userFillsByTime`` is oldest first. So fills are sorted by time, and

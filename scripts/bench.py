@@ -25,7 +25,8 @@ How each figure is taken:
 The simulator runs in this process with TCP_NODELAY set on its sockets (it leaves Nagle's algorithm on,
 which adds a ~40 ms delayed-ACK stall to every keep-alive request on loopback; ``--raw-simulator`` keeps it).
 ``--rev REV`` measures ``monitor/`` as committed at REV (``git archive`` into a temp dir) instead of the
-working tree, so concurrent edits cannot change the code halfway through a benchmark.
+working tree, so concurrent edits cannot change the code halfway through a benchmark (the in-process
+simulator is the installed ``hlsim``, from testkit/, either way).
 
 The script always exits 0 once it has measured (targets that fail print FAIL); it removes its databases,
 its embedded PostgreSQL and its simulator on the way out.
@@ -55,7 +56,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+
+from pm_testkit import ScratchServer, with_database
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT  # where the measured `monitor` package lives (the working tree, or a --rev export)
@@ -157,13 +159,6 @@ def kill_current_child() -> None:
 
 # ---- PostgreSQL ----------------------------------------------------------------------------------
 
-def with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme.startswith("postgres"):
-        return urlunsplit(parts._replace(path="/" + name))
-    return f"{url} dbname={name}"  # a libpq key=value string
-
-
 class Postgres:
     """The server (embedded unless a URL is given), a statistics connection, and the bench databases."""
 
@@ -176,8 +171,6 @@ class Postgres:
             self.admin_url = url
             self.embedded = False
         else:
-            from monitor.database import ScratchServer
-
             self.server = ScratchServer("pm-bench-pg-")
             self.admin_url = self.server.url
             self.embedded = True
@@ -471,7 +464,7 @@ class Bench:
 
     def load_exchange(self, label: str, accounts: int, positions: int) -> tuple[list[str], list[tuple[str, str, int]]]:
         """N accounts x M positions, loaded into the simulator in one call; returns addresses and (addr, coin, szi)."""
-        from monitor.simulator import Simulator
+        from hlsim import Simulator
 
         defaults = Simulator()
         universe = [u["name"] for u in defaults.meta()["universe"]]
@@ -736,14 +729,16 @@ def runner_default_budget() -> tuple[int, str]:
 
 
 def use_source(rev: str | None, workdir: Path) -> str:
-    """Point the CLI runs (and the in-process simulator) at the working tree or at ``rev`` exported by git archive."""
+    """Point the CLI runs at the working tree or at ``rev``'s monitor/ exported by git archive.
+
+    The in-process simulator is the installed ``hlsim`` (testkit/) either way."""
     global SOURCE
     if rev is None:
         SOURCE = ROOT
     else:
         target = workdir / "src"
         target.mkdir()
-        archive = subprocess.run(["git", "archive", "--format=tar", rev, "monitor", "tests/fixtures"], cwd=ROOT,
+        archive = subprocess.run(["git", "archive", "--format=tar", rev, "monitor"], cwd=ROOT,
                                  capture_output=True, timeout=60)
         if archive.returncode != 0:
             raise SystemExit(f"--rev {rev}: git archive failed: {archive.stderr.decode(errors='replace').strip()}")
@@ -765,7 +760,7 @@ def no_nagle(raw: bool) -> str:
     Nagle's algorithm on, the body waits for the client's delayed ACK of the headers: ~40 ms per request
     on Linux loopback on top of the configured latency, which would swamp what is being measured.
     """
-    import monitor.simulator as simulator
+    import hlsim.server as simulator
 
     handler = getattr(simulator, "_Handler", None)
     if handler is None:
@@ -848,7 +843,7 @@ def main(argv: list[str] | None = None) -> int:
         args.default_budget = runner_default_budget()  # now, while the measured source is on sys.path
         pg = Postgres(url)
         nagle = no_nagle(args.raw_simulator)
-        from monitor.simulator import start
+        from hlsim import start
 
         sim = start(latency_ms=args.latency_ms)
         git = git_state()

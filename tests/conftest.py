@@ -13,10 +13,11 @@ import sys
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
+from hlsim import fixtures
+from pm_testkit import with_database
 
 try:
     from hypothesis import settings as hypothesis_settings
@@ -33,20 +34,12 @@ if hypothesis_settings is not None:
     hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hyperliquid"
 FIXTURE_ACCOUNT = "0x5e9ee1089755c3435139848e47e6635505d5a13a"
 ALICE = "0x" + "a1" * 20  # the account most end-to-end tests trade on
 
 
 def fixture_response(name: str) -> Any:
-    return json.loads((FIXTURES / name).read_text())["response"]
-
-
-def with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme.startswith("postgres"):
-        return urlunsplit(parts._replace(path="/" + name))
-    return f"{url} dbname={name}"  # a libpq key=value string
+    return fixtures.response(name)
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +48,7 @@ def pg_server_url() -> Iterator[str]:
     if url:
         yield url
         return
-    from monitor.database import ScratchServer
+    from pm_testkit import ScratchServer
 
     server = ScratchServer("pm-test-pg-")
     try:
@@ -99,7 +92,7 @@ def db(database_url: str) -> Iterator[Any]:
 
 @pytest.fixture
 def sim() -> Iterator[Any]:
-    from monitor.simulator import start
+    from hlsim import start
 
     server = start()
     try:

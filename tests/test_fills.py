@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hlsim import fixtures
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,7 +24,6 @@ from monitor.fills import (
 )
 from monitor.models import ExchangeDataError, Fill
 
-FIXTURE = Path(__file__).parent / "fixtures" / "hyperliquid" / "userFills.json"
 ACCOUNT = "0xb7b6f3cea3f66bf525f5d8f965f6dbf6d9b017b2"  # the account the recording is of
 OTHER = "0x31ca8395cf837de08b24da3f660e77761dfb974b"
 ME = "0x5e9ee1089755c3435139848e47e6635505d5a13a"
@@ -31,7 +31,7 @@ ME_CHECKSUMMED = "0x5E9EE1089755C3435139848E47E6635505D5A13A"
 
 
 def load_raw() -> list[dict[str, Any]]:
-    return json.loads(FIXTURE.read_text())["response"]
+    return fixtures.response("userFills.json")
 
 
 @pytest.fixture(scope="module")

@@ -735,7 +735,7 @@ def test_a_non_json_order_answer_is_unknown_not_rejected() -> None:
 
 @pytest.fixture(scope="module")
 def module_sim() -> Any:
-    from monitor.simulator import start
+    from hlsim import start
 
     server = start()
     server.open_position(ADDRESS, "BTC", "1", "30000")

@@ -13,7 +13,7 @@ def test_new_positions_stop_placed_in_the_closing_block_survives(keyed, sim, dat
     run_json(keyed)
     sim.advance_time(5000)
     import time as _time
-    import monitor.simulator as simmod
+    import hlsim.state as simmod
     frozen = _time.time()
     real = simmod.time.time
     simmod.time.time = lambda: frozen  # one block: the close, the re-open and its stop share a millisecond

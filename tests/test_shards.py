@@ -19,7 +19,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from monitor.simulator import _HTTPServer
+from hlsim.server import _HTTPServer
 from tests.conftest import ROOT, cli, run_json
 
 

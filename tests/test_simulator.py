@@ -21,23 +21,23 @@ from hyperliquid.utils.error import ClientError, ServerError
 from hyperliquid.utils.signing import get_timestamp_ms, sign_l1_action
 from hyperliquid.utils.types import Cloid
 
-from monitor.simulator import (
+from hlsim import (
     DESERIALIZE_ERROR,
     Simulator,
     SimulatorClient,
     SimulatorError,
     SimulatorServer,
+    fixtures,
     fmt,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT / "tests" / "fixtures" / "hyperliquid"
 SPOT_META = {"universe": [], "tokens": []}
 NUMBER_TEXT = re.compile(r"^-?[0-9]+\.[0-9]+$")
 
 
 def fixture(name: str) -> dict:
-    return json.loads((FIXTURES / name).read_text())
+    return fixtures.load(name)
 
 
 @pytest.fixture
@@ -508,7 +508,7 @@ def test_control_over_http_and_cli_process(tmp_path):
     url_file = tmp_path / "url"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "monitor.simulator", "--host", "127.0.0.1", "--port", "0", "--url-file", str(url_file),
+        [sys.executable, "-m", "hlsim", "--host", "127.0.0.1", "--port", "0", "--url-file", str(url_file),
          "--state", str(state), "--latency-ms", "1"],
         cwd=ROOT, env=env, stderr=subprocess.PIPE)
     try:
