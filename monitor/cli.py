@@ -151,7 +151,7 @@ def run(ctx: click.Context, dry_run: bool, as_json: bool, accounts: tuple[str, .
         bar.update(done - bar.pos)
 
     try:
-        run_, report = execute_run(settings, dry_run=dry_run, addresses=addresses,
+        _, report = execute_run(settings, dry_run=dry_run, addresses=addresses,
                                    progress=progress if interactive else None,
                                    on_start=lambda r: setattr(_run_filter, "run_id", r.lock.run_id))
     finally:
@@ -186,7 +186,8 @@ def _action_row(action: Any) -> dict[str, Any]:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.option("--runs", default=5, show_default=True, type=click.IntRange(1, 1000), help="How many recent runs to show.")
+@click.option("--runs", default=5, show_default=True, type=click.IntRange(1, 1000),
+              help="How many recent runs to show.")
 @click.pass_context
 def status(ctx: click.Context, as_json: bool, runs: int) -> None:
     """Last runs, lock holder, accounts and their last good read, open positions, active alerts."""
@@ -203,7 +204,8 @@ def status(ctx: click.Context, as_json: bool, runs: int) -> None:
         followups = database.followups_overview()
     finally:
         database.close()
-    payload = {"runs": recent, "lock": {"backend": settings.lock_backend, "holder": holder.to_json() if holder else None,
+    payload = {"runs": recent, "lock": {"backend": settings.lock_backend,
+                                        "holder": holder.to_json() if holder else None,
                                         "epoch": lease.get("epoch") if lease else None},
                "accounts": overview, "alerts": alerts, "followups": followups}
     if as_json:
@@ -247,7 +249,6 @@ def accounts() -> None:
 @click.pass_context
 def accounts_add(ctx: click.Context, address: str, label: str | None) -> None:
     """Watch ADDRESS (0x + 40 hex digits; stored lowercase)."""
-    from monitor.runner import open_database
 
     address = _address(address)
     db, _ = _ready_database(ctx)

@@ -21,8 +21,16 @@ from typing import Any, Callable
 from monitor import planner
 from monitor.clock import Clock, from_ms, to_ms
 from monitor.database import Database, Followup
-from monitor.exchange import (Exchange, FillsTruncated, OpenOrder, ReadFailed, Trader, close_cloid,
-                              is_authorization_error, is_meta_error)
+from monitor.exchange import (
+    Exchange,
+    FillsTruncated,
+    OpenOrder,
+    ReadFailed,
+    Trader,
+    close_cloid,
+    is_authorization_error,
+    is_meta_error,
+)
 from monitor.exit_budget import CACHE_TTL, signer_address
 from monitor.models import Account
 from monitor.planner import Action, PlanSettings, lookback

@@ -67,7 +67,7 @@ class Settings:
         """A run stops starting new work this long after it started (a margin before the stale limit)."""
         return max(self.lock_stale_after * 0.8, self.lock_stale_after - 30.0)
 
-    def with_overrides(self, **changes: Any) -> "Settings":
+    def with_overrides(self, **changes: Any) -> Settings:
         return replace(self, **changes)
 
 

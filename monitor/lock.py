@@ -188,7 +188,7 @@ class RunLock:
     def release(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         self.acquire()
         return self
 

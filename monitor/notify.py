@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Collection, Iterable, Mapping
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-
 from monitor import __version__
 
 log = logging.getLogger(__name__)
@@ -105,7 +104,7 @@ def render_metrics(m: RunMetrics) -> str:
               [({}, float(m.last_success))])  # Unix seconds, not money
     gauge("run_duration_seconds", "How long the last run took.",
           [({}, max(0.0, float(m.run_finished) - float(m.run_started)))])  # duration, not money
-    counters = {kind: 0 for kind in DEFAULT_ACTION_KINDS}
+    counters = dict.fromkeys(DEFAULT_ACTION_KINDS, 0)
     counters.update(m.counters)
     gauge("run_actions", "Actions taken by the last run, by kind (a per-run count, not a running total).",
           [({"kind": kind}, int(counters[kind])) for kind in sorted(counters)])

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from monitor.clock import from_ms, to_ms
 from monitor.fills import Cycle, RowCycles, row_cycles, segment_cycles
-from monitor.models import Account, AccountSnapshot, ExchangeDataError, ExchangePosition, Fill, PositionRow
+from monitor.models import Account, AccountSnapshot, ExchangePosition, Fill, PositionRow
 
 # Action types. The first four change the table; close_order asks the exchange to close; the
 # others are reported so a person can see why nothing happened to a row.
@@ -337,7 +337,8 @@ def _vanished(address: str, row: PositionRow, now: datetime, settings: PlanSetti
                        reason="not on the exchange yet, but opened moments ago (grace period)")]
     if fills is None and not fills_truncated:
         return [Action(WAIT, address, row.coin, position_id=row.id,
-                       reason=f"gone from the exchange; fills unreadable ({fills_error or 'not read'}), retry next run")]
+                       reason=(f"gone from the exchange; fills unreadable ({fills_error or 'not read'}),"
+                               " retry next run"))]
     # Gone, and no fill explains it (yet). Close without figures only after it has been seen missing
     # for the whole window, counted from the first run that saw it missing (not from the last
     # sighting: an outage or failed reads must not shorten the wait).
@@ -399,7 +400,8 @@ def _still_open(address: str, account: Account, row: PositionRow, position: Exch
         # Without fills a close and re-open cannot be told from a resize: keep the row as it is (the
         # difference stays, so the next run reads fills again) and send nothing for it.
         return [Action(WAIT, address, row.coin, position_id=row.id,
-                       reason=f"size or entry changed; fills unreadable ({fills_error or 'not read'}), verify next run")]
+                       reason=(f"size or entry changed; fills unreadable ({fills_error or 'not read'}),"
+                               " verify next run"))]
     # the cycle's figures so far, when they are all there (past the history its start is out of reach)
     whole = own is not None and own.complete and (own.start_known or not truncated)
     if changed:

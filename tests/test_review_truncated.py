@@ -16,7 +16,7 @@ S = PlanSettings()
 
 def mk(coin, side, sz, px, start, at, n, direction):
     return Fill(coin=coin, price=D(px), size=D(sz), side=side, time_ms=to_ms(at), start_position=D(start),
-                direction=direction, closed_pnl=D(0), fee=D("0.1"), hash="0x" + "%064x" % n, oid=n, tid=n)
+                direction=direction, closed_pnl=D(0), fee=D("0.1"), hash=f"0x{n:064x}", oid=n, tid=n)
 
 
 def test_rule_never_fires_on_a_cycle_that_opened_after_the_row():
