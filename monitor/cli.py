@@ -37,7 +37,7 @@ class MonitorGroup(click.Group):
 
 
 def _settings(ctx: click.Context) -> Settings:
-    settings = ctx.obj.get("settings")
+    settings: Settings | None = ctx.obj.get("settings")
     if settings is None:
         settings = load_settings(ctx.obj["flags"])  # ConfigError -> exit 78
         ctx.obj["settings"] = settings

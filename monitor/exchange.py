@@ -30,7 +30,7 @@ FILLS_PAGE_LIMIT = 2000  # the exchange's maximum fills per userFillsByTime answ
 FILLS_HISTORY = 10_000  # the exchange keeps only the 10,000 most recent fills of a user
 FILLS_MAX_REQUESTS = 24  # requests one fills read may make (a full page costs 120 weight)
 FILLS_SPAN_AIM = 1200  # fills a span back from now aims at: well under a page, so few come back capped
-EMPTY_SPOT_META = {"universe": [], "tokens": []}
+EMPTY_SPOT_META: dict[str, list[Any]] = {"universe": [], "tokens": []}
 
 # Request weights (Hyperliquid docs, rate limits): what each read costs from the per-IP budget.
 WEIGHT = {"clearinghouseState": 2, "allMids": 2, "orderStatus": 2, "meta": 20, "frontendOpenOrders": 20,
@@ -46,11 +46,11 @@ META_ERRORS = ("invalid size", "invalid price", "divisible by tick size")
 
 def is_authorization_error(text: str | None) -> bool:
     """Whether an /exchange refusal says the key may not act for the account (so a cached role is wrong)."""
-    return bool(text) and any(marker in text.lower() for marker in AUTHORIZATION_ERRORS)
+    return text is not None and any(marker in text.lower() for marker in AUTHORIZATION_ERRORS)
 
 
 def is_meta_error(text: str | None) -> bool:
-    return bool(text) and any(marker in text.lower() for marker in META_ERRORS)
+    return text is not None and any(marker in text.lower() for marker in META_ERRORS)
 
 
 def _is_unparsed(body: Any) -> bool:
@@ -405,7 +405,9 @@ class Exchange:
         body = self._post("userRole", {"type": "userRole", "user": address}, WEIGHT["userRole"])
         if not isinstance(body, dict) or not isinstance(body.get("role"), str):
             raise ReadFailed("userRole", "invalid answer")
-        data = body.get("data") if isinstance(body.get("data"), dict) else {}
+        data = body.get("data")
+        if not isinstance(data, dict):
+            data = {}
         linked = data.get("user") or data.get("master")
         if linked is not None and not isinstance(linked, str):
             raise ReadFailed("userRole", "invalid answer (linked address)")
@@ -517,6 +519,14 @@ def parse_open_orders(body: Any) -> list[OpenOrder]:
                                        cloid=item.get("cloid"), timestamp_ms=placed))
         stack.extend(children)
     return sorted(seen.values(), key=lambda o: o.oid)
+
+
+def signer_address(secret_key: str) -> str:
+    """The lowercase address of the configured key (never the key itself)."""
+    from eth_account import Account as EthAccount
+
+    address: str = EthAccount.from_key(secret_key).address
+    return address.lower()
 
 
 class Trader:
