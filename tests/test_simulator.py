@@ -466,7 +466,8 @@ def test_weights_logged(sim):
     master = eth_account.Account.create()
     sim.add_account(master.address)
     ex = make_exchange(sim, master)
-    ex.bulk_orders([{"coin": "DOGE", "is_buy": True, "sz": 10.0, "limit_px": 0.05, "order_type": {"limit": {"tif": "Gtc"}},
+    ex.bulk_orders([{"coin": "DOGE", "is_buy": True, "sz": 10.0, "limit_px": 0.05,
+                     "order_type": {"limit": {"tif": "Gtc"}},
                      "reduce_only": False}] * 41)
     entry = sim.requests_log(path="exchange")[-1]
     assert entry["weight"] == 2 and entry["user"] == master.address.lower() and entry["type"] == "order"
