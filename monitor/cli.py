@@ -37,7 +37,7 @@ class MonitorGroup(click.Group):
             ctx.exit(exit_code_for(exc))
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise  # click's own: it prints and exits as documented
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a bug: its traceback, one line, exit 70
             # A bug: its traceback (for the report), then one line, and the code the run recorded (70).
             traceback.print_exc(file=sys.stderr)
             click.echo(f"position-monitor: internal error: {type(exc).__name__}: {exc}", err=True)

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
+from functools import partial
 from typing import Any
 
 from monitor import planner
@@ -264,6 +265,7 @@ def make_lock(settings: Settings) -> RunLock:
 def _start_epoch(db: Database, lock: RunLock, settings: Settings) -> int:
     """The run's fencing epoch: the lease's (PostgreSQL backend), or advanced here (file lock)."""
     if isinstance(lock, PostgresRunLock):
+        assert lock.epoch is not None  # acquired
         db.run_id, db.epoch = lock.run_id, lock.epoch
         return lock.epoch
     start = process_start_time(os.getpid())
@@ -557,7 +559,7 @@ def apply_plans(run: RunContext, reads: Reads) -> Applied:
             break
         except DatabaseUnavailable:
             raise
-        except Exception as exc:  # noqa: BLE001 - one account's fault must not abort the others
+        except Exception as exc:
             log.exception("account %s: applying the plan failed", plan.account.address)
             applied.failures[plan.account.id] = f"database write failed: {type(exc).__name__}: {str(exc)[:120]}"
             continue
@@ -655,14 +657,14 @@ def work_exits(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied) 
                 closed_coins = {}  # no key: nothing could cancel orphaned orders, so do not read them
             pending = inputs.followups.get(account.id, [])  # retried every run until done or moot
             if fired:
-                _with_claim(closer, account, lambda a=account, f=fired: closer.send_orders(a, f))
+                _with_claim(closer, account, partial(closer.send_orders, account, fired))
             if fired or settles or closed_coins or pending:
                 later.append((account, settles, closed_coins, result.open_orders, pending))
         for account, settles, closed_coins, open_orders, pending in later:
             if run.stopped or run.lock_lost():
                 break
-            _with_claim(closer, account, lambda a=account, s=settles, c=closed_coins, o=open_orders, p=pending:
-                        closer.handle(a, s, c, open_orders=o, followups=p))
+            _with_claim(closer, account, partial(closer.handle, account, settles, closed_coins,
+                                                 open_orders=open_orders, followups=pending))
     except Fenced as exc:
         run.stop(exc.message)
     for result in reads.results:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import copy
-import json
 from collections import defaultdict
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest

@@ -135,8 +135,8 @@ def test_exit_phase_sends_a_fired_stop_and_the_report_counts_it(settings: Any, w
 
 
 def test_build_report_names_accounts_held_by_another_run(run: Any, watched: list[Any], db: Any) -> None:
-    from monitor.runner import Applied, Inputs, Reads, build_report
     from monitor.closing import CloseOutcome
+    from monitor.runner import Applied, Inputs, Reads, build_report
 
     holder = {"run_id": "other", "lease": "run", "epoch": 7}
     inputs = Inputs(held={watched[0].id: (watched[0], holder)})
@@ -152,9 +152,9 @@ def test_a_crash_is_recorded_with_the_code_the_process_exits_with(settings: Any,
     from monitor.errors import EXIT_SOFTWARE
     from monitor.runner import RunHooks, setup
 
-    with pytest.raises(ZeroDivisionError):
-        with setup(settings, dry_run=False, clock=Clock(), hooks=RunHooks(), exchange_factory=None):
-            1 / 0  # noqa: B018 - a bug inside a phase
+    with pytest.raises(ZeroDivisionError), setup(settings, dry_run=False, clock=Clock(), hooks=RunHooks(),
+                                                   exchange_factory=None):
+        1 / 0  # noqa: B018 - a bug inside a phase
     assert db.recent_runs(1)[0]["exit_code"] == EXIT_SOFTWARE
 
 
