@@ -58,10 +58,17 @@ def _is_unparsed(body: Any) -> bool:
     return isinstance(body, dict) and set(body) == {"error"}
 
 
+def printable(text: str) -> str:
+    """The exchange's own words made safe for one log line and a PostgreSQL text column: control
+    characters (a NUL among them, which PostgreSQL refuses) are written as escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class ReadFailed(Exception):
     """A read whose answer is unknown: nothing may be concluded from it."""
 
     def __init__(self, what: str, reason: str, *, retry_after: float | None = None) -> None:
+        reason = printable(reason)
         super().__init__(f"{what}: {reason}")
         self.what = what
         self.reason = reason
@@ -472,6 +479,10 @@ class OrderOutcome:
     average_price: Decimal | None = None
     error: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.error is not None:
+            object.__setattr__(self, "error", printable(self.error))
+
 
 @dataclass(frozen=True)
 class OpenOrder:
@@ -608,7 +619,7 @@ class Trader:
         action = {"type": "cancel", "cancels": [{"a": asset, "o": oid}]}
         body = self._send(action, expires_after_ms)
         if not isinstance(body, dict) or body.get("status") != "ok":
-            return str(body.get("response") if isinstance(body, dict) else body)[:200]
+            return printable(str(body.get("response") if isinstance(body, dict) else body)[:200])
         response = body.get("response")
         data = response.get("data") if isinstance(response, dict) else None
         statuses = data.get("statuses") if isinstance(data, dict) else None
@@ -618,7 +629,7 @@ class Trader:
             error = statuses[0].get("error") if isinstance(statuses[0], dict) else str(statuses[0])
             if error and "never placed, already canceled, or filled" in error:
                 return None  # already gone: the goal is met
-            return str(error)[:200]
+            return printable(str(error)[:200])
         return None
 
 
