@@ -71,6 +71,7 @@ class CloseOutcome:
     closed: int = 0
     conflicts: int = 0
     exit_starved: int = 0
+    postponed_at_deadline: int = 0  # fired rules' orders not sent: too little of the run's time was left
     actions: list[Action] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     followups: list[dict[str, Any]] = field(default_factory=list)
@@ -257,7 +258,7 @@ class Closer:
             return
         left = ctx.seconds_left()
         if left < SETTLE_MARGIN_SECONDS + 1:
-            self._note(f"#{action.position_id} {action.coin}: too close to the run's deadline to send a close")
+            self._postponed(f"#{action.position_id} {action.coin}: too close to the run's deadline to send a close")
             return
         assert action.position_id is not None  # the planner's close orders always name their row
         row = ctx.db.position(action.position_id)
@@ -274,7 +275,7 @@ class Closer:
         expires_after = self._expires_after()
         if expires_after is None:
             # Too late to send safely (deadline, or the lock was lost): nothing is claimed, nothing sent.
-            self._note(f"#{row.id} {action.coin}: not sent, the run is at its deadline; next run")
+            self._postponed(f"#{row.id} {action.coin}: not sent, the run is at its deadline; next run")
             return
         now = ctx.clock.now()
         with ctx.db.fenced(ctx.epoch):
@@ -286,7 +287,7 @@ class Closer:
         if ctx.lock_lost() or ctx.clock.now_ms() >= expires_after - int(SETTLE_MARGIN_SECONDS * 1000):
             with ctx.db.fenced(ctx.epoch):
                 ctx.db.release_close(row.id, cloid=cloid, event="close_not_placed", error="run deadline reached")
-            self._note(f"#{row.id} {action.coin}: not sent, the run is at its deadline; next run")
+            self._postponed(f"#{row.id} {action.coin}: not sent, the run is at its deadline; next run")
             return
         try:
             outcome = trader.close_ioc(action.coin, side=row.side, size=action.size or row.size, mid=action.price,
@@ -331,6 +332,12 @@ class Closer:
         if ctx.lock_lost() or left < 1:
             return None
         return ctx.clock.now_ms() + int(min(ORDER_TTL_SECONDS, left) * 1000)
+
+    def _postponed(self, note: str) -> None:
+        """A close the run had no time left to send safely: the run overran (alert run_overran) and the
+        next run sends it."""
+        self.done.postponed_at_deadline += 1
+        self._note(note)
 
     def _already(self, action: Action) -> None:
         self.done.conflicts += 1

@@ -789,6 +789,7 @@ def build_report(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied
     if exits.exit_starved:
         first = next((n for n in exits.notes if "exit work starved" in n), None)
         report.alerts.append(exit_starved_alert(exits.exit_starved, first))
+    report.overrun = exits.postponed_at_deadline > 0  # an order left for the next run by the deadline
     if deferred:
         report.accounts_deferred += len(deferred)
         report.deferred_accounts.extend(deferred)
