@@ -10,6 +10,7 @@ EXIT_OK = 0
 EXIT_ACCOUNT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_DB_UNAVAILABLE = 69  # EX_UNAVAILABLE
+EXIT_SOFTWARE = 70  # EX_SOFTWARE: what Run.execute records for a run stopped by an unexpected exception
 EXIT_LOCK_HELD = 75  # EX_TEMPFAIL
 EXIT_CONFIG = 78  # EX_CONFIG
 
@@ -33,7 +34,25 @@ class SchemaBehind(ConfigError):
 
 
 class DatabaseUnavailable(MonitorError):
+    """The database cannot be reached, or the connection was lost (an operational error)."""
+
     exit_code = EXIT_DB_UNAVAILABLE
+
+
+class DatabaseError(MonitorError):
+    """Any other error the database reported (a constraint violation, a bad statement, ...).
+
+    Raised by ``Database`` in place of the driver's own exceptions, so no other module needs the driver.
+    Its exit code is the one a run stopped by an unexpected exception records (70, EX_SOFTWARE).
+    """
+
+    exit_code = EXIT_SOFTWARE
+
+    def __init__(self, kind: str, detail: str) -> None:
+        first = detail.strip().splitlines()[0] if detail.strip() else kind
+        super().__init__(f"database error: {kind}: {first}")
+        self.kind = kind  # the server's error class, e.g. "CheckViolation"
+        self.detail = detail  # the server's whole message (DETAIL lines included)
 
 
 class LockHeld(MonitorError):

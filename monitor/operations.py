@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-
-import psycopg
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Sequence
 
@@ -118,10 +116,8 @@ def _alerts(settings: Settings, observed: dict[str, tuple[str, str]], only: Sequ
                 send_webhook(settings.alert_webhook, text)
     except Fenced as exc:
         log.warning("alerts not recorded: %s; the run that took it decides them", exc.message)
-    except MonitorError as exc:
+    except MonitorError as exc:  # DatabaseError and DatabaseUnavailable included
         log.warning("alerts not recorded: %s", exc.message)
-    except psycopg.Error as exc:
-        log.warning("alerts not recorded: %s", str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
     finally:
         db.close()
 
@@ -141,10 +137,8 @@ def _metrics(settings: Settings, report: RunReport | None, started: float, *, lo
                 open_by_account = db.open_counts_by_address()
         finally:
             db.close()
-    except MonitorError as exc:
+    except MonitorError as exc:  # DatabaseError and DatabaseUnavailable included
         log.warning("metrics without database figures: %s", exc.message)
-    except psycopg.Error as exc:
-        log.warning("metrics without database figures: %s", type(exc).__name__)
     counters = {}
     if report is not None:
         counters = {"discovered": report.discovered, "updated": report.updated, "closed": report.closed,

@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Callable, Iterator, Sequence
 
-import psycopg
-
 from monitor import planner
+from monitor.applying import AppliedAccount, apply_plans
 from monitor.clock import Clock, to_ms
 from monitor.config import Settings
 from monitor.database import Database, connect, embedded_database_url
@@ -28,11 +27,12 @@ from monitor.errors import (
     EXIT_ACCOUNT_FAILED,
     EXIT_LOCK_HELD,
     EXIT_OK,
+    DatabaseError,
     DatabaseUnavailable,
     Fenced,
     UsageError,
 )
-from monitor.closing import CloseContext, Closer, close_bound_ms, followup_json
+from monitor.closing import CloseContext, Closer, followup_json
 from monitor.exit_budget import CACHE_TTL, ExitReserve, exit_reserve, signer_address
 from monitor.exchange import (BudgetExhausted, Exchange, FillsCache, FillsTruncated, ReadFailed, RequestCounter,
                               WeightBudget)
@@ -270,7 +270,7 @@ class Run:
             except Fenced as exc:
                 report.fenced = True
                 report.notes.append(f"account health not recorded: {exc.message}")
-            except (DatabaseUnavailable, psycopg.Error) as exc:
+            except (DatabaseUnavailable, DatabaseError) as exc:
                 log.warning("could not record account health: %s", getattr(exc, "message", type(exc).__name__))
         try:
             if self.crashed is not None or report.fenced:
@@ -282,7 +282,7 @@ class Run:
             db.finish_run(run_id=report.run_id, counts=counts, accounts_failed=report.accounts_failed,
                           exit_code=report.exit_code if self.crashed is None else self.crashed,
                           error_summary=summary)
-        except (DatabaseUnavailable, psycopg.Error) as exc:
+        except (DatabaseUnavailable, DatabaseError) as exc:
             # History is worth keeping but never worth failing a run that did its work.
             log.warning("could not record the run's history: %s", getattr(exc, "message", type(exc).__name__))
 
@@ -473,6 +473,12 @@ class Run:
         seen_ids: list[int] = []
         deferred: list[str] = []
         later: list[tuple[Account, list[Action], dict[str, int | None], Any, list[Any]]] = []
+        applied: dict[int, AppliedAccount] = {}
+        if not self.dry_run and not self.lock.compromised.is_set():
+            # Every plan's changes at once, in a few batched transactions (monitor/applying.py).
+            plans = [r.plan for r in results if not r.deferred and r.plan is not None and r.plan.changes]
+            applied = {outcome.account.id: outcome for outcome in apply_plans(
+                self.db, self.epoch, plans, now=self.clock.now(), record_followups=bool(self.settings.secret_key))}
         for result in results:
             account = result.account
             if result.deferred:
@@ -488,17 +494,16 @@ class Run:
             plan = result.plan
             self.report.actions.extend(plan.actions)
             seen_ids.extend(plan.seen_ids)
+            closed = self._applied(applied.pop(account.id)) if account.id in applied else []
             if self.lock.compromised.is_set():
+                for outcome in applied.values():  # written before the loss was seen: counted all the same
+                    self._applied(outcome)
                 self.report.fenced = True
                 self.report.notes.append("lock lost (taken over or cleared): stopping without writing more")
                 break
             if self.dry_run:
                 self._count_planned(plan)
                 closed = [a for a in plan.actions if a.type == planner.CLOSE]
-            elif plan.changes:
-                closed = self._apply(plan)
-            else:
-                closed = []  # nothing to write: no transaction at all
             # Orders left by a closed position: not for a coin that flipped (its new position's orders
             # stay), and only orders placed before the close (see Closer._cancel_orphans).
             # (a re-open after a close keeps only its own orders: those placed after the close)
@@ -636,47 +641,20 @@ class Run:
         elif kind == planner.CLOSE:
             self.report.closed += 1
 
-    def _apply(self, plan: AccountPlan) -> list[Action]:
-        """Apply one account's plan in one fenced transaction; returns the close actions it applied."""
-        assert self.db is not None
-        db = self.db
-        applied: list[Action] = []
-        # A flip's new position began with the very fill that closed the old one: its orders (TP/SL placed
-        # with the flip order) cannot be told from the old position's by time, so a flip records nothing.
-        flipped = {a.metadata.get("flipped_from") for a in plan.actions if a.type == planner.DISCOVER}
-        reopened_at: dict[Any, set[int]] = {}
-        for a in plan.actions:
-            if a.type == planner.DISCOVER and a.opened_at is not None and "reopened_after" in a.metadata:
-                reopened_at.setdefault(a.metadata["reopened_after"], set()).add(to_ms(a.opened_at))
-        try:
-            with db.fenced(self.epoch):
-                db.require_claim(plan.account.id, self.epoch)
-                for action in plan.actions:
-                    if apply_action(db, plan.account, action, self.clock.now()):
-                        applied.append(action)
-                        if (action.type == planner.CLOSE and action.position_id not in flipped
-                                and self.settings.secret_key):
-                            # In the close's own transaction: a crash before the cancels cannot lose them.
-                            bound = close_bound_ms(action, self.clock.now())
-                            if bound in reopened_at.get(action.position_id, ()):
-                                bound -= 1  # re-opened in the close's millisecond: its orders may share it
-                            db.record_followup(account_id=plan.account.id, coin=action.coin, kind="cancel_orphans",
-                                               position_id=action.position_id, not_after_ms=bound)
-                    elif action.type in (planner.DISCOVER, planner.UPDATE, planner.CLOSE):
-                        self.report.conflicts += 1
-        except (Fenced, DatabaseUnavailable):
-            raise
-        except Exception as exc:  # noqa: BLE001 - one account's fault must not abort the others
-            log.exception("account %s: applying the plan failed", plan.account.address)
-            if plan.account.id in self.ok_ids:
-                self.ok_ids.remove(plan.account.id)
+    def _applied(self, outcome: AppliedAccount) -> list[Action]:
+        """Count what the apply phase did for one account; returns the close actions it applied."""
+        account = outcome.account
+        self.report.conflicts += outcome.conflicts
+        if outcome.failure is not None:
+            if account.id in self.ok_ids:
+                self.ok_ids.remove(account.id)
                 self.report.accounts_ok -= 1
-            if plan.account.id not in self.failed_ids:
-                self._fail(plan.account, f"database write failed: {type(exc).__name__}: {str(exc)[:120]}")
+            if account.id not in self.failed_ids:
+                self._fail(account, outcome.failure)
             return []
-        for action in applied:
+        for action in outcome.applied:
             self._count(action.type)
-        return [a for a in applied if a.type == planner.CLOSE]
+        return [a for a in outcome.applied if a.type == planner.CLOSE]
 
 
 class ClaimCheckedDatabase:
@@ -708,27 +686,3 @@ class AccountResult:
     failure: str | None = None
     deferred: str | None = None
     open_orders: list[Any] | None = None
-
-
-def apply_action(db: Database, account: Account, action: Action, now: Any) -> bool:
-    """Carry out one planned change. False when another writer got there first (not an error)."""
-    if action.type == planner.DISCOVER:
-        new_id = db.insert_discovered(account_id=account.id, coin=action.coin, side=action.side or "long",
-                                      size=action.size, entry_price=action.entry_price,
-                                      opened_at=action.opened_at or now, now=now, metadata=action.metadata)
-        if new_id is None:
-            log.info("%s %s: another writer inserted the open row first", account.address, action.coin)
-        return new_id is not None
-    if action.type == planner.UPDATE:
-        return db.update_position(action.position_id, size=action.size, entry_price=action.entry_price, now=now,
-                                  realized_pnl=action.realized_pnl, fees=action.fees,
-                                  previous_size=action.previous_size)
-    if action.type == planner.CLOSE:
-        return db.close_position(action.position_id, closed_at=action.closed_at or now, reason=action.reason,
-                                 exit_price=action.exit_price, realized_pnl=action.realized_pnl, fees=action.fees,
-                                 metadata=action.metadata)
-    if action.type == planner.TRACK_BEST:
-        return db.set_best_price(action.position_id, action.price)
-    if action.type == planner.MARK_MISSING:
-        return db.merge_metadata(action.position_id, {"missing_since": (action.closed_at or now).isoformat()})
-    return False
