@@ -1,8 +1,8 @@
 """One run: take the lock, read every account, plan, apply (or print), report.
 
 This module orchestrates; SQL lives in ``database``, HTTP in ``exchange``, the decisions in
-``planner``. Each account's writes are one fenced transaction: one account's fault never aborts
-another's, and a run whose lock was taken over writes nothing more.
+``planner``, the apply phase in ``applying`` (batched fenced transactions): one account's fault never
+aborts another's, and a run whose lock was taken over writes nothing more.
 """
 
 from __future__ import annotations
