@@ -836,25 +836,28 @@ class Database(OperationsMixin, ExchangeCacheMixin):
         if not rows:
             return {}
         _require_unique([(r.account_id, r.coin) for r in rows], "open row")
+        # The rows as one JSON document (json_to_recordset): a cold start sends thousands at once, and one
+        # json.dumps costs far less than eight arrays adapted element by element. Numbers travel as text.
+        document = json.dumps([
+            {"account_id": r.account_id, "coin": r.coin, "side": r.side, "size": _num(r.size),
+             "entry_price": _num(r.entry_price), "opened_at": _jsonable(r.opened_at), "ord": index,
+             "metadata": _jsonable(r.metadata or {}),
+             "details": _jsonable({"side": r.side, "size": r.size, "entry": r.entry_price})}
+            for index, r in enumerate(rows)])
         cur = self._execute(
-            "WITH v AS (SELECT * FROM unnest(%(a)s::bigint[], %(c)s::text[], %(s)s::text[], %(z)s::numeric[],"
-            "  %(e)s::numeric[], %(o)s::timestamptz[], %(m)s::text[], %(d)s::text[])"
-            "  WITH ORDINALITY AS v(account_id, coin, side, size, entry_price, opened_at, metadata, details, ord)),"
+            "WITH v AS (SELECT * FROM json_to_recordset(%(rows)s::json) AS v(account_id bigint, coin text, side text,"
+            "  size numeric, entry_price numeric, opened_at timestamptz, metadata jsonb, details jsonb, ord integer)),"
             " ins AS (INSERT INTO positions (account_id, coin, side, size, entry_price, status, opened_at, source,"
             "  last_seen_at, metadata)"
             "  SELECT account_id, coin, side, size, entry_price, 'open', opened_at, 'discovered', %(now)s,"
-            "   metadata::jsonb FROM v ORDER BY ord"
+            "   metadata FROM v ORDER BY ord"
             "  ON CONFLICT (account_id, coin) WHERE closed_at IS NULL DO NOTHING RETURNING id, account_id, coin),"
             " ev AS (INSERT INTO position_events (position_id, run_id, epoch, event, from_status, to_status, reason,"
             "  details)"
-            "  SELECT ins.id, %(run)s, %(epoch)s, 'discovered', NULL, 'open', 'discovered', v.details::jsonb"
+            "  SELECT ins.id, %(run)s, %(epoch)s, 'discovered', NULL, 'open', 'discovered', v.details"
             "  FROM ins JOIN v ON v.account_id = ins.account_id AND v.coin = ins.coin ORDER BY ins.id)"
             " SELECT account_id, coin, id FROM ins",
-            {"a": [r.account_id for r in rows], "c": [r.coin for r in rows], "s": [r.side for r in rows],
-             "z": [_num(r.size) for r in rows], "e": [_num(r.entry_price) for r in rows],
-             "o": [r.opened_at for r in rows], "m": [dumps(r.metadata or {}) for r in rows],
-             "d": [dumps({"side": r.side, "size": r.size, "entry": r.entry_price}) for r in rows],
-             "now": now, "run": self.run_id, "epoch": self.epoch},
+            {"rows": document, "now": now, "run": self.run_id, "epoch": self.epoch},
         )
         return {(account_id, coin): new_id for account_id, coin, new_id in cur}
 
