@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Sequence
 
 from monitor import planner
@@ -143,7 +144,7 @@ def _apply_round(db: Database, plans: Sequence[AccountPlan], changes: list[_Pend
     # Closes first: a coin closed in this round is not re-opened in it (that is the next round).
     closes = by_type.get(planner.CLOSE, [])
     closed = db.close_positions([
-        Close(position_id=p.action.position_id, closed_at=p.action.closed_at or now, reason=p.action.reason,
+        Close(position_id=_row_id(p.action), closed_at=p.action.closed_at or now, reason=p.action.reason,
               exit_price=p.action.exit_price, realized_pnl=p.action.realized_pnl, fees=p.action.fees,
               metadata=p.action.metadata) for p in closes])
     for p in closes:
@@ -156,7 +157,7 @@ def _apply_round(db: Database, plans: Sequence[AccountPlan], changes: list[_Pend
     discovers = by_type.get(planner.DISCOVER, [])
     inserted = db.insert_discovered_many([
         NewPosition(account_id=plans[p.plan_index].account.id, coin=p.action.coin, side=p.action.side or "long",
-                    size=p.action.size, entry_price=p.action.entry_price, opened_at=p.action.opened_at or now,
+                    size=_size(p.action), entry_price=p.action.entry_price, opened_at=p.action.opened_at or now,
                     metadata=p.action.metadata) for p in discovers], now)
     for p in discovers:
         p.done = (plans[p.plan_index].account.id, p.action.coin) in inserted
@@ -166,22 +167,42 @@ def _apply_round(db: Database, plans: Sequence[AccountPlan], changes: list[_Pend
 
     updates = by_type.get(planner.UPDATE, [])
     updated = db.update_positions([
-        Resize(position_id=p.action.position_id, size=p.action.size, entry_price=p.action.entry_price,
+        Resize(position_id=_row_id(p.action), size=_size(p.action), entry_price=p.action.entry_price,
                realized_pnl=p.action.realized_pnl, fees=p.action.fees, previous_size=p.action.previous_size)
         for p in updates], now)
     for p in updates:
         p.done = p.action.position_id in updated
 
     bests = by_type.get(planner.TRACK_BEST, [])
-    moved = db.set_best_prices([(p.action.position_id, p.action.price) for p in bests])
+    moved = db.set_best_prices([(_row_id(p.action), _price(p.action)) for p in bests])
     for p in bests:
         p.done = p.action.position_id in moved
 
     missing = by_type.get(planner.MARK_MISSING, [])
-    marked = db.merge_metadata_many([(p.action.position_id, {"missing_since": (p.action.closed_at or now).isoformat()})
+    marked = db.merge_metadata_many([(_row_id(p.action), {"missing_since": (p.action.closed_at or now).isoformat()})
                                      for p in missing])
     for p in missing:
         p.done = p.action.position_id in marked
+
+
+def _row_id(action: Action) -> int:
+    """The row a change is to: every change but a discovery names one (a plan without it is a bug, and
+    fails its account alone)."""
+    if action.position_id is None:
+        raise ValueError(f"{action.type} {action.coin}: no position id")
+    return action.position_id
+
+
+def _size(action: Action) -> Decimal:
+    if action.size is None:
+        raise ValueError(f"{action.type} {action.coin}: no size")
+    return action.size
+
+
+def _price(action: Action) -> Decimal:
+    if action.price is None:
+        raise ValueError(f"{action.type} {action.coin}: no price")
+    return action.price
 
 
 def _followup(plan: AccountPlan, action: Action, now: datetime) -> NewFollowup | None:

