@@ -21,8 +21,8 @@ from typing import Any, Callable
 from monitor import planner
 from monitor.clock import Clock, from_ms, to_ms
 from monitor.database import Database, Followup
-from monitor.exchange import (Exchange, FillsTruncated, OpenOrder, ReadFailed, Trader, close_cloid,
-                              is_authorization_error, is_meta_error)
+from monitor.exchange import (BudgetExhausted, Exchange, FillsTruncated, OpenOrder, ReadFailed, Trader,
+                              close_cloid, is_authorization_error, is_meta_error)
 from monitor.exit_budget import CACHE_TTL, signer_address
 from monitor.models import Account
 from monitor.planner import Action, PlanSettings, lookback
@@ -354,10 +354,12 @@ class Closer:
             reason = rule if own.end_cloid in ours and not own.liquidated else None
             close = planner.cycle_close(account.address, row, own, ctx.clock.now(), truncated=truncated,
                                         reason=reason)
+            close, = attach_funding(ctx.exchange, account.address, [close])
             with ctx.db.fenced(ctx.epoch):
                 done = ctx.db.close_position(position_id, closed_at=close.closed_at, reason=close.reason,
                                              exit_price=close.exit_price, realized_pnl=close.realized_pnl,
-                                             fees=close.fees, metadata=close.metadata)
+                                             fees=close.fees, metadata=close.metadata, funding=close.funding,
+                                             net_pnl=close.net_pnl)
                 if done and ctx.secret_key is not None:  # durable: the orders it leaves are cancelled by handle()
                     ctx.db.record_followup(account_id=account.id, coin=coin, kind=CANCEL_ORPHANS,
                                            position_id=position_id, not_after_ms=own.end_ms or ctx.clock.now_ms())
@@ -540,6 +542,22 @@ class Closer:
                    f" attempt {attempts}, retried next run")
         self.done.followups.append(followup_json(account, followup, "pending", attempts=attempts, error=error,
                                                    alert=alert))
+
+
+def attach_funding(exchange: Exchange, address: str, actions: list[Action]) -> list[Action]:
+    """The closes among ``actions`` with their funding and net P&L: ``userFunding`` is read once, over the
+    closes' windows, only when a row closes with figures (never in a quiet run). Unreadable (a failed read,
+    the weight budget): the closes go ahead without funding (NULL, and ``metadata.funding_unread``)."""
+    span = planner.funding_span(actions)
+    if span is None:
+        return actions
+    try:
+        return planner.with_funding(actions, exchange.read_funding(address, *span))
+    except ReadFailed as exc:
+        log.warning("%s: funding unreadable (%s); closing without it", address, exc)
+        return planner.with_funding(actions, None, str(exc))
+    except BudgetExhausted as exc:
+        return planner.with_funding(actions, None, f"userFunding not read: {exc}")
 
 
 def close_bound_ms(action: Action, now: datetime) -> int:

@@ -408,7 +408,7 @@ class Database(OperationsMixin, ExchangeCacheMixin):
     def list_positions(self, *, status: str = "open", address: str | None = None) -> list[dict[str, Any]]:
         query = (
             "SELECT p.id, a.address, p.coin, p.side, p.size, p.entry_price, p.status, p.opened_at, p.closed_at, "
-            "p.exit_price, p.realized_pnl, p.fees, p.close_reason, p.source, p.stop_loss_price, "
+            "p.exit_price, p.realized_pnl, p.fees, p.funding, p.net_pnl, p.close_reason, p.source, p.stop_loss_price, "
             "p.take_profit_price, p.close_requested_at, p.last_seen_at, p.trailing_stop_pct, p.best_price, "
             "p.max_hold_seconds, p.close_rule, p.close_attempts, p.metadata "
             "FROM positions p JOIN accounts a ON a.id = p.account_id WHERE true"
@@ -737,13 +737,17 @@ class Database(OperationsMixin, ExchangeCacheMixin):
         fees: Decimal | None,
         metadata: dict[str, Any] | None = None,
         from_status: str | None = None,
+        funding: Decimal | None = None,
+        net_pnl: Decimal | None = None,
     ) -> bool:
-        """Close a row exactly once. False when another process closed it first."""
+        """Close a row exactly once, its figures (funding and net P&L too) with it. False when another
+        process closed it first."""
         cur = self._execute(
             "UPDATE positions SET status = 'closed', closed_at = %s, close_reason = %s, exit_price = %s,"
-            " realized_pnl = %s, fees = %s, close_error = NULL, metadata = metadata || %s"
+            " realized_pnl = %s, fees = %s, funding = %s, net_pnl = %s, close_error = NULL,"
+            " metadata = metadata || %s"
             " WHERE id = %s AND closed_at IS NULL RETURNING (SELECT status FROM positions WHERE id = %s)",
-            (closed_at, reason, exit_price, realized_pnl, fees, Jsonb(_jsonable(metadata or {})),
+            (closed_at, reason, exit_price, realized_pnl, fees, funding, net_pnl, Jsonb(_jsonable(metadata or {})),
              position_id, position_id),
         )
         row = cur.fetchone()
@@ -755,7 +759,8 @@ class Database(OperationsMixin, ExchangeCacheMixin):
             row[0] if from_status is None else from_status,
             "closed",
             reason,
-            {"exit_price": exit_price, "realized_pnl": realized_pnl, "fees": fees, **(metadata or {})},
+            {"exit_price": exit_price, "realized_pnl": realized_pnl, "fees": fees, "funding": funding,
+             "net_pnl": net_pnl, **(metadata or {})},
         )
         return True
 

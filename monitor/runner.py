@@ -24,7 +24,7 @@ from typing import Any
 
 from monitor import planner
 from monitor.clock import Clock, to_ms
-from monitor.closing import CloseContext, CloseOutcome, Closer, close_bound_ms, followup_json
+from monitor.closing import CloseContext, CloseOutcome, Closer, attach_funding, close_bound_ms, followup_json
 from monitor.config import Settings
 from monitor.database import Database, Followup, connect, embedded_database_url
 from monitor.errors import DatabaseError, DatabaseUnavailable, Fenced, UsageError, exit_code_for
@@ -487,6 +487,7 @@ def read_account(run: RunContext, exchange: Exchange, account: Account, rows: li
     plan = planner.plan_account(account, snapshot, rows, now, settings, fills=fills, fills_error=fills_error,
                                 fills_truncated=truncated, recently_closed=recent, mids=mids,
                                 verify_rules=verify_rules, fills_from_ms=since)
+    plan.actions = attach_funding(exchange, account.address, plan.actions)
     open_orders = None
     if run.can_act and any(a.type == planner.CLOSE for a in plan.actions):
         # Orders a closed position may leave behind, read here in parallel rather than one by one later.
@@ -616,7 +617,7 @@ def apply_action(db: Database, account: Account, action: Action, now: datetime) 
     if action.type == planner.CLOSE:
         return db.close_position(action.position_id, closed_at=action.closed_at or now, reason=action.reason,
                                  exit_price=action.exit_price, realized_pnl=action.realized_pnl, fees=action.fees,
-                                 metadata=action.metadata)
+                                 metadata=action.metadata, funding=action.funding, net_pnl=action.net_pnl)
     if action.type == planner.TRACK_BEST:
         return db.set_best_price(action.position_id, action.price)
     if action.type == planner.MARK_MISSING:
