@@ -21,8 +21,8 @@ from typing import Any, Callable
 from monitor import planner
 from monitor.clock import Clock, from_ms, to_ms
 from monitor.database import Database, Followup
-from monitor.exchange import (BudgetExhausted, Exchange, FillsTruncated, OpenOrder, ReadFailed, Trader,
-                              close_cloid, is_authorization_error, is_meta_error)
+from monitor.exchange import (Exchange, FillsTruncated, OpenOrder, ReadFailed, Trader, close_cloid,
+                              is_authorization_error, is_meta_error)
 from monitor.exit_budget import CACHE_TTL, signer_address
 from monitor.models import Account
 from monitor.planner import Action, PlanSettings, lookback
@@ -546,8 +546,10 @@ class Closer:
 
 def attach_funding(exchange: Exchange, address: str, actions: list[Action]) -> list[Action]:
     """The closes among ``actions`` with their funding and net P&L: ``userFunding`` is read once, over the
-    closes' windows, only when a row closes with figures (never in a quiet run). Unreadable (a failed read,
-    the weight budget): the closes go ahead without funding (NULL, and ``metadata.funding_unread``)."""
+    closes' windows, only when a row closes with figures (never in a quiet run). Unreadable (an error, a
+    timeout, an invalid answer): the closes go ahead without funding (NULL, and ``metadata.funding_unread``),
+    never with a zero that was not read. ``BudgetExhausted`` is raised: like any other read of the account
+    that does not fit the run's weight, the work waits for the next run."""
     span = planner.funding_span(actions)
     if span is None:
         return actions
@@ -556,8 +558,6 @@ def attach_funding(exchange: Exchange, address: str, actions: list[Action]) -> l
     except ReadFailed as exc:
         log.warning("%s: funding unreadable (%s); closing without it", address, exc)
         return planner.with_funding(actions, None, str(exc))
-    except BudgetExhausted as exc:
-        return planner.with_funding(actions, None, f"userFunding not read: {exc}")
 
 
 def close_bound_ms(action: Action, now: datetime) -> int:

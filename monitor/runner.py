@@ -487,7 +487,10 @@ def read_account(run: RunContext, exchange: Exchange, account: Account, rows: li
     plan = planner.plan_account(account, snapshot, rows, now, settings, fills=fills, fills_error=fills_error,
                                 fills_truncated=truncated, recently_closed=recent, mids=mids,
                                 verify_rules=verify_rules, fills_from_ms=since)
-    plan.actions = attach_funding(exchange, account.address, plan.actions)
+    try:
+        plan.actions = attach_funding(exchange, account.address, plan.actions)
+    except BudgetExhausted:
+        return AccountRead(account, deferred="budget")  # like any read of it: the whole account waits a run
     open_orders = None
     if run.can_act and any(a.type == planner.CLOSE for a in plan.actions):
         # Orders a closed position may leave behind, read here in parallel rather than one by one later.

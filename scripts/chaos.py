@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import decimal
 import hashlib
 import io
 import json
@@ -1333,9 +1334,11 @@ class Round:
                     if start < e["time"] <= cycle.end_ms), Decimal(0))
         if want:
             self.stats.outcomes["(xi) closed rows with non-zero funding"] += 1
-        if funding != want or net != pnl - fees + funding:
+        with decimal.localcontext(decimal.Context(prec=120)):  # the sum exact, as the monitor writes it
+            want_net = pnl - fees + want
+        if funding != want or net != want_net:
             self.violation(f"(xi) row #{row_id} {address} {coin} {side} ({reason}): written funding/net {funding}/{net}, "
-                           f"the ledger gives {want} over ({start}, {cycle.end_ms}] and net {pnl - fees + want}")
+                           f"the ledger gives {want} over ({start}, {cycle.end_ms}] and net {want_net}")
 
     def check_cycles(self, rows: list[tuple[Any, ...]], fills: dict[str, list[dict[str, Any]]],
                      positions: dict[str, dict[str, Any]], claims: dict[str, tuple[Any, ...]],
