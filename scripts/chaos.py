@@ -411,7 +411,7 @@ class Round:
             choices += ["open"] * 3
         if open_coins:
             choices += ["resize", "resize", "flip", "close_external", "close_external", "liquidate", "trigger",
-                        "funding", "funding", "funding", "adl"]
+                        "funding", "funding", "funding", "funding", "funding", "funding", "adl"]
         kind = rng.choice(choices)
         try:
             if kind == "open":
