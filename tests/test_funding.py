@@ -264,3 +264,25 @@ def test_a_close_by_the_monitor_itself_gets_the_same_figures(keyed, sim, databas
     assert row["net_pnl"] == row["realized_pnl"] - row["fees"] + Decimal("-0.4")
     opened = int(row["opened_at"].timestamp() * 1000)
     assert row["funding"] == ledger_sum(sim, "SOL", opened - 120_000, int(row["closed_at"].timestamp() * 1000))
+
+
+def test_user_funding_is_read_in_pages_of_500_through_the_sdk(sim):
+    from monitor.exchange import Exchange, ReadFailed
+
+    sim.open_position(ALICE, "BTC", "1", "30000")
+    now = sim.now_ms()
+    for i in range(1203):
+        sim.pay_funding(ALICE, "BTC", usdc="-0.01", ts=now - 10_000_000 + i * 1000)
+    exchange = Exchange(sim.url, timeout=5)
+    payments = exchange.read_funding(ALICE, now - 10_000_000, now)
+    assert len(payments) == 1203 and sum(p.usdc for p in payments) == Decimal("-12.03")
+    assert exchange.counter.by_type["userFunding"] == 3  # 500 + 500 (+1 repeated at the boundary) + the rest
+    pages = [r for r in sim.requests_log() if r["type"] == "userFunding"]
+    assert [r["weight"] for r in pages] == [45, 45, 30]  # 20 + 1 per 20 items (reference §5)
+    for _ in range(501):  # more than a page in one millisecond: never a partial sum
+        sim.pay_funding(ALICE, "BTC", usdc="-0.01", ts=now + 5)
+    with pytest.raises(ReadFailed):
+        exchange.read_funding(ALICE, now + 5, now + 5)
+    sim.add_fault("malformed", path="info", type="userFunding")
+    with pytest.raises(ReadFailed):
+        exchange.read_funding(ALICE, now - 10_000_000, now)
