@@ -6,7 +6,8 @@ rule's order, and the reads that explain its close, never found weight. The run 
 
 * an open row whose rule fires at this run's mids (the same ``planner.exit_rule`` the plan uses): its
   account's read and the fills read that checks its cycle, one order, the fills read that explains its
-  close, the ``userFunding`` read for its funding, an open-orders read and two cancels (its own TP/SL left on the book) = ``ROW_CLOSE_WEIGHT``;
+  close, the ``userFunding`` read for its funding, an open-orders read and two cancels (its own TP/SL left
+  on the book) = ``ROW_CLOSE_WEIGHT``;
 * a row in ``closing``: its account's read, ``orderStatus`` for its cloid, then the same
   fills/funding/open-orders/cancels = ``ROW_SETTLE_WEIGHT``;
 * pending cancels recorded by earlier runs (per account: an open-orders read + one per cancel);
@@ -27,6 +28,7 @@ from decimal import Decimal
 from typing import Collection, Mapping, Sequence
 
 from monitor.exchange import WEIGHT
+from monitor.exchange import signer_address as signer_address  # re-exported for runner.py until it imports it
 from monitor.models import Account, PositionRow
 from monitor.planner import exit_rule
 
@@ -106,10 +108,3 @@ def exit_reserve(accounts: Sequence[Account], rows_by_account: Mapping[int, Sequ
             1 for a in sending_accounts if a.address != key_master and a.address not in cached_accounts)
     reserve.weight = min(reserve.wanted, budget * RESERVE_SHARE_OF[0] // RESERVE_SHARE_OF[1])
     return reserve
-
-
-def signer_address(secret_key: str) -> str:
-    """The lowercase address of the configured key (never the key itself)."""
-    from eth_account import Account as EthAccount
-
-    return EthAccount.from_key(secret_key).address.lower()

@@ -38,9 +38,12 @@ def test_user_funding_recording_parses_with_the_exchange_sign():
     assert funding_between(payments + payments, "ARB", t - 1, t) == Decimal("2.694388")  # repeats once
 
 
-@pytest.mark.parametrize("body", [{"error": "x"}, [{"time": 1, "delta": {"coin": "BTC"}}],
-                                  [{"time": 1, "hash": "0x", "delta": {"type": "funding", "coin": "BTC", "usdc": 1.5}}],
-                                  [{"time": 1, "hash": "0x", "delta": {"type": "deposit", "coin": "BTC", "usdc": "1"}}]])
+@pytest.mark.parametrize("body", [
+    {"error": "x"},
+    [{"time": 1, "delta": {"coin": "BTC"}}],
+    [{"time": 1, "hash": "0x", "delta": {"type": "funding", "coin": "BTC", "usdc": 1.5}}],  # a float: refused
+    [{"time": 1, "hash": "0x", "delta": {"type": "deposit", "coin": "BTC", "usdc": "1"}}],
+])
 def test_a_bad_funding_answer_is_rejected_whole(body):
     with pytest.raises(ExchangeDataError):
         parse_funding(body)
@@ -88,9 +91,11 @@ def test_unreadable_funding_closes_with_null_and_says_why():
     unread, = planner.with_funding([close], None, "userFunding: HTTP 500")
     assert unread.funding is None and unread.net_pnl is None
     assert unread.metadata["funding_unread"] == "userFunding: HTTP 500"
-    payments = parse_funding([{"time": 150, "hash": "0x1", "delta": {"type": "funding", "coin": "BTC", "usdc": "-2.25"}},
-                              {"time": 100, "hash": "0x2", "delta": {"type": "funding", "coin": "BTC", "usdc": "9"}},
-                              {"time": 150, "hash": "0x3", "delta": {"type": "funding", "coin": "ETH", "usdc": "9"}}])
+    payments = parse_funding([
+        {"time": 150, "hash": "0x1", "delta": {"type": "funding", "coin": "BTC", "usdc": "-2.25"}},
+        {"time": 100, "hash": "0x2", "delta": {"type": "funding", "coin": "BTC", "usdc": "9"}},  # at the open: not its
+        {"time": 150, "hash": "0x3", "delta": {"type": "funding", "coin": "ETH", "usdc": "9"}},
+    ])
     read, = planner.with_funding([close], payments)
     assert read.funding == Decimal("-2.25") and read.net_pnl == Decimal("6.25")
     # a close without figures needs no funding and reads none
