@@ -146,7 +146,7 @@ def _apply_round(db: Database, plans: Sequence[AccountPlan], changes: list[_Pend
     closed = db.close_positions([
         Close(position_id=_row_id(p.action), closed_at=p.action.closed_at or now, reason=p.action.reason,
               exit_price=p.action.exit_price, realized_pnl=p.action.realized_pnl, fees=p.action.fees,
-              metadata=p.action.metadata) for p in closes])
+              metadata=p.action.metadata, funding=p.action.funding, net_pnl=p.action.net_pnl) for p in closes])
     for p in closes:
         p.done = p.action.position_id in closed
     if record_followups:

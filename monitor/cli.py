@@ -359,7 +359,7 @@ def positions() -> None:
 
 
 _POSITION_HEADERS = ("id", "address", "coin", "side", "size", "entry_price", "status", "exit_price",
-                     "realized_pnl", "fees", "close_reason", "source")
+                     "realized_pnl", "fees", "funding", "net_pnl", "close_reason", "source")
 
 
 @positions.command("list")

@@ -375,11 +375,13 @@ class Closer:
             reason = rule if own.end_cloid in ours and not own.liquidated else None
             close = planner.cycle_close(account.address, row, own, ctx.clock.now(), truncated=truncated,
                                         reason=reason)
+            close, = attach_funding(ctx.exchange, account.address, [close])
             assert close.closed_at is not None and close.reason is not None  # cycle_close always sets both
             with ctx.db.fenced(ctx.epoch):
                 done = ctx.db.close_position(position_id, closed_at=close.closed_at, reason=close.reason,
                                              exit_price=close.exit_price, realized_pnl=close.realized_pnl,
-                                             fees=close.fees, metadata=close.metadata)
+                                             fees=close.fees, metadata=close.metadata, funding=close.funding,
+                                             net_pnl=close.net_pnl)
                 if done and ctx.secret_key is not None:  # durable: the orders it leaves are cancelled by handle()
                     ctx.db.record_followup(account_id=account.id, coin=coin, kind=CANCEL_ORPHANS,
                                            position_id=position_id, not_after_ms=own.end_ms or ctx.clock.now_ms())
@@ -563,6 +565,22 @@ class Closer:
                    f" attempt {attempts}, retried next run")
         self.done.followups.append(followup_json(account, followup, "pending", attempts=attempts, error=error,
                                                    alert=alert))
+
+
+def attach_funding(exchange: Exchange, address: str, actions: list[Action]) -> list[Action]:
+    """The closes among ``actions`` with their funding and net P&L: ``userFunding`` is read once, over the
+    closes' windows, only when a row closes with figures (never in a quiet run). Unreadable (an error, a
+    timeout, an invalid answer): the closes go ahead without funding (NULL, and ``metadata.funding_unread``),
+    never with a zero that was not read. ``BudgetExhausted`` is raised: like any other read of the account
+    that does not fit the run's weight, the work waits for the next run."""
+    span = planner.funding_span(actions)
+    if span is None:
+        return actions
+    try:
+        return planner.with_funding(actions, exchange.read_funding(address, *span))
+    except ReadFailed as exc:
+        log.warning("%s: funding unreadable (%s); closing without it", address, exc)
+        return planner.with_funding(actions, None, str(exc))
 
 
 def close_bound_ms(action: Action, now: datetime) -> int:

@@ -458,7 +458,7 @@ class Database(OperationsMixin, ExchangeCacheMixin):
     def list_positions(self, *, status: str = "open", address: str | None = None) -> list[dict[str, Any]]:
         query = (
             "SELECT p.id, a.address, p.coin, p.side, p.size, p.entry_price, p.status, p.opened_at, p.closed_at, "
-            "p.exit_price, p.realized_pnl, p.fees, p.close_reason, p.source, p.stop_loss_price, "
+            "p.exit_price, p.realized_pnl, p.fees, p.funding, p.net_pnl, p.close_reason, p.source, p.stop_loss_price, "
             "p.take_profit_price, p.close_requested_at, p.last_seen_at, p.trailing_stop_pct, p.best_price, "
             "p.max_hold_seconds, p.close_rule, p.close_attempts, p.metadata "
             "FROM positions p JOIN accounts a ON a.id = p.account_id WHERE true"
@@ -805,13 +805,17 @@ class Database(OperationsMixin, ExchangeCacheMixin):
         fees: Decimal | None,
         metadata: dict[str, Any] | None = None,
         from_status: str | None = None,
+        funding: Decimal | None = None,
+        net_pnl: Decimal | None = None,
     ) -> bool:
-        """Close a row exactly once. False when another process closed it first."""
+        """Close a row exactly once, its figures (funding and net P&L too) with it. False when another
+        process closed it first."""
         cur = self._execute(
             "UPDATE positions SET status = 'closed', closed_at = %s, close_reason = %s, exit_price = %s,"
-            " realized_pnl = %s, fees = %s, close_error = NULL, metadata = metadata || %s"
+            " realized_pnl = %s, fees = %s, funding = %s, net_pnl = %s, close_error = NULL,"
+            " metadata = metadata || %s"
             " WHERE id = %s AND closed_at IS NULL RETURNING (SELECT status FROM positions WHERE id = %s)",
-            (closed_at, reason, exit_price, realized_pnl, fees, Jsonb(_jsonable(metadata or {})),
+            (closed_at, reason, exit_price, realized_pnl, fees, funding, net_pnl, Jsonb(_jsonable(metadata or {})),
              position_id, position_id),
         )
         row = cur.fetchone()
@@ -823,7 +827,8 @@ class Database(OperationsMixin, ExchangeCacheMixin):
             row[0] if from_status is None else from_status,
             "closed",
             reason,
-            {"exit_price": exit_price, "realized_pnl": realized_pnl, "fees": fees, **(metadata or {})},
+            {"exit_price": exit_price, "realized_pnl": realized_pnl, "fees": fees, "funding": funding,
+             "net_pnl": net_pnl, **(metadata or {})},
         )
         return True
 
@@ -907,10 +912,11 @@ class Database(OperationsMixin, ExchangeCacheMixin):
         # The status a row is closed from: the statement's snapshot of it (what close_position returns).
         cur = self._execute(
             "WITH v AS (SELECT * FROM unnest(%(i)s::bigint[], %(t)s::timestamptz[], %(r)s::text[], %(x)s::numeric[],"
-            "  %(p)s::numeric[], %(f)s::numeric[], %(m)s::text[], %(d)s::text[])"
-            "  AS v(id, closed_at, reason, exit_price, realized_pnl, fees, metadata, details)),"
+            "  %(p)s::numeric[], %(f)s::numeric[], %(g)s::numeric[], %(n)s::numeric[], %(m)s::text[], %(d)s::text[])"
+            "  AS v(id, closed_at, reason, exit_price, realized_pnl, fees, funding, net_pnl, metadata, details)),"
             " c AS (UPDATE positions p SET status = 'closed', closed_at = v.closed_at, close_reason = v.reason,"
-            "  exit_price = v.exit_price, realized_pnl = v.realized_pnl, fees = v.fees, close_error = NULL,"
+            "  exit_price = v.exit_price, realized_pnl = v.realized_pnl, fees = v.fees, funding = v.funding,"
+            "  net_pnl = v.net_pnl, close_error = NULL,"
             "  metadata = p.metadata || v.metadata::jsonb"
             "  FROM v WHERE p.id = v.id AND p.closed_at IS NULL"
             "  RETURNING p.id, (SELECT o.status FROM positions o WHERE o.id = p.id) AS from_status),"
@@ -921,9 +927,10 @@ class Database(OperationsMixin, ExchangeCacheMixin):
             " SELECT id FROM c",
             {"i": [r.position_id for r in rows], "t": [r.closed_at for r in rows], "r": [r.reason for r in rows],
              "x": [_num(r.exit_price) for r in rows], "p": [_num(r.realized_pnl) for r in rows],
-             "f": [_num(r.fees) for r in rows], "m": [dumps(r.metadata or {}) for r in rows],
+             "f": [_num(r.fees) for r in rows], "g": [_num(r.funding) for r in rows],
+             "n": [_num(r.net_pnl) for r in rows], "m": [dumps(r.metadata or {}) for r in rows],
              "d": [dumps({"exit_price": r.exit_price, "realized_pnl": r.realized_pnl, "fees": r.fees,
-                          **(r.metadata or {})}) for r in rows],
+                          "funding": r.funding, "net_pnl": r.net_pnl, **(r.metadata or {})}) for r in rows],
              "run": self.run_id, "epoch": self.epoch},
         )
         return {row[0] for row in cur}
@@ -1155,6 +1162,8 @@ class Close:
     realized_pnl: Decimal | None
     fees: Decimal | None
     metadata: dict[str, Any] | None = None
+    funding: Decimal | None = None  # the cycle's funding payments (None: not read, see README)
+    net_pnl: Decimal | None = None  # realized_pnl - fees + funding
 
 
 @dataclass(frozen=True)

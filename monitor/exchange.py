@@ -20,6 +20,7 @@ from monitor.models import (
     ExchangeDataError,
     ExchangePosition,
     Fill,
+    FundingPayment,
     parse_coin,
     parse_decimal,
 )
@@ -31,10 +32,12 @@ FILLS_HISTORY = 10_000  # the exchange keeps only the 10,000 most recent fills o
 FILLS_MAX_REQUESTS = 24  # requests one fills read may make (a full page costs 120 weight)
 FILLS_SPAN_AIM = 1200  # fills a span back from now aims at: well under a page, so few come back capped
 EMPTY_SPOT_META: dict[str, list[Any]] = {"universe": [], "tokens": []}
+FUNDING_PAGE_LIMIT = 500  # time-range info answers are capped at 500 elements (reference §2.12)
+FUNDING_MAX_REQUESTS = 10  # pages one funding read may make; more: the read fails (funding stays unknown)
 
 # Request weights (Hyperliquid docs, rate limits): what each read costs from the per-IP budget.
 WEIGHT = {"clearinghouseState": 2, "allMids": 2, "orderStatus": 2, "meta": 20, "frontendOpenOrders": 20,
-          "openOrders": 20, "userFillsByTime": 20, "userRole": 60, "exchange": 1}
+          "openOrders": 20, "userFillsByTime": 20, "userFunding": 20, "userRole": 60, "exchange": 1}
 
 # Rejections of a signed action that mean "this key may not act here" (reference §3.5: a revoked or unknown
 # agent, an unfunded signer, a vaultAddress the key does not control). Matched as substrings, lowercase.
@@ -389,6 +392,38 @@ class Exchange:
             return parse_fills(body)
         except ExchangeDataError as exc:
             raise ReadFailed("userFillsByTime", f"invalid answer ({exc})") from None
+
+    def read_funding(self, address: str, since_ms: int, until_ms: int) -> list[FundingPayment]:
+        """Every funding payment of the account with ``since_ms <= time <= until_ms``, deduplicated, oldest first.
+
+        ``userFunding`` (the SDK's ``user_funding_history`` request) is paged by time like fills: an answer
+        of ``FUNDING_PAGE_LIMIT`` items may have more after it, so the next page starts at its newest time
+        (inclusive: repeats are dropped by (time, coin, hash)). That a capped answer holds the window's
+        oldest items is the documented paging rule, not observed (UNCONFIRMED, reference §2.12). Any
+        failure, a page that cannot move on, or more than ``FUNDING_MAX_REQUESTS`` pages is ``ReadFailed``:
+        never a partial sum.
+        """
+        from monitor.fills import parse_funding
+
+        collected: dict[tuple[Any, ...], FundingPayment] = {}
+        start = since_ms
+        for _ in range(FUNDING_MAX_REQUESTS):
+            body = self._post("userFunding", {"type": "userFunding", "user": address, "startTime": start,
+                                              "endTime": until_ms}, WEIGHT["userFunding"])
+            try:
+                page = parse_funding(body)
+            except ExchangeDataError as exc:
+                raise ReadFailed("userFunding", f"invalid answer ({exc})") from None
+            for payment in page:
+                if since_ms <= payment.time_ms <= until_ms:
+                    collected.setdefault(payment.identity, payment)
+            if len(page) < FUNDING_PAGE_LIMIT:
+                return sorted(collected.values(), key=lambda p: (p.time_ms, p.coin, p.hash))
+            newest = max(p.time_ms for p in page)
+            if newest <= start:
+                raise ReadFailed("userFunding", "more payments in one millisecond than one page holds")
+            start = newest
+        raise ReadFailed("userFunding", f"more payments in the window than {FUNDING_MAX_REQUESTS} pages")
 
     def read_meta(self) -> dict[str, Any]:
         body = self._post("meta", {"type": "meta", "dex": ""}, WEIGHT["meta"])

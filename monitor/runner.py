@@ -25,7 +25,7 @@ from typing import Any
 
 from monitor import applying, planner
 from monitor.clock import Clock, to_ms
-from monitor.closing import CloseContext, CloseOutcome, Closer, followup_json
+from monitor.closing import CloseContext, CloseOutcome, Closer, attach_funding, followup_json
 from monitor.config import Settings
 from monitor.database import Database, Followup, connect, embedded_database_url
 from monitor.errors import DatabaseError, DatabaseUnavailable, Fenced, UsageError, exit_code_for
@@ -509,6 +509,10 @@ def read_account(run: RunContext, exchange: Exchange, account: Account, rows: li
     plan = planner.plan_account(account, snapshot, rows, now, settings, fills=fills, fills_error=fills_error,
                                 fills_truncated=truncated, recently_closed=recent, mids=mids,
                                 verify_rules=verify_rules, fills_from_ms=since)
+    try:
+        plan.actions = attach_funding(exchange, account.address, plan.actions)
+    except BudgetExhausted:
+        return AccountRead(account, deferred="budget")  # like any read of it: the whole account waits a run
     open_orders = None
     if run.can_act and any(a.type == planner.CLOSE for a in plan.actions):
         # Orders a closed position may leave behind, read here in parallel rather than one by one later.

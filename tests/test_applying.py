@@ -124,7 +124,7 @@ def test_batch_update_and_close_leave_a_row_another_writer_closed_alone(db, run)
                                          "fees": None}
     assert mine[(bob_btc, "closed")][2:6] == ("open", "closed", "closed_externally",
                                              {"exit_price": "101.25", "realized_pnl": "1.25", "fees": "0.01",
-                                              "note": "x"})
+                                              "funding": None, "net_pnl": None, "note": "x"})
 
     # The same plans again: every change is now a conflict (or nothing to do), and nothing is written.
     before = db.positions_table_dump(), events(db)

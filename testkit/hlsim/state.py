@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 
 DEFAULT_CASH = Decimal("10000")
+# The HLP liquidator child an ADL fill names (the real recording's liquidatedUser, userFills_adl.json).
+HLP_LIQUIDATOR = "0x2e3d94f0562703b25c83308a05046ddaf9a8dd14"
 DEFAULT_TAKER_FEE = Decimal("0.00045")
 DEFAULT_MAKER_FEE = Decimal("0.00015")
 
@@ -176,6 +178,7 @@ class Account:
     cloids: dict[str, int] = field(default_factory=dict)
     leverage: dict[str, int] = field(default_factory=dict)
     ledger: list[dict[str, Any]] = field(default_factory=list)
+    funding: list[dict[str, Any]] = field(default_factory=list)  # userFunding entries, oldest first
     cum_vlm: Decimal = Decimal(0)
     n_actions: int = 0
     versions: deque = field(default_factory=lambda: deque(maxlen=1000))
@@ -281,6 +284,7 @@ class StateBase:
                         "fills": copy.deepcopy(a.fills),
                         "orders": [o.to_json() for o in a.orders.values()],
                         "ledger": copy.deepcopy(a.ledger),
+                        "funding": copy.deepcopy(a.funding),
                     }
                     for a in self._accounts.values()
                 },
@@ -341,6 +345,7 @@ class StateBase:
                         acct.cloids[o.cloid] = o.oid
                     self._oid_seq = max(self._oid_seq, o.oid)
                 acct.ledger = [dict(x) for x in a.get("ledger") or []]
+                acct.funding = sorted((copy.deepcopy(x) for x in a.get("funding") or []), key=lambda e: e["time"])
                 for f in acct.fills:
                     if isinstance(f.get("tid"), int):
                         self._tid_seq = max(self._tid_seq, f["tid"])
@@ -631,11 +636,18 @@ class StateBase:
             return self._trade(address, coin, deltas, prices)
 
     def liquidate(self, address: str, coin: str, mark_px: Any, px: Any = None,
-                  cancel_orders: bool = True) -> list[dict[str, Any]]:
-        """Market-liquidate the whole position: one fill at ``px`` (default mark_px), dir "Liquidated Cross
-        Long/Short", liquidation {"liquidatedUser", "markPx", "method": "market"}.  The mid becomes mark_px; a
-        userNonFundingLedgerUpdates liquidation delta is recorded; with cancel_orders the coin's open orders
-        are cancelled (status liquidatedCanceled)."""
+                  cancel_orders: bool = True, method: str = "market") -> list[dict[str, Any]]:
+        """Liquidate the whole position of ``address``: one fill at ``px`` (default mark_px) carrying
+        liquidation {"liquidatedUser": the account, "markPx", "method"}.
+
+        ``method="market"``: the victim's own fill has the ordinary dir ("Close Long"/"Close Short"), crossed,
+        the taker fee, as in the real recording (reference §2.4, userFills_liquidation.json).
+        ``method="backstop"``: the position goes to the liquidator vault: dir "Liquidated Cross Long" (or
+        Isolated / Short), fee 0 (third-party notes only, no recording: UNCONFIRMED).
+        The mid becomes mark_px; a userNonFundingLedgerUpdates liquidation delta is recorded; with
+        cancel_orders the coin's open orders are cancelled (status liquidatedCanceled)."""
+        if method not in ("market", "backstop"):
+            raise SimulatorError("method must be 'market' or 'backstop'")
         with self._lock:
             acct = self._account(address, create=True)
             pos = acct.positions.get(coin)
@@ -644,10 +656,13 @@ class StateBase:
             mark = D(mark_px, "mark_px")
             price = D(px, "px") if px is not None else mark
             self._mids[coin] = mark
-            liq = {"liquidatedUser": acct.address, "markPx": fmt(mark), "method": "market"}
+            liq = {"liquidatedUser": acct.address, "markPx": fmt(mark), "method": method}
             szi = pos.szi
             account_value = self._account_value(acct.positions, acct.cash)
-            fills = self._trade(address, coin, [-szi], [price], tif="LiquidationMarket", liquidation=liq)
+            backstop = method == "backstop"
+            fills = self._trade(address, coin, [-szi], [price], tif="LiquidationMarket", liquidation=liq,
+                                direction="Liquidated {kind} {side}" if backstop else None,
+                                fee=Decimal(0) if backstop else None)
             acct.ledger.append({
                 "time": fills[0]["time"],
                 "hash": fills[0]["hash"],
@@ -660,9 +675,49 @@ class StateBase:
                 },
             })
             if cancel_orders:
-                for o in acct.orders.values():
-                    if o.coin == coin and o.status == "open":
-                        self._set_status(o, "liquidatedCanceled")
+                self._cancel_coin_orders(acct, coin, "liquidatedCanceled")
+            return fills
+
+    def _cancel_coin_orders(self, acct: Account, coin: str, status: str) -> None:
+        for o in acct.orders.values():
+            if o.coin == coin and o.status == "open":
+                self._set_status(o, status)
+
+    def adl(self, address: str, coin: str, px: Any = None, mark_px: Any = None,
+            against: str = HLP_LIQUIDATOR, size: Any = None) -> list[dict[str, Any]]:
+        """Auto-deleverage ``address`` (the profitable side) on ``coin``: one fill of ``size`` (default the
+        whole position) at ``px`` (default the mid) shaped like the real recording (userFills_adl.json):
+        dir "Auto-Deleveraging", crossed, fee 0, liquidation {"liquidatedUser": ``against`` (the account
+        being deleveraged against, an HLP liquidator child), "markPx", "method": "backstop"}."""
+        with self._lock:
+            acct = self._account(address, create=True)
+            pos = acct.positions.get(coin)
+            if pos is None:
+                raise SimulatorError(f"no open {coin} position for {acct.address}")
+            price = D(px, "px") if px is not None else self._mids.get(coin, pos.entry_px)
+            mark = D(mark_px, "mark_px") if mark_px is not None else price
+            amount = abs(pos.szi) if size is None else D(size, "size")
+            if not 0 < amount <= abs(pos.szi):
+                raise SimulatorError("size must be > 0 and at most the position")
+            liq = {"liquidatedUser": _addr(against), "markPx": fmt(mark), "method": "backstop"}
+            return self._trade(address, coin, [-amount * _sign(pos.szi)], [price], tif="LiquidationMarket",
+                               liquidation=liq, direction="Auto-Deleveraging", fee=Decimal(0))
+
+    def settle(self, address: str, coin: str, px: Any = None, cancel_orders: bool = True) -> list[dict[str, Any]]:
+        """Settle the whole ``coin`` position at ``px`` (default the mid), as a delisting or an outcome market
+        does: one fill, dir "Settlement", fee 0.  UNCONFIRMED (reference §2.4, §8): "Settlement" is a HIP-4
+        dir in third-party code; whether a delisting or a HIP-3 haltTrading settlement writes such fills (and
+        with what fee) is not established.  Open orders of the coin are cancelled (delistedCanceled)."""
+        with self._lock:
+            acct = self._account(address, create=True)
+            pos = acct.positions.get(coin)
+            if pos is None:
+                raise SimulatorError(f"no open {coin} position for {acct.address}")
+            price = D(px, "px") if px is not None else self._mids.get(coin, pos.entry_px)
+            fills = self._trade(address, coin, [-pos.szi], [price], tif="FrontendMarket", direction="Settlement",
+                                fee=Decimal(0))
+            if cancel_orders:
+                self._cancel_coin_orders(acct, coin, "delistedCanceled")
             return fills
 
     # ---- scripting: orders --------------------------------------------------------------------
