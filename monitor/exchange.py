@@ -548,9 +548,10 @@ def orphaned_orders(orders: Iterable[OpenOrder], coin: str, not_after_ms: int | 
     reduceOnly=true") placed at or before ``not_after_ms`` (None: any time).
 
     Never cancelled: an order that is not reduce-only (a user's resting entry, a stop-entry trigger that would
-    open a new position), also one flagged ``isPositionTpsl`` (contradictory; left alone); a TP/SL that is a
-    child of an open order that is not reduce-only (it waits for that entry to fill: it belongs to the
-    position the entry will open, not to the one that is gone); an order placed after the close."""
+    open a new position), even one flagged ``isPositionTpsl`` (the docs make those reduce-only; flags that
+    disagree are left alone); a TP/SL that is a child of an open order that is not reduce-only (it waits for
+    that entry to fill: it belongs to the position the entry will open, not to the one that is gone); an order
+    placed after the close."""
     by_oid = {o.oid: o for o in orders}
     kept: list[OpenOrder] = []
     for order in by_oid.values():
