@@ -21,8 +21,8 @@ from typing import Any, Callable
 from monitor import planner
 from monitor.clock import Clock, from_ms, to_ms
 from monitor.database import Database, Followup
-from monitor.exchange import (BudgetExhausted, Exchange, FillsTruncated, OpenOrder, ReadFailed, Trader, close_cloid,
-                              is_authorization_error, is_meta_error, is_open_order_limit_error, order_kind,
+from monitor.exchange import (OPEN_ORDER_LIMIT, BudgetExhausted, Exchange, FillsTruncated, OpenOrder, ReadFailed,
+                              Trader, close_cloid, is_authorization_error, is_meta_error, is_open_order_limit_error, order_kind,
                               orphaned_orders)
 from monitor.exit_budget import CACHE_TTL, signer_address
 from monitor.models import Account
@@ -341,13 +341,21 @@ class Closer:
         ctx = self.ctx
         try:
             orders = ctx.exchange.read_open_orders(account.address)
-        except (ReadFailed, BudgetExhausted) as exc:
+        except BudgetExhausted as exc:
+            return f"open orders not read (weight budget: {exc}); nothing cancelled, the next run tries again"
+        except ReadFailed as exc:
             return f"open orders unreadable ({exc}); nothing cancelled, the next run tries again"
         own = orphaned_orders(orders, action.coin, None)
         if not own:
             return (f"the account has {len(orders)} open orders and none of its {action.coin} orders is reduce-only;"
                     " nothing cancelled (orders that are not reduce-only are never cancelled): cancel orders by"
                     " hand; the next run tries again")
+        left = len(orders) - len(own)
+        if left >= OPEN_ORDER_LIMIT:
+            # The close would be refused again: its stop orders are not stripped from a position for nothing.
+            return (f"the account has {len(orders)} open orders; without its {len(own)} reduce-only {action.coin}"
+                    f" order(s) {left} would be left, still at the limit: nothing cancelled (orders that are not"
+                    " reduce-only are never cancelled): cancel orders by hand; the next run tries again")
         expires_after = self._expires_after()
         if expires_after is None:
             return "not cancelled, the run is at its deadline; the next run tries again"
@@ -356,6 +364,7 @@ class Closer:
         except (ReadFailed, BudgetExhausted) as exc:
             return f"cancelling {len(own)} reduce-only {action.coin} order(s) failed ({exc}); the next run tries again"
         by_oid = {o.oid: o for o in own}
+        self._refused(account, next((f for f in results.values() if f is not None), None))
         for oid, failure in results.items():
             self.done.actions.append(Action(
                 "cancel_order", account.address, action.coin, position_id=action.position_id,
@@ -493,7 +502,7 @@ class Closer:
                 self.done.actions.append(Action("cancel_order", account.address, order.coin,
                                                  reason="would cancel: position gone",
                                                  metadata={"oid": order.oid, "order_type": order.order_type,
-                                                       "order_kind": order_kind(order)}))
+                                                           "order_kind": order_kind(order)}))
                 continue
             try:
                 trader = self._trader(account, order.coin)

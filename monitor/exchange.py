@@ -47,6 +47,7 @@ META_ERRORS = ("invalid size", "invalid price", "divisible by tick size")
 # Its order status is ``tooManyOpenOrdersRejected`` ([TS], "Rejected due to exceeding the open order limit"); the
 # error text inside ``statuses[i].error`` is UNCONFIRMED, so these fragments of the known names are matched,
 # lowercase, anywhere in it (never "too many cumulative requests", the address-based limit of §5.2).
+OPEN_ORDER_LIMIT = 1000  # "at least 1000 other open orders": whatever the account's own (higher) cap is
 OPEN_ORDER_LIMIT_ERRORS = ("toomanyopenorders", "too many open orders", "open order limit", "open orders limit",
                            "exceeding the open order", "exceeds the open order", "max open orders",
                            "maximum open orders", "1000 open orders", "1000 other open orders")

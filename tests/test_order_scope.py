@@ -260,3 +260,61 @@ def test_a_retry_refused_again_is_not_retried_in_that_run(keyed, sim, database_u
     assert any("the retry was refused too" in t for t in texts)
     assert tp not in open_oids(sim) and open_oids(sim) == sorted(entries)
     assert row(database_url, "BTC")["status"] == "open"
+
+
+# ---- at the exchange's own scale: 1,000 open orders -------------------------------------------------------------
+
+def entries(sim, n, coin="ETH"):
+    """``n`` resting limit buys of the user (entries, not reduce-only), far below the mid."""
+    return [sim.add_limit_order(ALICE, coin, "B", "0.01", str(1000 + i)) for i in range(n)]
+
+
+def test_at_1000_open_orders_the_fallback_frees_the_place_and_closes_in_that_run(keyed, sim, database_url):
+    setup(keyed, sim)
+    resting = entries(sim, 999)
+    tp = sim.add_trigger_order(ALICE, "BTC", "A", "0.5", "33000", "tp")
+    sl = sim.add_trigger_order(ALICE, "BTC", "A", "1", "28000", "sl", position_tpsl=True)  # 1,001 open orders
+    fire_stop(sim, database_url)  # the simulator's limit is the exchange's: 1,000
+    sim.reset_log()
+
+    report = run_json(keyed)
+    [alert] = blocked_alerts(report)
+    assert "cancelled 2 of 2 reduce-only BTC order(s) (the account had 1001 open orders)" in alert["text"]
+    assert len(orders_sent(sim)) == 2 and row(database_url, "BTC")["close_reason"] == "stop_loss"
+    assert open_oids(sim) == sorted(resting)  # the 999 entries are all still there
+    assert tp not in open_oids(sim) and sl not in open_oids(sim)
+
+
+def test_when_cancelling_cannot_free_the_place_no_stop_is_stripped(keyed, sim, database_url):
+    setup(keyed, sim)
+    resting = entries(sim, 1000)
+    sl = sim.add_trigger_order(ALICE, "BTC", "A", "1", "28000", "sl", position_tpsl=True)
+    fire_stop(sim, database_url)
+    sim.reset_log()
+
+    report = run_json(keyed)
+    [alert] = blocked_alerts(report)
+    assert "1000 would be left, still at the limit: nothing cancelled" in alert["text"]
+    assert len(orders_sent(sim)) == 1  # no retry
+    assert open_oids(sim) == sorted([*resting, sl])  # the position keeps its stop loss on the exchange
+    assert row(database_url, "BTC")["status"] == "open"
+
+
+def test_the_fallback_is_paid_from_the_weight_budget_or_left_for_the_next_run(keyed, sim, database_url):
+    setup(keyed, sim)
+    others = entries(sim, 3)
+    tp = sim.add_trigger_order(ALICE, "BTC", "A", "1", "33000", "tp")
+    sim.set_config(open_order_limit=4)
+    fire_stop(sim, database_url)
+    sim.reset_log()
+    # Enough for the account's read (24), meta (20) and the key's userRole (60) and the order (1); not for open orders.
+    report = run_json(dict(keyed, MONITOR_WEIGHT_BUDGET="105"), expect=None)
+    [alert] = blocked_alerts(report)
+    assert "open orders not read (weight budget" in alert["text"] and "frontendOpenOrders needs 20" in alert["text"]
+    assert [r.get("type") for r in sim.requests_log()].count("frontendOpenOrders") == 0
+    assert len(orders_sent(sim)) == 1 and report["api_weight"] <= 105
+    assert open_oids(sim) == sorted([*others, tp]) and row(database_url, "BTC")["status"] == "open"
+
+    report = run_json(keyed)  # the next run, with its weight: the fallback, and the close
+    assert row(database_url, "BTC")["close_reason"] == "stop_loss"
+    assert open_oids(sim) == sorted(others)
