@@ -13,7 +13,7 @@ The order of steps is what makes a close exactly-once:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Callable
@@ -22,6 +22,8 @@ from monitor import planner
 from monitor.clock import Clock, from_ms, to_ms
 from monitor.database import Database, Followup
 from monitor.exchange import (
+    OPEN_ORDER_LIMIT,
+    BudgetExhausted,
     Exchange,
     FillsTruncated,
     OpenOrder,
@@ -30,6 +32,9 @@ from monitor.exchange import (
     close_cloid,
     is_authorization_error,
     is_meta_error,
+    is_open_order_limit_error,
+    order_kind,
+    orphaned_orders,
     signer_address,
 )
 from monitor.exit_budget import CACHE_TTL
@@ -78,11 +83,6 @@ class CloseOutcome:
     alerts: list[Alert] = field(default_factory=list)
 
 
-
-
-def _not_after(placed_ms: int | None, closed_ms: int | None) -> bool:
-    """Whether an order placed at ``placed_ms`` may be one the close at ``closed_ms`` left (unknown: yes)."""
-    return placed_ms is None or closed_ms is None or placed_ms <= closed_ms
 
 
 class CannotAct(Exception):
@@ -317,12 +317,77 @@ class Closer:
                 ctx.db.release_close(row.id, cloid=cloid, event="close_failed", error=outcome.error)
             self._refused(account, outcome.error)
             attempts = row.close_attempts + 1
+            if is_open_order_limit_error(outcome.error):
+                self._open_order_limit(account, action, row, trader, outcome.error or "", attempts)
+                return
             text = f"#{row.id} {action.coin}: close rejected ({outcome.error}); attempt {attempts}"
             if attempts >= ctx.max_failures:
                 self.done.alerts.append(Alert(f"close_failed:{row.id}", "close_failed", text))
                 text = "ALERT: " + text
             self._note(text)
         # "unknown": the row stays closing and is settled by its cloid next run.
+
+    def _open_order_limit(self, account: Account, action: Action, row: Any, trader: Trader, error: str,
+                          attempts: int) -> None:
+        """The close was refused by the 1,000-open-orders rule (reference §5.3: with 1,000 or more other open
+        orders a reduce-only order is rejected). The fallback, once per row and run: cancel this coin's own
+        reduce-only orders (its TP/SL and other reduce-only orders, which the close would strand anyway; never
+        an order that is not reduce-only, never another coin's), then send the close once more, now. If nothing
+        could be cancelled, or the retry is refused again, the row stays open with its rule armed and the next
+        run tries again (one order, and the fallback once more). Every refusal is the urgent alert
+        ``close_blocked_open_orders:<id>``."""
+        retry = action.metadata.get("open_order_limit_retry") is True
+        head = (f"#{row.id} {action.coin}: close rejected by the open-order limit ({error}; Hyperliquid refuses"
+                " reduce-only orders while the account has 1,000 or more open orders); attempt " + str(attempts))
+        outcome = "the retry was refused too; the next run tries again"
+        if not retry:
+            outcome = self._cancel_for_close(account, action, trader)
+        text = f"ALERT: {head}; {outcome}"
+        self.done.alerts.append(Alert(f"close_blocked_open_orders:{row.id}", "close_blocked_open_orders", text))
+        self._note(text)
+        if not retry and outcome.startswith("cancelled"):
+            self._close(account, replace(action, metadata={**action.metadata, "open_order_limit_retry": True}))
+
+    def _cancel_for_close(self, account: Account, action: Action, trader: Trader) -> str:
+        """Cancel ``action.coin``'s reduce-only orders so that a close can be placed; what happened, in words
+        (starting with "cancelled" when at least one order is gone and the close may be sent again)."""
+        ctx = self.ctx
+        try:
+            orders = ctx.exchange.read_open_orders(account.address)
+        except BudgetExhausted as exc:
+            return f"open orders not read (weight budget: {exc}); nothing cancelled, the next run tries again"
+        except ReadFailed as exc:
+            return f"open orders unreadable ({exc}); nothing cancelled, the next run tries again"
+        own = orphaned_orders(orders, action.coin, None)
+        if not own:
+            return (f"the account has {len(orders)} open orders and none of its {action.coin} orders is reduce-only;"
+                    " nothing cancelled (orders that are not reduce-only are never cancelled): cancel orders by"
+                    " hand; the next run tries again")
+        left = len(orders) - len(own)
+        if left >= OPEN_ORDER_LIMIT:
+            # The close would be refused again: its stop orders are not stripped from a position for nothing.
+            return (f"the account has {len(orders)} open orders; without its {len(own)} reduce-only {action.coin}"
+                    f" order(s) {left} would be left, still at the limit: nothing cancelled (orders that are not"
+                    " reduce-only are never cancelled): cancel orders by hand; the next run tries again")
+        expires_after = self._expires_after()
+        if expires_after is None:
+            return "not cancelled, the run is at its deadline; the next run tries again"
+        try:
+            results = trader.cancel_many(action.coin, [o.oid for o in own], expires_after)
+        except (ReadFailed, BudgetExhausted) as exc:
+            return f"cancelling {len(own)} reduce-only {action.coin} order(s) failed ({exc}); the next run tries again"
+        by_oid = {o.oid: o for o in own}
+        self._refused(account, next((f for f in results.values() if f is not None), None))
+        for oid, failure in results.items():
+            self.done.actions.append(Action(
+                "cancel_order", account.address, action.coin, position_id=action.position_id,
+                reason="open-order limit: to place the close" if failure is None else f"cancel failed: {failure}",
+                metadata={"oid": oid, "order_type": by_oid[oid].order_type, "order_kind": order_kind(by_oid[oid])}))
+        cancelled = [oid for oid, failure in results.items() if failure is None]
+        if not cancelled:
+            return f"none of {len(own)} reduce-only {action.coin} order(s) could be cancelled; the next run tries again"
+        return (f"cancelled {len(cancelled)} of {len(own)} reduce-only {action.coin} order(s)"
+                f" (the account had {len(orders)} open orders); the close is sent once more")
 
     def _expires_after(self) -> int | None:
         """expiresAfter for an action signed now: at most ORDER_TTL ahead and never past the run's deadline
@@ -445,7 +510,8 @@ class Closer:
 
     def _cancel_orphans(self, account: Account, coins: dict[str, int | None],
                         orders: list[OpenOrder] | None = None) -> None:
-        """Cancel the reduce-only and trigger orders a closed position left behind.
+        """Cancel the reduce-only orders (its TP/SL among them) a closed position left behind
+        (``exchange.orphaned_orders``): never an order that is not reduce-only.
 
         ``coins`` maps each closed coin to its close time (ms). An order placed after the close belongs
         to a position opened since, and is kept.
@@ -453,16 +519,13 @@ class Closer:
         ctx = self.ctx
         if orders is None:
             orders = ctx.exchange.read_open_orders(account.address)
-        targets: list[OpenOrder] = [
-            o for o in orders
-            if o.coin in coins and (o.reduce_only or o.is_trigger)
-            and _not_after(o.timestamp_ms, coins[o.coin])
-        ]
+        targets: list[OpenOrder] = [o for coin, bound in coins.items() for o in orphaned_orders(orders, coin, bound)]
         for order in targets:
             if ctx.dry_run or ctx.secret_key is None:
                 self.done.actions.append(Action("cancel_order", account.address, order.coin,
                                                  reason="would cancel: position gone",
-                                                 metadata={"oid": order.oid, "order_type": order.order_type}))
+                                                 metadata={"oid": order.oid, "order_type": order.order_type,
+                                                           "order_kind": order_kind(order)}))
                 continue
             try:
                 trader = self._trader(account, order.coin)
@@ -477,7 +540,8 @@ class Closer:
             self._refused(account, error)
             self.done.actions.append(Action("cancel_order", account.address, order.coin,
                                              reason="position gone" if error is None else f"cancel failed: {error}",
-                                             metadata={"oid": order.oid, "order_type": order.order_type}))
+                                             metadata={"oid": order.oid, "order_type": order.order_type,
+                                                       "order_kind": order_kind(order)}))
 
     # ---- durable follow-ups ---------------------------------------------------------------------
 
@@ -485,8 +549,9 @@ class Closer:
         """Work every pending follow-up of ``account``: done when its cancels succeed, moot when no such
         order is left, else one more failed attempt (an alert from MONITOR_MAX_CLOSE_FAILURES on).
 
-        Only reduce-only and trigger orders of the follow-up's coin placed at or before its close time are
-        cancelled: a position opened since keeps its orders.
+        Only reduce-only orders of the follow-up's coin placed at or before its close time are cancelled
+        (``exchange.orphaned_orders``): a position opened since keeps its orders, and an order that is not
+        reduce-only (a stop-entry trigger, a resting entry) is never touched.
         """
         ctx = self.ctx
         pending = [f for f in ctx.db.pending_followups([account.id]).get(account.id, []) if f.kind == CANCEL_ORPHANS]
@@ -500,9 +565,7 @@ class Closer:
                     self._followup_failed(account, followup, f"open orders unreadable ({exc})")
                 return
         for followup in pending:
-            targets = [o for o in orders
-                       if o.coin == followup.coin and (o.reduce_only or o.is_trigger)
-                       and (o.timestamp_ms is None or o.timestamp_ms <= followup.not_after_ms)]
+            targets = orphaned_orders(orders, followup.coin, followup.not_after_ms)
             if not targets:
                 self._followup_finished(account, followup, "moot", "followup_moot", "no such order left", {})
                 continue
@@ -529,7 +592,8 @@ class Closer:
                 self.done.actions.append(Action(
                     "cancel_order", account.address, order.coin, position_id=followup.position_id,
                     reason="position gone" if error is None else f"cancel failed: {error}",
-                    metadata={"oid": order.oid, "order_type": order.order_type, "followup_id": followup.id}))
+                    metadata={"oid": order.oid, "order_type": order.order_type, "order_kind": order_kind(order),
+                              "followup_id": followup.id}))
                 if error is None:
                     cancelled.append(order.oid)
                 else:

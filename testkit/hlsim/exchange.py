@@ -211,7 +211,8 @@ class ExchangeMixin:
         typ = action["type"]
         acct.n_actions += max(1, n_items)
         if typ == "order":
-            statuses = [self._place(acct, w, expires) for w in action["orders"]]
+            grouping = action.get("grouping")
+            statuses = [self._place(acct, w, expires, grouping) for w in action["orders"]]
             self._bump(acct)
             return {"status": "ok", "response": {"type": "order", "data": {"statuses": statuses}}}
         if typ in ("cancel", "cancelByCloid"):
@@ -250,7 +251,7 @@ class ExchangeMixin:
         # scheduleCancel / noop: accepted, no effect in the simulator
         return {"status": "ok", "response": {"type": "default"}}
 
-    def _place(self, acct: Account, w: dict[str, Any], expires: int | None = None) -> Any:
+    def _place(self, acct: Account, w: dict[str, Any], expires: int | None = None, grouping: Any = None) -> Any:
         a = w["a"]
         if not 0 <= a < len(self._universe):
             return {"error": f"Invalid asset. asset={a}"}
@@ -279,11 +280,23 @@ class ExchangeMixin:
                 d["cloid"] = cloid
             return d
 
+        # Reference §5.3 ([DOC] rate limits): "When an order is placed with at least 1000 other open orders by the
+        # same user, it will be rejected if it is reduce-only or a trigger order." (status tooManyOpenOrdersRejected)
+        if reduce_only or "trigger" in t:
+            others = sum(1 for other in acct.orders.values() if other.status == "open")
+            if others >= self.open_order_limit:
+                o = self._new_order(acct, coin, side, px, sz, cloid, reduce_only, None if "trigger" in t else
+                                    t["limit"]["tif"], is_trigger="trigger" in t)
+                o.expires_after = expires
+                self._set_status(o, "tooManyOpenOrdersRejected")
+                return {"error": f"{self.open_order_limit_error} asset={a}"}
+
         if "trigger" in t:
             trig = t["trigger"]
             o = self._new_order(acct, coin, side, px, sz, cloid, reduce_only, None, is_trigger=True,
                                 trigger_px=Decimal(str(trig["triggerPx"])), tpsl=trig.get("tpsl"),
-                                is_market=bool(trig.get("isMarket", True)))
+                                is_market=bool(trig.get("isMarket", True)),
+                                position_tpsl=grouping == "positionTpsl")
             o.expires_after = expires
             return {"resting": with_cloid({"oid": o.oid})}
         tif = t["limit"]["tif"]

@@ -236,6 +236,8 @@ class InfoMixin:
                 return {"role": "agent", "data": {"user": self._agents[user]}}
             if user in self._sub_accounts:
                 return {"role": "subAccount", "data": {"master": self._sub_accounts[user]}}
+            if user in self._vaults:
+                return {"role": "vault"}
             return {"role": "user"} if user in self._accounts else {"role": "missing"}
         raise _UnknownType()
 

@@ -24,6 +24,9 @@ DEFAULT_CASH = Decimal("10000")
 HLP_LIQUIDATOR = "0x2e3d94f0562703b25c83308a05046ddaf9a8dd14"
 DEFAULT_TAKER_FEE = Decimal("0.00045")
 DEFAULT_MAKER_FEE = Decimal("0.00015")
+# The rejection of the 1,000-open-orders rule: the exchange's own text is UNCONFIRMED (reference §5.3, §8); this is
+# the [TS] description of its order status ``tooManyOpenOrdersRejected``.
+OPEN_ORDER_LIMIT_ERROR = "Rejected due to exceeding the open order limit."
 
 # Embedded copy of the recorded fixtures (hlsim/fixtures/meta.json, allMids.json), used only
 # when the package data is missing.
@@ -95,6 +98,7 @@ class Order:
     status: str = "open"
     status_ts: int = 0
     expires_after: int | None = None  # the expiresAfter of the /exchange action that placed it, if any
+    position_tpsl: bool = False  # a position TP/SL (grouping positionTpsl): frontendOpenOrders isPositionTpsl
 
     def trigger_condition(self) -> str:
         if not self.is_trigger or self.trigger_px is None:
@@ -128,7 +132,7 @@ class Order:
             "isTrigger": self.is_trigger,
             "triggerPx": fmt(self.trigger_px) if self.trigger_px is not None else "0.0",
             "children": [],
-            "isPositionTpsl": False,
+            "isPositionTpsl": self.position_tpsl,
             "reduceOnly": self.reduce_only,
             "orderType": self.order_type,
             "origSz": fmt(self.orig_sz),
@@ -144,6 +148,7 @@ class Order:
             "triggerPx": fmt(self.trigger_px) if self.trigger_px is not None else None, "tpsl": self.tpsl,
             "isMarket": self.is_market, "orderType": self.order_type, "status": self.status,
             "statusTimestamp": self.status_ts, "expiresAfter": self.expires_after,
+            "isPositionTpsl": self.position_tpsl,
         }
 
     @staticmethod
@@ -158,6 +163,7 @@ class Order:
             is_market=bool(d.get("isMarket", True)), order_type=str(d.get("orderType", "Limit")),
             status=str(d.get("status", "open")), status_ts=int(d.get("statusTimestamp", d.get("timestamp", 0))),
             expires_after=int(d["expiresAfter"]) if d.get("expiresAfter") is not None else None,
+            position_tpsl=bool(d.get("isPositionTpsl", False)),
         )
 
 
@@ -235,6 +241,7 @@ class StateBase:
         self._accounts: dict[str, Account] = {}
         self._agents: dict[str, str] = {}  # agent -> master
         self._sub_accounts: dict[str, str] = {}  # sub -> master
+        self._vaults: set[str] = set()  # userRole "vault" (recording userRole_vault.json)
         self._nonces: dict[str, list[int]] = {}
         self._universe = _default_universe()
         self._mids = _default_mids()
@@ -249,6 +256,11 @@ class StateBase:
         self.check_nonces = True
         self.min_notional = Decimal(0)
         self.ip_weight_limit: int | None = None
+        # The 1,000-open-orders rule (reference §5.3): a reduce-only or trigger order placed with at least this
+        # many other open orders of the account is rejected (status tooManyOpenOrdersRejected). The exchange's
+        # error text is UNCONFIRMED: the default is the [TS] description of that status, settable for tests.
+        self.open_order_limit = 1000
+        self.open_order_limit_error = OPEN_ORDER_LIMIT_ERROR
 
     def clear(self) -> None:
         """Forget all state (accounts, agents, mids back to the fixture, fee rates, clock, config).
@@ -270,9 +282,11 @@ class StateBase:
                 "partialFillRatio": {c: fmt(r) for c, r in self._partial.items()},
                 "agents": dict(self._agents),
                 "subAccounts": dict(self._sub_accounts),
+                "vaults": sorted(self._vaults),
                 "config": {
                     "strict_ticks": self.strict_ticks, "check_nonces": self.check_nonces,
                     "min_notional": fmt(self.min_notional), "ip_weight_limit": self.ip_weight_limit,
+                    "open_order_limit": self.open_order_limit, "open_order_limit_error": self.open_order_limit_error,
                 },
                 "accounts": {
                     a.address: {
@@ -316,6 +330,7 @@ class StateBase:
                 self._partial[c] = D(r)
             self._agents = {_addr(k): _addr(v) for k, v in (state.get("agents") or {}).items()}
             self._sub_accounts = {_addr(k): _addr(v) for k, v in (state.get("subAccounts") or {}).items()}
+            self._vaults = {_addr(v) for v in state.get("vaults") or []}
             cfg = state.get("config") or {}
             if cfg:
                 self.set_config(**cfg)
@@ -410,11 +425,16 @@ class StateBase:
         check_nonces: bool | None = None,
         min_notional: Any = None,
         ip_weight_limit: int | None | str = "unchanged",
+        open_order_limit: int | None = None,
+        open_order_limit_error: str | None = None,
     ) -> dict[str, Any]:
         """strict_ticks: validate order price/size like the exchange (default True); check_nonces: refuse
         reused nonces (default True); min_notional: refuse orders below this notional with
         "Order must have minimum value of $10." (default 0 = off); ip_weight_limit: weight per rolling 60 s
-        after which requests get HTTP 429 ``null`` (default None = off)."""
+        after which requests get HTTP 429 ``null`` (default None = off); open_order_limit: a reduce-only or
+        trigger order placed with at least this many other open orders is rejected (default 1000, the
+        exchange's; set it low so a test needs no 1,000 orders); open_order_limit_error: that rejection's text
+        (the exchange's is UNCONFIRMED)."""
         with self._lock:
             if strict_ticks is not None:
                 self.strict_ticks = bool(strict_ticks)
@@ -424,9 +444,14 @@ class StateBase:
                 self.min_notional = D(min_notional, "min_notional")
             if ip_weight_limit != "unchanged":
                 self.ip_weight_limit = None if ip_weight_limit is None else int(ip_weight_limit)
+            if open_order_limit is not None:
+                self.open_order_limit = int(open_order_limit)
+            if open_order_limit_error is not None:
+                self.open_order_limit_error = str(open_order_limit_error)
             return {
                 "strict_ticks": self.strict_ticks, "check_nonces": self.check_nonces,
                 "min_notional": fmt(self.min_notional), "ip_weight_limit": self.ip_weight_limit,
+                "open_order_limit": self.open_order_limit, "open_order_limit_error": self.open_order_limit_error,
             }
 
     # ---- accounts / agents / coins ----------------------------------------------------------
@@ -471,6 +496,12 @@ class StateBase:
             self._account(m, create=True)
             self._account(s, create=True)
             self._sub_accounts[s] = m
+
+    def add_vault(self, address: str) -> None:
+        """``address`` is a vault: userRole answers {"role": "vault"} (recording userRole_vault.json)."""
+        with self._lock:
+            self._account(address, create=True)
+            self._vaults.add(_addr(address))
 
     def add_coin(self, coin: str, sz_decimals: int = 2, max_leverage: int = 50, mid: Any = None) -> int:
         """Append ``coin`` to the meta universe (if new) and optionally set its mid.  Returns the asset index."""
@@ -724,12 +755,16 @@ class StateBase:
 
     def add_trigger_order(self, address: str, coin: str, side: Any, sz: Any, trigger_px: Any, tpsl: str,
                           limit_px: Any = None, is_market: bool = True, cloid: str | None = None,
-                          reduce_only: bool = True) -> int:
+                          reduce_only: bool = True, position_tpsl: bool = False) -> int:
         """Place a (reduce-only by default) TP/SL trigger order as if from the UI.  side "B"/"A" (or
-        "buy"/"sell").  Shows in openOrders and frontendOpenOrders.  Returns its oid."""
+        "buy"/"sell").  Shows in openOrders and frontendOpenOrders.  Returns its oid.  ``reduce_only=False``
+        is a stop-entry order (it opens or adds to a position when it fires); ``position_tpsl=True`` a
+        position TP/SL (isPositionTpsl, always reduce-only: reference §2.6)."""
         with self._lock:
             if tpsl not in ("tp", "sl"):
                 raise SimulatorError("tpsl must be 'tp' or 'sl'")
+            if position_tpsl and not reduce_only:
+                raise SimulatorError("a position TP/SL is reduce-only")
             acct = self._account(address, create=True)
             s = _side(side)
             size, tpx = D(sz, "sz"), D(trigger_px, "trigger_px")
@@ -737,7 +772,8 @@ class StateBase:
             if limit_px is None:
                 limit_px = _sig(tpx * (Decimal("1.08") if s == "B" else Decimal("0.92")), 5)
             o = self._new_order(acct, coin, s, D(limit_px, "limit_px"), size, cloid, reduce_only, None,
-                                is_trigger=True, trigger_px=tpx, tpsl=tpsl, is_market=bool(is_market))
+                                is_trigger=True, trigger_px=tpx, tpsl=tpsl, is_market=bool(is_market),
+                                position_tpsl=bool(position_tpsl))
             self._bump(acct)
             return o.oid
 
@@ -755,7 +791,8 @@ class StateBase:
 
     def _new_order(self, acct: Account, coin: str, side: str, limit_px: Decimal, sz: Decimal, cloid: str | None,
                    reduce_only: bool, tif: str | None, *, is_trigger: bool = False, trigger_px: Decimal | None = None,
-                   tpsl: str | None = None, is_market: bool = True, status: str = "open") -> Order:
+                   tpsl: str | None = None, is_market: bool = True, status: str = "open",
+                   position_tpsl: bool = False) -> Order:
         cl = cloid.lower() if isinstance(cloid, str) and cloid else None
         if cl and cl in acct.cloids:
             raise SimulatorError(f"cloid {cl} already used by {acct.address}")
@@ -768,7 +805,7 @@ class StateBase:
             oid=self._next_oid(), coin=coin, side=side, limit_px=limit_px, sz=sz, orig_sz=sz, timestamp=now,
             cloid=cl, reduce_only=bool(reduce_only), tif=None if is_trigger else tif, is_trigger=is_trigger,
             trigger_px=trigger_px, tpsl=tpsl, is_market=is_market, order_type=order_type, status=status,
-            status_ts=now,
+            status_ts=now, position_tpsl=position_tpsl,
         )
         acct.orders[o.oid] = o
         if cl:
