@@ -27,12 +27,13 @@ from monitor import planner
 from monitor.clock import to_ms
 from monitor.closing import close_bound_ms
 from monitor.database import Close, Database, NewFollowup, NewPosition, Resize
-from monitor.errors import DatabaseError, DatabaseUnavailable, Fenced
+from monitor.errors import DatabaseBusy, DatabaseError, DatabaseUnavailable, Fenced
 from monitor.models import Account
 from monitor.planner import AccountPlan, Action
 
 log = logging.getLogger(__name__)
 
+BUSY_RETRIES = 2  # accounts of a batch that may hit a lock wait one by one before the rest wait a run
 BATCH_ACCOUNTS = 100  # accounts per transaction (its statements do not grow with it, only their arrays)
 CANCEL_ORPHANS = "cancel_orphans"
 _ROW_CHANGES = (planner.DISCOVER, planner.UPDATE, planner.CLOSE, planner.TRACK_BEST, planner.MARK_MISSING)
@@ -63,6 +64,12 @@ def apply_plans(db: Database, epoch: int, plans: Sequence[AccountPlan], *, now: 
         try:
             results.extend(_apply_batch(db, epoch, batch, now, record_followups))
             continue
+        except DatabaseBusy as exc:  # a deadlock or lock timeout: the batch's many rows, retried one by one
+            if len(batch) == 1:
+                results.append(_failed(batch[0], exc))
+                continue
+            log.info("a batch of %d accounts lost to another writer (%s); applying them one by one", len(batch),
+                     exc.message)
         except (Fenced, DatabaseUnavailable):
             raise
         except Exception as exc:  # noqa: BLE001 - one account's fault must not abort the others
@@ -71,9 +78,17 @@ def apply_plans(db: Database, epoch: int, plans: Sequence[AccountPlan], *, now: 
                 continue
             log.info("a batch of %d accounts failed (%s); applying them one by one", len(batch),
                      type(exc).__name__)
+        busy = 0
         for plan in batch:
+            if busy >= BUSY_RETRIES:  # a writer holding many rows: the rest wait a run, not a lock wait each
+                results.append(AppliedAccount(plan.account, [], 0, "database write failed: DatabaseBusy: not"
+                                              " tried, other accounts' rows were held by another writer"))
+                continue
             try:
                 results.extend(_apply_batch(db, epoch, [plan], now, record_followups))
+            except DatabaseBusy as exc:  # this account's row is held by another writer: it waits a run
+                busy += 1
+                results.append(_failed(plan, exc))
             except (Fenced, DatabaseUnavailable):
                 raise
             except Exception as exc:  # noqa: BLE001 - one account's fault must not abort the others

@@ -34,6 +34,7 @@ from psycopg.types.json import Jsonb
 from monitor.errors import (
     ClaimLost,
     ConfigError,
+    DatabaseBusy,
     DatabaseError,
     DatabaseUnavailable,
     Fenced,
@@ -148,6 +149,9 @@ def _translated(exc: BaseException) -> MonitorError:
         # A table or column of a later migration: the schema is behind this version (exit 78).
         return SchemaBehind("database schema is behind this version; run `position-monitor db migrate`")
     text = str(exc).strip()
+    state = getattr(exc, "sqlstate", None) or ""
+    if state.startswith("40") or state in ("55P03", "57014"):  # deadlock, serialization; lock/statement timeout
+        return DatabaseBusy(f"database busy: {_redact(text.splitlines()[0] if text else type(exc).__name__)}")
     if isinstance(exc, psycopg.OperationalError):
         detail = text.splitlines()[0] if text else "connection lost"
         return DatabaseUnavailable(f"database unavailable: {_redact(detail)}")

@@ -560,7 +560,7 @@ def apply_plans(run: RunContext, reads: Reads) -> Applied:
     """Every plan's changes, batched (``monitor/applying.py``: a batch of accounts per fenced transaction,
     a statement per kind of change); a dry run counts them and writes nothing. One account's fault never
     aborts the others; a lost lock or fence stops the run writing."""
-    applied = Applied()
+    applied = run.applied = Applied()  # a run stopped by a fault below is recorded with the batches it committed
     plans = [r.plan for r in reads.results if r.plan is not None]
     if run.dry_run:
         for plan in plans:
