@@ -1,0 +1,116 @@
+"""Request weights as the exchange charges them: the base before a request, "+1 per 20 items returned" after a
+fills answer (reference §5.1). The run's api_weight is the simulator's own count; the budget defers what the
+surcharge leaves no weight for; the simulator's limiter counts the surcharge (real CLI, PostgreSQL, simulator)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import psycopg
+import pytest
+from hyperliquid.info import Info
+from hyperliquid.utils.error import ClientError
+
+from monitor.exchange import BudgetExhausted, Exchange, RequestCounter, WeightBudget, item_surcharge
+from tests.conftest import ALICE, cli, run_json
+
+BOB = "0x" + "b0" * 20
+
+
+def fills_entries(sim) -> list[dict]:
+    return sim.requests_log(type="userFillsByTime")
+
+
+def test_item_surcharge_is_one_per_20_items_rounded_up():
+    assert item_surcharge("userFillsByTime", [{}] * 2000) == 100  # a full page weighs 120 in all
+    assert item_surcharge("userFillsByTime", [{}] * 41) == 3
+    assert item_surcharge("userFills", []) == 0
+    assert item_surcharge("historicalOrders", [{}] * 20) == 1
+    assert item_surcharge("clearinghouseState", [{}] * 100) == 0  # no per-item part
+    assert item_surcharge("userFillsByTime", {"error": "x"}) == 0  # not a list answer
+
+
+def test_budget_charges_the_surcharge_after_the_answer_and_then_refuses():
+    budget = WeightBudget(60)
+    budget.take("userFillsByTime", 20)  # affordable before the request ...
+    budget.charge("userFillsByTime", 50)  # ... the answer held 1,000 fills: spent anyway
+    assert budget.spent == 70
+    with pytest.raises(BudgetExhausted):
+        budget.take("clearinghouseState", 2)
+
+
+def test_a_surcharge_drawn_on_the_exit_reserve_comes_out_of_it():
+    budget = WeightBudget(1000)
+    budget.hold(100)
+    with budget.urgent():
+        budget.take("userFillsByTime", 20)
+        budget.charge("userFillsByTime", 30)
+    assert budget.reserved == 50 and budget.spent == 50
+
+
+def test_exchange_counts_the_surcharge_of_a_busy_accounts_fills(sim):
+    sim.add_fill_history(ALICE, "ETH", 1000)
+    counter, budget = RequestCounter(), WeightBudget(1000)
+    exchange = Exchange(sim.url, timeout=5, counter=counter, before_request=budget.take,
+                        after_response=budget.charge)
+    sim.reset_log()
+    fills = exchange.read_fills(ALICE, 0)
+    assert len(fills) == 1000
+    assert counter.weight == budget.spent == sim.total_weight() == 20 + 50
+
+
+def test_the_simulators_limiter_counts_the_surcharge(sim):
+    sim.add_fill_history(ALICE, "ETH", 40)
+    info = Info(sim.url, skip_ws=True, meta={"universe": []}, spot_meta={"universe": [], "tokens": []}, timeout=5)
+    sim.reset_log()
+    sim.set_config(ip_weight_limit=23)
+    try:
+        info.user_fills(ALICE)  # base 20 fits the minute; 40 fills add 2 once answered
+        with pytest.raises(ClientError) as exc:
+            info.user_state(ALICE)  # 22 + 2 > 23 (the base alone would have fitted: 20 + 2)
+        assert exc.value.status_code == 429
+    finally:
+        sim.set_config(ip_weight_limit=None)
+
+
+def set_stop(database_url: str, address: str, coin: str, stop: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("UPDATE positions p SET stop_loss_price = %s FROM accounts a WHERE a.id = p.account_id"
+                     " AND a.address = %s AND p.coin = %s AND p.closed_at IS NULL", (Decimal(stop), address, coin))
+
+
+def test_a_busy_accounts_fills_read_is_charged_its_surcharge(env, sim):
+    sim.open_position(ALICE, "SOL", "10", "20")
+    assert cli(env, "accounts", "add", ALICE).returncode == 0
+    run_json(env)  # the row is discovered
+    sim.add_fill_history(ALICE, "ETH", 1200)  # a busy account: 1,200 fills inside the row's window ...
+    sim.resize(ALICE, "SOL", "12", "20")  # ... and its position changed, so its fills are read
+    sim.reset_log()
+
+    report = run_json(env)
+
+    assert report["updated"] == 1
+    entries = fills_entries(sim)
+    assert entries and all(e["status"] == 200 for e in entries)
+    assert sum(e["weight"] for e in entries) >= 20 + 1201 // 20  # the simulator charged the page's items
+    assert report["api_weight"] == sim.total_weight(), (report["api_weight"], sim.requests_log())
+    assert report["requests"] == len(sim.requests_log())
+
+
+def test_the_budget_defers_the_next_account_when_a_fills_surcharge_spends_it(env, sim, database_url):
+    sim.open_position(ALICE, "SOL", "10", "20")
+    sim.open_position(BOB, "SOL", "5", "20")
+    for address in (ALICE, BOB):
+        assert cli(env, "accounts", "add", address).returncode == 0
+    run_json(env)
+    set_stop(database_url, ALICE, "SOL", "1")  # never fires, but reads ALICE first (rows with exit rules)
+    sim.add_fill_history(ALICE, "ETH", 1200)  # 1,201 fills to read: 20 + 61
+    sim.resize(ALICE, "SOL", "12", "20")
+    sim.reset_log()
+    # allMids 2 + ALICE 2 + her fills' base 20 + BOB 2 = 26 fit in 30; her fills' surcharge (61) does not.
+    report = run_json(dict(env, MONITOR_WEIGHT_BUDGET="30", MONITOR_READ_PARALLELISM="1"))
+
+    assert report["updated"] == 1  # ALICE's change was explained from her fills
+    assert report["deferred_accounts"] == [BOB]  # nothing left for BOB once the surcharge was charged
+    assert [e["user"] for e in sim.requests_log(type="clearinghouseState")] == [ALICE]
+    assert report["api_weight"] == sim.total_weight() == 2 + 2 + 20 + 61
