@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Callable, Iterable, Iterator
 
+from monitor.clock import Clock, ExchangeClock
 from monitor.models import (
     AccountSnapshot,
     ExchangeDataError,
@@ -32,9 +33,26 @@ FILLS_MAX_REQUESTS = 24  # requests one fills read may make (a full page costs 1
 FILLS_SPAN_AIM = 1200  # fills a span back from now aims at: well under a page, so few come back capped
 EMPTY_SPOT_META = {"universe": [], "tokens": []}
 
-# Request weights (Hyperliquid docs, rate limits): what each read costs from the per-IP budget.
+# Request weights (Hyperliquid docs, rate limits; reference §5.1): what each request costs from the per-IP
+# budget before its answer is known (the base).
 WEIGHT = {"clearinghouseState": 2, "allMids": 2, "orderStatus": 2, "meta": 20, "frontendOpenOrders": 20,
-          "openOrders": 20, "userFillsByTime": 20, "userRole": 60, "exchange": 1}
+          "openOrders": 20, "userFillsByTime": 20, "userFills": 20, "historicalOrders": 20, "userFunding": 20,
+          "userRole": 60, "exchange": 1}
+# Requests the docs charge "additional rate limit weight per 20 items returned" on top of the base (reference
+# §5.1: userFills, userFillsByTime, historicalOrders, userFunding, ...; l2Book and allMids have none). The
+# rounding is not documented (UNCONFIRMED): counted as ceil(items / 20), the larger reading, so a run never
+# thinks it spent less than the exchange counts. A full 2,000-fill page: 20 + 100 = 120.
+PER_ITEM_WEIGHT = frozenset({"userFills", "userFillsByTime", "historicalOrders", "userFunding", "recentTrades",
+                             "fundingHistory", "nonUserFundingUpdates", "twapHistory", "userTwapSliceFills",
+                             "userTwapSliceFillsByTime", "delegatorHistory", "delegatorRewards", "validatorStats"})
+ITEMS_PER_WEIGHT = 20
+
+
+def item_surcharge(kind: str, body: Any) -> int:
+    """The weight an answer adds after the fact: 1 per 20 items (rounded up) of a per-item request's list."""
+    if kind not in PER_ITEM_WEIGHT or not isinstance(body, list):
+        return 0
+    return -(-len(body) // ITEMS_PER_WEIGHT)
 
 # Rejections of a signed action that mean "this key may not act here" (reference §3.5: a revoked or unknown
 # agent, an unfunded signer, a vaultAddress the key does not control). Matched as substrings, lowercase.
@@ -166,6 +184,11 @@ class RequestCounter:
             self.weight += weight
             self.by_type[kind] = self.by_type.get(kind, 0) + 1
 
+    def add_surcharge(self, kind: str, weight: int) -> None:
+        """The per-item part of a request already counted (known only once its answer is in)."""
+        with self._lock:
+            self.weight += weight
+
 
 class BudgetExhausted(Exception):
     """The run's API weight budget cannot pay for this request; the work waits for the next run."""
@@ -177,6 +200,12 @@ class WeightBudget:
     Part of it may be held back for the run's exit work (``hold``): while held, ``take`` never dips
     into it, so reads cannot starve a fired rule's order. ``open_reserve`` releases it when the run
     turns to its closes, which then draw from the reserve and whatever the reads left.
+
+    A request is charged what the exchange charges it, in two steps: its base weight before it is sent
+    (``take``: can the run afford it? If not, BudgetExhausted and nothing is sent), and the per-item part
+    of a fills (or other per-item) answer once the answer is in (``charge``: always charged, it is spent).
+    A surcharge can take ``spent`` past ``limit`` by what the requests in flight at that moment return;
+    every later ``take`` then finds nothing left and the work waits for the next run.
     """
 
     def __init__(self, limit: int) -> None:
@@ -219,30 +248,50 @@ class WeightBudget:
                 raise BudgetExhausted(f"{kind} needs {weight}, {max(available, 0)} of {self.limit} left{held}")
             self.spent += weight
 
+    def charge(self, kind: str, weight: int) -> None:
+        """The per-item part of an answer: already spent on the exchange, so never refused. An urgent
+        thread's surcharge comes out of the reserve it drew the base from."""
+        if weight <= 0:
+            return
+        with self._lock:
+            self.spent += weight
+            if getattr(self._local, "urgent", False) and self.reserved:
+                self.reserved = max(0, self.reserved - weight)
+
 
 class Exchange:
     """Reads (and, with a key, writes) for one run. Not shared between threads: make one per worker."""
 
     def __init__(self, base_url: str, *, timeout: float, counter: RequestCounter | None = None,
                  before_request: Callable[[str, int], None] | None = None,
-                 fills_cache: "FillsCache | None" = None) -> None:
+                 after_response: Callable[[str, int], None] | None = None,
+                 fills_cache: "FillsCache | None" = None, exchange_clock: "ExchangeClock | None" = None) -> None:
         from hyperliquid.info import Info  # heavy import, deferred to the first run that reads
 
         self.fills_cache = fills_cache
         self.base_url = base_url
         self.timeout = timeout
         self.counter = counter or RequestCounter()
-        self.before_request = before_request
+        self.before_request = before_request  # the base weight, before sending (may refuse: BudgetExhausted)
+        self.after_response = after_response  # the per-item part, once the answer is in
+        self.exchange_clock = exchange_clock  # learns the exchange's clock from clearinghouseState's `time`
+        self._sent_ms = self._received_ms = 0
         self.info = Info(base_url, skip_ws=True, meta={"universe": []}, spot_meta=EMPTY_SPOT_META, timeout=timeout)
 
+    def _local_ms(self) -> int:
+        return self.exchange_clock.local_ms() if self.exchange_clock is not None else Clock().now_ms()
+
     def _post(self, what: str, payload: dict[str, Any], weight: int) -> Any:
-        """POST /info through the SDK, turning every kind of failure into ReadFailed."""
+        """POST /info through the SDK, turning every kind of failure into ReadFailed. The base ``weight`` is
+        charged before the request, the per-item part (``item_surcharge``) after a list answer."""
         import requests
         from hyperliquid.utils.error import ClientError, ServerError
 
+        kind = payload.get("type", what)
         if self.before_request is not None:
             self.before_request(what, weight)
-        self.counter.add(payload.get("type", what), weight)
+        self.counter.add(kind, weight)
+        self._sent_ms = self._local_ms()
         try:
             body = self.info.post("/info", payload)  # timeout: given to Info() at construction
         except ClientError as exc:
@@ -258,6 +307,12 @@ class Exchange:
         except (KeyError, ValueError, AttributeError, TypeError) as exc:
             # The SDK indexes a 4xx JSON body as an object: one without "code", or not an object at all.
             raise ReadFailed(what, f"unexpected error body ({type(exc).__name__})") from None
+        self._received_ms = self._local_ms()
+        extra = item_surcharge(kind, body)
+        if extra:
+            self.counter.add_surcharge(kind, extra)
+            if self.after_response is not None:
+                self.after_response(what, extra)
         if _is_unparsed(body):
             raise ReadFailed(what, "answer is not JSON")
         return body
@@ -266,9 +321,12 @@ class Exchange:
         body = self._post("clearinghouseState", {"type": "clearinghouseState", "user": address, "dex": ""},
                           WEIGHT["clearinghouseState"])
         try:
-            return parse_clearinghouse_state(body, address)
+            snapshot = parse_clearinghouse_state(body, address)
         except ExchangeDataError as exc:
             raise ReadFailed("clearinghouseState", f"invalid answer ({exc})") from None
+        if snapshot.server_time_ms is not None and self.exchange_clock is not None:
+            self.exchange_clock.observe(snapshot.server_time_ms, self._sent_ms, self._received_ms)
+        return snapshot
 
     def read_fills(self, address: str, since_ms: int, until_ms: int | None = None) -> list[Fill]:
         """Every fill of the account from ``since_ms`` (inclusive) until now, deduplicated, oldest first.
@@ -524,12 +582,15 @@ class Trader:
     """
 
     def __init__(self, reader: Exchange, secret_key: str, account: str, meta: dict[str, Any], *,
-                 vault_address: str | None = None) -> None:
+                 vault_address: str | None = None, nonces: Callable[[], int] | None = None) -> None:
         from eth_account import Account as EthAccount
         from hyperliquid.exchange import Exchange as SdkExchange
 
         self.reader = reader
         self.account = account
+        # Nonces of this key: from the host-wide source when given (README "Keys": unique across this host's
+        # processes signing with the key); the SDK's bare millisecond time otherwise.
+        self.nonces = nonces
         wallet = EthAccount.from_key(secret_key)
         # An agent's signature acts for its master; a sub-account is named as vaultAddress.
         self.sdk = SdkExchange(wallet, reader.base_url, meta=meta, spot_meta=EMPTY_SPOT_META,
@@ -542,7 +603,10 @@ class Trader:
         from hyperliquid.utils.signing import get_timestamp_ms, sign_l1_action
         from hyperliquid.utils.constants import MAINNET_API_URL
 
-        nonce = get_timestamp_ms()
+        try:
+            nonce = self.nonces() if self.nonces is not None else get_timestamp_ms()
+        except (OSError, TimeoutError) as exc:  # the nonce file cannot be used: nothing is signed or sent
+            raise ReadFailed("exchange", f"no nonce for the key ({type(exc).__name__}); nothing sent") from None
         signature = sign_l1_action(self.sdk.wallet, action, self.sdk.vault_address, nonce, expires_after_ms,
                                    self.sdk.base_url == MAINNET_API_URL)
         payload = {"action": action, "nonce": nonce, "signature": signature,
