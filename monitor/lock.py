@@ -644,7 +644,7 @@ class NonceSource:
                 except FileNotFoundError:
                     last = 0
                 except ValueError:
-                    last = 0  # a torn or foreign file: the clock alone (still above anything it held)
+                    last = 0  # not a number (written by hand?): the clock alone
                 nonce = max(self._now_ms(), last + 1)
                 temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
                 temp.write_text(str(nonce), encoding="ascii")
