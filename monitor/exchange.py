@@ -31,6 +31,13 @@ FILLS_PAGE_LIMIT = 2000  # the exchange's maximum fills per userFillsByTime answ
 FILLS_HISTORY = 10_000  # the exchange keeps only the 10,000 most recent fills of a user
 FILLS_MAX_REQUESTS = 24  # requests one fills read may make (a full page costs 120 weight)
 FILLS_SPAN_AIM = 1200  # fills a span back from now aims at: well under a page, so few come back capped
+# The most weight one fills read may spend, as a share of the run's budget (the runner sets it; per-item
+# surcharge included): a window near or past the exchange's history costs 600 to 900 weight to read whole
+# (10,000 fills are 500 of surcharge alone), and up to 24 pages of 120 when the search meets capped answers,
+# more than a run's budget: such an account would be read every run and never finish, its exit work starved.
+# A further page is read only while this read's weight plus a full page's (120) stays within the cap; past
+# it the read is truncated like one past the history (the most recent part, read first, is used).
+FILLS_MAX_READ_SHARE = (3, 5)
 EMPTY_SPOT_META = {"universe": [], "tokens": []}
 
 # Request weights (Hyperliquid docs, rate limits; reference §5.1): what each request costs from the per-IP
@@ -265,7 +272,8 @@ class Exchange:
     def __init__(self, base_url: str, *, timeout: float, counter: RequestCounter | None = None,
                  before_request: Callable[[str, int], None] | None = None,
                  after_response: Callable[[str, int], None] | None = None,
-                 fills_cache: "FillsCache | None" = None, exchange_clock: "ExchangeClock | None" = None) -> None:
+                 fills_cache: "FillsCache | None" = None, exchange_clock: "ExchangeClock | None" = None,
+                 fills_max_weight: int | None = None) -> None:
         from hyperliquid.info import Info  # heavy import, deferred to the first run that reads
 
         self.fills_cache = fills_cache
@@ -275,6 +283,7 @@ class Exchange:
         self.before_request = before_request  # the base weight, before sending (may refuse: BudgetExhausted)
         self.after_response = after_response  # the per-item part, once the answer is in
         self.exchange_clock = exchange_clock  # learns the exchange's clock from clearinghouseState's `time`
+        self.fills_max_weight = fills_max_weight
         self._sent_ms = self._received_ms = 0
         self.info = Info(base_url, skip_ws=True, meta={"universe": []}, spot_meta=EMPTY_SPOT_META, timeout=timeout)
 
@@ -385,22 +394,48 @@ class Exchange:
         first = self._fills_page(address, since_ms, until_ms)
         if len(first) < FILLS_PAGE_LIMIT:
             return dedupe_fills(first)
+        full_page = WEIGHT["userFillsByTime"] + item_surcharge("userFillsByTime", [None] * FILLS_PAGE_LIMIT)
+        spent = WEIGHT["userFillsByTime"] + item_surcharge("userFillsByTime", first)
         # The first span back ends "now" by the exchange's clock (endTime null); later ones end where the
         # previous one started, so no fill is read twice and none is skipped.
-        end = until_ms if until_ms is not None else int(_time.time() * 1000)
+        now = self.exchange_clock.now_ms() if self.exchange_clock is not None else int(_time.time() * 1000)
+        end = until_ms if until_ms is not None else now
         open_end = until_ms is None
         times = [f.time_ms for f in first]
         span = max(1, (max(times) - min(times)) * FILLS_SPAN_AIM // FILLS_PAGE_LIMIT)
         known = set(times)  # times at which fills exist (seen in capped answers): empty stretches are skipped
         collected: list[Fill] = []
         requests = 1
+        if open_end:
+            # The newest fills first, in one request whatever the window's density: userFills answers the
+            # account's 2,000 most recent fills ([DOC] info-endpoint; reference §2.2), so the close or flip
+            # near the present is in hand before any weight goes into searching the rest of the window.
+            latest = self._latest_fills(address)
+            requests += 1
+            spent += WEIGHT["userFills"] + item_surcharge("userFills", latest)
+            if not latest:
+                raise ReadFailed("userFills", "no fills, while a page of the window was full")
+            latest_times = [f.time_ms for f in latest]
+            oldest = min(latest_times)
+            if len(latest) < FILLS_PAGE_LIMIT or oldest < since_ms:
+                return dedupe_fills([f for f in latest if f.time_ms >= since_ms])  # the whole window
+            # The oldest millisecond of the answer may hold more fills than it shows: read again below.
+            collected = [f for f in latest if f.time_ms > oldest]
+            known.update(latest_times)
+            end, open_end = oldest, False
+            span = max(1, (max(latest_times) - oldest) * FILLS_SPAN_AIM // FILLS_PAGE_LIMIT)
         while end >= since_ms:
             if requests >= FILLS_MAX_REQUESTS:
                 raise FillsTruncated("userFillsByTime", f"more fills in the window than {FILLS_MAX_REQUESTS}"
                                      " requests read; the most recent part is used", dedupe_fills(collected))
+            if self.fills_max_weight is not None and spent + full_page > self.fills_max_weight:
+                raise FillsTruncated("userFillsByTime", f"more fills in the window than one read may spend"
+                                     f" ({self.fills_max_weight} weight); the most recent part is used",
+                                     dedupe_fills(collected))
             start = max(since_ms, end - span + 1)
             page = self._fills_page(address, start, None if open_end else end)
             requests += 1
+            spent += WEIGHT["userFillsByTime"] + item_surcharge("userFillsByTime", page)
             if len(page) >= FILLS_PAGE_LIMIT:
                 if start == end and open_end:
                     raise ReadFailed("userFillsByTime", "a page of fills is newer than this host's clock"
@@ -426,6 +461,17 @@ class Exchange:
                 below = [t for t in known if t <= end]
                 span = span * 4 if not below else max(span, end - max(below) + 1)
         return dedupe_fills(collected)
+
+    def _latest_fills(self, address: str) -> list[Fill]:
+        """userFills: the account's most recent fills (at most 2,000; every dex and spot), any order."""
+        from monitor.fills import parse_fills
+
+        body = self._post("userFills", {"type": "userFills", "user": address, "aggregateByTime": False},
+                          WEIGHT["userFills"])
+        try:
+            return parse_fills(body)
+        except ExchangeDataError as exc:
+            raise ReadFailed("userFills", f"invalid answer ({exc})") from None
 
     def _fills_page(self, address: str, start_ms: int, end_ms: int | None) -> list[Fill]:
         from monitor.fills import parse_fills

@@ -29,6 +29,7 @@ from monitor.config import Settings
 from monitor.database import Database, Followup, connect, embedded_database_url
 from monitor.errors import DatabaseError, DatabaseUnavailable, Fenced, UsageError, exit_code_for
 from monitor.exchange import (
+    FILLS_MAX_READ_SHARE,
     BudgetExhausted,
     Exchange,
     FillsCache,
@@ -166,7 +167,9 @@ def setup(settings: Settings, *, dry_run: bool, clock: Clock, hooks: RunHooks,
                                                               counter=counter, before_request=budget.take,
                                                               after_response=budget.charge,
                                                               fills_cache=fills_cache,
-                                                              exchange_clock=exchange_clock)))
+                                                              exchange_clock=exchange_clock,
+                                                              fills_max_weight=settings.weight_budget
+                                                              * FILLS_MAX_READ_SHARE[0] // FILLS_MAX_READ_SHARE[1])))
         db.start_run(run_id=lock.run_id, host=settings.host_id, pid=os.getpid(), epoch=epoch, dry_run=dry_run)
         yield run
     except Fenced as exc:  # taken over between phases: recorded as what it is (exit 75)

@@ -4,6 +4,7 @@ surcharge leaves no weight for; the simulator's limiter counts the surcharge (re
 
 from __future__ import annotations
 
+import time
 from decimal import Decimal
 
 import psycopg
@@ -11,7 +12,8 @@ import pytest
 from hyperliquid.info import Info
 from hyperliquid.utils.error import ClientError
 
-from monitor.exchange import BudgetExhausted, Exchange, RequestCounter, WeightBudget, item_surcharge
+from monitor.exchange import (BudgetExhausted, Exchange, FillsTruncated, RequestCounter, WeightBudget,
+                              item_surcharge)
 from tests.conftest import ALICE, cli, run_json
 
 BOB = "0x" + "b0" * 20
@@ -114,3 +116,20 @@ def test_the_budget_defers_the_next_account_when_a_fills_surcharge_spends_it(env
     assert report["deferred_accounts"] == [BOB]  # nothing left for BOB once the surcharge was charged
     assert [e["user"] for e in sim.requests_log(type="clearinghouseState")] == [ALICE]
     assert report["api_weight"] == sim.total_weight() == 2 + 2 + 20 + 61
+
+
+def test_a_fills_read_past_its_weight_cap_keeps_the_newest_fills(sim):
+    # A busy account: 10,400 fills in a burst, then the close that matters. Reading the whole window would cost
+    # more than a run can spend; the read stops at its cap with the most recent part, the close included.
+    sim.open_position(ALICE, "SOL", "-12", "20")
+    since = sim.now_ms() - 120_000
+    time.sleep(0.05)
+    sim.add_fill_history(ALICE, "ATOM", 10_400)
+    sim.close_external(ALICE, "SOL", "21")
+    exchange = Exchange(sim.url, timeout=5, fills_max_weight=500)
+    sim.reset_log()
+    with pytest.raises(FillsTruncated) as exc:
+        exchange.read_fills(ALICE, since)
+    assert exc.value.fills and exc.value.fills[-1].coin == "SOL" and exc.value.fills[-1].end_position == 0
+    assert sim.total_weight() <= 500
+    assert "userFills" in [e["type"] for e in sim.requests_log()]  # the newest 2,000 in one request
