@@ -53,6 +53,7 @@ PER_ITEM_WEIGHT = frozenset({"userFills", "userFillsByTime", "historicalOrders",
                              "fundingHistory", "nonUserFundingUpdates", "twapHistory", "userTwapSliceFills",
                              "userTwapSliceFillsByTime", "delegatorHistory", "delegatorRewards", "validatorStats"})
 ITEMS_PER_WEIGHT = 20
+MAX_ITEM_SURCHARGE = 100  # the most one answer adds: a full page of 2,000 fills (or orders)
 
 
 def item_surcharge(kind: str, body: Any) -> int:
@@ -211,14 +212,21 @@ class WeightBudget:
     A request is charged what the exchange charges it, in two steps: its base weight before it is sent
     (``take``: can the run afford it? If not, BudgetExhausted and nothing is sent), and the per-item part
     of a fills (or other per-item) answer once the answer is in (``charge``: always charged, it is spent).
-    A surcharge can take ``spent`` past ``limit`` by what the requests in flight at that moment return;
-    every later ``take`` then finds nothing left and the work waits for the next run.
+    So that the surcharge cannot take the run past its budget, a per-item read of an account without exit
+    work (in the read phase) is sent only when the budget can also pay the largest surcharge an answer can
+    carry (``MAX_ITEM_SURCHARGE``), and that much is held for it while it is in flight (``pending``) so
+    parallel reads cannot all count on the same weight; such an account otherwise waits a run. Exit work
+    (an urgent account's reads, the closer after ``open_reserve``) is checked on its base only: the reserve
+    already counts a plausible surcharge, and a fired rule's order must not wait for a worst case. Only its
+    surcharge beyond that plan can take ``spent`` past ``limit``; every later ``take`` then finds nothing.
     """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.spent = 0
         self.reserved = 0
+        self.pending = 0  # worst-case surcharges held for per-item reads in flight
+        self.reading = True  # the read phase (until open_reserve)
         self._lock = threading.Lock()
         self._local = threading.local()
 
@@ -241,26 +249,36 @@ class WeightBudget:
     def open_reserve(self) -> None:
         with self._lock:
             self.reserved = 0
+            self.reading = False
 
     def take(self, kind: str, weight: int) -> None:
         with self._lock:
-            if getattr(self._local, "urgent", False) and self.reserved:
-                if weight <= self.limit - self.spent:
+            self._local.pending = 0
+            urgent = getattr(self._local, "urgent", False)
+            if urgent and self.reserved:
+                if weight <= self.limit - self.spent - self.pending:
                     self.spent += weight
                     self.reserved = max(0, self.reserved - weight)
                     return
-            available = self.limit - self.reserved - self.spent
-            if weight > available:
+            worst = MAX_ITEM_SURCHARGE if self.reading and not urgent and kind in PER_ITEM_WEIGHT else 0
+            available = self.limit - self.reserved - self.spent - self.pending
+            if weight + worst > available:
                 held = f", {self.reserved} held for exit work" if self.reserved else ""
-                raise BudgetExhausted(f"{kind} needs {weight}, {max(available, 0)} of {self.limit} left{held}")
+                what = f"{weight} (+{worst} for the answer's items)" if worst else f"{weight}"
+                raise BudgetExhausted(f"{kind} needs {what}, {max(available, 0)} of {self.limit} left{held}")
             self.spent += weight
+            self.pending += worst
+            self._local.pending = worst
 
     def charge(self, kind: str, weight: int) -> None:
-        """The per-item part of an answer: already spent on the exchange, so never refused. An urgent
-        thread's surcharge comes out of the reserve it drew the base from."""
-        if weight <= 0:
-            return
+        """The per-item part of an answer (0 when it failed): already spent on the exchange, so never
+        refused; the worst case held for it is let go. An urgent thread's surcharge comes out of the reserve
+        it drew the base from."""
         with self._lock:
+            self.pending -= getattr(self._local, "pending", 0)
+            self._local.pending = 0
+            if weight <= 0:
+                return
             self.spent += weight
             if getattr(self._local, "urgent", False) and self.reserved:
                 self.reserved = max(0, self.reserved - weight)
@@ -293,16 +311,32 @@ class Exchange:
     def _post(self, what: str, payload: dict[str, Any], weight: int) -> Any:
         """POST /info through the SDK, turning every kind of failure into ReadFailed. The base ``weight`` is
         charged before the request, the per-item part (``item_surcharge``) after a list answer."""
-        import requests
-        from hyperliquid.utils.error import ClientError, ServerError
-
         kind = payload.get("type", what)
         if self.before_request is not None:
             self.before_request(what, weight)
         self.counter.add(kind, weight)
         self._sent_ms = self._local_ms()
         try:
+            body = self._ask(what, kind, payload)
+        finally:
+            self._received_ms = self._local_ms()
+        if _is_unparsed(body):
+            raise ReadFailed(what, "answer is not JSON")
+        return body
+
+    def _ask(self, what: str, kind: str, payload: dict[str, Any]) -> Any:
+        """The request itself; the per-item part of its answer is charged (0 for a failed one, which lets the
+        budget's worst case for it go)."""
+        import requests
+        from hyperliquid.utils.error import ClientError, ServerError
+
+        extra = 0
+        try:
             body = self.info.post("/info", payload)  # timeout: given to Info() at construction
+            extra = item_surcharge(kind, body)
+            if extra:
+                self.counter.add_surcharge(kind, extra)
+            return body
         except ClientError as exc:
             if exc.status_code == 429:
                 raise ReadFailed(what, "rate limited (HTTP 429)", retry_after=1.0) from None
@@ -316,15 +350,9 @@ class Exchange:
         except (KeyError, ValueError, AttributeError, TypeError) as exc:
             # The SDK indexes a 4xx JSON body as an object: one without "code", or not an object at all.
             raise ReadFailed(what, f"unexpected error body ({type(exc).__name__})") from None
-        self._received_ms = self._local_ms()
-        extra = item_surcharge(kind, body)
-        if extra:
-            self.counter.add_surcharge(kind, extra)
-            if self.after_response is not None:
+        finally:
+            if self.after_response is not None and kind in PER_ITEM_WEIGHT:
                 self.after_response(what, extra)
-        if _is_unparsed(body):
-            raise ReadFailed(what, "answer is not JSON")
-        return body
 
     def read_positions(self, address: str) -> AccountSnapshot:
         body = self._post("clearinghouseState", {"type": "clearinghouseState", "user": address, "dex": ""},

@@ -4,6 +4,7 @@ surcharge leaves no weight for; the simulator's limiter counts the surcharge (re
 
 from __future__ import annotations
 
+import threading
 import time
 from decimal import Decimal
 
@@ -34,6 +35,7 @@ def test_item_surcharge_is_one_per_20_items_rounded_up():
 
 def test_budget_charges_the_surcharge_after_the_answer_and_then_refuses():
     budget = WeightBudget(60)
+    budget.open_reserve()  # exit work (after the reads): the base is what must be affordable
     budget.take("userFillsByTime", 20)  # affordable before the request ...
     budget.charge("userFillsByTime", 50)  # ... the answer held 1,000 fills: spent anyway
     assert budget.spent == 70
@@ -99,7 +101,7 @@ def test_a_busy_accounts_fills_read_is_charged_its_surcharge(env, sim):
     assert report["requests"] == len(sim.requests_log())
 
 
-def test_the_budget_defers_the_next_account_when_a_fills_surcharge_spends_it(env, sim, database_url):
+def test_the_budget_defers_a_fills_read_whose_answer_could_take_the_run_past_it(env, sim, database_url):
     sim.open_position(ALICE, "SOL", "10", "20")
     sim.open_position(BOB, "SOL", "5", "20")
     for address in (ALICE, BOB):
@@ -109,13 +111,47 @@ def test_the_budget_defers_the_next_account_when_a_fills_surcharge_spends_it(env
     sim.add_fill_history(ALICE, "ETH", 1200)  # 1,201 fills to read: 20 + 61
     sim.resize(ALICE, "SOL", "12", "20")
     sim.reset_log()
-    # allMids 2 + ALICE 2 + her fills' base 20 + BOB 2 = 26 fit in 30; her fills' surcharge (61) does not.
-    report = run_json(dict(env, MONITOR_WEIGHT_BUDGET="30", MONITOR_READ_PARALLELISM="1"))
+    # allMids 2 + ALICE 2; her fills' base (20) fits in what is left of 100, a full page's surcharge (+100) does
+    # not: the read would be charged 81 and take the run to 85, or with a busier account past 100.
+    report = run_json(dict(env, MONITOR_WEIGHT_BUDGET="100", MONITOR_READ_PARALLELISM="1"), expect=None)
 
-    assert report["updated"] == 1  # ALICE's change was explained from her fills
-    assert report["deferred_accounts"] == [BOB]  # nothing left for BOB once the surcharge was charged
-    assert [e["user"] for e in sim.requests_log(type="clearinghouseState")] == [ALICE]
-    assert report["api_weight"] == sim.total_weight() == 2 + 2 + 20 + 61
+    assert report["deferred_accounts"] == [ALICE] and report["updated"] == 0
+    assert sim.requests_log(type="userFillsByTime") == []
+    assert [e["user"] for e in sim.requests_log(type="clearinghouseState")] == [ALICE, BOB]  # BOB still read
+    assert report["api_weight"] == sim.total_weight() == 2 + 2 + 2 <= 100
+    again = run_json(dict(env, MONITOR_WEIGHT_BUDGET="200", MONITOR_READ_PARALLELISM="1"))  # room for a page
+    assert again["updated"] == 1 and again["deferred_accounts"] == []
+
+
+def test_exit_work_is_charged_its_surcharge_past_the_budget_and_the_rest_waits():
+    budget = WeightBudget(60)
+    budget.hold(40)
+    with budget.urgent():  # an account with exit work: checked on the base only
+        budget.take("userFillsByTime", 20)
+        budget.charge("userFillsByTime", 50)  # a busier account than the reserve planned for
+    assert budget.spent == 70
+    with pytest.raises(BudgetExhausted):
+        budget.take("clearinghouseState", 2)
+
+
+def test_parallel_reads_hold_the_worst_case_of_answers_in_flight():
+    budget = WeightBudget(260)
+    budget.take("userFillsByTime", 20)  # in flight: 20 spent, 100 held
+    errors: list[Exception] = []
+
+    def second() -> None:
+        try:
+            budget.take("userFillsByTime", 20)  # 120 + 120 <= 260
+            budget.take("userFillsByTime", 20)  # 240 + 120 > 260: refused before it is sent
+        except BudgetExhausted as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    thread.join()
+    assert len(errors) == 1 and budget.spent == 40 and budget.pending == 200
+    budget.charge("userFillsByTime", 3)  # the first answer held 60 fills
+    assert budget.spent == 43 and budget.pending == 100
 
 
 def test_a_fills_read_past_its_weight_cap_keeps_the_newest_fills(sim):
