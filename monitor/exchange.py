@@ -228,6 +228,7 @@ class WeightBudget:
         self.pending = 0  # worst-case surcharges held for per-item reads in flight
         self.reading = True  # the read phase (until open_reserve)
         self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)  # an answer in flight was charged: pending went down
         self._local = threading.local()
 
     @contextmanager
@@ -253,6 +254,9 @@ class WeightBudget:
 
     def take(self, kind: str, weight: int) -> None:
         with self._lock:
+            if getattr(self._local, "pending", 0):  # a new request on this thread: its last one is done
+                self.pending -= self._local.pending
+                self._settled.notify_all()
             self._local.pending = 0
             urgent = getattr(self._local, "urgent", False)
             if urgent and self.reserved:
@@ -262,6 +266,11 @@ class WeightBudget:
                     return
             worst = MAX_ITEM_SURCHARGE if self.reading and not urgent and kind in PER_ITEM_WEIGHT else 0
             available = self.limit - self.reserved - self.spent - self.pending
+            while weight + worst > available and self.pending:
+                # Only the worst cases held for answers in flight stand in the way: wait for them to be
+                # charged (they come back well under it, as a rule) rather than defer an account for nothing.
+                self._settled.wait(timeout=1.0)
+                available = self.limit - self.reserved - self.spent - self.pending
             if weight + worst > available:
                 held = f", {self.reserved} held for exit work" if self.reserved else ""
                 what = f"{weight} (+{worst} for the answer's items)" if worst else f"{weight}"
@@ -275,8 +284,10 @@ class WeightBudget:
         refused; the worst case held for it is let go. An urgent thread's surcharge comes out of the reserve
         it drew the base from."""
         with self._lock:
-            self.pending -= getattr(self._local, "pending", 0)
-            self._local.pending = 0
+            if getattr(self._local, "pending", 0):
+                self.pending -= self._local.pending
+                self._local.pending = 0
+                self._settled.notify_all()
             if weight <= 0:
                 return
             self.spent += weight

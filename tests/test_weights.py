@@ -135,23 +135,31 @@ def test_exit_work_is_charged_its_surcharge_past_the_budget_and_the_rest_waits()
 
 
 def test_parallel_reads_hold_the_worst_case_of_answers_in_flight():
-    budget = WeightBudget(260)
-    budget.take("userFillsByTime", 20)  # in flight: 20 spent, 100 held
-    errors: list[Exception] = []
+    budget = WeightBudget(250)
+    budget.take("userFillsByTime", 20)  # in flight on this thread: 20 spent, 100 held
+    taken = threading.Event()
 
     def second() -> None:
+        budget.take("userFillsByTime", 20)  # 120 + 120 <= 250: sent at once, 100 more held
         try:
-            budget.take("userFillsByTime", 20)  # 120 + 120 <= 260
-            budget.take("userFillsByTime", 20)  # 240 + 120 > 260: refused before it is sent
-        except BudgetExhausted as exc:
-            errors.append(exc)
+            budget.take("userFillsByTime", 20)  # its own hold first let go, then 140 + 120 > 250: waits ...
+        finally:
+            taken.set()
 
-    thread = threading.Thread(target=second)
-    thread.start()
-    thread.join()
-    assert len(errors) == 1 and budget.spent == 40 and budget.pending == 200
-    budget.charge("userFillsByTime", 3)  # the first answer held 60 fills
-    assert budget.spent == 43 and budget.pending == 100
+    budget_thread = threading.Thread(target=second)
+    budget_thread.start()
+    assert not taken.wait(0.5)  # ... while the first answer is in flight
+    assert budget.spent == 40
+    budget.charge("userFillsByTime", 3)  # the first answer held 60 fills: its hold is let go
+    budget_thread.join(5)
+    assert taken.is_set() and budget.spent == 63 and budget.pending == 100
+
+
+def test_a_read_the_budget_cannot_pay_even_with_nothing_in_flight_is_refused():
+    budget = WeightBudget(110)
+    with pytest.raises(BudgetExhausted):
+        budget.take("userFillsByTime", 20)  # 20 + a full page's 100 > 110
+    budget.take("clearinghouseState", 2)  # no items: its base is all it can cost
 
 
 def test_a_fills_read_past_its_weight_cap_keeps_the_newest_fills(sim):
