@@ -19,7 +19,7 @@ from decimal import Decimal
 from typing import Any, Callable
 
 from monitor import planner
-from monitor.clock import Clock, from_ms, to_ms
+from monitor.clock import Clock, ExchangeClock, from_ms, to_ms
 from monitor.database import Database, Followup
 from monitor.exchange import (
     OPEN_ORDER_LIMIT,
@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 
 ORDER_TTL_SECONDS = 10.0  # expiresAfter of a close order, at most
 SETTLE_MARGIN_SECONDS = 2.0  # after expiresAfter, before the cloid is looked up
+# expiresAfter, close_expires_at and the settle windows are in the exchange's time (the host's clock plus the
+# offset this run measured, ``ExchangeClock``): the exchange judges expiry by its own clock (reference §3.3),
+# so a host clock 30 s behind would otherwise sign every order already expired, and one 30 s ahead would look
+# a cloid up while its order can still land.
 CANCEL_ORPHANS = "cancel_orphans"  # followups.kind: cancel the orders a closed position left behind
 MAIN_DEX = ""  # the cache is keyed by perp dex; only the main one is traded today
 
@@ -65,6 +69,11 @@ class CloseContext:
     lock_lost: Callable[[], bool] = lambda: False
     plan_settings: PlanSettings = PlanSettings()
     meta: dict[str, Any] | None = None
+    exchange_clock: ExchangeClock | None = None  # None: the exchange's time is taken to be the host's
+    nonces: Callable[[], int] | None = None  # the key's host-wide nonce source (monitor.lock.NonceSource)
+
+    def exchange_now_ms(self) -> int:
+        return self.exchange_clock.now_ms() if self.exchange_clock is not None else self.clock.now_ms()
 
 
 @dataclass
@@ -169,7 +178,7 @@ class Closer:
         if account.address not in self._traders:
             assert ctx.secret_key is not None
             self._traders[account.address] = Trader(ctx.exchange, ctx.secret_key, account.address, meta,
-                                                    vault_address=self._vault_for(account))
+                                                    vault_address=self._vault_for(account), nonces=ctx.nonces)
         return self._traders[account.address]
 
     def _refused(self, account: Account, error: str | None) -> None:
@@ -284,7 +293,7 @@ class Closer:
         if not claimed:
             self._already(action)
             return
-        if ctx.lock_lost() or ctx.clock.now_ms() >= expires_after - int(SETTLE_MARGIN_SECONDS * 1000):
+        if ctx.lock_lost() or ctx.exchange_now_ms() >= expires_after - int(SETTLE_MARGIN_SECONDS * 1000):
             with ctx.db.fenced(ctx.epoch):
                 ctx.db.release_close(row.id, cloid=cloid, event="close_not_placed", error="run deadline reached")
             self._postponed(f"#{row.id} {action.coin}: not sent, the run is at its deadline; next run")
@@ -391,12 +400,13 @@ class Closer:
 
     def _expires_after(self) -> int | None:
         """expiresAfter for an action signed now: at most ORDER_TTL ahead and never past the run's deadline
-        (so a paused run's action cannot land after another run may have taken over). None: do not send."""
+        (so a paused run's action cannot land after another run may have taken over), in the exchange's time.
+        None: do not send."""
         ctx = self.ctx
         left = ctx.seconds_left() - SETTLE_MARGIN_SECONDS
         if ctx.lock_lost() or left < 1:
             return None
-        return ctx.clock.now_ms() + int(min(ORDER_TTL_SECONDS, left) * 1000)
+        return ctx.exchange_now_ms() + int(min(ORDER_TTL_SECONDS, left) * 1000)
 
     def _postponed(self, note: str) -> None:
         """A close the run had no time left to send safely: the run overran (alert run_overran) and the
@@ -449,7 +459,8 @@ class Closer:
                                              net_pnl=close.net_pnl)
                 if done and ctx.secret_key is not None:  # durable: the orders it leaves are cancelled by handle()
                     ctx.db.record_followup(account_id=account.id, coin=coin, kind=CANCEL_ORPHANS,
-                                           position_id=position_id, not_after_ms=own.end_ms or ctx.clock.now_ms())
+                                           position_id=position_id,
+                                           not_after_ms=own.end_ms or ctx.exchange_now_ms())
             if done:
                 self.done.closed += 1
                 self.done.actions.append(close)
@@ -478,11 +489,12 @@ class Closer:
         row = ctx.db.position(action.position_id)
         if row is None or row.status != "closing" or not row.close_cloid:
             return
-        # The order can land until its own expiresAfter (stored with the claim); rows claimed before that
-        # was stored fall back to the longest expiresAfter a claim can have.
+        # The order can land until its own expiresAfter (stored with the claim, in the exchange's time, so
+        # compared with the exchange's time now); rows claimed before that was stored fall back to the
+        # longest expiresAfter a claim can have.
         expires = row.close_expires_at or ((row.close_started_at or ctx.clock.now())
                                            + timedelta(seconds=ORDER_TTL_SECONDS))
-        if ctx.clock.now() < expires + timedelta(seconds=SETTLE_MARGIN_SECONDS):
+        if from_ms(ctx.exchange_now_ms()) < expires + timedelta(seconds=SETTLE_MARGIN_SECONDS):
             self._note(f"#{row.id} {row.coin}: close order {row.close_cloid} may still land; settling later")
             return
         status = ctx.exchange.order_status(account.address, row.close_cloid)

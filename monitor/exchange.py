@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Any, Callable, Iterable, Iterator
 
+from monitor.clock import Clock, ExchangeClock
 from monitor.models import (
     AccountSnapshot,
     ExchangeDataError,
@@ -31,13 +32,38 @@ FILLS_PAGE_LIMIT = 2000  # the exchange's maximum fills per userFillsByTime answ
 FILLS_HISTORY = 10_000  # the exchange keeps only the 10,000 most recent fills of a user
 FILLS_MAX_REQUESTS = 24  # requests one fills read may make (a full page costs 120 weight)
 FILLS_SPAN_AIM = 1200  # fills a span back from now aims at: well under a page, so few come back capped
+# The most weight one fills read may spend, as a share of the run's budget (the runner sets it; per-item
+# surcharge included): a window near or past the exchange's history costs 600 to 900 weight to read whole
+# (10,000 fills are 500 of surcharge alone), and up to 24 pages of 120 when the search meets capped answers,
+# more than a run's budget: such an account would be read every run and never finish, its exit work starved.
+# A further page is read only while this read's weight plus a full page's (120) stays within the cap; past
+# it the read is truncated like one past the history (the most recent part, read first, is used).
+FILLS_MAX_READ_SHARE = (3, 5)
 EMPTY_SPOT_META: dict[str, list[Any]] = {"universe": [], "tokens": []}
 FUNDING_PAGE_LIMIT = 500  # time-range info answers are capped at 500 elements (reference §2.12)
 FUNDING_MAX_REQUESTS = 10  # pages one funding read may make; more: the read fails (funding stays unknown)
 
-# Request weights (Hyperliquid docs, rate limits): what each read costs from the per-IP budget.
+# Request weights (Hyperliquid docs, rate limits; reference §5.1): what each request costs from the per-IP
+# budget before its answer is known (the base).
 WEIGHT = {"clearinghouseState": 2, "allMids": 2, "orderStatus": 2, "meta": 20, "frontendOpenOrders": 20,
-          "openOrders": 20, "userFillsByTime": 20, "userFunding": 20, "userRole": 60, "exchange": 1}
+          "openOrders": 20, "userFillsByTime": 20, "userFills": 20, "historicalOrders": 20, "userFunding": 20,
+          "userRole": 60, "exchange": 1}
+# Requests the docs charge "additional rate limit weight per 20 items returned" on top of the base (reference
+# §5.1: userFills, userFillsByTime, historicalOrders, userFunding, ...; l2Book and allMids have none). The
+# rounding is not documented (UNCONFIRMED): counted as ceil(items / 20), the larger reading, so a run never
+# thinks it spent less than the exchange counts. A full 2,000-fill page: 20 + 100 = 120.
+PER_ITEM_WEIGHT = frozenset({"userFills", "userFillsByTime", "historicalOrders", "userFunding", "recentTrades",
+                             "fundingHistory", "nonUserFundingUpdates", "twapHistory", "userTwapSliceFills",
+                             "userTwapSliceFillsByTime", "delegatorHistory", "delegatorRewards", "validatorStats"})
+ITEMS_PER_WEIGHT = 20
+MAX_ITEM_SURCHARGE = 100  # the most one answer adds: a full page of 2,000 fills (or orders)
+
+
+def item_surcharge(kind: str, body: Any) -> int:
+    """The weight an answer adds after the fact: 1 per 20 items (rounded up) of a per-item request's list."""
+    if kind not in PER_ITEM_WEIGHT or not isinstance(body, list):
+        return 0
+    return -(-len(body) // ITEMS_PER_WEIGHT)
 
 # Rejections of a signed action that mean "this key may not act here" (reference §3.5: a revoked or unknown
 # agent, an unfunded signer, a vaultAddress the key does not control). Matched as substrings, lowercase.
@@ -190,6 +216,11 @@ class RequestCounter:
             self.weight += weight
             self.by_type[kind] = self.by_type.get(kind, 0) + 1
 
+    def add_surcharge(self, kind: str, weight: int) -> None:
+        """The per-item part of a request already counted (known only once its answer is in)."""
+        with self._lock:
+            self.weight += weight
+
 
 class BudgetExhausted(Exception):
     """The run's API weight budget cannot pay for this request; the work waits for the next run."""
@@ -201,13 +232,27 @@ class WeightBudget:
     Part of it may be held back for the run's exit work (``hold``): while held, ``take`` never dips
     into it, so reads cannot starve a fired rule's order. ``open_reserve`` releases it when the run
     turns to its closes, which then draw from the reserve and whatever the reads left.
+
+    A request is charged what the exchange charges it, in two steps: its base weight before it is sent
+    (``take``: can the run afford it? If not, BudgetExhausted and nothing is sent), and the per-item part
+    of a fills (or other per-item) answer once the answer is in (``charge``: always charged, it is spent).
+    So that the surcharge cannot take the run past its budget, a per-item read of an account without exit
+    work (in the read phase) is sent only when the budget can also pay the largest surcharge an answer can
+    carry (``MAX_ITEM_SURCHARGE``), and that much is held for it while it is in flight (``pending``) so
+    parallel reads cannot all count on the same weight; such an account otherwise waits a run. Exit work
+    (an urgent account's reads, the closer after ``open_reserve``) is checked on its base only: the reserve
+    already counts a plausible surcharge, and a fired rule's order must not wait for a worst case. Only its
+    surcharge beyond that plan can take ``spent`` past ``limit``; every later ``take`` then finds nothing.
     """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.spent = 0
         self.reserved = 0
+        self.pending = 0  # worst-case surcharges held for per-item reads in flight
+        self.reading = True  # the read phase (until open_reserve)
         self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)  # an answer in flight was charged: pending went down
         self._local = threading.local()
 
     @contextmanager
@@ -229,18 +274,48 @@ class WeightBudget:
     def open_reserve(self) -> None:
         with self._lock:
             self.reserved = 0
+            self.reading = False
 
     def take(self, kind: str, weight: int) -> None:
         with self._lock:
-            if getattr(self._local, "urgent", False) and self.reserved and weight <= self.limit - self.spent:
+            if getattr(self._local, "pending", 0):  # a new request on this thread: its last one is done
+                self.pending -= self._local.pending
+                self._settled.notify_all()
+            self._local.pending = 0
+            urgent = getattr(self._local, "urgent", False)
+            if urgent and self.reserved and weight <= self.limit - self.spent - self.pending:
                 self.spent += weight
                 self.reserved = max(0, self.reserved - weight)
                 return
-            available = self.limit - self.reserved - self.spent
-            if weight > available:
+            worst = MAX_ITEM_SURCHARGE if self.reading and not urgent and kind in PER_ITEM_WEIGHT else 0
+            available = self.limit - self.reserved - self.spent - self.pending
+            while weight + worst > available and self.pending:
+                # Only the worst cases held for answers in flight stand in the way: wait for them to be
+                # charged (they come back well under it, as a rule) rather than defer an account for nothing.
+                self._settled.wait(timeout=1.0)
+                available = self.limit - self.reserved - self.spent - self.pending
+            if weight + worst > available:
                 held = f", {self.reserved} held for exit work" if self.reserved else ""
-                raise BudgetExhausted(f"{kind} needs {weight}, {max(available, 0)} of {self.limit} left{held}")
+                what = f"{weight} (+{worst} for the answer's items)" if worst else f"{weight}"
+                raise BudgetExhausted(f"{kind} needs {what}, {max(available, 0)} of {self.limit} left{held}")
             self.spent += weight
+            self.pending += worst
+            self._local.pending = worst
+
+    def charge(self, kind: str, weight: int) -> None:
+        """The per-item part of an answer (0 when it failed): already spent on the exchange, so never
+        refused; the worst case held for it is let go. An urgent thread's surcharge comes out of the reserve
+        it drew the base from."""
+        with self._lock:
+            if getattr(self._local, "pending", 0):
+                self.pending -= self._local.pending
+                self._local.pending = 0
+                self._settled.notify_all()
+            if weight <= 0:
+                return
+            self.spent += weight
+            if getattr(self._local, "urgent", False) and self.reserved:
+                self.reserved = max(0, self.reserved - weight)
 
 
 class Exchange:
@@ -248,26 +323,54 @@ class Exchange:
 
     def __init__(self, base_url: str, *, timeout: float, counter: RequestCounter | None = None,
                  before_request: Callable[[str, int], None] | None = None,
-                 fills_cache: FillsCache | None = None) -> None:
+                 after_response: Callable[[str, int], None] | None = None,
+                 fills_cache: FillsCache | None = None, exchange_clock: ExchangeClock | None = None,
+                 fills_max_weight: int | None = None) -> None:
         from hyperliquid.info import Info  # heavy import, deferred to the first run that reads
 
         self.fills_cache = fills_cache
         self.base_url = base_url
         self.timeout = timeout
         self.counter = counter or RequestCounter()
-        self.before_request = before_request
+        self.before_request = before_request  # the base weight, before sending (may refuse: BudgetExhausted)
+        self.after_response = after_response  # the per-item part, once the answer is in
+        self.exchange_clock = exchange_clock  # learns the exchange's clock from clearinghouseState's `time`
+        self.fills_max_weight = fills_max_weight
+        self._sent_ms = self._received_ms = 0
         self.info = Info(base_url, skip_ws=True, meta={"universe": []}, spot_meta=EMPTY_SPOT_META, timeout=timeout)
 
+    def _local_ms(self) -> int:
+        return self.exchange_clock.local_ms() if self.exchange_clock is not None else Clock().now_ms()
+
     def _post(self, what: str, payload: dict[str, Any], weight: int) -> Any:
-        """POST /info through the SDK, turning every kind of failure into ReadFailed."""
+        """POST /info through the SDK, turning every kind of failure into ReadFailed. The base ``weight`` is
+        charged before the request, the per-item part (``item_surcharge``) after a list answer."""
+        kind = payload.get("type", what)
+        if self.before_request is not None:
+            self.before_request(what, weight)
+        self.counter.add(kind, weight)
+        self._sent_ms = self._local_ms()
+        try:
+            body = self._ask(what, kind, payload)
+        finally:
+            self._received_ms = self._local_ms()
+        if _is_unparsed(body):
+            raise ReadFailed(what, "answer is not JSON")
+        return body
+
+    def _ask(self, what: str, kind: str, payload: dict[str, Any]) -> Any:
+        """The request itself; the per-item part of its answer is charged (0 for a failed one, which lets the
+        budget's worst case for it go)."""
         import requests
         from hyperliquid.utils.error import ClientError, ServerError
 
-        if self.before_request is not None:
-            self.before_request(what, weight)
-        self.counter.add(payload.get("type", what), weight)
+        extra = 0
         try:
             body = self.info.post("/info", payload)  # timeout: given to Info() at construction
+            extra = item_surcharge(kind, body)
+            if extra:
+                self.counter.add_surcharge(kind, extra)
+            return body
         except ClientError as exc:
             if exc.status_code == 429:
                 raise ReadFailed(what, "rate limited (HTTP 429)", retry_after=1.0) from None
@@ -281,17 +384,20 @@ class Exchange:
         except (KeyError, ValueError, AttributeError, TypeError) as exc:
             # The SDK indexes a 4xx JSON body as an object: one without "code", or not an object at all.
             raise ReadFailed(what, f"unexpected error body ({type(exc).__name__})") from None
-        if _is_unparsed(body):
-            raise ReadFailed(what, "answer is not JSON")
-        return body
+        finally:
+            if self.after_response is not None and kind in PER_ITEM_WEIGHT:
+                self.after_response(what, extra)
 
     def read_positions(self, address: str) -> AccountSnapshot:
         body = self._post("clearinghouseState", {"type": "clearinghouseState", "user": address, "dex": ""},
                           WEIGHT["clearinghouseState"])
         try:
-            return parse_clearinghouse_state(body, address)
+            snapshot = parse_clearinghouse_state(body, address)
         except ExchangeDataError as exc:
             raise ReadFailed("clearinghouseState", f"invalid answer ({exc})") from None
+        if snapshot.server_time_ms is not None and self.exchange_clock is not None:
+            self.exchange_clock.observe(snapshot.server_time_ms, self._sent_ms, self._received_ms)
+        return snapshot
 
     def read_fills(self, address: str, since_ms: int, until_ms: int | None = None) -> list[Fill]:
         """Every fill of the account from ``since_ms`` (inclusive) until now, deduplicated, oldest first.
@@ -350,22 +456,48 @@ class Exchange:
         first = self._fills_page(address, since_ms, until_ms)
         if len(first) < FILLS_PAGE_LIMIT:
             return dedupe_fills(first)
+        full_page = WEIGHT["userFillsByTime"] + item_surcharge("userFillsByTime", [None] * FILLS_PAGE_LIMIT)
+        spent = WEIGHT["userFillsByTime"] + item_surcharge("userFillsByTime", first)
         # The first span back ends "now" by the exchange's clock (endTime null); later ones end where the
         # previous one started, so no fill is read twice and none is skipped.
-        end = until_ms if until_ms is not None else int(_time.time() * 1000)
+        now = self.exchange_clock.now_ms() if self.exchange_clock is not None else int(_time.time() * 1000)
+        end = until_ms if until_ms is not None else now
         open_end = until_ms is None
         times = [f.time_ms for f in first]
         span = max(1, (max(times) - min(times)) * FILLS_SPAN_AIM // FILLS_PAGE_LIMIT)
         known = set(times)  # times at which fills exist (seen in capped answers): empty stretches are skipped
         collected: list[Fill] = []
         requests = 1
+        if open_end:
+            # The newest fills first, in one request whatever the window's density: userFills answers the
+            # account's 2,000 most recent fills ([DOC] info-endpoint; reference §2.2), so the close or flip
+            # near the present is in hand before any weight goes into searching the rest of the window.
+            latest = self._latest_fills(address)
+            requests += 1
+            spent += WEIGHT["userFills"] + item_surcharge("userFills", latest)
+            if not latest:
+                raise ReadFailed("userFills", "no fills, while a page of the window was full")
+            latest_times = [f.time_ms for f in latest]
+            oldest = min(latest_times)
+            if len(latest) < FILLS_PAGE_LIMIT or oldest < since_ms:
+                return dedupe_fills([f for f in latest if f.time_ms >= since_ms])  # the whole window
+            # The oldest millisecond of the answer may hold more fills than it shows: read again below.
+            collected = [f for f in latest if f.time_ms > oldest]
+            known.update(latest_times)
+            end, open_end = oldest, False
+            span = max(1, (max(latest_times) - oldest) * FILLS_SPAN_AIM // FILLS_PAGE_LIMIT)
         while end >= since_ms:
             if requests >= FILLS_MAX_REQUESTS:
                 raise FillsTruncated("userFillsByTime", f"more fills in the window than {FILLS_MAX_REQUESTS}"
                                      " requests read; the most recent part is used", dedupe_fills(collected))
+            if self.fills_max_weight is not None and spent + full_page > self.fills_max_weight:
+                raise FillsTruncated("userFillsByTime", f"more fills in the window than one read may spend"
+                                     f" ({self.fills_max_weight} weight); the most recent part is used",
+                                     dedupe_fills(collected))
             start = max(since_ms, end - span + 1)
             page = self._fills_page(address, start, None if open_end else end)
             requests += 1
+            spent += WEIGHT["userFillsByTime"] + item_surcharge("userFillsByTime", page)
             if len(page) >= FILLS_PAGE_LIMIT:
                 if start == end and open_end:
                     raise ReadFailed("userFillsByTime", "a page of fills is newer than this host's clock"
@@ -392,6 +524,17 @@ class Exchange:
                 below = [t for t in known if t <= end]
                 span = span * 4 if not below else max(span, end - max(below) + 1)
         return dedupe_fills(collected)
+
+    def _latest_fills(self, address: str) -> list[Fill]:
+        """userFills: the account's most recent fills (at most 2,000; every dex and spot), any order."""
+        from monitor.fills import parse_fills
+
+        body = self._post("userFills", {"type": "userFills", "user": address, "aggregateByTime": False},
+                          WEIGHT["userFills"])
+        try:
+            return parse_fills(body)
+        except ExchangeDataError as exc:
+            raise ReadFailed("userFills", f"invalid answer ({exc})") from None
 
     def _fills_page(self, address: str, start_ms: int, end_ms: int | None) -> list[Fill]:
         from monitor.fills import parse_fills
@@ -643,12 +786,15 @@ class Trader:
     """
 
     def __init__(self, reader: Exchange, secret_key: str, account: str, meta: dict[str, Any], *,
-                 vault_address: str | None = None) -> None:
+                 vault_address: str | None = None, nonces: Callable[[], int] | None = None) -> None:
         from eth_account import Account as EthAccount
         from hyperliquid.exchange import Exchange as SdkExchange
 
         self.reader = reader
         self.account = account
+        # Nonces of this key: from the host-wide source when given (README "Keys": unique across this host's
+        # processes signing with the key); the SDK's bare millisecond time otherwise.
+        self.nonces = nonces
         wallet = EthAccount.from_key(secret_key)
         # An agent's signature acts for its master; a sub-account is named as vaultAddress.
         self.sdk = SdkExchange(wallet, reader.base_url, meta=meta, spot_meta=EMPTY_SPOT_META,
@@ -661,7 +807,10 @@ class Trader:
         from hyperliquid.utils.error import ClientError, ServerError
         from hyperliquid.utils.signing import get_timestamp_ms, sign_l1_action
 
-        nonce = get_timestamp_ms()
+        try:
+            nonce = self.nonces() if self.nonces is not None else get_timestamp_ms()
+        except (OSError, TimeoutError) as exc:  # the nonce file cannot be used: nothing is signed or sent
+            raise ReadFailed("exchange", f"no nonce for the key ({type(exc).__name__}); nothing sent") from None
         signature = sign_l1_action(self.sdk.wallet, action, self.sdk.vault_address, nonce, expires_after_ms,
                                    self.sdk.base_url == MAINNET_API_URL)
         payload = {"action": action, "nonce": nonce, "signature": signature,

@@ -7,7 +7,8 @@ rule's order, and the reads that explain its close, never found weight. The run 
 * an open row whose rule fires at this run's mids (the same ``planner.exit_rule`` the plan uses): its
   account's read and the fills read that checks its cycle, one order, the fills read that explains its
   close, the ``userFunding`` read for its funding, an open-orders read and two cancels (its own TP/SL left
-  on the book) = ``ROW_CLOSE_WEIGHT``;
+  on the book) = ``ROW_CLOSE_WEIGHT`` (the fills reads with a plausible per-item surcharge, see
+  ``FILLS_FIRST_READ_WEIGHT``);
 * a row in ``closing``: its account's read, ``orderStatus`` for its cloid, then the same
   fills/funding/open-orders/cancels = ``ROW_SETTLE_WEIGHT``;
 * pending cancels recorded by earlier runs (per account: an open-orders read + one per cancel);
@@ -35,13 +36,23 @@ from monitor.planner import exit_rule
 # Cached exchange answers (key_roles, exchange_meta) are trusted this long.
 CACHE_TTL = timedelta(hours=1)
 CANCELS_PER_ROW = 2
+# A fills answer costs 1 more per 20 fills (monitor.exchange.item_surcharge). What a row's exit work will
+# return is not known before: these are plausible figures, not bounds. A row's window (since it opened) read
+# for the first time in a run: up to 200 fills (+10); the read again after the order fetches only what came
+# since the first read (FillsCache): the order's own fills (+1). A busier account's first read costs more;
+# the budget then charges what it really cost, and a row the reserve cannot pay for waits a run (exit_starved).
+FILLS_FIRST_READ_WEIGHT = WEIGHT["userFillsByTime"] + 10  # 30
+FILLS_REREAD_WEIGHT = WEIGHT["userFillsByTime"] + 1  # 21
 # The account's own read and the fills read that checks the row's cycle before its order (drawn from the
 # reserve: an account with exit work reads on it), then the order and what follows it.
-ROW_READ_WEIGHT = WEIGHT["clearinghouseState"] + WEIGHT["userFillsByTime"]  # 22
-ROW_CLOSE_WEIGHT = (ROW_READ_WEIGHT + WEIGHT["exchange"] + WEIGHT["userFillsByTime"] + WEIGHT["userFunding"]
-                    + WEIGHT["frontendOpenOrders"] + CANCELS_PER_ROW * WEIGHT["exchange"])  # 85
-ROW_SETTLE_WEIGHT = WEIGHT["clearinghouseState"] + WEIGHT["orderStatus"] + ROW_CLOSE_WEIGHT - ROW_READ_WEIGHT \
-    - WEIGHT["exchange"]  # 66
+ROW_READ_WEIGHT = WEIGHT["clearinghouseState"] + FILLS_FIRST_READ_WEIGHT  # 32
+ROW_CLOSE_WEIGHT = (ROW_READ_WEIGHT + WEIGHT["exchange"] + FILLS_REREAD_WEIGHT + WEIGHT["userFunding"]
+                    + WEIGHT["frontendOpenOrders"] + CANCELS_PER_ROW * WEIGHT["exchange"])  # 96
+# A row in 'closing': its account's read, orderStatus, then its fills (the run's first read of them), its
+# funding, open orders and the cancels.
+ROW_SETTLE_WEIGHT = (WEIGHT["clearinghouseState"] + WEIGHT["orderStatus"] + FILLS_FIRST_READ_WEIGHT
+                     + WEIGHT["userFunding"] + WEIGHT["frontendOpenOrders"]
+                     + CANCELS_PER_ROW * WEIGHT["exchange"])  # 76
 RESERVE_SHARE_OF = (4, 5)  # the reserve is at most 4/5 of the run's budget: other accounts' reads can wait a run
 
 

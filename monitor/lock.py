@@ -611,3 +611,46 @@ def _lease_holder(status: dict[str, Any] | None) -> Holder | None:
         machine=status.get("holder_machine"),
     )
 
+
+NONCE_LOCK_TIMEOUT = 5.0  # seconds to wait for another process's nonce; then nothing is signed
+
+
+class NonceSource:
+    """Nonces for one signing key, unique across every process of this host that uses the same file.
+
+    Hyperliquid keeps the 100 highest nonces per signer and refuses a nonce used before (reference §3.2); the
+    SDK's nonce is the local millisecond time, so two runs (or shards) signing with one agent key in the same
+    millisecond collide. Each nonce here is ``max(now_ms, last + 1)``, with ``last`` read from and written back
+    to ``path`` under an exclusive file lock (a kernel lock: released when its holder dies), so nonces
+    of one key on one host strictly increase. Other hosts do not share the file: give each host (or shard)
+    its own agent key (README, "Keys"). Raises OSError (filelock's Timeout is one) when the file cannot be
+    used; the caller then signs nothing.
+    """
+
+    def __init__(self, path: Path, now_ms: Callable[[], int] | None = None) -> None:
+        self.path = Path(path)
+        self._now_ms = now_ms or (lambda: time.time_ns() // 1_000_000)
+        self._thread_lock = threading.Lock()
+
+    @classmethod
+    def for_key(cls, data_dir: Path, signer: str) -> NonceSource:
+        """The source of agent ``signer`` (its address, never the key) under the data directory."""
+        return cls(Path(data_dir) / "nonces" / f"{signer.lower()}.nonce")
+
+    def __call__(self) -> int:
+        from filelock import FileLock
+
+        with self._thread_lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with FileLock(str(self.path) + ".lock", timeout=NONCE_LOCK_TIMEOUT):
+                try:
+                    last = int(self.path.read_text(encoding="ascii").strip() or 0)
+                except FileNotFoundError:
+                    last = 0
+                except ValueError:
+                    last = 0  # not a number (written by hand?): the clock alone
+                nonce = max(self._now_ms(), last + 1)
+                temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+                temp.write_text(str(nonce), encoding="ascii")
+                os.replace(temp, self.path)  # atomic: a crash leaves the old value or the new one
+                return nonce

@@ -49,7 +49,8 @@ class RunReport:
     overrun: bool = False
     fenced: bool = False
     requests: int = 0
-    api_weight: int = 0
+    api_weight: int = 0  # what the exchange charges: base weights plus the per-item part of fills answers
+    clock_offset_ms: int | None = None  # exchange time minus this host's (median of this run's samples)
     sql_statements: int = 0
     duration_seconds: float = 0.0
 
@@ -88,6 +89,7 @@ class RunReport:
             "overrun": self.overrun,
             "requests": self.requests,
             "api_weight": self.api_weight,
+            "clock_offset_ms": self.clock_offset_ms,
             "sql_statements": self.sql_statements,
             "duration_seconds": round(self.duration_seconds, 3),
             "exit_code": self.exit_code,

@@ -24,12 +24,13 @@ from functools import partial
 from typing import Any
 
 from monitor import applying, planner
-from monitor.clock import Clock, to_ms
+from monitor.clock import CLOCK_OFFSET_ALERT_MS, Clock, ExchangeClock, to_ms
 from monitor.closing import CloseContext, CloseOutcome, Closer, attach_funding, followup_json
 from monitor.config import Settings
 from monitor.database import Database, Followup, connect, embedded_database_url
 from monitor.errors import DatabaseError, DatabaseUnavailable, Fenced, UsageError, exit_code_for
 from monitor.exchange import (
+    FILLS_MAX_READ_SHARE,
     BudgetExhausted,
     Exchange,
     FillsCache,
@@ -40,7 +41,7 @@ from monitor.exchange import (
     WeightBudget,
 )
 from monitor.exit_budget import CACHE_TTL, ExitReserve, exit_reserve, signer_address
-from monitor.lock import LocalRunLock, PostgresRunLock, RunLock, machine_identity, process_start_time
+from monitor.lock import LocalRunLock, NonceSource, PostgresRunLock, RunLock, machine_identity, process_start_time
 from monitor.models import Account, AccountSnapshot, PositionRow
 from monitor.planner import AccountPlan, Action, PlanSettings
 from monitor.report import Alert, RunReport
@@ -103,6 +104,7 @@ class RunContext:
     reads: Reads | None = None
     applied: Applied | None = None
     exits: CloseOutcome | None = None
+    exchange_clock: ExchangeClock | None = None  # the exchange's time, learnt from this run's reads
 
     @property
     def run_id(self) -> str:
@@ -165,11 +167,17 @@ def setup(settings: Settings, *, dry_run: bool, clock: Clock, hooks: RunHooks,
             db = _open_database(settings)
         epoch = _start_epoch(db, lock, settings)
         fills_cache = FillsCache()  # an account's fills, read again after a close order, cost one request
+        exchange_clock = ExchangeClock(clock)  # every clearinghouseState answer's `time` is a sample
         run = RunContext(settings=settings, dry_run=dry_run, clock=clock, lock=lock, db=db, epoch=epoch,
-                         started=started, hooks=hooks, exchange_factory=exchange_factory or (
+                         started=started, hooks=hooks, exchange_clock=exchange_clock,
+                         exchange_factory=exchange_factory or (
                              lambda counter, budget: Exchange(settings.hl_api_url, timeout=settings.http_timeout,
                                                               counter=counter, before_request=budget.take,
-                                                              fills_cache=fills_cache)))
+                                                              after_response=budget.charge,
+                                                              fills_cache=fills_cache,
+                                                              exchange_clock=exchange_clock,
+                                                              fills_max_weight=settings.weight_budget
+                                                              * FILLS_MAX_READ_SHARE[0] // FILLS_MAX_READ_SHARE[1])))
         db.start_run(run_id=lock.run_id, host=settings.host_id, pid=os.getpid(), epoch=epoch, dry_run=dry_run)
         yielded = True
         yield run
@@ -606,7 +614,9 @@ def work_exits(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied) 
         db=run.db, epoch=run.epoch, exchange=reads.exchange, clock=run.clock,
         secret_key=run.settings.secret_key, dry_run=run.dry_run, slippage=run.settings.close_slippage,
         max_failures=run.settings.max_close_failures, seconds_left=run.seconds_left, mids=reads.mids,
-        lock_lost=run.lock_lost, plan_settings=plan_settings(run.settings)))
+        lock_lost=run.lock_lost, plan_settings=plan_settings(run.settings), exchange_clock=run.exchange_clock,
+        nonces=None if run.settings.secret_key is None else NonceSource.for_key(
+            run.settings.data_dir, signer_address(run.settings.secret_key))))
     done = run.exits = closer.done
     later: list[tuple[Account, list[Action], dict[str, int | None], list[OpenOrder] | None, list[Followup]]] = []
     try:
@@ -750,7 +760,22 @@ def build_report(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied
         report.fenced = True
         report.notes.append(run.stopped)
     report.requests, report.api_weight = reads.counter.requests, reads.counter.weight
+    _report_clock_offset(run, report)
     return report
+
+
+def _report_clock_offset(run: RunContext, report: RunReport) -> None:
+    """The offset from the exchange's clock this run measured; beyond CLOCK_OFFSET_ALERT_MS, the alert."""
+    if run.exchange_clock is None or not run.exchange_clock.samples:
+        return
+    offset = run.exchange_clock.offset_ms()
+    report.clock_offset_ms = offset
+    if abs(offset) > CLOCK_OFFSET_ALERT_MS:
+        text = (f"this host's clock is {abs(offset) / 1000:.1f}s {'behind' if offset > 0 else 'ahead of'} the"
+                f" exchange's (median of {run.exchange_clock.samples} clearinghouseState answers); orders and"
+                " settle windows use the exchange's time, but fix the host's clock (NTP)")
+        report.notes.append(text)
+        report.alerts.append(Alert("clock_offset", "clock_offset", text))
 
 
 def exit_starved_alert(count: int, first_note: str | None) -> Alert:

@@ -70,6 +70,11 @@ SOURCE = ROOT  # where the measured `monitor` package lives (the working tree, o
 EXCHANGE_LIMIT_PER_MINUTE = 1200  # Hyperliquid's per-IP request weight per minute
 DEFAULT_WEIGHT_BUDGET = 600  # the planned MONITOR_WEIGHT_BUDGET default, used only when the source has none
 WEIGHT_CONSTANT_ALLOWED = 50  # "2 per account + a small constant"
+FILLS_TYPES = ("userFills", "userFillsByTime")  # weigh 20 + 1 per 20 fills returned (the simulator's log has both)
+# HIP-3 hook: every scenario here reads the first perp dex only (dex ""). When the monitor reads HIP-3 dexes,
+# load some accounts with a position on one (the simulator's HIP-3 support) and name the scenario with this
+# suffix, so the table shows weight per account with and without a HIP-3 dex in use side by side.
+HIP3_SCENARIO_SUFFIX = " +HIP-3 dex"
 # Settings this script sets itself (or that would send things somewhere real); other MONITOR_* pass through.
 _OWN_ENV = {
     "MONITOR_DATABASE_URL", "MONITOR_HL_API_URL", "MONITOR_DATA_DIR", "MONITOR_LOCK_FILE", "MONITOR_CLOSE_GRACE",
@@ -262,6 +267,7 @@ class RunResult:
     weight: int
     by_type: dict[str, int]
     max_window_weight: int
+    fills_weight: int  # the part of ``weight`` spent on fills reads, per-item surcharge included
     sql_statements: int | None
     pg_counter: int
     report: dict[str, Any] | None
@@ -276,7 +282,7 @@ class RunResult:
             "wall_seconds": round(self.wall, 4), "returncode": self.returncode, "peak_rss_kb": self.maxrss_kb,
             "requests": self.requests, "api_weight": self.weight, "requests_by_type": self.by_type,
             "max_60s_window_weight": self.max_window_weight, "sql_statements": self.sql_statements,
-            "pg_counter_delta": self.pg_counter,
+            "fills_weight": self.fills_weight, "pg_counter_delta": self.pg_counter,
             "cli_report": {k: self.report.get(k) for k in keep} if self.report else None,
             "stderr_tail": self.stderr_tail, **self.extra,
         }
@@ -306,6 +312,16 @@ class Scenario:
     @property
     def weight(self) -> float | None:
         return self._median([r.weight for r in self.runs])
+
+    @property
+    def fills_weight(self) -> float | None:
+        return self._median([r.fills_weight for r in self.runs])
+
+    @property
+    def weight_per_read(self) -> float | None:
+        """API weight per account the run got to (deferred accounts cost nothing and are not counted)."""
+        read = self.accounts_read
+        return self.weight / read if self.weight is not None and read else None
 
     @property
     def sql(self) -> float | None:
@@ -350,6 +366,7 @@ class Scenario:
             "accounts": self.accounts, "positions": self.positions, "scenario": self.name,
             "wall_seconds_median": self.wall, "requests": self.requests, "api_weight": self.weight,
             "weight_per_account": (self.weight / self.accounts) if self.weight is not None and self.accounts else None,
+            "weight_per_account_read": self.weight_per_read, "fills_weight": self.fills_weight,
             "sql_statements": self.sql, "pg_counter_delta": self.pg_counter, "peak_rss_mb": self.rss_mb,
             "accounts_read": self.accounts_read, "accounts_deferred_max": self.deferred,
             "max_60s_window_weight": self.max_window, "expected": self.expected, "notes": self.notes,
@@ -428,6 +445,7 @@ class Bench:
             wall=child.wall, returncode=child.returncode, maxrss_kb=child.maxrss_kb, requests=len(log),
             weight=sum(w for _, w in entries), by_type=dict(Counter(str(e["type"]) for e in log)),
             max_window_weight=max_window_weight(entries),
+            fills_weight=sum(int(e["weight"]) for e in log if e["type"] in FILLS_TYPES),
             sql_statements=(report or {}).get("sql_statements"), pg_counter=after - before, report=report,
             stderr_tail=child.stderr.strip()[-600:] if child.returncode != 0 or report is None else "")
         return result
@@ -604,18 +622,19 @@ def fmt_num(value: float | int | None, digits: int = 0) -> str:
 
 def print_table(scenarios: list[Scenario]) -> None:
     headers = ("accounts", "positions", "scenario", "wall s (median)", "requests", "API weight", "weight/account",
-               "SQL statements", "peak RSS MB", "pg xacts", "accts read", "runs")
+               "weight/acct read", "fills weight", "SQL statements", "peak RSS MB", "pg xacts", "accts read", "runs")
     rows = []
     for sc in scenarios:
         rows.append((
             str(sc.accounts), str(sc.positions), sc.name, fmt_num(sc.wall, 3), fmt_num(sc.requests),
             fmt_num(sc.weight),
             fmt_num(sc.weight / sc.accounts, 2) if sc.weight is not None and sc.accounts else "-",
+            fmt_num(sc.weight_per_read, 2), fmt_num(sc.fills_weight),
             fmt_num(sc.sql), fmt_num(sc.rss_mb, 1), fmt_num(sc.pg_counter), fmt_num(sc.accounts_read),
             str(len(sc.runs)),
         ))
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    right = {0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 11}
+    right = {0, 1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13}
 
     def line(values: tuple[str, ...]) -> str:
         return "  ".join(v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths)))
@@ -624,6 +643,17 @@ def print_table(scenarios: list[Scenario]) -> None:
     print("  ".join("-" * w for w in widths))
     for r in rows:
         print(line(r))
+    print()
+    print("Weight per account read (API weight / accounts the run got to; fills reads with their per-20-fills"
+          " surcharge, from the simulator's log):")
+    for sc in scenarios:
+        if sc.weight_per_read is None or sc.name.startswith("naive"):
+            continue
+        fills = f"; fills {fmt_num(sc.fills_weight)} of it" if sc.fills_weight else ""
+        print(f"  {sc.accounts} x {sc.positions} {sc.name}: {sc.weight_per_read:.2f}{fills}")
+    if not any(sc.name.endswith(HIP3_SCENARIO_SUFFIX) for sc in scenarios):
+        print("  with a HIP-3 dex in use: not measured (the monitor reads the first perp dex only; see"
+              " HIP3_SCENARIO_SUFFIX in scripts/bench.py)")
 
 
 def git_state() -> dict[str, Any]:

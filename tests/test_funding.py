@@ -283,7 +283,7 @@ def test_user_funding_is_read_in_pages_of_500_through_the_sdk(sim):
     assert len(payments) == 1203 and sum(p.usdc for p in payments) == Decimal("-12.03")
     assert exchange.counter.by_type["userFunding"] == 3  # 500 + 500 (+1 repeated at the boundary) + the rest
     pages = [r for r in sim.requests_log() if r["type"] == "userFunding"]
-    assert [r["weight"] for r in pages] == [45, 45, 30]  # 20 + 1 per 20 items (reference §5)
+    assert [r["weight"] for r in pages] == [45, 45, 31]  # 20 + 1 per 20 items, rounded up (reference §5.1)
     for _ in range(501):  # more than a page in one millisecond: never a partial sum
         sim.pay_funding(ALICE, "BTC", usdc="-0.01", ts=now + 5)
     with pytest.raises(ReadFailed):

@@ -307,12 +307,13 @@ def test_the_fallback_is_paid_from_the_weight_budget_or_left_for_the_next_run(ke
     sim.set_config(open_order_limit=4)
     fire_stop(sim, database_url)
     sim.reset_log()
-    # Enough for the account's read (24), meta (20) and the key's userRole (60) and the order (1); not for open orders.
-    report = run_json(dict(keyed, MONITOR_WEIGHT_BUDGET="105"), expect=None)
+    # Enough for the account's read (25: its fills read's per-item part included), meta (20) and the key's userRole
+    # (60) and the order (1); not for open orders.
+    report = run_json(dict(keyed, MONITOR_WEIGHT_BUDGET="106"), expect=None)
     [alert] = blocked_alerts(report)
     assert "open orders not read (weight budget" in alert["text"] and "frontendOpenOrders needs 20" in alert["text"]
     assert [r.get("type") for r in sim.requests_log()].count("frontendOpenOrders") == 0
-    assert len(orders_sent(sim)) == 1 and report["api_weight"] <= 105
+    assert len(orders_sent(sim)) == 1 and report["api_weight"] <= 106
     assert open_oids(sim) == sorted([*others, tp]) and row(database_url, "BTC")["status"] == "open"
 
     report = run_json(keyed)  # the next run, with its weight: the fallback, and the close

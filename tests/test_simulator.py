@@ -449,17 +449,17 @@ def test_weights_logged(sim):
     info.user_state(user)
     info.all_mids()
     info.open_orders(user)
-    info.user_fills(user)  # 45 fills -> 20 + 2
+    info.user_fills(user)  # 45 fills -> 20 + ceil(45 / 20)
     info.user_fills_by_time(user, 0)
     info.query_order_by_oid(user, 1)
-    info.historical_orders(user)  # 45 orders -> 20 + 2
+    info.historical_orders(user)  # 45 orders -> 20 + 3
     info.user_rate_limit(user)
     log = sim.requests_log()
     assert [(e["type"], e["weight"]) for e in log] == [
-        ("clearinghouseState", 2), ("allMids", 2), ("openOrders", 20), ("userFills", 22),
-        ("userFillsByTime", 22), ("orderStatus", 2), ("historicalOrders", 22), ("userRateLimit", 20)]
+        ("clearinghouseState", 2), ("allMids", 2), ("openOrders", 20), ("userFills", 23),
+        ("userFillsByTime", 23), ("orderStatus", 2), ("historicalOrders", 23), ("userRateLimit", 20)]
     assert all(e["user"] in (user.lower(), None) and e["status"] == 200 and e["path"] == "/info" for e in log)
-    assert sim.total_weight() == 112
+    assert sim.total_weight() == 115
     rl = info.user_rate_limit(user)
     assert set(rl) >= {"cumVlm", "nRequestsUsed", "nRequestsCap"}
 

@@ -27,6 +27,16 @@ Simulator choices where the real exchange's behaviour is not established (see
 * An expired action answers ``{"status":"err","response":"Action already expired: <expiresAfter> < <now>"}``
   (exact real text UNCONFIRMED; match on "expired").  ``now`` is the simulator clock, so
   ``set_time``/``advance_time`` also move the expiry check.
+* Request weight ([DOC] rate limits): the documented base weights, plus "1 per 20 items returned" on
+  ``userFills``/``userFillsByTime``/``historicalOrders``/``userFunding``/``userNonFundingLedgerUpdates`` answers,
+  rounded UP (the docs do not say how; UNCONFIRMED): a full 2,000-fill page weighs 120.  The request log's
+  ``weight`` is that total; the IP limiter (``set_config(ip_weight_limit=...)``, a rolling 60 s window, fixed vs
+  sliding UNCONFIRMED) checks the base before answering and counts the per-item part once the answer is built
+  (never refusing an answer for its own surcharge: the next requests see it).
+* The clock: ``now_ms()`` is the host's time plus ``clock_offset_ms`` (``set_clock_offset``, ``set_time``,
+  ``advance_time``), and it is what the simulator's ``time`` fields (``clearinghouseState.time``, fills,
+  order timestamps) and its ``expiresAfter`` check use: an exchange whose clock differs from the client
+  host's.  The real ``time`` field is block time or the API server's clock (UNCONFIRMED, reference §2.14).
 * A partially filled IOC (``partial_fill_ratio``) is answered ``filled`` with the smaller ``totalSz``;
   its orderStatus afterwards is ``canceled`` (remaining size in ``sz``).  Fully filled -> ``filled``.
 * A nonce already used by the same signer -> ``{"status":"err","response":"Invalid nonce: duplicate nonce N"}``

@@ -250,3 +250,10 @@ class FaultsMixin:
                 return Response(429, "application/json", b"null")
             self._weight_window.append((now, weight))
             return None
+
+    def _charge_weight(self, weight: int) -> None:
+        """The per-item part of an answer already served: counted in the limiter's minute, never refused."""
+        with self._lock:
+            if self.ip_weight_limit is None or weight <= 0:
+                return
+            self._weight_window.append((time.monotonic(), weight))

@@ -282,7 +282,13 @@ class InfoMixin:
         except _BadRequest:
             return _text_response(DESERIALIZE_ERROR, 422)
         if typ in _INFO_WEIGHT_PER_ITEM and isinstance(payload, list):
-            entry["weight"] = base_weight + len(payload) // 20
+            # "+1 per 20 items returned" ([DOC] rate limits); the rounding is UNCONFIRMED: a simulator choice,
+            # ceil (the larger reading, what the monitor budgets). Charged to the limiter after the answer is
+            # built, like the docs' wording suggests: an answer is never refused for its own surcharge, but
+            # the requests after it see the weight spent.
+            extra = -(-len(payload) // 20)
+            entry["weight"] = base_weight + extra
+            self._charge_weight(extra)
         if fault is not None:
             if fault.kind == "empty":
                 if isinstance(payload, list):
