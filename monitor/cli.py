@@ -9,7 +9,7 @@ import json
 import logging
 import sys
 import traceback
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -17,7 +17,7 @@ import click
 
 from monitor import __version__
 from monitor.config import LOG_LEVELS, TESTNET_API_URL, Settings, load_settings
-from monitor.errors import EXIT_CONFIG, EXIT_OK, MonitorError, UsageError, exit_code_for
+from monitor.errors import EXIT_CONFIG, EXIT_OK, MonitorError, Refused, UsageError, exit_code_for
 from monitor.models import normalize_address
 
 log = logging.getLogger("monitor")
@@ -99,7 +99,7 @@ def _address(value: str) -> str:
 def _plain(value: Any) -> Any:
     if isinstance(value, Decimal):
         return str(value)
-    if isinstance(value, datetime):
+    if isinstance(value, (datetime, date)):
         return value.isoformat()
     return value
 
@@ -357,6 +357,38 @@ def accounts_disable(ctx: click.Context, address: str) -> None:
     click.echo(f"{'disabled' if changed else 'already disabled'}: {address}")
 
 
+@accounts.command("set")
+@click.argument("address")
+@click.option("--max-hold", default=None, metavar="DURATION",
+              help="Close every position of the account held longer than this (90m, 4h, 2d), unless the row"
+                   " has its own max hold.")
+@click.option("--clear-max-hold", is_flag=True, help="Remove the account-wide max hold.")
+@click.pass_context
+def accounts_set(ctx: click.Context, address: str, max_hold: str | None, clear_max_hold: bool) -> None:
+    """Set or clear the account-wide exit rule (max hold) of ADDRESS.
+
+    \b
+    Examples:
+      position-monitor accounts set 0x5e9ee1089755c3435139848e47e6635505d5a13a --max-hold 2d
+      position-monitor accounts set 0x5e9ee1089755c3435139848e47e6635505d5a13a --clear-max-hold
+    """
+    from monitor.rules import format_duration, parse_duration
+
+    address = _address(address)
+    if (max_hold is None) == (not clear_max_hold):
+        raise UsageError("give one of --max-hold DURATION or --clear-max-hold")
+    seconds = parse_duration(max_hold, "--max-hold") if max_hold is not None else None
+    db, _ = _ready_database(ctx)
+    try:
+        changed = db.set_account_max_hold(address, seconds)
+    finally:
+        db.close()
+    if changed is None:
+        raise UsageError(f"not a watched account: {address}")
+    old, new = (format_duration(v) or "none" for v in changed)
+    click.echo(f"{address}: max hold {old} -> {new}")
+
+
 # ---- positions -------------------------------------------------------------------------------
 
 @cli.group()
@@ -370,34 +402,128 @@ def positions() -> None:
     """
 
 
-_POSITION_HEADERS = ("id", "address", "coin", "side", "size", "entry_price", "status", "exit_price",
-                     "realized_pnl", "fees", "funding", "net_pnl", "close_reason", "source")
+_POSITION_HEADERS = ("id", "address", "coin", "side", "size", "entry_price", "status", "opened", "closed",
+                     "exit_price", "realized_pnl", "fees", "funding", "net_pnl", "close_reason", "source")
+
+
+def _minute(value: datetime | None) -> str | None:
+    return None if value is None else f"{value.astimezone(timezone.utc):%Y-%m-%d %H:%M}"
+
+
+_MOMENT_HELP = "an ISO date or date-time (UTC unless an offset is given) or a duration ago (7d)"
 
 
 @positions.command("list")
 @click.option("--status", type=click.Choice(["open", "closed", "all"]), default="open", show_default=True)
 @click.option("--account", default=None, metavar="ADDRESS")
+@click.option("--since", default=None, metavar="WHEN",
+              help=f"Rows closed (open rows: opened) at or after WHEN: {_MOMENT_HELP}.")
+@click.option("--until", default=None, metavar="WHEN", help="Rows closed (open rows: opened) before WHEN.")
+@click.option("--limit", default=None, type=click.IntRange(1, 100_000), help="Only the newest N rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def positions_list(ctx: click.Context, status: str, account: str | None, as_json: bool) -> None:
-    """List positions (open ones by default).
+def positions_list(ctx: click.Context, status: str, account: str | None, since: str | None, until: str | None,
+                   limit: int | None, as_json: bool) -> None:
+    """List positions (open ones by default), with their open and close times (UTC) and P&L.
 
     \b
     Examples:
       position-monitor positions list
       position-monitor positions list --status all --account 0x5e9ee1089755c3435139848e47e6635505d5a13a
-      position-monitor positions list --status closed --json
+      position-monitor positions list --status closed --since 7d --limit 20
+      position-monitor positions list --status closed --since 2026-11-01 --until 2026-12-01 --json
     """
     address = _address(account) if account else None
+    window = _window(since, until)
     db, _ = _ready_database(ctx)
     try:
-        rows = db.list_positions(status=status, address=address)
+        rows = db.list_positions(status=status, address=address, since=window[0], until=window[1], limit=limit)
     finally:
         db.close()
     if as_json:
         _echo_json(rows)
         return
-    click.echo(format_table(rows, _POSITION_HEADERS))
+    click.echo(format_table([{**r, "opened": _minute(r["opened_at"]), "closed": _minute(r["closed_at"])}
+                             for r in rows], _POSITION_HEADERS))
+
+
+def _window(since: str | None, until: str | None) -> tuple[datetime | None, datetime | None]:
+    from monitor.rules import parse_moment
+
+    now = datetime.now(timezone.utc)
+    start = parse_moment(since, "--since", now) if since is not None else None
+    end = parse_moment(until, "--until", now) if until is not None else None
+    if start is not None and end is not None and not start < end:
+        raise UsageError(f"--since ({start.isoformat()}) must be before --until ({end.isoformat()})")
+    return start, end
+
+
+@positions.command("set")
+@click.argument("position_id", type=int)
+@click.option("--stop-loss", default=None, metavar="PRICE", help="Close when the mid reaches PRICE against you.")
+@click.option("--take-profit", default=None, metavar="PRICE", help="Close when the mid reaches PRICE in your favour.")
+@click.option("--trailing-stop", default=None, metavar="PERCENT",
+              help="Close when the mid falls PERCENT (0 < p < 100) from the best mid since armed.")
+@click.option("--max-hold", default=None, metavar="DURATION",
+              help="Close when the position is older than DURATION (90m, 4h, 2d); overrides the account's.")
+@click.option("--clear", "clear", multiple=True, type=click.Choice(["stop-loss", "take-profit", "trailing-stop",
+                                                                   "max-hold"]),
+              help="Remove a rule (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the changes as JSON.")
+@click.pass_context
+def positions_set(ctx: click.Context, position_id: int, stop_loss: str | None, take_profit: str | None,
+                  trailing_stop: str | None, max_hold: str | None, clear: tuple[str, ...], as_json: bool) -> None:
+    """Set or clear the exit rules of open position POSITION_ID.
+
+    A long's stop loss must be below its take profit (a short's above); prices are more than 0. A row
+    already closing or closed is refused (exit 1). Each change is an audit event with old and new values
+    (`positions history ID`). Arming a trailing stop, or clearing it, restarts its best price.
+
+    \b
+    Examples:
+      position-monitor positions set 42 --stop-loss 29500 --take-profit 34000
+      position-monitor positions set 42 --trailing-stop 5 --max-hold 4h
+      position-monitor positions set 42 --clear stop-loss --clear max-hold
+    """
+    from monitor.rules import RULE_COLUMNS, parse_duration, parse_percent, parse_price
+
+    given = {"stop-loss": stop_loss, "take-profit": take_profit, "trailing-stop": trailing_stop,
+             "max-hold": max_hold}
+    both = sorted(rule for rule in clear if given[rule] is not None)
+    if both:
+        raise UsageError(f"--{both[0]} and --clear {both[0]} together; give one")
+    changes: dict[str, Any] = {}
+    if stop_loss is not None:
+        changes["stop_loss_price"] = parse_price(stop_loss, "--stop-loss")
+    if take_profit is not None:
+        changes["take_profit_price"] = parse_price(take_profit, "--take-profit")
+    if trailing_stop is not None:
+        changes["trailing_stop_pct"] = parse_percent(trailing_stop, "--trailing-stop")
+    if max_hold is not None:
+        changes["max_hold_seconds"] = parse_duration(max_hold, "--max-hold")
+    for rule in clear:
+        changes[RULE_COLUMNS[rule]] = None
+    if not changes:
+        raise UsageError("nothing to set: give --stop-loss, --take-profit, --trailing-stop, --max-hold or --clear")
+    db, _ = _ready_database(ctx)
+    try:
+        diff = db.set_exit_rules(position_id, changes)
+    finally:
+        db.close()
+    if as_json:
+        _echo_json({"id": position_id, "changed": {c: {"old": o, "new": n} for c, (o, n) in diff.items()}})
+        return
+    if not diff:
+        click.echo(f"#{position_id}: unchanged")
+        return
+    from monitor.rules import format_duration
+
+    def shown(column: str, value: Any) -> str:
+        if value is None:
+            return "none"
+        return str(format_duration(value) if column == "max_hold_seconds" else value)
+
+    click.echo(f"#{position_id}: " + ", ".join(f"{c} {shown(c, o)} -> {shown(c, n)}" for c, (o, n) in diff.items()))
 
 
 def format_table(rows: list[dict[str, Any]], headers: tuple[str, ...]) -> str:
@@ -418,21 +544,38 @@ def format_table(rows: list[dict[str, Any]], headers: tuple[str, ...]) -> str:
 
 @cli.command("close")
 @click.argument("position_id", type=int)
+@click.option("--cancel", is_flag=True,
+              help="Withdraw a close requested by hand (only while the row is open and its close not yet claimed).")
 @click.pass_context
-def close_position(ctx: click.Context, position_id: int) -> None:
-    """Ask for POSITION_ID to be closed on the exchange by the next run.
+def close_position(ctx: click.Context, position_id: int, cancel: bool) -> None:
+    """Ask for POSITION_ID to be closed on the exchange by the next run (or withdraw the request).
+
+    Runs send the close only with a key (MONITOR_HL_SECRET_KEY or MONITOR_HL_SECRET_KEY_FILE); without
+    one they report "would close" and send nothing. Requests and withdrawals are audit events.
 
     \b
     Examples:
       position-monitor close 42
+      position-monitor close --cancel 42
     """
+    from monitor.config import key_configured
+
+    if cancel:
+        _cancel_close(ctx, position_id)
+        return
     db, _ = _ready_database(ctx)
     try:
         outcome = db.request_close(position_id, datetime.now(timezone.utc))
     finally:
         db.close()
+    if key_configured():
+        requested = f"close requested for #{position_id}; the next run closes it on the exchange"
+    else:
+        requested = (f"close requested for #{position_id}, but no key is configured here (MONITOR_HL_SECRET_KEY"
+                     " or MONITOR_HL_SECRET_KEY_FILE): a run without one only reports it as \"would close\" and"
+                     f" sends nothing; withdraw it with `position-monitor close --cancel {position_id}`")
     messages = {
-        "requested": f"close requested for #{position_id}; the next run closes it on the exchange",
+        "requested": requested,
         "already_requested": f"#{position_id}: a close was already requested",
         "closing": f"#{position_id}: already closing",
         "closed": f"#{position_id}: already closed",
@@ -440,6 +583,78 @@ def close_position(ctx: click.Context, position_id: int) -> None:
     if outcome == "missing":
         raise UsageError(f"no position #{position_id}")
     click.echo(messages[outcome])
+
+
+def _cancel_close(ctx: click.Context, position_id: int) -> None:
+    db, _ = _ready_database(ctx)
+    try:
+        outcome = db.cancel_close_request(position_id)
+    finally:
+        db.close()
+    if outcome == "missing":
+        raise UsageError(f"no position #{position_id}")
+    if outcome in ("closing", "closed"):
+        raise Refused(f"#{position_id}: already {outcome}; the request can no longer be withdrawn")
+    if outcome == "not_requested":
+        click.echo(f"#{position_id}: no close request to withdraw")
+        return
+    click.echo(f"close request for #{position_id} withdrawn")
+
+
+# ---- pnl -------------------------------------------------------------------------------------
+
+_PNL_FIGURES = ("closes", "wins", "losses", "realized_pnl", "fees", "funding", "net_pnl")
+
+
+@cli.command("pnl")
+@click.option("--by", "by", type=click.Choice(["account", "coin", "day"]), default=None,
+              help="One line per account, coin or UTC day of the close (default: the total only).")
+@click.option("--since", default=None, metavar="WHEN", help=f"Closes at or after WHEN: {_MOMENT_HELP}.")
+@click.option("--until", default=None, metavar="WHEN", help="Closes before WHEN.")
+@click.option("--account", default=None, metavar="ADDRESS", help="Only this account.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (amounts as strings).")
+@click.pass_context
+def pnl(ctx: click.Context, by: str | None, since: str | None, until: str | None, account: str | None,
+        as_json: bool) -> None:
+    """Realized P&L of closed positions: closes, wins and losses, realized P&L, fees, funding, net.
+
+    realized_pnl is the exchange's gross closedPnl; net_pnl sums the rows' recorded net (realized - fees
+    + funding); funding is summed where it was read (funding_unread counts closes without it). A win or
+    a loss is judged by net P&L (realized less fees where no net is recorded).
+
+    \b
+    Examples:
+      position-monitor pnl
+      position-monitor pnl --by coin --since 7d
+      position-monitor pnl --by day --since 2026-11-01 --until 2026-12-01 --json
+    """
+    address = _address(account) if account else None
+    window = _window(since, until)
+    db, _ = _ready_database(ctx)
+    try:
+        groups = db.pnl_summary(by=by, since=window[0], until=window[1], address=address) if by else []
+        total = db.pnl_summary(since=window[0], until=window[1], address=address)
+    finally:
+        db.close()
+    empty = {"key": None, "closes": 0, "closes_with_pnl": 0, "wins": 0, "losses": 0, "realized_pnl": Decimal(0),
+             "fees": Decimal(0), "funding": Decimal(0), "funding_unread": 0, "net_pnl": Decimal(0),
+             "first_close": None, "last_close": None}
+    total_row = total[0] if total else empty
+
+    def named(row: dict[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in row.items() if k != "key"}
+        return {by: row["key"], **out} if by else out
+
+    if as_json:
+        _echo_json({"by": by, "since": window[0], "until": window[1], "account": address,
+                    "groups": [named(g) for g in groups], "total": {k: v for k, v in total_row.items() if k != "key"}})
+        return
+    if by:
+        click.echo(format_table([named(g) for g in groups], (by, *_PNL_FIGURES)))
+        click.echo("")
+    click.echo("total: " + ", ".join(f"{k} {_plain(total_row[k])}" for k in _PNL_FIGURES)
+               + (f" ({total_row['funding_unread']} close(s) without funding read)"
+                  if total_row["funding_unread"] else ""))
 
 
 @positions.command("history")

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from monitor import planner
 from monitor.clock import Clock, ExchangeClock, from_ms, to_ms
-from monitor.database import Database, Followup
+from monitor.database import EXIT_RULE_COLUMNS, Database, Followup
 from monitor.exchange import (
     OPEN_ORDER_LIMIT,
     BudgetExhausted,
@@ -274,6 +274,10 @@ class Closer:
         if row is None or row.status != "open":
             self._already(action)
             return
+        if planner.exit_rule(row, action.price, ctx.clock.now(), account.max_hold_seconds)[0] is None:
+            # `positions set` or `close --cancel` changed the row's rules since the plan read it
+            self._note(f"#{row.id} {action.coin}: {action.reason} no longer fires (its rules changed); nothing sent")
+            return
         try:
             trader = self._trader(account, action.coin)  # before the claim: a key that cannot act leaves the row open
         except CannotAct as exc:
@@ -289,7 +293,9 @@ class Closer:
         now = ctx.clock.now()
         with ctx.db.fenced(ctx.epoch):
             claimed = ctx.db.claim_close(row.id, cloid=cloid, rule=action.reason or "requested", now=now,
-                                         attempts=row.close_attempts, expires_at=from_ms(expires_after))
+                                         attempts=row.close_attempts, expires_at=from_ms(expires_after),
+                                         rules={column: getattr(row, column) for column in
+                                                (*EXIT_RULE_COLUMNS, "close_requested_at")})
         if not claimed:
             self._already(action)
             return

@@ -217,6 +217,12 @@ _ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
 ENVIRONMENT_VARIABLES = tuple(env for env, _ in _ENV.values()) + ("MONITOR_HL_SECRET_KEY_FILE",)
 
 
+def key_configured(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether a key is configured (MONITOR_HL_SECRET_KEY or its _FILE), without reading it."""
+    environ = os.environ if environ is None else environ
+    return any(environ.get(name, "").strip() for name in ("MONITOR_HL_SECRET_KEY", "MONITOR_HL_SECRET_KEY_FILE"))
+
+
 def load_settings(flags: Mapping[str, str | None] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Resolve settings from command-line flags (by field name), the environment, then defaults."""
     flags = flags or {}

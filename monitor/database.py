@@ -39,7 +39,9 @@ from monitor.errors import (
     DatabaseUnavailable,
     Fenced,
     MonitorError,
+    Refused,
     SchemaBehind,
+    UsageError,
 )
 from monitor.models import Account, PositionRow
 
@@ -53,6 +55,7 @@ IDLE_IN_TRANSACTION_TIMEOUT_MS = 20_000
 _MIGRATION_LOCK_KEY = 0x706F736D6F6E  # "posmon": serializes concurrent `db migrate`
 _ALERTS_LOCK_KEY = 0x706F736D616C  # serializes alert decisions of concurrent runs
 
+EXIT_RULE_COLUMNS = ("stop_loss_price", "take_profit_price", "trailing_stop_pct", "max_hold_seconds")
 _POSITION_COLUMNS = (
     "id, account_id, coin, side, size, entry_price, status, opened_at, source, last_seen_at, "
     "realized_pnl, fees, stop_loss_price, take_profit_price, trailing_stop_pct, best_price, "
@@ -459,7 +462,10 @@ class Database(OperationsMixin, ExchangeCacheMixin):
         row = self._execute(f"SELECT {_POSITION_COLUMNS} FROM positions WHERE id = %s", (position_id,)).fetchone()
         return None if row is None else _row_to_position(row)
 
-    def list_positions(self, *, status: str = "open", address: str | None = None) -> list[dict[str, Any]]:
+    def list_positions(self, *, status: str = "open", address: str | None = None, since: datetime | None = None,
+                       until: datetime | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        """Rows by id. ``since``/``until`` keep rows whose time (closed_at when closed, else opened_at) is
+        within [since, until); ``limit`` keeps the newest that many (still listed by id)."""
         query = (
             "SELECT p.id, a.address, p.coin, p.side, p.size, p.entry_price, p.status, p.opened_at, p.closed_at, "
             "p.exit_price, p.realized_pnl, p.fees, p.funding, p.net_pnl, p.close_reason, p.source, p.stop_loss_price, "
@@ -475,9 +481,75 @@ class Database(OperationsMixin, ExchangeCacheMixin):
         if address is not None:
             query += " AND a.address = %s"
             params.append(address)
-        cur = self._execute(query + " ORDER BY p.id", params)
+        if since is not None:
+            query += " AND COALESCE(p.closed_at, p.opened_at) >= %s"
+            params.append(since)
+        if until is not None:
+            query += " AND COALESCE(p.closed_at, p.opened_at) < %s"
+            params.append(until)
+        if limit is not None:
+            query = f"SELECT * FROM ({query} ORDER BY p.id DESC LIMIT %s) newest ORDER BY id"
+            params.append(limit)
+        else:
+            query += " ORDER BY p.id"
+        cur = self._execute(query, params)
         names = _column_names(cur)
         return [dict(zip(names, row)) for row in cur]
+
+    def pnl_summary(self, *, by: str | None = None, since: datetime | None = None, until: datetime | None = None,
+                    address: str | None = None) -> list[dict[str, Any]]:
+        """Closed rows' P&L summed (numeric in SQL, Decimal out), grouped by 'account', 'coin' or 'day'
+        (UTC day of closed_at), or one total row. Rows closed within [since, until).
+
+        Each group: closes, closes_with_pnl (rows whose realized P&L is recorded), wins and losses (by
+        net P&L where recorded, else by realized P&L less fees; a zero is neither), realized_pnl, fees,
+        funding (rows where it was read), funding_unread (closed rows without it), net_pnl (the sum of
+        the recorded net_pnl), first_close and last_close."""
+        keys = {"account": "a.address", "coin": "p.coin", "day": "(p.closed_at AT TIME ZONE 'UTC')::date"}
+        if by is not None and by not in keys:
+            raise ValueError(f"cannot group by {by!r}")
+        key = keys[by] if by is not None else "NULL::text"
+        outcome = "COALESCE(p.net_pnl, p.realized_pnl - COALESCE(p.fees, 0))"
+        query = (
+            f"SELECT {key} AS key, count(*) AS closes, count(p.realized_pnl) AS closes_with_pnl,"
+            f" count(*) FILTER (WHERE {outcome} > 0) AS wins, count(*) FILTER (WHERE {outcome} < 0) AS losses,"
+            " COALESCE(sum(p.realized_pnl), 0) AS realized_pnl, COALESCE(sum(p.fees), 0) AS fees,"
+            " COALESCE(sum(p.funding), 0) AS funding, count(*) - count(p.funding) AS funding_unread,"
+            " COALESCE(sum(p.net_pnl), 0) AS net_pnl, min(p.closed_at) AS first_close, max(p.closed_at) AS last_close"
+            " FROM positions p JOIN accounts a ON a.id = p.account_id WHERE p.closed_at IS NOT NULL"
+        )
+        params: list[Any] = []
+        if since is not None:
+            query += " AND p.closed_at >= %s"
+            params.append(since)
+        if until is not None:
+            query += " AND p.closed_at < %s"
+            params.append(until)
+        if address is not None:
+            query += " AND a.address = %s"
+            params.append(address)
+        if by is not None:
+            query += f" GROUP BY {key} ORDER BY {key}"
+        cur = self._execute(query, params)
+        names = _column_names(cur)
+        rows = [dict(zip(names, row)) for row in cur]
+        return [r for r in rows if r["closes"]] if by is None else rows
+
+    def account_money(self) -> dict[str, dict[str, Decimal]]:
+        """Per watched account (active ones, and any with rows): realized_pnl and fees summed over closed
+        rows (counters: they only grow as rows close) and open_notional (size x entry price of rows not
+        closed), each a Decimal, zero when there is none."""
+        cur = self._execute(
+            "SELECT a.address,"
+            " COALESCE(sum(p.realized_pnl) FILTER (WHERE p.closed_at IS NOT NULL), 0),"
+            " COALESCE(sum(p.fees) FILTER (WHERE p.closed_at IS NOT NULL), 0),"
+            " COALESCE(sum(p.size * p.entry_price) FILTER (WHERE p.closed_at IS NULL), 0)"
+            " FROM accounts a LEFT JOIN positions p ON p.account_id = a.id"
+            " GROUP BY a.address HAVING bool_or(a.active) OR count(p.id) > 0 ORDER BY a.address"
+        )
+        return {str(address): {"realized_pnl": Decimal(realized), "fees": Decimal(fees),
+                               "open_notional": Decimal(notional)}
+                for address, realized, fees, notional in cur}
 
     def positions_table_dump(self) -> list[tuple[Any, ...]]:
         """The whole positions table in id order (tests and dry-run checks compare it byte for byte)."""
@@ -968,17 +1040,26 @@ class Database(OperationsMixin, ExchangeCacheMixin):
     # ---- closing on the exchange (exit rules) -------------------------------------------------
 
     def claim_close(self, position_id: int, *, cloid: str, rule: str, now: datetime, attempts: int,
-                    expires_at: datetime | None = None) -> bool:
+                    expires_at: datetime | None = None, rules: dict[str, Any] | None = None) -> bool:
         """open -> closing, recording the attempt's cloid before anything is sent.
 
         ``attempts`` is the count the cloid was derived from: if another process claimed (and released)
-        in between, the count moved and this claim is refused rather than reuse a cloid.
+        in between, the count moved and this claim is refused rather than reuse a cloid. ``rules``, when
+        given, are the exit-rule columns (``EXIT_RULE_COLUMNS``, ``close_requested_at``) as the plan read
+        them: a row whose rules were changed or withdrawn since (``positions set``, ``close --cancel``) is
+        not claimed.
         """
+        guard, params = "", []
+        for column, value in (rules or {}).items():
+            if column not in EXIT_RULE_COLUMNS + ("close_requested_at",):
+                raise ValueError(f"not an exit-rule column: {column}")
+            guard += f" AND {column} IS NOT DISTINCT FROM %s"
+            params.append(value)
         cur = self._execute(
             "UPDATE positions SET status = 'closing', close_cloid = %s, close_rule = %s, close_started_at = %s,"
             " close_expires_at = %s, close_attempts = close_attempts + 1"
-            " WHERE id = %s AND status = 'open' AND closed_at IS NULL AND close_attempts = %s",
-            (cloid, rule, now, expires_at, position_id, attempts),
+            " WHERE id = %s AND status = 'open' AND closed_at IS NULL AND close_attempts = %s" + guard,
+            (cloid, rule, now, expires_at, position_id, attempts, *params),
         )
         if cur.rowcount == 1:
             self._event(position_id, "closing_claimed", "open", "closing", rule,
@@ -1006,20 +1087,104 @@ class Database(OperationsMixin, ExchangeCacheMixin):
         return cur.rowcount == 1
 
     def request_close(self, position_id: int, now: datetime) -> str:
-        """Ask for a close by hand: 'requested', 'already_requested', 'closing', 'closed' or 'missing'."""
-        cur = self._execute(
-            "UPDATE positions SET close_requested_at = %s"
-            " WHERE id = %s AND status = 'open' AND closed_at IS NULL AND close_requested_at IS NULL",
-            (now, position_id),
-        )
-        if cur.rowcount == 1:
-            return "requested"
+        """Ask for a close by hand: 'requested', 'already_requested', 'closing', 'closed' or 'missing'.
+
+        A request is an audit event (``close_requested``), written in the same transaction."""
+        with self._transaction():
+            cur = self._execute(
+                "UPDATE positions SET close_requested_at = %s"
+                " WHERE id = %s AND status = 'open' AND closed_at IS NULL AND close_requested_at IS NULL",
+                (now, position_id),
+            )
+            if cur.rowcount == 1:
+                self._event(position_id, "close_requested", "open", "open", "requested",
+                            {"close_requested_at": {"old": None, "new": now}})
+                return "requested"
         row = self._execute("SELECT status, close_requested_at FROM positions WHERE id = %s", (position_id,)).fetchone()
         if row is None:
             return "missing"
         if row[0] == "open":
             return "already_requested"
         return str(row[0])
+
+    def cancel_close_request(self, position_id: int) -> str:
+        """Withdraw a close requested by hand, only while the row is open and its close not yet claimed.
+
+        'withdrawn', 'not_requested', 'closing', 'closed' or 'missing'. A withdrawal is an audit event
+        (``close_request_withdrawn``) in the same transaction."""
+        with self._transaction():
+            row = self._execute(
+                "UPDATE positions p SET close_requested_at = NULL"
+                " FROM (SELECT id, close_requested_at FROM positions WHERE id = %s FOR UPDATE) old"
+                " WHERE p.id = old.id AND p.status = 'open' AND p.closed_at IS NULL"
+                " AND p.close_requested_at IS NOT NULL RETURNING old.close_requested_at",
+                (position_id,),
+            ).fetchone()
+            if row is not None:
+                self._event(position_id, "close_request_withdrawn", "open", "open", "withdrawn",
+                            {"close_requested_at": {"old": row[0], "new": None}})
+                return "withdrawn"
+        state = self._execute("SELECT status FROM positions WHERE id = %s", (position_id,)).fetchone()
+        if state is None:
+            return "missing"
+        return "not_requested" if state[0] == "open" else str(state[0])
+
+    def set_exit_rules(self, position_id: int, changes: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """Set (a value) or clear (None) exit-rule columns of an open row; returns {column: (old, new)}.
+
+        Guarded like a close claim: the row is locked, and the UPDATE is ``WHERE status = 'open' AND
+        closed_at IS NULL`` with its row count checked; a row closing or closed raises ``Refused`` (exit 1),
+        a missing one ``UsageError``. The rules the row would have are checked together (a long's stop
+        below its take profit). Arming a trailing stop that was unset, or clearing it, resets
+        ``best_price`` (a peak from an earlier arming must not fire the new one at once); changing the
+        percent of an armed one keeps the peak. One audit event (``exit_rules_set``) with old and new
+        values; nothing is written when nothing changes."""
+        from monitor.rules import check_rules
+
+        unknown = set(changes) - set(EXIT_RULE_COLUMNS)
+        if unknown:
+            raise ValueError(f"not exit-rule columns: {sorted(unknown)}")
+        with self._transaction():
+            row = self._execute(
+                "SELECT status, side, stop_loss_price, take_profit_price, trailing_stop_pct, max_hold_seconds,"
+                " best_price FROM positions WHERE id = %s FOR UPDATE",
+                (position_id,),
+            ).fetchone()
+            if row is None:
+                raise UsageError(f"no position #{position_id}")
+            if row[0] != "open":
+                raise Refused(f"#{position_id}: already {row[0]}; its exit rules cannot change")
+            old = dict(zip(EXIT_RULE_COLUMNS, row[2:6]))
+            check_rules(str(row[1]), {**old, **changes})
+            diff = {c: (old[c], v) for c, v in changes.items() if old[c] != v or (old[c] is None) != (v is None)}
+            if not diff:
+                return {}
+            reset_best = "trailing_stop_pct" in diff and (old["trailing_stop_pct"] is None
+                                                          or changes["trailing_stop_pct"] is None)
+            assignments = ", ".join(f"{column} = %s" for column in diff)
+            if reset_best:
+                assignments += ", best_price = NULL"
+            cur = self._execute(
+                f"UPDATE positions SET {assignments} WHERE id = %s AND status = 'open' AND closed_at IS NULL",
+                (*[new for _, new in diff.values()], position_id),
+            )
+            if cur.rowcount != 1:
+                raise Refused(f"#{position_id}: changed while being set; try again")
+            details: dict[str, Any] = {c: {"old": o, "new": n} for c, (o, n) in diff.items()}
+            if reset_best and row[6] is not None:
+                details["best_price"] = {"old": row[6], "new": None}
+            self._event(position_id, "exit_rules_set", "open", "open", "cli", details)
+        return diff
+
+    def set_account_max_hold(self, address: str, seconds: int | None) -> tuple[int | None, int | None] | None:
+        """The account-wide max hold (None clears it); (old, new), or None for an unknown account."""
+        row = self._execute(
+            "UPDATE accounts a SET max_hold_seconds = %s"
+            " FROM (SELECT id, max_hold_seconds FROM accounts WHERE address = %s FOR UPDATE) old"
+            " WHERE a.id = old.id RETURNING old.max_hold_seconds",
+            (seconds, address),
+        ).fetchone()
+        return None if row is None else (row[0], seconds)
 
     # ---- follow-ups (durable work a close leaves to do; writes inside fenced) ---------------------
 

@@ -90,3 +90,9 @@ def exit_code_for(exc: BaseException) -> int:
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED
     return EXIT_SOFTWARE  # a bug, a stray sys.exit() inside a run included: never recorded as a success
+
+
+class Refused(MonitorError):
+    """A change the row's state does not allow (e.g. exit rules of a row already closing); exit 1."""
+
+    exit_code = EXIT_ACCOUNT_FAILED
