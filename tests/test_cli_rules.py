@@ -212,3 +212,93 @@ def test_a_withdrawn_request_sends_nothing(keyed, sim, database_url):
     assert cli(keyed, "close", str(pid)).returncode == 0
     assert cli(keyed, "close", "--cancel", str(pid)).returncode == 0
     assert run_json(keyed)["close_orders_sent"] == 0 and sim.position(ALICE, "BTC") is not None
+
+
+# ---- P&L -------------------------------------------------------------------------------------
+
+def pnl_rows(url: str) -> dict[str, int]:
+    alice, bob = add_account(url, ALICE), add_account(url, BOB)
+    day1, day2 = datetime(2026, 11, 1, 13, 0, tzinfo=timezone.utc), datetime(2026, 11, 2, 10, 0, tzinfo=timezone.utc)
+    return {
+        "early": add_row(url, alice, "BTC", status="closed", opened_at=T0 - timedelta(days=20),
+                         closed_at=T0 - timedelta(days=12), realized_pnl="1000", fees="1", funding="0", net_pnl="999"),
+        "btc": add_row(url, alice, "BTC", status="closed", closed_at=day1, realized_pnl="100.5", fees="1.25",
+                       funding="-0.5", net_pnl="98.75"),
+        "eth": add_row(url, alice, "ETH", "short", status="closed", closed_at=day2, realized_pnl="-40",
+                       fees="0.75", funding=None, net_pnl=None),
+        "bob": add_row(url, bob, "BTC", status="closed", closed_at=day2.replace(hour=23, minute=59, second=59),
+                       realized_pnl="10.10", fees="0.1", funding="0.2", net_pnl="10.2"),
+        "open": add_row(url, bob, "SOL", opened_at=day2, size="10", entry="150.5"),
+    }
+
+
+def money(group: dict, **expected: str) -> None:
+    for key, value in expected.items():
+        assert isinstance(group[key], str) and Decimal(group[key]) == Decimal(value), (key, group[key], value)
+
+
+def test_pnl_sums_by_account_coin_and_day_exactly(env, database_url):
+    pnl_rows(database_url)
+    since = ("--since", "2026-11-01")
+
+    by_account = json.loads(cli(env, "pnl", "--by", "account", *since, "--json").stdout)
+    alice, bob = by_account["groups"]
+    assert (alice["account"], alice["closes"], alice["wins"], alice["losses"]) == (ALICE, 2, 1, 1)
+    money(alice, realized_pnl="60.5", fees="2.00", funding="-0.5", net_pnl="98.75")
+    assert alice["funding_unread"] == 1
+    assert (bob["account"], bob["closes"], bob["wins"], bob["losses"]) == (BOB, 1, 1, 0)
+    money(bob, realized_pnl="10.10", fees="0.1", funding="0.2", net_pnl="10.2")
+    total = by_account["total"]
+    assert total["closes"] == 3
+    money(total, realized_pnl="70.60", fees="2.10", funding="-0.3", net_pnl="108.95")
+
+    by_coin = json.loads(cli(env, "pnl", "--by", "coin", *since, "--json").stdout)["groups"]
+    assert [(g["coin"], g["closes"]) for g in by_coin] == [("BTC", 2), ("ETH", 1)]
+    money(by_coin[0], realized_pnl="110.60", fees="1.35", funding="-0.3", net_pnl="108.95")
+    money(by_coin[1], realized_pnl="-40", fees="0.75", funding="0", net_pnl="0")
+
+    by_day = json.loads(cli(env, "pnl", "--by", "day", *since, "--until", "2026-11-03", "--json").stdout)["groups"]
+    assert [(g["day"], g["closes"]) for g in by_day] == [("2026-11-01", 1), ("2026-11-02", 2)]
+    money(by_day[1], realized_pnl="-29.90", fees="0.85", funding="0.2", net_pnl="10.2")
+
+    everything = json.loads(cli(env, "pnl", "--json").stdout)
+    assert everything["groups"] == [] and everything["total"]["closes"] == 4
+    money(everything["total"], realized_pnl="1070.60", net_pnl="1107.95")
+    only_bob = json.loads(cli(env, "pnl", "--account", BOB, "--json").stdout)["total"]
+    money(only_bob, realized_pnl="10.10")
+
+    text = cli(env, "pnl", "--by", "coin", *since)
+    assert text.returncode == 0 and text.stdout.splitlines()[0].split()[:3] == ["coin", "closes", "wins"]
+    assert "total: closes 3, wins 2, losses 1, realized_pnl 70.60, fees 2.10, funding -0.3, net_pnl 108.95" \
+        in text.stdout and "(1 close(s) without funding read)" in text.stdout
+
+
+def test_pnl_with_nothing_closed_is_zero(env, database_url):
+    add_account(database_url)
+    result = json.loads(cli(env, "pnl", "--json").stdout)
+    assert result["total"]["closes"] == 0 and result["total"]["net_pnl"] == "0"
+
+
+@pytest.mark.parametrize("args, text", [
+    (["pnl", "--since", "last tuesday"], "--since: a date"),
+    (["pnl", "--since", "2026-11-02", "--until", "2026-11-01"], "must be before --until"),
+    (["positions", "list", "--until", "yesterday"], "--until: a date"),
+])
+def test_bad_windows_are_one_line_and_exit_2(args, text):
+    result = CliRunner().invoke(cli_group, args, prog_name="position-monitor")
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and text in lines[0], result.output
+
+
+def test_positions_list_since_until_limit_and_columns(env, database_url):
+    ids = pnl_rows(database_url)
+    listed = json.loads(cli(env, "positions", "list", "--status", "closed", "--since", "2026-11-01",
+                            "--until", "2026-11-02T12:00", "--json").stdout)
+    assert [r["id"] for r in listed] == [ids["btc"], ids["eth"]]
+    assert listed[0]["net_pnl"] == "98.75" and listed[0]["closed_at"].startswith("2026-11-01T13:00")
+    newest = json.loads(cli(env, "positions", "list", "--status", "all", "--limit", "2", "--json").stdout)
+    assert [r["id"] for r in newest] == [ids["bob"], ids["open"]]
+    text = cli(env, "positions", "list", "--status", "closed", "--limit", "1").stdout.splitlines()
+    header = text[0].split()
+    assert header.index("opened") < header.index("closed") < header.index("net_pnl")
+    assert "2026-11-01 12:00" in text[2] and "2026-11-02 23:59" in text[2] and "10.2" in text[2]
