@@ -25,6 +25,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Collection, Iterable, Mapping
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -62,6 +63,8 @@ class RunMetrics:
     lock_busy: bool = False
     api_weight: int = 0
     requests: int = 0
+    # per account: realized_pnl and fees summed over its closed rows, open_notional over its open ones
+    money_by_account: dict[str, dict[str, Decimal]] = field(default_factory=dict)
 
 
 def escape_label_value(value: str) -> str:
@@ -73,9 +76,11 @@ def _escape_help(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\n", "\\n")
 
 
-def _format_value(value: float | int | bool) -> str:
+def _format_value(value: float | int | bool | Decimal) -> str:
     if isinstance(value, bool):
         return "1" if value else "0"
+    if isinstance(value, Decimal):  # money: written as its exact decimal text, never through a float
+        return format(value, "f") if value.is_finite() else "NaN"
     if isinstance(value, int):
         return str(value)
     value = float(value)  # a metric sample (timestamps, counts), not money
@@ -87,13 +92,14 @@ def _format_value(value: float | int | bool) -> str:
 
 
 def render_metrics(m: RunMetrics) -> str:
-    """The metrics file's text: every metric a gauge, with HELP and TYPE lines, series sorted."""
+    """The metrics file's text: gauges (fees_total a counter), with HELP and TYPE lines, series sorted."""
     out: list[str] = []
 
-    def gauge(name: str, help_text: str, samples: Iterable[tuple[dict[str, str], float | int | bool]]) -> None:
+    def gauge(name: str, help_text: str, samples: Iterable[tuple[dict[str, str], float | int | bool | Decimal]],
+              kind: str = "gauge") -> None:
         full = PREFIX + name
         out.append(f"# HELP {full} {_escape_help(help_text)}")
-        out.append(f"# TYPE {full} gauge")
+        out.append(f"# TYPE {full} {kind}")
         for labels, value in samples:
             text = ",".join(f'{k}="{escape_label_value(str(v))}"' for k, v in labels.items())
             out.append(f"{full}{{{text}}} {_format_value(value)}" if text else f"{full} {_format_value(value)}")
@@ -120,6 +126,15 @@ def render_metrics(m: RunMetrics) -> str:
     gauge("dry_run", "1 if the last run was a dry run.", [({}, bool(m.dry_run))])
     gauge("api_weight", "Hyperliquid API weight the last run spent.", [({}, int(m.api_weight))])
     gauge("http_requests", "HTTP requests the last run made to Hyperliquid.", [({}, int(m.requests))])
+    if m.money_by_account:  # read from the positions table after the run (absent when it could not be read)
+        money = m.money_by_account
+        gauge("realized_pnl_total", "Realized P&L (the exchange's gross closedPnl) summed over the account's closed"
+              " positions, in USDC; a running sum that falls with losses (use delta(), not increase()).",
+              [({"account": a}, money[a]["realized_pnl"]) for a in sorted(money)])
+        gauge("fees_total", "Fees summed over the account's closed positions, in USDC.",
+              [({"account": a}, money[a]["fees"]) for a in sorted(money)], kind="counter")
+        gauge("open_notional", "Size x entry price summed over the account's open positions, in USDC.",
+              [({"account": a}, money[a]["open_notional"]) for a in sorted(money)])
     return "\n".join(out) + "\n"
 
 

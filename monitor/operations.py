@@ -9,6 +9,7 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from typing import Callable, Sequence
 
 from monitor.config import Settings
@@ -164,6 +165,7 @@ def _metrics(settings: Settings, report: RunReport | None, started: float, *, lo
     finished = time.time()
     last_success = None
     open_by_account: dict[str, int] = {}
+    money: dict[str, dict[str, Decimal]] = {}
     try:
         db, _ = open_database(settings)
         try:
@@ -171,6 +173,7 @@ def _metrics(settings: Settings, report: RunReport | None, started: float, *, lo
                 moment = db.last_success_at()
                 last_success = moment.timestamp() if moment else None
                 open_by_account = db.open_counts_by_address()
+                money = db.account_money()
         finally:
             db.close()
     except MonitorError as exc:  # DatabaseError and DatabaseUnavailable included
@@ -186,7 +189,8 @@ def _metrics(settings: Settings, report: RunReport | None, started: float, *, lo
         dry_run=bool(report and report.dry_run), counters=counters, open_positions_by_account=open_by_account,
         accounts_failed=0 if report is None else report.accounts_failed,
         accounts_ok=0 if report is None else report.accounts_ok, lock_busy=lock_busy,
-        api_weight=0 if report is None else report.api_weight, requests=0 if report is None else report.requests)
+        api_weight=0 if report is None else report.api_weight, requests=0 if report is None else report.requests,
+        money_by_account=money)
     try:
         write_metrics_file(settings.metrics_file, metrics)
     except OSError as exc:

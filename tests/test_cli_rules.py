@@ -302,3 +302,62 @@ def test_positions_list_since_until_limit_and_columns(env, database_url):
     header = text[0].split()
     assert header.index("opened") < header.index("closed") < header.index("net_pnl")
     assert "2026-11-01 12:00" in text[2] and "2026-11-02 23:59" in text[2] and "10.2" in text[2]
+
+
+# ---- metrics and the dashboard ---------------------------------------------------------------
+
+def test_metrics_carry_realized_pnl_fees_and_open_notional_per_account(env, sim, database_url, tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    sim.open_position(ALICE, "BTC", "2", "30000")
+    assert cli(env, "accounts", "add", ALICE).returncode == 0
+    alice = 1
+    add_row(database_url, alice, "ETH", status="closed", opened_at=T0 - timedelta(days=3),
+            closed_at=T0 - timedelta(days=2), realized_pnl="100.5", fees="1.25", funding="0", net_pnl="99.25")
+    add_row(database_url, alice, "ETH", status="closed", opened_at=T0 - timedelta(days=2),
+            closed_at=T0 - timedelta(days=1), realized_pnl="-40.25", fees="0.5", funding=None, net_pnl=None)
+    path = tmp_path / "position_monitor.prom"
+    assert cli(env, "run", "--metrics-file", str(path)).returncode == 0
+    text = path.read_text()
+    assert f'position_monitor_realized_pnl_total{{account="{ALICE}"}} 60.25' in text
+    assert f'position_monitor_fees_total{{account="{ALICE}"}} 1.75' in text
+    assert "# TYPE position_monitor_fees_total counter" in text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples[("position_monitor_open_notional", (("account", ALICE),))] == 60000
+    assert samples[("position_monitor_realized_pnl_total", (("account", ALICE),))] == 60.25
+
+
+def emitted_metric_names() -> set[str]:
+    from monitor.notify import RunMetrics, render_metrics
+
+    text = render_metrics(RunMetrics(
+        run_started=1.0, run_finished=2.0, last_success=2.0, counters={"discovered": 1},
+        open_positions_by_account={ALICE: 1},
+        money_by_account={ALICE: {"realized_pnl": Decimal("1.5"), "fees": Decimal("0.1"),
+                                  "open_notional": Decimal("3")}}))
+    return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_the_dashboard_queries_only_metrics_the_writer_emits():
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).resolve().parent.parent / "deploy" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    queried = {name for e in exprs for name in re.findall(r"position_monitor_[a-z_]+", e)}
+    emitted = emitted_metric_names()
+    assert queried <= emitted, queried - emitted
+    # the documented families it is meant to show are all there
+    assert {"position_monitor_last_success_timestamp_seconds", "position_monitor_run_duration_seconds",
+            "position_monitor_exit_code", "position_monitor_accounts_failed", "position_monitor_open_positions",
+            "position_monitor_realized_pnl_total", "position_monitor_fees_total", "position_monitor_open_notional",
+            "position_monitor_api_weight"} <= queried
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+
+
+def test_every_emitted_metric_is_documented_in_the_readme():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert {name for name in emitted_metric_names() if f"`{name}" not in readme} == set()
