@@ -361,3 +361,43 @@ def test_every_emitted_metric_is_documented_in_the_readme():
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert {name for name in emitted_metric_names() if f"`{name}" not in readme} == set()
+
+
+@pytest.mark.parametrize("moment", ["before_reread", "before_claim"])
+def test_a_stop_cleared_while_a_run_is_about_to_close_sends_nothing(keyed, sim, database_url, monkeypatch, moment):
+    """The CLI's change lands after the plan read the row: before the run re-reads it, or between that
+    re-read and the claim. Either way no order is sent and the row stays open."""
+    from monitor.config import load_settings
+    from monitor.database import Database
+    from monitor.operations import execute_run
+
+    sim.open_position(ALICE, "BTC", "1", "30000")
+    assert cli(keyed, "accounts", "add", ALICE).returncode == 0
+    run_json(keyed)
+    with psycopg.connect(database_url) as conn:
+        pid = conn.execute("SELECT id FROM positions WHERE coin = 'BTC'").fetchone()[0]
+    assert cli(keyed, "positions", "set", str(pid), "--stop-loss", "29500").returncode == 0
+    sim.set_mid("BTC", "29000")
+    sim.reset_log()
+
+    def clear_stop() -> None:
+        other = Database.open(database_url)
+        try:
+            other.set_exit_rules(pid, {"stop_loss_price": None})
+        finally:
+            other.close()
+
+    target = "position" if moment == "before_reread" else "claim_close"
+    original = getattr(Database, target)
+
+    def wrapped(self, position_id, *args, **kwargs):
+        if position_id == pid:
+            clear_stop()
+        return original(self, position_id, *args, **kwargs)
+
+    monkeypatch.setattr(Database, target, wrapped)
+    report = execute_run(load_settings(environ=keyed), dry_run=False, addresses=[])
+    assert report.close_orders_sent == 0
+    assert not [r for r in sim.requests_log() if r["path"].endswith("/exchange") and r.get("type") == "order"]
+    assert rules(database_url, pid)["status"] == "open" and sim.position(ALICE, "BTC") is not None
+    assert "closing_claimed" not in [e["event"] for e in events(database_url, pid)]
