@@ -530,8 +530,11 @@ def test_sharded_script_without_its_key_or_index_stops_with_one_line(tmp_path: P
     assert (code, called) == (78, None)
     assert stderr.splitlines() == ["position-monitor: shard 3/4: no hl-secret-key-3 in the Secret"
                                    " position-monitor-keys"]
-    code, stderr, called = _run_shard_script(tmp_path / "b", None, {1: "1" * 64})
-    assert code != 0 and called is None and "not an Indexed Job" in stderr
+    for index in (None, "", "x1", "-1"):
+        code, stderr, called = _run_shard_script(tmp_path / "b", index, {1: "1" * 64})
+        assert (code, called) == (78, None)
+        assert stderr.splitlines() == [f"position-monitor: JOB_COMPLETION_INDEX is '{index or ''}', not a number:"
+                                       " not an Indexed Job"]
 
 
 # -- the embedded server is optional ------------------------------------------------------------------------
