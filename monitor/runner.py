@@ -416,18 +416,22 @@ def read_accounts(run: RunContext, inputs: Inputs) -> Reads:
 
 
 PERP_DEXS_CACHE_KEY = "#perpDexs"  # exchange_meta row holding the perpDexs answer ('#' is in no dex name)
+PERP_DEXS_TTL = timedelta(minutes=10)  # a newly deployed dex is seen within this (2 weight a run on average)
 
 
 def _perp_dexes(run: RunContext, exchange: Exchange, inputs: Inputs, notes: list[str]) -> list[str]:
-    """The perp dexes by perp_dex_index ("" first), from the database cache while fresh, else ``perpDexs``
-    (weight 20). Unknown (a failed read, nothing cached): only the first dex is read this run, and rows on
-    HIP-3 dexes are left as they are. ``MONITOR_PERP_DEXES=""`` asks nothing."""
+    """The perp dexes by perp_dex_index ("" first), from the database cache while fresh (and naming the dex of
+    every open row), else ``perpDexs`` (weight 20). Unknown (a failed read, nothing cached): only the first dex
+    is read this run, and rows on HIP-3 dexes are left as they are. ``MONITOR_PERP_DEXES=""`` asks nothing."""
     if run.settings.perp_dexes == ():
         return [MAIN_DEX]
-    cached = run.db.cached_meta(PERP_DEXS_CACHE_KEY, CACHE_TTL)
+    cached = run.db.cached_meta(PERP_DEXS_CACHE_KEY, PERP_DEXS_TTL)
     names = cached.get("names") if isinstance(cached, dict) else None
     if isinstance(names, list) and names and names[0] == MAIN_DEX and all(isinstance(n, str) for n in names):
-        return list(names)
+        row_dexes = {dex_of(r.coin) for rows in inputs.rows.values() for r in rows}
+        wanted = row_dexes if run.settings.perp_dexes is None else row_dexes & set(run.settings.perp_dexes)
+        if wanted <= set(names):
+            return list(names)
     try:
         names = exchange.read_perp_dexs()
     except (ReadFailed, BudgetExhausted) as exc:

@@ -381,3 +381,28 @@ def test_the_planner_leaves_rows_on_unread_dexes_alone():
     tsla = [a for a in plan.actions if a.coin == "xyz:TSLA"]
     assert [a.type for a in tsla] == ["wait"] and 7 not in plan.seen_ids
     assert [a.type for a in plan.actions if a.coin == "BTC"] == ["mark_missing"]
+
+
+@pytest.mark.parametrize("mode", ["silent", "honor"])
+def test_the_simulator_models_both_answers_to_a_hip3_order_with_a_cloid(sim, mode):
+    """UNCONFIRMED on the real exchange (reference §4): a HIP-3 order carrying a cloid is reported to fail
+    silently. The simulator's default models that; ``hip3_cloid="honor"`` models the other possibility."""
+    from eth_account import Account as EthAccount
+
+    from monitor.exchange import Exchange, Trader, hip3_assets
+
+    agent = EthAccount.create()
+    sim.approve_agent(ALICE, agent.address)
+    sim.set_config(hip3_cloid=mode)
+    sim.open_hip3_position(ALICE, "xyz:TSLA", "2", "250", sz_decimals=1)
+    reader = Exchange(sim.url, timeout=5)
+    trader = Trader(reader, agent.key.hex(), ALICE, sim.meta(), hip3=hip3_assets("xyz", 1, sim.meta(dex="xyz")))
+    cloid = "0x" + "ab" * 16
+    outcome = trader.close_ioc("xyz:TSLA", side="long", size=Decimal(2), mid=Decimal(250),
+                               slippage=Decimal("0.05"), cloid=cloid, expires_after_ms=sim.now_ms() + 10_000)
+    if mode == "silent":
+        assert outcome.kind == "unknown" and outcome.oid is None
+        assert sim.position(ALICE, "xyz:TSLA") is not None and reader.order_status(ALICE, cloid) == "unknownOid"
+    else:
+        assert outcome.kind == "filled" and outcome.oid is not None
+        assert sim.position(ALICE, "xyz:TSLA") is None and reader.order_status(ALICE, cloid) == "filled"
