@@ -123,6 +123,11 @@ EXIT_OK_CODES = {0, 1, 69, 75}
 PATTERNS = ("reopen_same", "reopen_diff", "grow_in_flight", "shrink_in_flight", "busy_close", "busy_flip",
             "followup_faults", "mixed_shards")
 EXTRA_PATTERNS = ("hip3",)
+
+
+def unit_of(coin: str) -> Decimal:
+    """A coin's size unit (a multiple of its szDecimals step), on the first dex or a HIP-3 one."""
+    return COINS[coin] if coin in COINS else HIP3_COINS[coin][0]
 HIP3_SHARE = 0.5  # share of normal rounds that script the hip3 pattern (from their own random stream)
 HIP3_DEXES = ("abc", "xyz")  # xyz is perp dex 2: its asset ids are 120000 + index
 # coin -> (size unit, szDecimals, first mid)
@@ -399,7 +404,7 @@ class Round:
         return (self.mid(coin) * factor).quantize(Decimal("0.000001"))
 
     def size(self, coin: str) -> Decimal:
-        return COINS[coin] * self.rng.randint(1, 12)
+        return unit_of(coin) * self.rng.randint(1, 12)
 
     def sim_op(self) -> None:
         """One random scripted change on a random account (only what the state allows)."""
@@ -429,7 +434,7 @@ class Round:
                 if kind == "resize":
                     new = self.size(coin) * sign
                     if new == szi:
-                        new += COINS[coin] * sign
+                        new += unit_of(coin) * sign
                     sim.resize(account, coin, new, self.price(coin))
                 elif kind == "flip":
                     sim.flip(account, coin, -sign * self.size(coin), self.price(coin))
@@ -439,7 +444,8 @@ class Round:
                     mark = (self.mid(coin) * Decimal("0.9" if sign > 0 else "1.1")).quantize(Decimal("0.000001"))
                     sim.liquidate(account, coin, mark, cancel_orders=rng.random() < 0.5)
                 elif kind == "trigger":
-                    portion = abs(szi) if rng.random() < 0.6 else max(COINS[coin], (abs(szi) / 2).quantize(COINS[coin]))
+                    unit = unit_of(coin)
+                    portion = abs(szi) if rng.random() < 0.6 else max(unit, (abs(szi) / 2).quantize(unit))
                     portion = min(portion, abs(szi))
                     tpsl = rng.choice(["sl", "tp"])
                     trigger = self.price(coin)
@@ -550,7 +556,7 @@ class Round:
             new_szi = self.size(coin) * (1 if szi > 0 else -1)
             new_entry = self.price(coin)
             if new_szi == szi and new_entry == entry:
-                new_szi += COINS[coin] * (1 if szi > 0 else -1)
+                new_szi += unit_of(coin) * (1 if szi > 0 else -1)
         self.sim.close_external(address, coin, self.price(coin), parts=self.rng.choice([1, 2]))
         time.sleep(0.002)
         self.sim.open_position(address, coin, new_szi, new_entry)
