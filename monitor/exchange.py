@@ -126,7 +126,7 @@ def parse_clearinghouse_state(body: Any, address: str, dex: str = MAIN_DEX) -> A
             raise ExchangeDataError(f"assetPositions[{index}] has no position object")
         raw = item["position"]
         coin = parse_coin(raw.get("coin"), f"assetPositions[{index}].coin")
-        if dex_of(coin) != dex:  # one dex per answer: another dex's coin here means we misread something
+        if dex and dex_of(coin) != dex:  # one HIP-3 dex per answer: another's coin means we misread something
             raise ExchangeDataError(f"{coin} in the answer for dex {dex!r}")
         szi = parse_decimal(raw.get("szi"), f"{coin}.szi")
         entry_raw = raw.get("entryPx")
@@ -156,7 +156,7 @@ def parse_mids(body: Any, dex: str = MAIN_DEX) -> dict[str, Decimal]:
             name = parse_coin(coin)
             if dex and ":" not in name:
                 name = f"{dex}:{name}"
-            if dex_of(name) != dex:
+            if dex and dex_of(name) != dex:
                 continue
             if mid > 0:  # a zero or negative mid would fire rules and price orders absurdly
                 mids[name] = mid

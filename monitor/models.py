@@ -100,7 +100,8 @@ class AccountSnapshot:
     dexes_read: frozenset[str] = frozenset({MAIN_DEX})
 
     def covers(self, coin: str) -> bool:
-        return dex_of(coin) in self.dexes_read
+        """Whether the read tells anything about ``coin``: its dex was read (or an answer listed it)."""
+        return dex_of(coin) in self.dexes_read or coin in self.positions
 
 
 @dataclass(frozen=True)
