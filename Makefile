@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 ROUNDS ?= 500
 
-.PHONY: install demo test test-slow fuzz bench chaos clean
+.PHONY: install demo check test test-slow fuzz bench chaos clean
 
 install: $(STAMP)
 
@@ -16,11 +16,17 @@ $(STAMP): setup.cfg pyproject.toml testkit/pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required") if sys.version_info < (3, 11) else None'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ./testkit -e '.[test]'
+	$(PY) -m pip install --quiet -e ./testkit -e '.[test,check]'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
+
+# Static checks (config in pyproject.toml): ruff on the package, the tests and the demo script, mypy --strict
+# on the package.
+check: $(STAMP)
+	$(PY) -m ruff check monitor tests scripts/demo.py
+	$(PY) -m mypy monitor
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" --durations=15

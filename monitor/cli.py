@@ -37,7 +37,7 @@ class MonitorGroup(click.Group):
             ctx.exit(exit_code_for(exc))
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise  # click's own: it prints and exits as documented
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a bug: its traceback, one line, exit 70
             # A bug: its traceback (for the report), then one line, and the code the run recorded (70).
             traceback.print_exc(file=sys.stderr)
             click.echo(f"position-monitor: internal error: {type(exc).__name__}: {exc}", err=True)
@@ -45,7 +45,7 @@ class MonitorGroup(click.Group):
 
 
 def _settings(ctx: click.Context) -> Settings:
-    settings = ctx.obj.get("settings")
+    settings: Settings | None = ctx.obj.get("settings")
     if settings is None:
         settings = load_settings(ctx.obj["flags"])  # ConfigError -> exit 78
         ctx.obj["settings"] = settings
@@ -120,7 +120,14 @@ def _echo_json(payload: Any) -> None:
 @click.pass_context
 def cli(ctx: click.Context, log_level: str | None, log_format: str | None, database_url: str | None,
         testnet: bool) -> None:
-    """Keep the PostgreSQL positions table true to what is open on Hyperliquid."""
+    """Keep the PostgreSQL positions table true to what is open on Hyperliquid.
+
+    \b
+    Examples:
+      position-monitor accounts add 0x5e9ee1089755c3435139848e47e6635505d5a13a --label main
+      position-monitor run --dry-run
+      position-monitor --testnet --log-level info run
+    """
     flags = {"log_level": log_level, "log_format": log_format, "database_url": database_url,
              "hl_api_url": TESTNET_API_URL if testnet else None}
     ctx.obj = {"flags": flags}
@@ -139,7 +146,15 @@ def cli(ctx: click.Context, log_level: str | None, log_format: str | None, datab
 @click.pass_context
 def run(ctx: click.Context, dry_run: bool, as_json: bool, accounts: tuple[str, ...], metrics_file: str | None,
         shard: str | None) -> None:
-    """Reconcile every watched account once, then exit (what cron runs)."""
+    """Reconcile every watched account once, then exit (what cron runs).
+
+    \b
+    Examples:
+      position-monitor run --dry-run
+      position-monitor run --json --metrics-file /var/lib/node_exporter/textfile/position_monitor.prom
+      position-monitor run --account 0x5e9ee1089755c3435139848e47e6635505d5a13a
+      position-monitor run --shard 2/4
+    """
     from monitor.operations import execute_run
 
     if metrics_file is not None:
@@ -194,10 +209,17 @@ def _action_row(action: Any) -> dict[str, Any]:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.option("--runs", default=5, show_default=True, type=click.IntRange(1, 1000), help="How many recent runs to show.")
+@click.option("--runs", default=5, show_default=True, type=click.IntRange(1, 1000),
+              help="How many recent runs to show.")
 @click.pass_context
 def status(ctx: click.Context, as_json: bool, runs: int) -> None:
-    """Last runs, lock holder, accounts and their last good read, open positions, active alerts."""
+    """Last runs, lock holder, accounts and their last good read, open positions, active alerts.
+
+    \b
+    Examples:
+      position-monitor status
+      position-monitor status --json --runs 20
+    """
     from monitor.runner import make_lock
 
     settings = _settings(ctx)
@@ -211,7 +233,8 @@ def status(ctx: click.Context, as_json: bool, runs: int) -> None:
         followups = database.followups_overview()
     finally:
         database.close()
-    payload = {"runs": recent, "lock": {"backend": settings.lock_backend, "holder": holder.to_json() if holder else None,
+    payload = {"runs": recent, "lock": {"backend": settings.lock_backend,
+                                        "holder": holder.to_json() if holder else None,
                                         "epoch": lease.get("epoch") if lease else None},
                "accounts": overview, "alerts": alerts, "followups": followups}
     if as_json:
@@ -246,7 +269,14 @@ def status(ctx: click.Context, as_json: bool, runs: int) -> None:
 
 @cli.group()
 def accounts() -> None:
-    """Manage the accounts the monitor watches."""
+    """Manage the accounts the monitor watches.
+
+    \b
+    Examples:
+      position-monitor accounts add 0x5e9ee1089755c3435139848e47e6635505d5a13a --label main
+      position-monitor accounts list
+      position-monitor accounts disable 0x5e9ee1089755c3435139848e47e6635505d5a13a
+    """
 
 
 @accounts.command("add")
@@ -254,9 +284,12 @@ def accounts() -> None:
 @click.option("--label", default=None, help="A name for people.")
 @click.pass_context
 def accounts_add(ctx: click.Context, address: str, label: str | None) -> None:
-    """Watch ADDRESS (0x + 40 hex digits; stored lowercase)."""
-    from monitor.runner import open_database
+    """Watch ADDRESS (0x + 40 hex digits; stored lowercase).
 
+    \b
+    Examples:
+      position-monitor accounts add 0x5e9ee1089755c3435139848e47e6635505d5a13a --label main
+    """
     address = _address(address)
     db, _ = _ready_database(ctx)
     try:
@@ -271,7 +304,13 @@ def accounts_add(ctx: click.Context, address: str, label: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def accounts_list(ctx: click.Context, as_json: bool) -> None:
-    """List watched accounts."""
+    """List watched accounts.
+
+    \b
+    Examples:
+      position-monitor accounts list
+      position-monitor accounts list --json
+    """
     db, _ = _ready_database(ctx)
     try:
         rows = db.list_accounts()
@@ -288,7 +327,12 @@ def accounts_list(ctx: click.Context, as_json: bool) -> None:
 @click.argument("address")
 @click.pass_context
 def accounts_disable(ctx: click.Context, address: str) -> None:
-    """Stop watching ADDRESS (its rows stay as they are)."""
+    """Stop watching ADDRESS (its rows stay as they are).
+
+    \b
+    Examples:
+      position-monitor accounts disable 0x5e9ee1089755c3435139848e47e6635505d5a13a
+    """
     address = _address(address)
     db, _ = _ready_database(ctx)
     try:
@@ -305,7 +349,13 @@ def accounts_disable(ctx: click.Context, address: str) -> None:
 
 @cli.group()
 def positions() -> None:
-    """Look at the positions table."""
+    """Look at the positions table.
+
+    \b
+    Examples:
+      position-monitor positions list
+      position-monitor positions history 42
+    """
 
 
 _POSITION_HEADERS = ("id", "address", "coin", "side", "size", "entry_price", "status", "exit_price",
@@ -318,7 +368,14 @@ _POSITION_HEADERS = ("id", "address", "coin", "side", "size", "entry_price", "st
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def positions_list(ctx: click.Context, status: str, account: str | None, as_json: bool) -> None:
-    """List positions (open ones by default)."""
+    """List positions (open ones by default).
+
+    \b
+    Examples:
+      position-monitor positions list
+      position-monitor positions list --status all --account 0x5e9ee1089755c3435139848e47e6635505d5a13a
+      position-monitor positions list --status closed --json
+    """
     address = _address(account) if account else None
     db, _ = _ready_database(ctx)
     try:
@@ -351,7 +408,12 @@ def format_table(rows: list[dict[str, Any]], headers: tuple[str, ...]) -> str:
 @click.argument("position_id", type=int)
 @click.pass_context
 def close_position(ctx: click.Context, position_id: int) -> None:
-    """Ask for POSITION_ID to be closed on the exchange by the next run."""
+    """Ask for POSITION_ID to be closed on the exchange by the next run.
+
+    \b
+    Examples:
+      position-monitor close 42
+    """
     db, _ = _ready_database(ctx)
     try:
         outcome = db.request_close(position_id, datetime.now(timezone.utc))
@@ -373,7 +435,13 @@ def close_position(ctx: click.Context, position_id: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def positions_history(ctx: click.Context, position_id: int, as_json: bool) -> None:
-    """The audit trail of one position: every state change, with its run id."""
+    """The audit trail of one position: every state change, with its run id.
+
+    \b
+    Examples:
+      position-monitor positions history 42
+      position-monitor positions history 42 --json
+    """
     db, _ = _ready_database(ctx)
     try:
         if db.position(position_id) is None:
@@ -394,13 +462,25 @@ def positions_history(ctx: click.Context, position_id: int, as_json: bool) -> No
 
 @cli.group()
 def db() -> None:
-    """Database schema."""
+    """Database schema.
+
+    \b
+    Examples:
+      position-monitor db status
+      position-monitor db migrate
+    """
 
 
 @db.command("migrate")
 @click.pass_context
 def db_migrate(ctx: click.Context) -> None:
-    """Apply pending migrations (safe to run from several processes at once)."""
+    """Apply pending migrations (safe to run from several processes at once).
+
+    \b
+    Examples:
+      position-monitor db migrate
+      position-monitor --database-url postgresql://monitor@db.internal/positions db migrate
+    """
     from monitor.runner import open_database
 
     database, _ = open_database(_settings(ctx))
@@ -415,7 +495,13 @@ def db_migrate(ctx: click.Context) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def db_status(ctx: click.Context, as_json: bool) -> None:
-    """Show applied and pending migrations."""
+    """Show applied and pending migrations.
+
+    \b
+    Examples:
+      position-monitor db status
+      position-monitor db status --json
+    """
     from monitor.database import available_migrations
     from monitor.runner import open_database
 
@@ -455,14 +541,26 @@ def _ready_database(ctx: click.Context) -> Any:
 
 @cli.group()
 def lock() -> None:
-    """The run lock."""
+    """The run lock.
+
+    \b
+    Examples:
+      position-monitor lock status
+      position-monitor lock clear
+    """
 
 
 @lock.command("status")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def lock_status(ctx: click.Context, as_json: bool) -> None:
-    """Show who holds the run lock (pid, host, age, heartbeat, epoch, backend)."""
+    """Show who holds the run lock (pid, host, age, heartbeat, epoch, backend).
+
+    \b
+    Examples:
+      position-monitor lock status
+      position-monitor lock status --json
+    """
     from monitor.runner import make_lock, open_database
 
     settings = _settings(ctx)
@@ -499,7 +597,13 @@ def lock_status(ctx: click.Context, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Clear even though the holder is alive (it may still be running).")
 @click.pass_context
 def lock_clear(ctx: click.Context, force: bool) -> None:
-    """Remove the lock stamp left by a holder that is gone."""
+    """Remove the lock stamp left by a holder that is gone.
+
+    \b
+    Examples:
+      position-monitor lock clear
+      position-monitor lock clear --force   # even though the holder looks alive
+    """
     from monitor.runner import make_lock
 
     settings = _settings(ctx)

@@ -26,9 +26,19 @@ from typing import Any, Callable
 from monitor import planner
 from monitor.clock import Clock, from_ms, to_ms
 from monitor.database import Database, Followup
-from monitor.exchange import (Exchange, FillsTruncated, OpenOrder, ReadFailed, Trader, close_cloid, hip3_assets,
-                              is_authorization_error, is_meta_error)
-from monitor.exit_budget import CACHE_TTL, signer_address
+from monitor.exchange import (
+    Exchange,
+    FillsTruncated,
+    OpenOrder,
+    ReadFailed,
+    Trader,
+    close_cloid,
+    hip3_assets,
+    is_authorization_error,
+    is_meta_error,
+    signer_address,
+)
+from monitor.exit_budget import CACHE_TTL
 from monitor.models import Account, dex_of
 from monitor.planner import Action, PlanSettings, lookback
 from monitor.report import Alert
@@ -68,14 +78,18 @@ class CloseOutcome:
     closed: int = 0
     conflicts: int = 0
     exit_starved: int = 0
+    postponed_at_deadline: int = 0  # fired rules' orders not sent: too little of the run's time was left
     actions: list[Action] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     followups: list[dict[str, Any]] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
 
 
-def _rule(row: Any) -> str:
-    return row.close_rule or "requested"
+
+
+def _not_after(placed_ms: int | None, closed_ms: int | None) -> bool:
+    """Whether an order placed at ``placed_ms`` may be one the close at ``closed_ms`` left (unknown: yes)."""
+    return placed_ms is None or closed_ms is None or placed_ms <= closed_ms
 
 
 class CannotAct(Exception):
@@ -282,8 +296,9 @@ class Closer:
             return
         left = ctx.seconds_left()
         if left < SETTLE_MARGIN_SECONDS + 1:
-            self._note(f"#{action.position_id} {action.coin}: too close to the run's deadline to send a close")
+            self._postponed(f"#{action.position_id} {action.coin}: too close to the run's deadline to send a close")
             return
+        assert action.position_id is not None  # the planner's close orders always name their row
         row = ctx.db.position(action.position_id)
         if row is None or row.status != "open":
             self._already(action)
@@ -298,7 +313,7 @@ class Closer:
         expires_after = self._expires_after()
         if expires_after is None:
             # Too late to send safely (deadline, or the lock was lost): nothing is claimed, nothing sent.
-            self._note(f"#{row.id} {action.coin}: not sent, the run is at its deadline; next run")
+            self._postponed(f"#{row.id} {action.coin}: not sent, the run is at its deadline; next run")
             return
         now = ctx.clock.now()
         with ctx.db.fenced(ctx.epoch):
@@ -310,7 +325,7 @@ class Closer:
         if ctx.lock_lost() or ctx.clock.now_ms() >= expires_after - int(SETTLE_MARGIN_SECONDS * 1000):
             with ctx.db.fenced(ctx.epoch):
                 ctx.db.release_close(row.id, cloid=cloid, event="close_not_placed", error="run deadline reached")
-            self._note(f"#{row.id} {action.coin}: not sent, the run is at its deadline; next run")
+            self._postponed(f"#{row.id} {action.coin}: not sent, the run is at its deadline; next run")
             return
         hip3 = bool(dex_of(action.coin))
         try:
@@ -337,12 +352,12 @@ class Closer:
             # A reduce-only order is capped at the position (a stale size reads as "partial"), and a position
             # that grew since the read is bigger than the order: the row's cycle in the fills decides.
             self._settles.setdefault(account.address, []).append(
-                (row, cloid, action.reason or _rule(row), outcome.kind == "partial", outcome.filled_size,
-                 outcome.oid))
+                (row, cloid, action.reason or planner.claimed_rule(row), outcome.kind == "partial",
+                 outcome.filled_size, outcome.oid))
         elif outcome.kind == "no_position":
             # Already flat: the row is closed from its fills, with whatever ended its cycle as the reason.
             self._settles.setdefault(account.address, []).append(
-                (row, cloid, action.reason or _rule(row), True, None, None))
+                (row, cloid, action.reason or planner.claimed_rule(row), True, None, None))
         elif outcome.kind == "rejected":
             with ctx.db.fenced(ctx.epoch):
                 ctx.db.release_close(row.id, cloid=cloid, event="close_failed", error=outcome.error)
@@ -363,6 +378,12 @@ class Closer:
         if ctx.lock_lost() or left < 1:
             return None
         return ctx.clock.now_ms() + int(min(ORDER_TTL_SECONDS, left) * 1000)
+
+    def _postponed(self, note: str) -> None:
+        """A close the run had no time left to send safely: the run overran (alert run_overran) and the
+        next run sends it."""
+        self.done.postponed_at_deadline += 1
+        self._note(note)
 
     def _already(self, action: Action) -> None:
         self.done.conflicts += 1
@@ -405,6 +426,7 @@ class Closer:
             reason = rule if mine and not own.liquidated else None
             close = planner.cycle_close(account.address, row, own, ctx.clock.now(), truncated=truncated,
                                         reason=reason)
+            assert close.closed_at is not None and close.reason is not None  # cycle_close always sets both
             with ctx.db.fenced(ctx.epoch):
                 done = ctx.db.close_position(position_id, closed_at=close.closed_at, reason=close.reason,
                                              exit_price=close.exit_price, realized_pnl=close.realized_pnl,
@@ -440,6 +462,7 @@ class Closer:
 
     def _settle(self, account: Account, action: Action) -> None:
         ctx = self.ctx
+        assert action.position_id is not None  # the planner's settle actions always name their row
         row = ctx.db.position(action.position_id)
         if row is None or row.status != "closing" or not row.close_cloid:
             return
@@ -459,7 +482,7 @@ class Closer:
             return
         if status == "filled":
             # It executed; the snapshot may lag. The row's cycle in the fills settles it, else wait for them.
-            self._settle_from_fills(account, row, row.close_cloid, _rule(row), partial=False)
+            self._settle_from_fills(account, row, row.close_cloid, planner.claimed_rule(row), partial=False)
             return
         if status in ("open", "triggered"):
             self._note(f"#{row.id} {row.coin}: close order {row.close_cloid} is {status}; left to the exchange")
@@ -483,7 +506,7 @@ class Closer:
             self._note(f"#{row.id} {row.coin}: unfinished HIP-3 close {row.close_cloid} has expired; would settle"
                        " it from fills")
             return
-        released = self._settle_from_fills(account, row, row.close_cloid, _rule(row), partial=True,
+        released = self._settle_from_fills(account, row, row.close_cloid, planner.claimed_rule(row), partial=True,
                                            release_event="close_released")
         if not released:
             return
@@ -507,11 +530,11 @@ class Closer:
         read: dict[str, list[OpenOrder]] = dict(orders or {})
         for dex in sorted({dex_of(c) for c in coins} - set(read)):
             read[dex] = ctx.exchange.read_open_orders(account.address, dex)
-        orders = [o for dex_orders in read.values() for o in dex_orders]
+        every = [o for dex_orders in read.values() for o in dex_orders]
         targets: list[OpenOrder] = [
-            o for o in orders
+            o for o in every
             if o.coin in coins and (o.reduce_only or o.is_trigger)
-            and (o.timestamp_ms is None or coins[o.coin] is None or o.timestamp_ms <= coins[o.coin])
+            and _not_after(o.timestamp_ms, coins[o.coin])
         ]
         for order in targets:
             if ctx.dry_run or ctx.secret_key is None:

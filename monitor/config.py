@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import stat
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -60,16 +60,9 @@ class Settings:
         return base.with_name(f"{base.stem}.shard-{self.shard[0]}-of-{self.shard[1]}{base.suffix}")
 
     @property
-    def embedded_pgdata(self) -> Path:
-        return self.data_dir / "pgdata"
-
-    @property
     def deadline_seconds(self) -> float:
         """A run stops starting new work this long after it started (a margin before the stale limit)."""
         return max(self.lock_stale_after * 0.8, self.lock_stale_after - 30.0)
-
-    def with_overrides(self, **changes: Any) -> "Settings":
-        return replace(self, **changes)
 
 
 def _positive_seconds(name: str, text: str, *, maximum: float = 86400.0) -> float:

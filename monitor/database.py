@@ -278,7 +278,7 @@ class Database(OperationsMixin, ExchangeCacheMixin):
         self.statements = 0  # SQL statements sent on this connection (the benchmark reports it)
 
     @classmethod
-    def open(cls, url: str, **kwargs: Any) -> "Database":
+    def open(cls, url: str, **kwargs: Any) -> Database:
         return cls(connect(url), **kwargs)
 
     def close(self) -> None:

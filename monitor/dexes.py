@@ -9,7 +9,7 @@ Every account's first (main) dex is always read. The HIP-3 dexes watched (``MONI
   where the fills read for it this run show that dex (the runner adds those), and in a **rotating sweep**:
   the accounts, in a stable order, are split into ``groups`` turns, and the accounts of turn
   ``run_turn % groups`` read every watched dex. The sweep may spend a quarter of the read weight, so
-  ``groups = ceil(accounts / max(1, (read_weight / 4) // (2 × dexes)))``: with the same accounts, dexes and
+  ``groups = ceil(accounts / max(1, (read_weight / 4) // (2 x dexes)))``: with the same accounts, dexes and
   budget, every watched dex of every account is read at least once in every ``groups`` consecutive runs of
   one lock (``run_turn`` is the run's lease epoch, which every run of that lock advances by one). The sweep's
   accounts rank with accounts that have rows, ahead of idle ones, when the budget defers accounts.

@@ -13,7 +13,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 from monitor.models import (
     MAIN_DEX,
@@ -32,7 +32,7 @@ FILLS_PAGE_LIMIT = 2000  # the exchange's maximum fills per userFillsByTime answ
 FILLS_HISTORY = 10_000  # the exchange keeps only the 10,000 most recent fills of a user
 FILLS_MAX_REQUESTS = 24  # requests one fills read may make (a full page costs 120 weight)
 FILLS_SPAN_AIM = 1200  # fills a span back from now aims at: well under a page, so few come back capped
-EMPTY_SPOT_META = {"universe": [], "tokens": []}
+EMPTY_SPOT_META: dict[str, list[Any]] = {"universe": [], "tokens": []}
 
 # Request weights (Hyperliquid docs, rate limits): what each read costs from the per-IP budget.
 WEIGHT = {"clearinghouseState": 2, "allMids": 2, "orderStatus": 2, "meta": 20, "frontendOpenOrders": 20,
@@ -50,11 +50,11 @@ META_ERRORS = ("invalid size", "invalid price", "divisible by tick size")
 
 def is_authorization_error(text: str | None) -> bool:
     """Whether an /exchange refusal says the key may not act for the account (so a cached role is wrong)."""
-    return bool(text) and any(marker in text.lower() for marker in AUTHORIZATION_ERRORS)
+    return text is not None and any(marker in text.lower() for marker in AUTHORIZATION_ERRORS)
 
 
 def is_meta_error(text: str | None) -> bool:
-    return bool(text) and any(marker in text.lower() for marker in META_ERRORS)
+    return text is not None and any(marker in text.lower() for marker in META_ERRORS)
 
 
 def _is_unparsed(body: Any) -> bool:
@@ -62,10 +62,17 @@ def _is_unparsed(body: Any) -> bool:
     return isinstance(body, dict) and set(body) == {"error"}
 
 
+def printable(text: str) -> str:
+    """The exchange's own words made safe for one log line and a PostgreSQL text column: control
+    characters (a NUL among them, which PostgreSQL refuses) are written as escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class ReadFailed(Exception):
     """A read whose answer is unknown: nothing may be concluded from it."""
 
     def __init__(self, what: str, reason: str, *, retry_after: float | None = None) -> None:
+        reason = printable(reason)
         super().__init__(f"{what}: {reason}")
         self.what = what
         self.reason = reason
@@ -236,11 +243,10 @@ class WeightBudget:
 
     def take(self, kind: str, weight: int) -> None:
         with self._lock:
-            if getattr(self._local, "urgent", False) and self.reserved:
-                if weight <= self.limit - self.spent:
-                    self.spent += weight
-                    self.reserved = max(0, self.reserved - weight)
-                    return
+            if getattr(self._local, "urgent", False) and self.reserved and weight <= self.limit - self.spent:
+                self.spent += weight
+                self.reserved = max(0, self.reserved - weight)
+                return
             available = self.limit - self.reserved - self.spent
             if weight > available:
                 held = f", {self.reserved} held for exit work" if self.reserved else ""
@@ -253,7 +259,7 @@ class Exchange:
 
     def __init__(self, base_url: str, *, timeout: float, counter: RequestCounter | None = None,
                  before_request: Callable[[str, int], None] | None = None,
-                 fills_cache: "FillsCache | None" = None) -> None:
+                 fills_cache: FillsCache | None = None) -> None:
         from hyperliquid.info import Info  # heavy import, deferred to the first run that reads
 
         self.fills_cache = fills_cache
@@ -389,7 +395,8 @@ class Exchange:
                 times = [f.time_ms for f in page]
                 known.update(times)
                 # whatever part of the span a capped answer holds, its 2,000 fills lie within max-min
-                span = max(1, min((end - start + 1) // 2, (max(times) - min(times)) * FILLS_SPAN_AIM // FILLS_PAGE_LIMIT))
+                span = max(1, min((end - start + 1) // 2,
+                                  (max(times) - min(times)) * FILLS_SPAN_AIM // FILLS_PAGE_LIMIT))
                 continue
             collected.extend(page)
             open_end = False
@@ -437,11 +444,16 @@ class Exchange:
         return [o for o in orders if dex_of(o.coin) == dex]
 
     def user_role(self, address: str) -> tuple[str, str | None]:
-        """userRole (weight 60): ("agent", master) | ("subAccount", master) | ("user", None) | ("vault"|"missing", None)."""
+        """userRole (weight 60).
+
+        ("agent", master) | ("subAccount", master) | ("user", None) | ("vault"|"missing", None).
+        """
         body = self._post("userRole", {"type": "userRole", "user": address}, WEIGHT["userRole"])
         if not isinstance(body, dict) or not isinstance(body.get("role"), str):
             raise ReadFailed("userRole", "invalid answer")
-        data = body.get("data") if isinstance(body.get("data"), dict) else {}
+        data = body.get("data")
+        if not isinstance(data, dict):
+            data = {}
         linked = data.get("user") or data.get("master")
         if linked is not None and not isinstance(linked, str):
             raise ReadFailed("userRole", "invalid answer (linked address)")
@@ -506,6 +518,10 @@ class OrderOutcome:
     average_price: Decimal | None = None
     error: str | None = None
     oid: int | None = None  # the exchange's order id, when the answer names one
+
+    def __post_init__(self) -> None:
+        if self.error is not None:
+            object.__setattr__(self, "error", printable(self.error))
 
 
 @dataclass(frozen=True)
@@ -574,6 +590,14 @@ def hip3_assets(dex: str, perp_dex_index: int, meta: dict[str, Any]) -> dict[str
     return out
 
 
+def signer_address(secret_key: str) -> str:
+    """The lowercase address of the configured key (never the key itself)."""
+    from eth_account import Account as EthAccount
+
+    address: str = EthAccount.from_key(secret_key).address
+    return address.lower()
+
+
 class Trader:
     """Signed actions for one account, with an API (agent) wallet acting for it.
 
@@ -601,7 +625,7 @@ class Trader:
         """The order asset id of ``coin``; KeyError when it is not in the meta the trader was built with."""
         if dex_of(coin):
             return self.hip3[coin][0]
-        return self.sdk.info.name_to_asset(coin)
+        return int(self.sdk.info.name_to_asset(coin))
 
     def sz_decimals_of(self, coin: str) -> int:
         if dex_of(coin):
@@ -610,9 +634,9 @@ class Trader:
 
     def _send(self, action: dict[str, Any], expires_after_ms: int | None) -> Any:
         import requests
+        from hyperliquid.utils.constants import MAINNET_API_URL
         from hyperliquid.utils.error import ClientError, ServerError
         from hyperliquid.utils.signing import get_timestamp_ms, sign_l1_action
-        from hyperliquid.utils.constants import MAINNET_API_URL
 
         nonce = get_timestamp_ms()
         signature = sign_l1_action(self.sdk.wallet, action, self.sdk.vault_address, nonce, expires_after_ms,
@@ -625,7 +649,8 @@ class Trader:
         try:
             return self.sdk.post("/exchange", payload)  # timeout: given to the SDK Exchange at construction
         except ClientError as exc:
-            raise ReadFailed("exchange", f"HTTP {exc.status_code}", retry_after=1.0 if exc.status_code == 429 else None) from None
+            raise ReadFailed("exchange", f"HTTP {exc.status_code}",
+                             retry_after=1.0 if exc.status_code == 429 else None) from None
         except ServerError as exc:
             raise ReadFailed("exchange", f"HTTP {exc.status_code}") from None
         except requests.Timeout:
@@ -669,7 +694,7 @@ class Trader:
         action = {"type": "cancel", "cancels": [{"a": asset, "o": oid}]}
         body = self._send(action, expires_after_ms)
         if not isinstance(body, dict) or body.get("status") != "ok":
-            return str(body.get("response") if isinstance(body, dict) else body)[:200]
+            return printable(str(body.get("response") if isinstance(body, dict) else body)[:200])
         response = body.get("response")
         data = response.get("data") if isinstance(response, dict) else None
         statuses = data.get("statuses") if isinstance(data, dict) else None
@@ -679,7 +704,7 @@ class Trader:
             error = statuses[0].get("error") if isinstance(statuses[0], dict) else str(statuses[0])
             if error and "never placed, already canceled, or filled" in error:
                 return None  # already gone: the goal is met
-            return str(error)[:200]
+            return printable(str(error)[:200])
         return None
 
 

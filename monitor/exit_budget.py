@@ -28,6 +28,7 @@ from decimal import Decimal
 from typing import Collection, Mapping, Sequence
 
 from monitor.exchange import WEIGHT
+from monitor.exchange import signer_address as signer_address  # re-exported for runner.py until it imports it
 from monitor.models import Account, PositionRow, dex_of
 from monitor.planner import exit_rule
 
@@ -113,10 +114,3 @@ def exit_reserve(accounts: Sequence[Account], rows_by_account: Mapping[int, Sequ
             1 for a in sending_accounts if a.address != key_master and a.address not in cached_accounts)
     reserve.weight = min(reserve.wanted, budget * RESERVE_SHARE_OF[0] // RESERVE_SHARE_OF[1])
     return reserve
-
-
-def signer_address(secret_key: str) -> str:
-    """The lowercase address of the configured key (never the key itself)."""
-    from eth_account import Account as EthAccount
-
-    return EthAccount.from_key(secret_key).address.lower()

@@ -188,7 +188,15 @@ class RunLock:
     def release(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def __enter__(self) -> "RunLock":
+    def holder(self) -> Holder | None:  # pragma: no cover - interface
+        """Who holds the lock now (None: nobody)."""
+        raise NotImplementedError
+
+    def clear(self, *, force: bool) -> Holder | None:  # pragma: no cover - interface
+        """Remove a dead holder's lock (any holder's with ``force``); the holder that was cleared."""
+        raise NotImplementedError
+
+    def __enter__(self) -> RunLock:
         self.acquire()
         return self
 
@@ -603,6 +611,3 @@ def _lease_holder(status: dict[str, Any] | None) -> Holder | None:
         machine=status.get("holder_machine"),
     )
 
-
-def lease_holder(status: dict[str, Any] | None) -> Holder | None:
-    return _lease_holder(status)

@@ -10,9 +10,10 @@ Three outputs, each optional and each unable to break a run:
   a streak threshold, a resend throttle and a single "resolved" message; then a Slack-compatible
   webhook to say it.
 
-No SQL and no command-line code live here: the runner persists ``AlertState`` in
-``monitor_alerts`` and calls these functions. Network helpers never raise: a failed ping or webhook
-logs one warning line (without the URL's secret parts) and returns False.
+No SQL, no HTTP client and no command-line code live here (the POSTs go through ``monitor.webhooks``):
+the runner persists ``AlertState`` in ``monitor_alerts`` and calls these functions. Network helpers
+never raise: a failed ping or webhook logs one warning line (without the URL's secret parts) and
+returns False.
 """
 
 from __future__ import annotations
@@ -25,15 +26,13 @@ import uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Collection, Iterable, Mapping
+from typing import Any, Collection, Iterable, Mapping
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-
-from monitor import __version__
+from monitor import webhooks
 
 log = logging.getLogger(__name__)
 
-USER_AGENT = f"position-monitor/{__version__}"
 PREFIX = "position_monitor_"
 # Action kinds always written (as 0 when absent) so their series do not vanish on a quiet run.
 DEFAULT_ACTION_KINDS = ("discovered", "updated", "closed", "close_orders_sent", "conflicts")
@@ -105,7 +104,7 @@ def render_metrics(m: RunMetrics) -> str:
               [({}, float(m.last_success))])  # Unix seconds, not money
     gauge("run_duration_seconds", "How long the last run took.",
           [({}, max(0.0, float(m.run_finished) - float(m.run_started)))])  # duration, not money
-    counters = {kind: 0 for kind in DEFAULT_ACTION_KINDS}
+    counters = dict.fromkeys(DEFAULT_ACTION_KINDS, 0)
     counters.update(m.counters)
     gauge("run_actions", "Actions taken by the last run, by kind (a per-run count, not a running total).",
           [({"kind": kind}, int(counters[kind])) for kind in sorted(counters)])
@@ -163,41 +162,12 @@ def write_metrics_file(path: Path, m: RunMetrics) -> None:
 # -- HTTP helpers ---------------------------------------------------------------------------------
 
 
-def _redacted(url: str) -> str:
-    """Scheme and host only: ping UUIDs and webhook paths are secrets and stay out of logs."""
-    try:
-        parts = urlsplit(url)
-        return f"{parts.scheme}://{parts.hostname or '?'}{':' + str(parts.port) if parts.port else ''}/..."
-    except ValueError:
-        return "(unparsable URL)"
-
-
-def _post(url: str, what: str, timeout: float, *, content_type: str | None = None, **kwargs: object) -> bool:
-    """POST and report success as a bool; any fault is one warning line, never an exception.
-
-    ``timeout`` bounds the connection and each read of the answer (requests' semantics).
-    """
-    import requests  # lazy: only runs that ping or alert pay for it
-
-    headers = {"User-Agent": USER_AGENT}
-    if content_type:
-        headers["Content-Type"] = content_type
-    try:
-        response = requests.post(url, timeout=(timeout, timeout), allow_redirects=False,
-                                 headers=headers, **kwargs)  # type: ignore[arg-type]
-        status = response.status_code
-        response.close()
-    except requests.Timeout:
-        log.warning("%s to %s failed: no answer within %gs", what, _redacted(url), timeout)
-        return False
-    except requests.RequestException as exc:
-        log.warning("%s to %s failed: %s", what, _redacted(url), type(exc).__name__)
-        return False
-    except Exception as exc:  # noqa: BLE001 - a notification must never break a run
-        log.warning("%s to %s failed: unexpected %s", what, _redacted(url), type(exc).__name__)
-        return False
-    if not 200 <= status < 300:
-        log.warning("%s to %s failed: HTTP %d", what, _redacted(url), status)
+def _post(url: str, what: str, timeout: float, *, data: bytes | None = None, json: Any = None,
+          content_type: str | None = None) -> bool:
+    """POST through ``monitor.webhooks`` and report success as a bool; a fault is one warning line."""
+    failure = webhooks.post(url, timeout, data=data, json=json, content_type=content_type)
+    if failure is not None:
+        log.warning("%s to %s failed: %s", what, webhooks.redacted(url), failure)
         return False
     return True
 

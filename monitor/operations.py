@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import logging
 import time
-
-import psycopg
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Sequence
+
+import psycopg
 
 from monitor.config import Settings
 from monitor.errors import EXIT_LOCK_HELD, Fenced, LockHeld, MonitorError
 from monitor.notify import AlertState, Pinger, RunMetrics, alert_text, decide_alerts, send_webhook, write_metrics_file
-from monitor.runner import RunHooks, RunReport, open_database, run_once
+from monitor.report import RunReport
+from monitor.runner import RunHooks, open_database, run_once
 
 log = logging.getLogger(__name__)
 

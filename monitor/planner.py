@@ -13,8 +13,7 @@ from typing import Any, Sequence
 
 from monitor.clock import from_ms, to_ms
 from monitor.fills import Cycle, RowCycles, row_cycles, segment_cycles
-from monitor.models import (Account, AccountSnapshot, ExchangeDataError, ExchangePosition, Fill, PositionRow,
-                            dex_of)
+from monitor.models import Account, AccountSnapshot, ExchangePosition, Fill, PositionRow, dex_of
 
 # Action types. The first four change the table; close_order asks the exchange to close; the
 # others are reported so a person can see why nothing happened to a row.
@@ -26,9 +25,6 @@ SETTLE_CLOSE = "settle_close"
 TRACK_BEST = "track_best"
 MARK_MISSING = "mark_missing"  # the first run that finds a row's position gone without a closing fill
 WAIT = "wait"
-
-CLOSE_RULES = ("requested", "stop_loss", "take_profit", "trailing_stop", "max_hold")
-
 
 @dataclass(frozen=True)
 class PlanSettings:
@@ -189,7 +185,7 @@ def plan_account(
                 adopted.update(a.coin for a in actions if a.type == DISCOVER)
                 plan.actions.extend(actions)
                 continue
-        if own is not None and own.ended and not own.broken:
+        if cycles is not None and own is not None and own.ended and not own.broken:
             actions = _cycle_ended(address, row, cycles, position, now, row_truncated)
             adopted.update(a.coin for a in actions if a.type == DISCOVER)
             plan.actions.extend(actions)
@@ -250,9 +246,9 @@ def close_reason(row: PositionRow, own: Cycle, address: str) -> str:
     if own.liquidated:
         return "liquidation"
     if own.end_cloid is not None and own.end_cloid in _row_cloids(row, address):
-        return _rule_of(row)
+        return claimed_rule(row)
     if ended_by_own_order(row, own):
-        return _rule_of(row)
+        return claimed_rule(row)
     if own.flipped:
         return "flipped"
     return "external"
@@ -371,7 +367,8 @@ def _vanished(address: str, row: PositionRow, now: datetime, settings: PlanSetti
                        reason="not on the exchange yet, but opened moments ago (grace period)")]
     if fills is None and not fills_truncated:
         return [Action(WAIT, address, row.coin, position_id=row.id,
-                       reason=f"gone from the exchange; fills unreadable ({fills_error or 'not read'}), retry next run")]
+                       reason=(f"gone from the exchange; fills unreadable ({fills_error or 'not read'}),"
+                               " retry next run"))]
     # Gone, and no fill explains it (yet). Close without figures only after it has been seen missing
     # for the whole window, counted from the first run that saw it missing (not from the last
     # sighting: an outage or failed reads must not shorten the wait).
@@ -408,7 +405,8 @@ def _missing_since(row: PositionRow) -> datetime | None:
         return None
 
 
-def _rule_of(row: PositionRow) -> str:
+def claimed_rule(row: PositionRow) -> str:
+    """The rule a row's close order was claimed for ("requested" when none was recorded)."""
     return row.close_rule or "requested"
 
 
@@ -433,14 +431,15 @@ def _still_open(address: str, account: Account, row: PositionRow, position: Exch
         # Without fills a close and re-open cannot be told from a resize: keep the row as it is (the
         # difference stays, so the next run reads fills again) and send nothing for it.
         return [Action(WAIT, address, row.coin, position_id=row.id,
-                       reason=f"size or entry changed; fills unreadable ({fills_error or 'not read'}), verify next run")]
+                       reason=(f"size or entry changed; fills unreadable ({fills_error or 'not read'}),"
+                               " verify next run"))]
     # the cycle's figures so far, when they are all there (past the history its start is out of reach)
-    whole = own is not None and own.complete and (own.start_known or not truncated)
+    whole = own if own is not None and own.complete and (own.start_known or not truncated) else None
     if changed:
         actions.append(Action(UPDATE, address, row.coin, position_id=row.id, side=row.side, size=position.size,
                               previous_size=row.size, entry_price=position.entry_price,
-                              realized_pnl=own.realized_pnl if whole else None,
-                              fees=own.fees if whole else None))
+                              realized_pnl=whole.realized_pnl if whole is not None else None,
+                              fees=whole.fees if whole is not None else None))
     else:
         plan.seen_ids.append(row.id)
     mid = (mids or {}).get(row.coin)
@@ -450,7 +449,7 @@ def _still_open(address: str, account: Account, row: PositionRow, position: Exch
         rule = exit_rule(row, mid, now, account.max_hold_seconds)[0]
         then = rule if rule is not None and mid is not None and (not verify_rules or fills is not None) else None
         actions.append(Action(SETTLE_CLOSE, address, row.coin, position_id=row.id, side=row.side,
-                              size=position.size, reason=_rule_of(row), price=mid if then else None,
+                              size=position.size, reason=claimed_rule(row), price=mid if then else None,
                               metadata={"then": then} if then else {}))
         return actions
     rule, best = exit_rule(row, mid, now, account.max_hold_seconds)
@@ -474,7 +473,9 @@ def _still_open(address: str, account: Account, row: PositionRow, position: Exch
 
 def exit_rule(row: PositionRow, mid: Decimal | None, now: datetime,
               account_max_hold: int | None) -> tuple[str | None, Decimal | None]:
-    """Which exit rule fires for this row at this mid (first of CLOSE_RULES), and the trailing best price."""
+    """Which exit rule fires for this row at this mid, and the trailing best price.
+
+    The first that fires of: requested, stop_loss, take_profit, trailing_stop, max_hold."""
     long = row.side == "long"
     best = None
     if row.trailing_stop_pct is not None and mid is not None:

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
+from functools import partial
 from typing import Any
 
 from monitor import planner
@@ -27,6 +28,7 @@ from monitor.clock import Clock, to_ms
 from monitor.closing import CloseContext, CloseOutcome, Closer, close_bound_ms, followup_json
 from monitor.config import Settings
 from monitor.database import Database, Followup, connect, embedded_database_url
+from monitor.dexes import DexReads, plan_dex_reads, watched_dexes
 from monitor.errors import DatabaseError, DatabaseUnavailable, Fenced, UsageError, exit_code_for
 from monitor.exchange import (
     BudgetExhausted,
@@ -38,7 +40,6 @@ from monitor.exchange import (
     RequestCounter,
     WeightBudget,
 )
-from monitor.dexes import DexReads, plan_dex_reads, watched_dexes
 from monitor.exit_budget import CACHE_TTL, ExitReserve, exit_reserve, signer_address
 from monitor.lock import LocalRunLock, PostgresRunLock, RunLock, machine_identity, process_start_time
 from monitor.models import MAIN_DEX, Account, AccountSnapshot, PositionRow, dex_of
@@ -63,9 +64,9 @@ def run_once(settings: Settings, *, dry_run: bool = False, addresses: Sequence[s
     for run-wide faults (lock held, database down, a bug), after recording the run as what it is."""
     with setup(settings, dry_run=dry_run, clock=clock or Clock(), hooks=hooks or RunHooks(),
                exchange_factory=exchange_factory) as run:
-        inputs = load_inputs(run, addresses)  # accounts claimed, their rows, pending follow-ups
-        reads = read_accounts(run, inputs)  # mids, the exit reserve, positions and fills, a plan each
-        applied = apply_plans(run, reads)  # the plans' changes, in fenced transactions
+        inputs = run.inputs = load_inputs(run, addresses)  # accounts claimed, their rows, pending follow-ups
+        reads = run.reads = read_accounts(run, inputs)  # mids, the exit reserve, positions and fills, plans
+        applied = run.applied = apply_plans(run, reads)  # the plans' changes, in fenced transactions
         exits = work_exits(run, inputs, reads, applied)  # fired rules' orders, settles, orphan cancels
         mark_seen(run, reads)  # last_seen_at of the rows the snapshot confirmed
         run.report = build_report(run, inputs, reads, applied, exits)
@@ -98,6 +99,11 @@ class RunContext:
     stopped: str | None = None
     claimed: bool = False  # accounts were claimed (released when the run is recorded)
     report: RunReport | None = None
+    # What the phases returned so far: a run stopped by an exception is recorded with what it did.
+    inputs: Inputs | None = None
+    reads: Reads | None = None
+    applied: Applied | None = None
+    exits: CloseOutcome | None = None
 
     @property
     def run_id(self) -> str:
@@ -152,6 +158,7 @@ def setup(settings: Settings, *, dry_run: bool, clock: Clock, hooks: RunHooks,
         lock.acquire()
     run: RunContext | None = None
     crashed: int | None = None
+    yielded = False
     try:
         if hooks.on_locked is not None:
             hooks.on_locked()
@@ -165,17 +172,21 @@ def setup(settings: Settings, *, dry_run: bool, clock: Clock, hooks: RunHooks,
                                                               counter=counter, before_request=budget.take,
                                                               fills_cache=fills_cache)))
         db.start_run(run_id=lock.run_id, host=settings.host_id, pid=os.getpid(), epoch=epoch, dry_run=dry_run)
+        yielded = True
         yield run
     except Fenced as exc:  # taken over between phases: recorded as what it is (exit 75)
+        if not yielded:  # before the run began: there is no report to return, so it propagates
+            crashed = exit_code_for(exc)
+            raise
         if run is not None:
+            run.report = run.report or _partial_report(run)  # before stop(): its note is added once, below
             run.stop(exc.message)
-            run.report = run.report or _empty_report(run)
             run.report.fenced = True
             run.report.notes.append(exc.message)
     except BaseException as exc:
         crashed = exit_code_for(exc)  # recorded as the code the process exits with
         if run is not None:
-            run.report = run.report or _empty_report(run)
+            run.report = run.report or _partial_report(run)
             run.report.notes.append(f"run stopped: {getattr(exc, 'message', type(exc).__name__)}")
         raise
     finally:
@@ -192,6 +203,16 @@ def setup(settings: Settings, *, dry_run: bool, clock: Clock, hooks: RunHooks,
 
 def _empty_report(run: RunContext) -> RunReport:
     return RunReport(run_id=run.run_id, dry_run=run.dry_run, epoch=run.epoch)
+
+
+def _partial_report(run: RunContext) -> RunReport:
+    """The report of a run stopped by an exception: what its phases did before it (writes, orders sent)."""
+    try:
+        return build_report(run, run.inputs or Inputs(), run.reads or Reads(), run.applied or Applied(),
+                            run.exits or CloseOutcome())
+    except Exception:
+        log.exception("could not build the stopped run's report")  # never mask what stopped the run
+        return _empty_report(run)
 
 
 def record_history(run: RunContext, report: RunReport, crashed: int | None) -> None:
@@ -265,6 +286,7 @@ def make_lock(settings: Settings) -> RunLock:
 def _start_epoch(db: Database, lock: RunLock, settings: Settings) -> int:
     """The run's fencing epoch: the lease's (PostgreSQL backend), or advanced here (file lock)."""
     if isinstance(lock, PostgresRunLock):
+        assert lock.epoch is not None  # acquired
         db.run_id, db.epoch = lock.run_id, lock.epoch
         return lock.epoch
     start = process_start_time(os.getpid())
@@ -652,7 +674,7 @@ def apply_plans(run: RunContext, reads: Reads) -> Applied:
             break
         except DatabaseUnavailable:
             raise
-        except Exception as exc:  # noqa: BLE001 - one account's fault must not abort the others
+        except Exception as exc:
             log.exception("account %s: applying the plan failed", plan.account.address)
             applied.failures[plan.account.id] = f"database write failed: {type(exc).__name__}: {str(exc)[:120]}"
             continue
@@ -732,14 +754,18 @@ def work_exits(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied) 
         secret_key=run.settings.secret_key, dry_run=run.dry_run, slippage=run.settings.close_slippage,
         max_failures=run.settings.max_close_failures, seconds_left=run.seconds_left, mids=reads.mids,
         lock_lost=run.lock_lost, plan_settings=plan_settings(run.settings), perp_dexes=reads.dexes.known))
-    done = closer.done
+    done = run.exits = closer.done
     later: list[tuple[Account, list[Action], dict[str, int | None], dict[str, list[OpenOrder]] | None,
                       list[Followup]]] = []
     try:
         for result in reads.results:
             account, plan = result.account, result.plan
-            if plan is None or run.stopped or run.lock_lost():
+            if plan is None:
                 continue
+            if run.lock_lost():
+                run.stop(LOCK_LOST)
+            if run.stopped:
+                break
             # Orders left by a closed position: not for a coin that flipped (its new position's orders
             # stay), and only orders placed before the close (see Closer._cancel_orphans).
             reopened = {a.coin for a in plan.actions if a.type == planner.DISCOVER and "flipped_from" in a.metadata}
@@ -751,14 +777,16 @@ def work_exits(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied) 
                 closed_coins = {}  # no key: nothing could cancel orphaned orders, so do not read them
             pending = inputs.followups.get(account.id, [])  # retried every run until done or moot
             if fired:
-                _with_claim(closer, account, lambda a=account, f=fired: closer.send_orders(a, f))
+                _with_claim(closer, account, partial(closer.send_orders, account, fired))
             if fired or settles or closed_coins or pending:
                 later.append((account, settles, closed_coins, result.open_orders, pending))
         for account, settles, closed_coins, open_orders, pending in later:
-            if run.stopped or run.lock_lost():
+            if run.lock_lost():
+                run.stop(LOCK_LOST)
+            if run.stopped:
                 break
-            _with_claim(closer, account, lambda a=account, s=settles, c=closed_coins, o=open_orders, p=pending:
-                        closer.handle(a, s, c, open_orders=o, followups=p))
+            _with_claim(closer, account, partial(closer.handle, account, settles, closed_coins,
+                                                 open_orders=open_orders, followups=pending))
     except Fenced as exc:
         run.stop(exc.message)
     for result in reads.results:
@@ -805,6 +833,8 @@ def _keep_followup_alerts(run: RunContext, inputs: Inputs, done: CloseOutcome) -
 def mark_seen(run: RunContext, reads: Reads) -> None:
     """last_seen_at of the rows each snapshot confirmed unchanged, in one fenced statement."""
     seen_ids = [i for r in reads.results if r.plan is not None for i in r.plan.seen_ids]
+    if run.lock_lost():
+        run.stop(LOCK_LOST)
     if not seen_ids or run.dry_run or run.stopped:
         return
     try:
@@ -855,6 +885,7 @@ def build_report(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied
     if exits.exit_starved:
         first = next((n for n in exits.notes if "exit work starved" in n), None)
         report.alerts.append(exit_starved_alert(exits.exit_starved, first))
+    report.overrun = exits.postponed_at_deadline > 0  # an order left for the next run by the deadline
     if deferred:
         report.accounts_deferred += len(deferred)
         report.deferred_accounts.extend(deferred)

@@ -30,7 +30,8 @@ if hypothesis_settings is not None:
     # `make fuzz` explores new random examples (HYPOTHESIS_PROFILE=explore) and keeps any it fails on.
     hypothesis_settings.register_profile("default", derandomize=True, database=None)
     _examples = Path(__file__).resolve().parent.parent / ".hypothesis" / "examples"
-    hypothesis_settings.register_profile("explore", derandomize=False, database=DirectoryBasedExampleDatabase(_examples))
+    hypothesis_settings.register_profile("explore", derandomize=False,
+                                         database=DirectoryBasedExampleDatabase(_examples))
     hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 ROOT = Path(__file__).resolve().parent.parent

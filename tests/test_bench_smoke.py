@@ -20,7 +20,8 @@ def test_bench_script_smoke(pg_server_url, tmp_path):
     assert "== Targets" in result.stdout and "wall s (median)" in result.stdout, result.stdout[-2000:]
     figures = json.loads(out.read_text())
     by_name = {(s["accounts"], s["positions"], s["scenario"]): s for s in figures["scenarios"]}
-    assert {(2, 2, "cold start"), (3, 2, "steady"), (3, 2, "naive steady"), (3, 1, "steady"), (0, 0, "no-op")} <= set(by_name)
+    assert {(2, 2, "cold start"), (3, 2, "steady"), (3, 2, "naive steady"), (3, 1, "steady"),
+            (0, 0, "no-op")} <= set(by_name)
     assert by_name[(3, 2, "cold start")]["runs"][0]["cli_report"]["discovered"] == 6
     assert by_name[(3, 2, "steady")]["requests"] == 3  # one clearinghouseState per account, from the simulator log
     assert by_name[(3, 2, "naive steady")]["requests"] == 5  # + meta and spotMeta

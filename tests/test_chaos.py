@@ -112,7 +112,8 @@ def test_checker_catches_a_write_from_a_superseded_epoch_and_a_double_pnl(chaos_
         row_id = conn.execute("SELECT id FROM positions WHERE coin = 'SOL'").fetchone()[0]
         epoch = conn.execute("SELECT max(epoch) FROM position_events").fetchone()[0]
         conn.execute("UPDATE monitor_lease SET epoch = epoch + 1")
-        conn.execute("INSERT INTO position_events (position_id, run_id, epoch, event) VALUES (%s, 'new', %s, 'resized')",
+        conn.execute("INSERT INTO position_events (position_id, run_id, epoch, event)"
+                     " VALUES (%s, 'new', %s, 'resized')",
                      (row_id, epoch + 1))
         conn.execute("INSERT INTO position_events (position_id, run_id, epoch, event) VALUES (%s, 'old', %s, 'closed')",
                      (row_id, epoch))  # the superseded run writes after the new holder did

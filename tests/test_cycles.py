@@ -65,7 +65,8 @@ def test_a_close_and_reopen_between_runs_is_two_rows_and_the_old_rule_never_touc
     assert stop not in {o["oid"] for o in sim.orders(ALICE, open_only=True)}  # the old stop is cancelled
 
 
-def test_a_position_that_grew_while_its_close_order_was_in_flight_stays_open_with_the_rule_armed(keyed, sim, database_url):
+def test_a_position_that_grew_while_its_close_order_was_in_flight_stays_open_with_the_rule_armed(
+        keyed, sim, database_url):
     sim.open_position(ALICE, "SOL", "10", "20")
     assert cli(keyed, "accounts", "add", ALICE).returncode == 0
     run_json(keyed)

@@ -3,7 +3,7 @@ spend the budget, and the key's userRole and meta are cached in the database (re
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from decimal import Decimal
 
 import psycopg
@@ -60,7 +60,7 @@ def test_stop_losses_fire_and_are_sent_in_the_same_run_with_500_accounts_at_the_
     # account, one on each of three sub-accounts (each needs its own userRole: nothing is cached yet).
     quiet = filler(495)
     sim.load({"accounts": {a: {"positions": {"SOL": {"szi": "2", "entryPx": "100"}}} for a in quiet},
-              "agents": {agent.address.lower(): ALICE}, "subAccounts": {s: ALICE for s in SUBS}})
+              "agents": {agent.address.lower(): ALICE}, "subAccounts": dict.fromkeys(SUBS, ALICE)})
     firing = [(ALICE, "BTC"), (ALICE, "ETH")] + [(s, "BTC") for s in SUBS]
     for address, coin in firing:
         sim.open_position(address, coin, "1", "30000" if coin == "BTC" else "2000")

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import copy
-import json
 from collections import defaultdict
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -375,7 +373,7 @@ def test_dedupe_ignores_input_order(fills: list[Fill]) -> None:
     reference = per_coin_steps(dedupe_fills(fills))
     assert per_coin_steps(dedupe_fills(list(reversed(fills)))) == reference
     # Oldest-first by time but with each millisecond reversed (worst case for a "keep input order" sort).
-    flipped = sorted(reversed(fills), key=lambda f: f.time_ms)
+    flipped = sorted(reversed(fills), key=lambda f: f.time_ms)  # noqa: C414 - the reversal is the point (stable sort)
     assert per_coin_steps(dedupe_fills(flipped)) == reference
 
 
@@ -816,7 +814,8 @@ def test_cycles_split_at_flat_and_at_a_flip_fill_pro_rata() -> None:
     assert (second.side, second.start_ms, second.end_ms, second.flipped) == ("long", 3000, 4000, True)
     assert (second.exit_price, second.closed_size, second.realized_pnl) == (D("100"), D("1"), D("-20"))
     assert second.fees == D("0.1") + D("0.2")  # its own opening fee and a quarter of the flip fill's
-    assert (third.side, third.start_ms, third.opened_by_flip, third.ended, third.size) == ("short", 4000, True, False, D("2"))
+    assert (third.side, third.start_ms, third.opened_by_flip, third.ended, third.size) == (
+        "short", 4000, True, False, D("2"))
     assert third.fees == D("0.6") + D("0.2") and third.realized_pnl == D("10")
     assert all(c.complete and c.start_known for c in (first, second, third))
 

@@ -15,7 +15,6 @@ import time
 from decimal import Decimal
 
 import psycopg
-import pytest
 
 from tests.conftest import ALICE, ROOT, cli, run_json
 

@@ -693,7 +693,8 @@ def test_interpret_order_response_any_body_is_an_outcome(body: Any, requested: A
 
 
 @pytest.mark.parametrize("body", [
-    pytest.param({"status": "ok", "response": {"type": "order", "data": {"statuses": {"0": "x"}}}}, id="statuses-object"),
+    pytest.param({"status": "ok", "response": {"type": "order", "data": {"statuses": {"0": "x"}}}},
+                 id="statuses-object"),
     pytest.param({"status": "ok", "response": {"type": "order", "data": {"statuses": 5}}}, id="statuses-number"),
     pytest.param({"status": "ok", "response": {"type": "order", "data": {"statuses": [{"filled": 5}]}}},
                  id="filled-number"),
@@ -710,7 +711,8 @@ def test_interpret_order_response_valid_answers() -> None:
         return {"status": "ok", "response": {"type": "order", "data": {"statuses": [status]}}}
 
     one = Decimal("1")
-    assert interpret_order_response(ok({"filled": {"totalSz": "1.0", "avgPx": "30000", "oid": 1}}), one).kind == "filled"
+    filled = ok({"filled": {"totalSz": "1.0", "avgPx": "30000", "oid": 1}})
+    assert interpret_order_response(filled, one).kind == "filled"
     partial = interpret_order_response(ok({"filled": {"totalSz": "0.4", "avgPx": "30000", "oid": 1}}), one)
     assert partial.kind == "partial" and partial.filled_size == Decimal("0.4")
     assert interpret_order_response(ok({"filled": {"totalSz": 1.0, "avgPx": "1"}}), one).kind == "unknown"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -45,7 +45,8 @@ def wait_for_holder(database_url, pid, timeout=30.0):
 def snapshot(database_url):
     with psycopg.connect(database_url) as conn:
         positions = conn.execute("SELECT * FROM positions ORDER BY id").fetchall()
-        events = conn.execute("SELECT id, position_id, run_id, epoch, event FROM position_events ORDER BY id").fetchall()
+        events = conn.execute(
+            "SELECT id, position_id, run_id, epoch, event FROM position_events ORDER BY id").fetchall()
     return positions, events
 
 
@@ -73,7 +74,7 @@ def test_fifty_simultaneous_starters_exactly_one_runs(env, sim, database_url):
     codes = [code for code, _, _ in results]
     assert codes.count(0) == 1 and codes.count(75) == 49, codes
     winner = procs[codes.index(0)]
-    for code, out, err in results:
+    for code, _out, err in results:
         if code == 75:
             line, = err.strip().splitlines()
             # every loser names the winner, even one that looked while the stamp was being written
@@ -369,7 +370,7 @@ def _random_contention(env, sim, database_url, rounds, seed):
     assert cli(env, "accounts", "add", ALICE).returncode == 0
     env = dict(env, MONITOR_LOCK_STALE_AFTER="2", MONITOR_HTTP_TIMEOUT="2")
     sim.set_latency(150)
-    sizes = {coin: 1 for coin in coins}
+    sizes = dict.fromkeys(coins, 1)
     tally: dict[str, int] = {}
     for _ in range(rounds):
         coin = rng.choice(coins)
@@ -408,9 +409,8 @@ def test_the_database_refuses_a_superseded_epoch(database_url):
             account, _ = old.add_account("0x" + "c3" * 20, None)
         second = new.advance_epoch(run_id="new", host="h", pid=2, start=None, stale_after=60)
         assert second == first + 1
-        with pytest.raises(Fenced):
-            with old.fenced(first):
-                old.add_account("0x" + "d4" * 20, None)
+        with pytest.raises(Fenced), old.fenced(first):
+            old.add_account("0x" + "d4" * 20, None)
         assert [a.address for a in new.list_accounts()] == [account.address]
     finally:
         old.close()
@@ -436,9 +436,8 @@ def test_a_new_holder_waits_for_the_old_holders_transaction_then_fences_it(datab
             old.add_account("0x" + "e5" * 20, None)  # this write commits within the old epoch
         thread.join(timeout=10)
         assert advanced.is_set()
-        with pytest.raises(Fenced):
-            with old.fenced(first):
-                pass
+        with pytest.raises(Fenced), old.fenced(first):
+            pass
     finally:
         old.close()
         new.close()

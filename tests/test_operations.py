@@ -24,14 +24,14 @@ class Recorder:
         recorder = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
                 recorder.requests.append((self.path, body))
                 self.send_response(200)
                 self.end_headers()
                 self.wfile.write(b"OK")
 
-            do_GET = do_POST  # noqa: N815
+            do_GET = do_POST
 
             def log_message(self, *args: object) -> None:
                 pass

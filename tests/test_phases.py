@@ -135,8 +135,8 @@ def test_exit_phase_sends_a_fired_stop_and_the_report_counts_it(settings: Any, w
 
 
 def test_build_report_names_accounts_held_by_another_run(run: Any, watched: list[Any], db: Any) -> None:
-    from monitor.runner import Applied, Inputs, Reads, build_report
     from monitor.closing import CloseOutcome
+    from monitor.runner import Applied, Inputs, Reads, build_report
 
     holder = {"run_id": "other", "lease": "run", "epoch": 7}
     inputs = Inputs(held={watched[0].id: (watched[0], holder)})
@@ -152,9 +152,9 @@ def test_a_crash_is_recorded_with_the_code_the_process_exits_with(settings: Any,
     from monitor.errors import EXIT_SOFTWARE
     from monitor.runner import RunHooks, setup
 
-    with pytest.raises(ZeroDivisionError):
-        with setup(settings, dry_run=False, clock=Clock(), hooks=RunHooks(), exchange_factory=None):
-            1 / 0  # noqa: B018 - a bug inside a phase
+    with pytest.raises(ZeroDivisionError), setup(settings, dry_run=False, clock=Clock(), hooks=RunHooks(),
+                                                   exchange_factory=None):
+        1 / 0  # noqa: B018 - a bug inside a phase
     assert db.recent_runs(1)[0]["exit_code"] == EXIT_SOFTWARE
 
 
@@ -174,3 +174,23 @@ def test_a_crash_exits_70_with_one_line_after_its_traceback(env: dict[str, str],
     assert result.exit_code == 70, result.output
     assert result.output.rstrip().splitlines()[-1] == "position-monitor: internal error: ZeroDivisionError: boom"
     assert "Traceback" in result.output
+
+
+def test_an_order_left_by_the_deadline_marks_the_run_overran(watched: list[Any], sim: Any, db: Any,
+                                                              keyed: dict[str, str]) -> None:
+    """A fired rule whose order the run had no time left to send is work left for the next run: the
+    report says the run overran (alert run_overran), not only a note (chaos 500, seed 20263264)."""
+    from monitor.config import load_settings
+    from monitor.runner import run_once
+
+    with_key = load_settings(environ=keyed)
+    sim.open_position(ALICE, "BTC", "1", "30000")
+    run_once(with_key)
+    row = db.list_positions()[0]
+    with db.conn.transaction():
+        db.conn.execute("UPDATE positions SET stop_loss_price = %s WHERE id = %s", (Decimal("31000"), row["id"]))
+    short = load_settings(environ=dict(keyed, MONITOR_LOCK_STALE_AFTER="2"))  # a 1.6 s deadline: no time to send
+    report = run_once(short)
+    assert report.close_orders_sent == 0 and any("deadline" in n for n in report.notes)
+    assert report.overrun and report.to_json()["overrun"] is True
+    assert run_once(with_key).close_orders_sent == 1  # and the next run sends it

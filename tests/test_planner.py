@@ -256,7 +256,8 @@ def test_a_user_flip_then_close_is_labelled_flipped():
     plan = plan_account(ACCOUNT, snapshot(), [row()], NOW, SETTINGS, fills=fills)
     close, = plan.actions
     assert close.type == "close" and close.reason == "flipped" and close.realized_pnl == D("-10")
-    assert close.exit_price == D("90") and close.fees == D("0.13333333333333333333333333333")  # the flip fill: its closing third
+    # the flip fill: its closing third
+    assert close.exit_price == D("90") and close.fees == D("0.13333333333333333333333333333")
 
 
 def test_an_interim_reduction_then_increase_updates_the_interim_pnl():

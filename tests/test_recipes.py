@@ -337,7 +337,7 @@ def test_env_example_names_every_variable_the_monitor_reads() -> None:
     active, examples = env_example()
     named = set(active) | set(examples)
     assert set(ENVIRONMENT_VARIABLES) <= named, set(ENVIRONMENT_VARIABLES) - named
-    assert DOCUMENTED <= named, DOCUMENTED - named
+    assert named >= DOCUMENTED, DOCUMENTED - named
     text = ENV_EXAMPLE.read_text().splitlines()
     for index, line in enumerate(text):  # each setting has a comment just above it
         if _ASSIGNMENT.match(line):

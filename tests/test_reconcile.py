@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -180,7 +179,8 @@ def test_young_rows_are_not_closed_within_the_grace_period(env, sim, db):
     add(env, ALICE)
     account_id = db.list_accounts()[0].id
     with db.conn.transaction():
-        db.conn.execute("INSERT INTO positions (account_id, coin, side, size, entry_price) VALUES (%s, 'DOGE', 'long', 100, 0.1)",
+        db.conn.execute("INSERT INTO positions (account_id, coin, side, size, entry_price)"
+                        " VALUES (%s, 'DOGE', 'long', 100, 0.1)",
                         (account_id,))
     env = dict(env, MONITOR_CLOSE_GRACE="60")
     report = run_json(env)
@@ -282,8 +282,9 @@ def test_database_unreachable_is_exit_69(env):
 
 
 def test_schema_behind_is_exit_78_and_db_migrate_fixes_it(env, pg_server_url):
-    from tests.conftest import with_database
     import uuid
+
+    from tests.conftest import with_database
 
     name = f"pm_empty_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(pg_server_url, autocommit=True) as admin:

@@ -15,7 +15,7 @@ ACCOUNT = Account(id=1, address=ADDRESS, label=None, active=True)
 
 def mk(sz, px, start, at, n, pnl):
     return Fill(coin="BTC", price=D(px), size=D(sz), side="A", time_ms=to_ms(at), start_position=D(start),
-                direction="Close Long", closed_pnl=D(pnl), fee=D("0.1"), hash="0x" + "%064x" % n, oid=n, tid=n)
+                direction="Close Long", closed_pnl=D(pnl), fee=D("0.1"), hash=f"0x{n:064x}", oid=n, tid=n)
 
 
 def test_a_cycle_with_a_missing_fill_is_not_closed_with_wrong_figures():

@@ -1,12 +1,10 @@
 """meta is cached (1 h) by a close; a coin listed after that is traded, its position closes externally and
 leaves a stop order: the follow-up's cancel builds the Trader without the coin (no meta refresh) and
 name_to_asset raises KeyError, which nothing catches: the whole run crashes (later accounts unapplied)."""
-from decimal import Decimal
 
 import psycopg
 
 from tests.conftest import ALICE, cli, run_json
-
 
 
 def test_followup_cancel_for_a_coin_listed_after_meta_was_cached(keyed, sim, database_url):

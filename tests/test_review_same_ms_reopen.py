@@ -6,13 +6,13 @@ import psycopg
 from tests.conftest import ALICE, cli, run_json
 
 
-
 def test_new_positions_stop_placed_in_the_closing_block_survives(keyed, sim, database_url):
     sim.open_position(ALICE, "ETH", "1", "2000")
     assert cli(keyed, "accounts", "add", ALICE).returncode == 0
     run_json(keyed)
     sim.advance_time(5000)
     import time as _time
+
     import hlsim.state as simmod
     frozen = _time.time()
     real = simmod.time.time
@@ -23,7 +23,7 @@ def test_new_positions_stop_placed_in_the_closing_block_survives(keyed, sim, dat
         new_stop = sim.add_trigger_order(ALICE, "ETH", "A", "2", "2000", "sl")
     finally:
         simmod.time.time = real
-    times = {f["time"] for f in sim.fills(ALICE) if f["coin"] == "ETH"} 
+    times = {f["time"] for f in sim.fills(ALICE) if f["coin"] == "ETH"}
     placed = [o for o in sim.orders(ALICE) if o["oid"] == new_stop]
     print("fill times", times, "stop", placed)
     sim.advance_time(2000)

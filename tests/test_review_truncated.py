@@ -3,6 +3,8 @@ The planner takes the new cycle for the row's own and the old row's rule sends a
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal as D
 
+import pytest
+
 from monitor import planner
 from monitor.clock import to_ms
 from monitor.models import Account, AccountSnapshot, ExchangePosition, Fill, PositionRow
@@ -16,36 +18,30 @@ S = PlanSettings()
 
 def mk(coin, side, sz, px, start, at, n, direction):
     return Fill(coin=coin, price=D(px), size=D(sz), side=side, time_ms=to_ms(at), start_position=D(start),
-                direction=direction, closed_pnl=D(0), fee=D("0.1"), hash="0x" + "%064x" % n, oid=n, tid=n)
+                direction=direction, closed_pnl=D(0), fee=D("0.1"), hash=f"0x{n:064x}", oid=n, tid=n)
 
 
-def test_rule_never_fires_on_a_cycle_that_opened_after_the_row():
+@pytest.mark.parametrize("rule, position, mid, other_coins", [
+    # the same position as the row's (size 1 at 100), re-opened an hour ago, among other coins' fills
+    pytest.param({"take_profit_price": D(110)}, ("1", "100"), 111, True, id="take_profit-same-size"),
+    # the new cycle's size and entry differ from the row's too
+    pytest.param({"stop_loss_price": D(95)}, ("2", "96"), 94, False, id="stop_loss-entry-changed"),
+])
+def test_rule_never_fires_on_a_new_cycle_that_opened_after_the_row(rule, position, mid, other_coins):
+    size, entry = position
     opened = NOW - timedelta(days=10)
     row = PositionRow(id=7, account_id=1, coin="BTC", side="long", size=D(1), entry_price=D(100), status="open",
-                      opened_at=opened, source="platform", take_profit_price=D(110))
-    snap = AccountSnapshot(address=ADDRESS, positions={"BTC": ExchangePosition("BTC", "long", D(1), D(100))})
-    mids = {"BTC": D(111)}
+                      opened_at=opened, source="platform", **rule)
+    snap = AccountSnapshot(address=ADDRESS, positions={"BTC": ExchangePosition("BTC", "long", D(size), D(entry))})
+    mids = {"BTC": D(mid)}
     since = needs_fills(snap, [row], [], NOW, S, mids=mids)
-    assert since is not None  # the rule fires: fills are read to verify
+    assert since is not None  # the rule fires (or the position changed): fills are read to verify
     # The most recent part of the window (the row's own close is older than the 10,000 kept fills):
-    # BTC re-opened from zero an hour ago (a NEW position), plus other coins' fills.
-    recent = [mk("BTC", "B", "1", "100", "0", NOW - timedelta(hours=1), 1, "Open Long")]
-    recent += [mk("SOL", "B" if i % 2 == 0 else "A", "1", "20", "1" if i % 2 == 0 else "2",
-                  NOW - timedelta(minutes=50) + timedelta(seconds=i), 100 + i, "x") for i in range(20)]
-    plan = plan_account(ACCOUNT, snap, [row], NOW, S, fills=recent, fills_error="truncated", fills_truncated=True,
-                        mids=mids, fills_from_ms=since)
-    kinds = [a.type for a in plan.actions]
-    assert planner.CLOSE_ORDER not in kinds, plan.actions
-
-
-def test_rule_never_fires_on_a_new_cycle_when_entry_changed_either():
-    opened = NOW - timedelta(days=10)
-    row = PositionRow(id=7, account_id=1, coin="BTC", side="long", size=D(1), entry_price=D(100), status="open",
-                      opened_at=opened, source="platform", stop_loss_price=D(95))
-    snap = AccountSnapshot(address=ADDRESS, positions={"BTC": ExchangePosition("BTC", "long", D(2), D(96))})
-    mids = {"BTC": D(94)}
-    since = needs_fills(snap, [row], [], NOW, S, mids=mids)
-    recent = [mk("BTC", "B", "2", "96", "0", NOW - timedelta(hours=1), 1, "Open Long")]
+    # BTC re-opened from zero an hour ago (a NEW position), plus (in one case) other coins' fills.
+    recent = [mk("BTC", "B", size, entry, "0", NOW - timedelta(hours=1), 1, "Open Long")]
+    if other_coins:
+        recent += [mk("SOL", "B" if i % 2 == 0 else "A", "1", "20", "1" if i % 2 == 0 else "2",
+                      NOW - timedelta(minutes=50) + timedelta(seconds=i), 100 + i, "x") for i in range(20)]
     plan = plan_account(ACCOUNT, snap, [row], NOW, S, fills=recent, fills_error="truncated", fills_truncated=True,
                         mids=mids, fills_from_ms=since)
     kinds = [a.type for a in plan.actions]

@@ -1,13 +1,10 @@
 """Found in review: the row's own close is beyond the 10,000-fill history and a new same-side position opened
 since: the old row's take profit closed the NEW position on the exchange. Now the row is closed (no figures
 to be had), the new position adopted, and nothing is sent."""
-from decimal import Decimal
 
 import psycopg
-import pytest
 
 from tests.conftest import ALICE, cli, run_json
-
 
 
 def test_old_rule_closes_new_position_past_history(keyed, sim, database_url):

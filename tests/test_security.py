@@ -375,7 +375,7 @@ def test_a_full_run_works_as_a_role_with_only_the_documented_grants(env, sim, ap
 
 
 def test_a_role_without_delete_can_run(env, sim, app_role, database_url):
-    role, role_url = app_role
+    _, role_url = app_role
     sim.open_position(ALICE, "BTC", "1", "30000")
     env = dict(env, MONITOR_DATABASE_URL=role_url)
     add(env, ALICE)

@@ -15,12 +15,6 @@ from pathlib import Path
 import eth_account
 import pytest
 import requests
-from hyperliquid.exchange import Exchange
-from hyperliquid.info import Info
-from hyperliquid.utils.error import ClientError, ServerError
-from hyperliquid.utils.signing import get_timestamp_ms, sign_l1_action
-from hyperliquid.utils.types import Cloid
-
 from hlsim import (
     DESERIALIZE_ERROR,
     Simulator,
@@ -30,6 +24,11 @@ from hlsim import (
     fixtures,
     fmt,
 )
+from hyperliquid.exchange import Exchange
+from hyperliquid.info import Info
+from hyperliquid.utils.error import ClientError, ServerError
+from hyperliquid.utils.signing import get_timestamp_ms, sign_l1_action
+from hyperliquid.utils.types import Cloid
 
 ROOT = Path(__file__).resolve().parent.parent
 SPOT_META = {"universe": [], "tokens": []}
@@ -466,7 +465,8 @@ def test_weights_logged(sim):
     master = eth_account.Account.create()
     sim.add_account(master.address)
     ex = make_exchange(sim, master)
-    ex.bulk_orders([{"coin": "DOGE", "is_buy": True, "sz": 10.0, "limit_px": 0.05, "order_type": {"limit": {"tif": "Gtc"}},
+    ex.bulk_orders([{"coin": "DOGE", "is_buy": True, "sz": 10.0, "limit_px": 0.05,
+                     "order_type": {"limit": {"tif": "Gtc"}},
                      "reduce_only": False}] * 41)
     entry = sim.requests_log(path="exchange")[-1]
     assert entry["weight"] == 2 and entry["user"] == master.address.lower() and entry["type"] == "order"
