@@ -9,6 +9,9 @@ Rules kept here:
 - a run claims its accounts in ``account_claims`` before reading them, and each per-account write
   also holds that account's claim row ``FOR SHARE`` (``require_claim``), so no two runs of any lock
   (plain, any ``--shard``) touch one account at once.
+- the driver stays in this module: every psycopg error escaping a public method (statements, transactions
+  and their commit) is translated: a lost or unreachable connection to ``DatabaseUnavailable`` (exit 69), a
+  table or column of a later migration to ``SchemaBehind`` (78), anything else to ``DatabaseError`` (70).
 """
 
 from __future__ import annotations
@@ -28,7 +31,15 @@ from typing import Any, Iterable, Iterator, Sequence
 import psycopg
 from psycopg.types.json import Jsonb
 
-from monitor.errors import ClaimLost, ConfigError, DatabaseUnavailable, Fenced, SchemaBehind
+from monitor.errors import (
+    ClaimLost,
+    ConfigError,
+    DatabaseError,
+    DatabaseUnavailable,
+    Fenced,
+    MonitorError,
+    SchemaBehind,
+)
 from monitor.models import Account, PositionRow
 
 log = logging.getLogger(__name__)
@@ -115,10 +126,23 @@ def _redact(text: str) -> str:
     return re.sub(r"(password=)\S+", r"\1***", re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", text))
 
 
+def _translated(exc: BaseException) -> MonitorError:
+    """The project's error for a driver error (see the module docstring)."""
+    if isinstance(exc, (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn)):
+        # A table or column of a later migration: the schema is behind this version (exit 78).
+        return SchemaBehind("database schema is behind this version; run `position-monitor db migrate`")
+    text = str(exc).strip()
+    if isinstance(exc, psycopg.OperationalError):
+        detail = text.splitlines()[0] if text else "connection lost"
+        return DatabaseUnavailable(f"database unavailable: {_redact(detail)}")
+    return DatabaseError(type(exc).__name__, _redact(text) or type(exc).__name__)
+
+
 class OperationsMixin:
     """Run history, account read health and alert state (monitor_runs, account_health, monitor_alerts)."""
 
     _execute: Any
+    _transaction: Any
     conn: Any
     lease_name: str
 
@@ -193,7 +217,7 @@ class OperationsMixin:
         lease's epoch (its own release is allowed: alerts are decided after the run let go), so a
         superseded run cannot overwrite the alert state of the run that replaced it.
         """
-        with self.conn.transaction():
+        with self._transaction():
             self._execute("SELECT pg_advisory_xact_lock(%s)", (_ALERTS_LOCK_KEY,))
             if epoch is not None:
                 row = self._execute("SELECT epoch FROM monitor_lease WHERE name = %s FOR SHARE",
@@ -210,7 +234,7 @@ class OperationsMixin:
 
     def save_alerts(self, states: Sequence[Any], keep_keys: Sequence[str]) -> None:
         """Upsert alert states; conditions no longer tracked are marked idle (no DELETE grant needed)."""
-        with self.conn.transaction():
+        with self._transaction():
             for st in states:
                 self._execute(
                     "INSERT INTO monitor_alerts (key, kind, streak, active, message, first_seen_at, last_seen_at,"
@@ -288,19 +312,26 @@ class Database(OperationsMixin, ExchangeCacheMixin):
         self.statements += 1
         try:
             return self.conn.execute(query, params)
-        except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn):
-            # A table or column of a later migration: the schema is behind this version (exit 78).
-            raise SchemaBehind("database schema is behind this version; run `position-monitor db migrate`") from None
-        except psycopg.OperationalError as exc:
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "connection lost"
-            raise DatabaseUnavailable(f"database unavailable: {_redact(detail)}") from None
+        except psycopg.Error as exc:
+            error = _translated(exc)
+            raise error from (exc if isinstance(error, DatabaseError) else None)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """``conn.transaction()`` with the driver's errors translated, those of COMMIT and ROLLBACK included."""
+        try:
+            with self.conn.transaction():
+                yield
+        except psycopg.Error as exc:
+            error = _translated(exc)
+            raise error from (exc if isinstance(error, DatabaseError) else None)
 
     # ---- migrations -------------------------------------------------------------------------
 
     def migrate(self) -> list[str]:
         """Apply every pending migration in one transaction; safe when several processes migrate at once."""
         applied: list[str] = []
-        with self.conn.transaction():
+        with self._transaction():
             self._execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
             self._execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -553,21 +584,17 @@ class Database(OperationsMixin, ExchangeCacheMixin):
         A lease released under its holder (``lock clear``) fences it at once; a run releases its own
         lease only after its last fenced write (``Run.execute``).
         """
-        try:
-            with self.conn.transaction():
-                row = self._execute(
-                    "SELECT epoch, released_at IS NOT NULL FROM monitor_lease WHERE name = %s FOR SHARE",
-                    (self.lease_name,),
-                ).fetchone()
-                if row is None or row[0] != epoch:
-                    current = None if row is None else row[0]
-                    raise Fenced(f"lock was taken over (this run has epoch {epoch}, the lease is at {current})")
-                if row[1]:
-                    raise Fenced(f"lock was released under this run (epoch {epoch}; `lock clear`?)")
-                yield
-        except psycopg.OperationalError as exc:
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else "connection lost"
-            raise DatabaseUnavailable(f"database unavailable: {_redact(detail)}") from None
+        with self._transaction():  # its commit's errors translated too
+            row = self._execute(
+                "SELECT epoch, released_at IS NOT NULL FROM monitor_lease WHERE name = %s FOR SHARE",
+                (self.lease_name,),
+            ).fetchone()
+            if row is None or row[0] != epoch:
+                current = None if row is None else row[0]
+                raise Fenced(f"lock was taken over (this run has epoch {epoch}, the lease is at {current})")
+            if row[1]:
+                raise Fenced(f"lock was released under this run (epoch {epoch}; `lock clear`?)")
+            yield
 
     # ---- per-account claims (README, "Locking": no two runs touch one account) ------------------
 
@@ -621,6 +648,26 @@ class Database(OperationsMixin, ExchangeCacheMixin):
             raise ClaimLost(f"claim on account {account_id} was taken over (now held by {holder});"
                             " stopping without writing more")
 
+    def require_claims(self, account_ids: Sequence[int], epoch: int) -> None:
+        """``require_claim`` for many accounts in one statement: their claim rows held FOR SHARE (locked in
+        account order, as ``claim_accounts`` and ``touch_seen`` lock them), each checked to be this run's.
+        Raises ClaimLost naming the first account whose claim is not."""
+        ids = sorted(set(account_ids))
+        if not ids:
+            return
+        cur = self._execute(
+            "SELECT account_id, run_id, epoch, released_at IS NOT NULL, lease_name FROM account_claims"
+            " WHERE account_id = ANY(%s) ORDER BY account_id FOR SHARE",
+            (ids,),
+        )
+        found = {row[0]: row[1:] for row in cur}
+        for account_id in ids:
+            row = found.get(account_id)
+            if row is None or row[0] != self.run_id or row[1] != epoch or row[2]:
+                holder = "nobody" if row is None else f"run {row[0]} ({row[3]}, epoch {row[1]})"
+                raise ClaimLost(f"claim on account {account_id} was taken over (now held by {holder});"
+                                " stopping without writing more")
+
     def release_claims(self) -> int:
         """Release every claim this run still holds (an UPDATE; claims are never deleted)."""
         if self.run_id is None:
@@ -672,13 +719,6 @@ class Database(OperationsMixin, ExchangeCacheMixin):
             return None
         self._event(row[0], "discovered", None, "open", "discovered", {"side": side, "size": size, "entry": entry_price})
         return row[0]
-
-    def open_row_for(self, account_id: int, coin: str) -> PositionRow | None:
-        row = self._execute(
-            f"SELECT {_POSITION_COLUMNS} FROM positions WHERE account_id = %s AND coin = %s AND closed_at IS NULL",
-            (account_id, coin),
-        ).fetchone()
-        return None if row is None else _row_to_position(row)
 
     def update_position(
         self,
@@ -766,6 +806,126 @@ class Database(OperationsMixin, ExchangeCacheMixin):
         )
         return cur.rowcount == 1
 
+    # ---- batched position writes (the apply phase; call inside fenced) ---------------------------
+    #
+    # One statement per kind of change for many rows (of many accounts), each with the same guard as its
+    # single-row counterpart above, and each writing its audit events in the same statement (a
+    # data-modifying CTE over the rows it changed). What a statement returns is what this writer changed;
+    # the rest was changed first by another writer (a conflict, not an error). A batch may not name one row
+    # (or one open (account, coin)) twice: the caller splits such changes into successive batches.
+
+    def insert_discovered_many(self, rows: Sequence[NewPosition], now: datetime) -> dict[tuple[int, str], int]:
+        """``insert_discovered`` for many rows: (account_id, coin) -> new id for the rows inserted; a key
+        missing from the answer lost the race to another open row for (account, coin)."""
+        if not rows:
+            return {}
+        _require_unique([(r.account_id, r.coin) for r in rows], "open row")
+        # The rows as one JSON document (json_to_recordset): a cold start sends thousands at once, and one
+        # json.dumps costs far less than eight arrays adapted element by element. Numbers travel as text.
+        document = json.dumps([
+            {"account_id": r.account_id, "coin": r.coin, "side": r.side, "size": _num(r.size),
+             "entry_price": _num(r.entry_price), "opened_at": _jsonable(r.opened_at), "ord": index,
+             "metadata": _jsonable(r.metadata or {}),
+             "details": _jsonable({"side": r.side, "size": r.size, "entry": r.entry_price})}
+            for index, r in enumerate(rows)])
+        cur = self._execute(
+            "WITH v AS (SELECT * FROM json_to_recordset(%(rows)s::json) AS v(account_id bigint, coin text, side text,"
+            "  size numeric, entry_price numeric, opened_at timestamptz, metadata jsonb, details jsonb, ord integer)),"
+            " ins AS (INSERT INTO positions (account_id, coin, side, size, entry_price, status, opened_at, source,"
+            "  last_seen_at, metadata)"
+            "  SELECT account_id, coin, side, size, entry_price, 'open', opened_at, 'discovered', %(now)s,"
+            "   metadata FROM v ORDER BY ord"
+            "  ON CONFLICT (account_id, coin) WHERE closed_at IS NULL DO NOTHING RETURNING id, account_id, coin),"
+            " ev AS (INSERT INTO position_events (position_id, run_id, epoch, event, from_status, to_status, reason,"
+            "  details)"
+            "  SELECT ins.id, %(run)s, %(epoch)s, 'discovered', NULL, 'open', 'discovered', v.details"
+            "  FROM ins JOIN v ON v.account_id = ins.account_id AND v.coin = ins.coin ORDER BY ins.id)"
+            " SELECT account_id, coin, id FROM ins",
+            {"rows": document, "now": now, "run": self.run_id, "epoch": self.epoch},
+        )
+        return {(account_id, coin): new_id for account_id, coin, new_id in cur}
+
+    def update_positions(self, rows: Sequence[Resize], now: datetime) -> set[int]:
+        """``update_position`` for many rows; returns the ids this writer updated (those still open)."""
+        if not rows:
+            return set()
+        _require_unique([r.position_id for r in rows], "position")
+        cur = self._execute(
+            "WITH v AS (SELECT * FROM unnest(%(i)s::bigint[], %(z)s::numeric[], %(e)s::numeric[], %(p)s::numeric[],"
+            "  %(f)s::numeric[], %(d)s::text[]) AS v(id, size, entry_price, realized_pnl, fees, details)),"
+            " upd AS (UPDATE positions p SET size = v.size, entry_price = v.entry_price, last_seen_at = %(now)s,"
+            "  realized_pnl = COALESCE(v.realized_pnl, p.realized_pnl), fees = COALESCE(v.fees, p.fees),"
+            "  metadata = p.metadata - 'missing_since'"
+            "  FROM v WHERE p.id = v.id AND p.closed_at IS NULL RETURNING p.id),"
+            " ev AS (INSERT INTO position_events (position_id, run_id, epoch, event, from_status, to_status, reason,"
+            "  details)"
+            "  SELECT upd.id, %(run)s, %(epoch)s, 'resized', NULL, NULL, 'exchange', v.details::jsonb"
+            "  FROM upd JOIN v ON v.id = upd.id ORDER BY upd.id)"
+            " SELECT id FROM upd",
+            {"i": [r.position_id for r in rows], "z": [_num(r.size) for r in rows],
+             "e": [_num(r.entry_price) for r in rows], "p": [_num(r.realized_pnl) for r in rows],
+             "f": [_num(r.fees) for r in rows],
+             "d": [dumps({"from_size": r.previous_size, "to_size": r.size, "entry": r.entry_price,
+                          "realized_pnl": r.realized_pnl, "fees": r.fees}) for r in rows],
+             "now": now, "run": self.run_id, "epoch": self.epoch},
+        )
+        return {row[0] for row in cur}
+
+    def close_positions(self, rows: Sequence[Close]) -> set[int]:
+        """``close_position`` for many rows, each exactly once; returns the ids this writer closed."""
+        if not rows:
+            return set()
+        _require_unique([r.position_id for r in rows], "position")
+        # The status a row is closed from: the statement's snapshot of it (what close_position returns).
+        cur = self._execute(
+            "WITH v AS (SELECT * FROM unnest(%(i)s::bigint[], %(t)s::timestamptz[], %(r)s::text[], %(x)s::numeric[],"
+            "  %(p)s::numeric[], %(f)s::numeric[], %(m)s::text[], %(d)s::text[])"
+            "  AS v(id, closed_at, reason, exit_price, realized_pnl, fees, metadata, details)),"
+            " c AS (UPDATE positions p SET status = 'closed', closed_at = v.closed_at, close_reason = v.reason,"
+            "  exit_price = v.exit_price, realized_pnl = v.realized_pnl, fees = v.fees, close_error = NULL,"
+            "  metadata = p.metadata || v.metadata::jsonb"
+            "  FROM v WHERE p.id = v.id AND p.closed_at IS NULL"
+            "  RETURNING p.id, (SELECT o.status FROM positions o WHERE o.id = p.id) AS from_status),"
+            " ev AS (INSERT INTO position_events (position_id, run_id, epoch, event, from_status, to_status, reason,"
+            "  details)"
+            "  SELECT c.id, %(run)s, %(epoch)s, 'closed', c.from_status, 'closed', v.reason, v.details::jsonb"
+            "  FROM c JOIN v ON v.id = c.id ORDER BY c.id)"
+            " SELECT id FROM c",
+            {"i": [r.position_id for r in rows], "t": [r.closed_at for r in rows], "r": [r.reason for r in rows],
+             "x": [_num(r.exit_price) for r in rows], "p": [_num(r.realized_pnl) for r in rows],
+             "f": [_num(r.fees) for r in rows], "m": [dumps(r.metadata or {}) for r in rows],
+             "d": [dumps({"exit_price": r.exit_price, "realized_pnl": r.realized_pnl, "fees": r.fees,
+                          **(r.metadata or {})}) for r in rows],
+             "run": self.run_id, "epoch": self.epoch},
+        )
+        return {row[0] for row in cur}
+
+    def set_best_prices(self, prices: Sequence[tuple[int, Decimal]]) -> set[int]:
+        """``set_best_price`` for many rows: (id, best price); returns the ids whose best price moved."""
+        if not prices:
+            return set()
+        _require_unique([position_id for position_id, _ in prices], "position")
+        cur = self._execute(
+            "UPDATE positions p SET best_price = v.price"
+            " FROM unnest(%s::bigint[], %s::numeric[]) AS v(id, price)"
+            " WHERE p.id = v.id AND p.closed_at IS NULL AND p.best_price IS DISTINCT FROM v.price RETURNING p.id",
+            ([position_id for position_id, _ in prices], [_num(price) for _, price in prices]),
+        )
+        return {row[0] for row in cur}
+
+    def merge_metadata_many(self, patches: Sequence[tuple[int, dict[str, Any]]]) -> set[int]:
+        """``merge_metadata`` for many rows: (id, patch); returns the ids patched (those still open)."""
+        if not patches:
+            return set()
+        _require_unique([position_id for position_id, _ in patches], "position")
+        cur = self._execute(
+            "UPDATE positions p SET metadata = p.metadata || v.patch::jsonb"
+            " FROM unnest(%s::bigint[], %s::text[]) AS v(id, patch)"
+            " WHERE p.id = v.id AND p.closed_at IS NULL RETURNING p.id",
+            ([position_id for position_id, _ in patches], [dumps(patch) for _, patch in patches]),
+        )
+        return {row[0] for row in cur}
+
     # ---- closing on the exchange (exit rules) -------------------------------------------------
 
     def claim_close(self, position_id: int, *, cloid: str, rule: str, now: datetime, attempts: int,
@@ -833,9 +993,6 @@ class Database(OperationsMixin, ExchangeCacheMixin):
             return "already_requested"
         return row[0]
 
-    def record_close_event(self, position_id: int, event: str, reason: str | None, details: dict[str, Any]) -> None:
-        self._event(position_id, event, None, None, reason, details)
-
     # ---- follow-ups (durable work a close leaves to do; writes inside fenced) ---------------------
 
     def record_followup(self, *, account_id: int, coin: str, kind: str, not_after_ms: int,
@@ -859,6 +1016,35 @@ class Database(OperationsMixin, ExchangeCacheMixin):
             self._event(position_id, "followup_recorded", None, None, kind,
                         {"followup_id": row[0], "coin": coin, "not_after_ms": not_after_ms})
         return row[0]
+
+    def record_followups(self, items: Sequence[NewFollowup]) -> dict[tuple[int, str, str], int]:
+        """``record_followup`` for many (account, coin, kind) keys, each at most once, in one statement (with
+        the ``followup_recorded`` events); returns each key's follow-up id."""
+        if not items:
+            return {}
+        _require_unique([(f.account_id, f.coin, f.kind) for f in items], "follow-up")
+        cur = self._execute(
+            "WITH v AS (SELECT * FROM unnest(%(a)s::bigint[], %(c)s::text[], %(k)s::text[], %(n)s::bigint[],"
+            "  %(p)s::bigint[]) WITH ORDINALITY AS v(account_id, coin, kind, not_after_ms, position_id, ord)),"
+            " fu AS (INSERT INTO followups AS f (account_id, coin, kind, not_after_ms, position_id, run_id)"
+            "  SELECT account_id, coin, kind, not_after_ms, position_id, %(run)s FROM v ORDER BY ord"
+            "  ON CONFLICT (account_id, coin, kind) WHERE status = 'pending' DO UPDATE SET"
+            "   not_after_ms = GREATEST(f.not_after_ms, EXCLUDED.not_after_ms),"
+            "   position_id = COALESCE(EXCLUDED.position_id, f.position_id), updated_at = now(),"
+            "   run_id = EXCLUDED.run_id"
+            "  RETURNING f.id, f.account_id, f.coin, f.kind),"
+            " ev AS (INSERT INTO position_events (position_id, run_id, epoch, event, from_status, to_status, reason,"
+            "  details)"
+            "  SELECT v.position_id, %(run)s, %(epoch)s, 'followup_recorded', NULL, NULL, v.kind,"
+            "   jsonb_build_object('followup_id', fu.id, 'coin', v.coin, 'not_after_ms', v.not_after_ms)"
+            "  FROM fu JOIN v ON v.account_id = fu.account_id AND v.coin = fu.coin AND v.kind = fu.kind"
+            "  WHERE v.position_id IS NOT NULL ORDER BY v.ord)"
+            " SELECT account_id, coin, kind, id FROM fu",
+            {"a": [f.account_id for f in items], "c": [f.coin for f in items], "k": [f.kind for f in items],
+             "n": [f.not_after_ms for f in items], "p": [f.position_id for f in items],
+             "run": self.run_id, "epoch": self.epoch},
+        )
+        return {(account_id, coin, kind): followup_id for account_id, coin, kind, followup_id in cur}
 
     def pending_followups(self, account_ids: Sequence[int]) -> dict[int, list[Followup]]:
         """Pending follow-ups of these accounts, by account (one query; none in the steady state)."""
@@ -913,6 +1099,69 @@ class Database(OperationsMixin, ExchangeCacheMixin):
         )
         names = [c.name for c in cur.description]
         return [dict(zip(names, row)) for row in cur]
+
+
+@dataclass(frozen=True)
+class NewPosition:
+    """An open row to insert (``insert_discovered_many``)."""
+
+    account_id: int
+    coin: str
+    side: str
+    size: Decimal
+    entry_price: Decimal | None
+    opened_at: datetime
+    metadata: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Resize:
+    """A new size (and entry, realized PnL, fees) for an open row (``update_positions``)."""
+
+    position_id: int
+    size: Decimal
+    entry_price: Decimal | None
+    realized_pnl: Decimal | None
+    fees: Decimal | None
+    previous_size: Decimal | None
+
+
+@dataclass(frozen=True)
+class Close:
+    """A close of an open row (``close_positions``)."""
+
+    position_id: int
+    closed_at: datetime
+    reason: str | None
+    exit_price: Decimal | None
+    realized_pnl: Decimal | None
+    fees: Decimal | None
+    metadata: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class NewFollowup:
+    """A follow-up to record or widen (``record_followups``)."""
+
+    account_id: int
+    coin: str
+    kind: str
+    not_after_ms: int
+    position_id: int | None
+
+
+def _num(value: Any) -> str | None:
+    """A number for a ``numeric[]`` parameter, as exact text (a Decimal's own digits; never a float)."""
+    if value is None:
+        return None
+    if isinstance(value, float):
+        raise TypeError("money and sizes are Decimal, not float")
+    return str(value)
+
+
+def _require_unique(keys: Sequence[Any], what: str) -> None:
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"a batch names one {what} twice; split it into successive batches")
 
 
 _FOLLOWUP_COLUMNS = "id, account_id, coin, kind, not_after_ms, position_id, status, attempts, last_error"

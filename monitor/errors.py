@@ -38,13 +38,25 @@ class SchemaBehind(ConfigError):
 
 
 class DatabaseUnavailable(MonitorError):
+    """The database cannot be reached, or the connection was lost (an operational error)."""
+
     exit_code = EXIT_DB_UNAVAILABLE
 
 
 class DatabaseError(MonitorError):
-    """The database refused a statement (not a lost connection: that is DatabaseUnavailable)."""
+    """Any other error the database reported (a constraint violation, a bad statement, ...).
+
+    Raised by ``Database`` in place of the driver's own exceptions, so no other module needs the driver.
+    Its exit code is the one a run stopped by an unexpected exception records (70, EX_SOFTWARE).
+    """
 
     exit_code = EXIT_SOFTWARE
+
+    def __init__(self, kind: str, detail: str) -> None:
+        first = detail.strip().splitlines()[0] if detail.strip() else kind
+        super().__init__(f"database error: {kind}: {first}")
+        self.kind = kind  # the server's error class, e.g. "CheckViolation"
+        self.detail = detail  # the server's whole message (DETAIL lines included)
 
 
 class LockHeld(MonitorError):

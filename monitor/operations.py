@@ -10,8 +10,6 @@ import time
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Sequence
 
-import psycopg
-
 from monitor.config import Settings
 from monitor.errors import EXIT_LOCK_HELD, Fenced, LockHeld, MonitorError
 from monitor.notify import AlertState, Pinger, RunMetrics, alert_text, decide_alerts, send_webhook, write_metrics_file
@@ -114,10 +112,8 @@ def _alerts(settings: Settings, observed: dict[str, tuple[str, str]], only: Sequ
                 send_webhook(settings.alert_webhook, text)
     except Fenced as exc:
         log.warning("alerts not recorded: %s; the run that took it decides them", exc.message)
-    except MonitorError as exc:
+    except MonitorError as exc:  # DatabaseError and DatabaseUnavailable included
         log.warning("alerts not recorded: %s", exc.message)
-    except psycopg.Error as exc:
-        log.warning("alerts not recorded: %s", str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
     finally:
         db.close()
 
@@ -137,10 +133,8 @@ def _metrics(settings: Settings, report: RunReport | None, started: float, *, lo
                 open_by_account = db.open_counts_by_address()
         finally:
             db.close()
-    except MonitorError as exc:
+    except MonitorError as exc:  # DatabaseError and DatabaseUnavailable included
         log.warning("metrics without database figures: %s", exc.message)
-    except psycopg.Error as exc:
-        log.warning("metrics without database figures: %s", type(exc).__name__)
     counters = {}
     if report is not None:
         counters = {"discovered": report.discovered, "updated": report.updated, "closed": report.closed,

@@ -6,7 +6,8 @@ step applies the actions (or, under --dry-run, only prints them).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from copy import deepcopy
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Sequence
@@ -54,9 +55,12 @@ class Action:
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for key, value in asdict(self).items():
+        for key in _ACTION_FIELDS:  # what asdict() gave, without its cost (a cold start reports thousands)
+            value = getattr(self, key)
             if value is None or value == {}:
                 continue
+            if isinstance(value, (dict, list)):
+                value = deepcopy(value)
             if isinstance(value, Decimal):
                 value = str(value)
             elif isinstance(value, datetime):
@@ -90,12 +94,14 @@ class Action:
         return f"wait {who}{row}: {self.reason}"
 
 
+_ACTION_FIELDS = tuple(f.name for f in fields(Action))
+
+
 @dataclass
 class AccountPlan:
     account: Account
     actions: list[Action] = field(default_factory=list)
     seen_ids: list[int] = field(default_factory=list)  # rows confirmed unchanged: only last_seen_at moves
-    now: datetime | None = None  # the moment the plan was made for: what its writes record
 
     @property
     def changes(self) -> list[Action]:
@@ -154,7 +160,7 @@ def plan_account(
     with ``fills_truncated`` they are the part of the window the exchange still keeps (the most recent).
     ``fills_from_ms`` is where the read began: a row whose window starts earlier is judged without fills
     (a part of its history would give it wrong figures); ``needs_fills`` covers every row that needs them."""
-    plan = AccountPlan(account, now=now)
+    plan = AccountPlan(account)
     address = account.address
     rows_by_coin = {row.coin: row for row in rows}
     adopted: set[str] = set()

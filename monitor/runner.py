@@ -23,9 +23,9 @@ from decimal import Decimal
 from functools import partial
 from typing import Any
 
-from monitor import planner
+from monitor import applying, planner
 from monitor.clock import Clock, to_ms
-from monitor.closing import CloseContext, CloseOutcome, Closer, close_bound_ms, followup_json
+from monitor.closing import CloseContext, CloseOutcome, Closer, followup_json
 from monitor.config import Settings
 from monitor.database import Database, Followup, connect, embedded_database_url
 from monitor.dexes import DexReads, plan_dex_reads, watched_dexes
@@ -648,97 +648,41 @@ class Applied:
 
 
 def apply_plans(run: RunContext, reads: Reads) -> Applied:
-    """Every plan's changes, one fenced transaction per account (a dry run counts them and writes nothing).
-    One account's fault never aborts the others; a lost lock or fence stops the run writing."""
+    """Every plan's changes, batched (``monitor/applying.py``: a batch of accounts per fenced transaction,
+    a statement per kind of change); a dry run counts them and writes nothing. One account's fault never
+    aborts the others; a lost lock or fence stops the run writing."""
     applied = Applied()
-    for result in reads.results:
-        plan = result.plan
-        if plan is None:
-            continue
-        if run.lock_lost():
-            run.stop(LOCK_LOST)
-        if run.stopped:
-            break
-        if run.dry_run:
+    plans = [r.plan for r in reads.results if r.plan is not None]
+    if run.dry_run:
+        for plan in plans:
             for action in plan.actions:
                 if action.type in COUNTED:
                     applied.count(action.type)
             applied.closes[plan.account.id] = [a for a in plan.actions if a.type == planner.CLOSE]
-            continue
-        if not plan.changes:
-            continue  # nothing to write: no transaction at all
+        return applied
+    changing = [plan for plan in plans if plan.changes]  # nothing to write: no transaction at all
+    now = run.clock.now()
+    for start in range(0, len(changing), applying.BATCH_ACCOUNTS):
+        if run.lock_lost():
+            run.stop(LOCK_LOST)
+        if run.stopped:
+            break
         try:
-            done, conflicts = _apply_account(run, plan)
+            outcomes = applying.apply_plans(run.db, run.epoch, changing[start:start + applying.BATCH_ACCOUNTS],
+                                            now=now, record_followups=run.settings.secret_key is not None)
         except Fenced as exc:
             run.stop(exc.message)
             break
-        except DatabaseUnavailable:
-            raise
-        except Exception as exc:
-            log.exception("account %s: applying the plan failed", plan.account.address)
-            applied.failures[plan.account.id] = f"database write failed: {type(exc).__name__}: {str(exc)[:120]}"
-            continue
-        for action in done:
-            if action.type in COUNTED:
-                applied.count(action.type)
-        applied.count("conflicts", conflicts)
-        applied.closes[plan.account.id] = [a for a in done if a.type == planner.CLOSE]
+        for outcome in outcomes:
+            if outcome.failure is not None:
+                applied.failures[outcome.account.id] = outcome.failure
+                continue
+            for action in outcome.applied:
+                if action.type in COUNTED:
+                    applied.count(action.type)
+            applied.count("conflicts", outcome.conflicts)
+            applied.closes[outcome.account.id] = [a for a in outcome.applied if a.type == planner.CLOSE]
     return applied
-
-
-def _apply_account(run: RunContext, plan: AccountPlan) -> tuple[list[Action], int]:
-    """One account's plan in one fenced transaction: the actions applied, and how many another writer
-    had already made."""
-    db, now = run.db, plan.now or run.clock.now()  # the moment the plan was made for
-    applied: list[Action] = []
-    conflicts = 0
-    # A flip's new position began with the very fill that closed the old one: its orders (TP/SL placed
-    # with the flip order) cannot be told from the old position's by time, so a flip records nothing.
-    flipped = {a.metadata.get("flipped_from") for a in plan.actions if a.type == planner.DISCOVER}
-    reopened_at: dict[Any, set[int]] = {}
-    for a in plan.actions:
-        if a.type == planner.DISCOVER and a.opened_at is not None and "reopened_after" in a.metadata:
-            reopened_at.setdefault(a.metadata["reopened_after"], set()).add(to_ms(a.opened_at))
-    with db.fenced(run.epoch):
-        db.require_claim(plan.account.id, run.epoch)
-        for action in plan.actions:
-            if apply_action(db, plan.account, action, now):
-                applied.append(action)
-                if (action.type == planner.CLOSE and action.position_id not in flipped
-                        and run.settings.secret_key):
-                    # In the close's own transaction: a crash before the cancels cannot lose them.
-                    bound = close_bound_ms(action, now)
-                    if bound in reopened_at.get(action.position_id, ()):
-                        bound -= 1  # re-opened in the close's millisecond: its orders may share it
-                    db.record_followup(account_id=plan.account.id, coin=action.coin, kind="cancel_orphans",
-                                       position_id=action.position_id, not_after_ms=bound)
-            elif action.type in COUNTED:
-                conflicts += 1
-    return applied, conflicts
-
-
-def apply_action(db: Database, account: Account, action: Action, now: datetime) -> bool:
-    """Carry out one planned change. False when another writer got there first (not an error)."""
-    if action.type == planner.DISCOVER:
-        new_id = db.insert_discovered(account_id=account.id, coin=action.coin, side=action.side or "long",
-                                      size=action.size, entry_price=action.entry_price,
-                                      opened_at=action.opened_at or now, now=now, metadata=action.metadata)
-        if new_id is None:
-            log.info("%s %s: another writer inserted the open row first", account.address, action.coin)
-        return new_id is not None
-    if action.type == planner.UPDATE:
-        return db.update_position(action.position_id, size=action.size, entry_price=action.entry_price, now=now,
-                                  realized_pnl=action.realized_pnl, fees=action.fees,
-                                  previous_size=action.previous_size)
-    if action.type == planner.CLOSE:
-        return db.close_position(action.position_id, closed_at=action.closed_at or now, reason=action.reason,
-                                 exit_price=action.exit_price, realized_pnl=action.realized_pnl, fees=action.fees,
-                                 metadata=action.metadata)
-    if action.type == planner.TRACK_BEST:
-        return db.set_best_price(action.position_id, action.price)
-    if action.type == planner.MARK_MISSING:
-        return db.merge_metadata(action.position_id, {"missing_since": (action.closed_at or now).isoformat()})
-    return False
 
 
 # ---- exit work -----------------------------------------------------------------------------------

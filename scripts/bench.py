@@ -2,11 +2,15 @@
 """`make bench`: the real CLI against a real PostgreSQL and the loopback simulator, at N accounts x M positions.
 
 For each N it measures a cold start (everything discovered), the median of several steady-state runs
-(nothing changed), and a run after 10% of the positions changed on the exchange (half closed outside
-the monitor, a quarter shrunk, a quarter grown); also a no-op run (no accounts), a naive reference
+(nothing changed), and a run after 10% of the positions were resized on the exchange (half shrunk, half
+grown) and 5% closed outside the monitor (``--resized``, ``--closed``); also a no-op run (no accounts), a naive reference
 (the SDK's default ``Info`` construction, one clearinghouseState per account, one SELECT and one
 UPDATE per position, autocommit) and the same N with fewer positions per account, to show whether
-the SQL statement count depends on the number of positions.
+the SQL statement count depends on the number of positions. The targets include the batched writes' (issue 11
+item 4): a 500x10 cold start in <= 2.5 s and <= 200 SQL statements, the changed run in <= 2 SQL statements
+per account it changed (accounts whose discover/update/close it reports; the weight budget defers the rest
+to later runs), and the steady run within 1.25x its floor: ceil(N / MONITOR_READ_PARALLELISM) x latency,
+plus the start-up a run costs anyway (the no-op run's median wall).
 
 How each figure is taken:
 
@@ -41,6 +45,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -311,6 +316,14 @@ class Scenario:
         return self._median([r.pg_counter for r in self.runs])
 
     @property
+    def changed_accounts(self) -> float | None:
+        """Accounts with a discover, update or close in the run's report (the accounts it wrote for)."""
+        return self._median([None if r.report is None else
+                             len({a.get("account") for a in r.report.get("actions") or []
+                                  if a.get("type") in ("discover", "update", "close")})
+                             for r in self.runs])
+
+    @property
     def accounts_read(self) -> float | None:
         """Accounts the run got to (ok + failed), from the CLI's report; the naive reference reads them all."""
         if self.name.startswith("naive"):
@@ -494,22 +507,24 @@ class Bench:
             conn.execute("INSERT INTO accounts (address, label) SELECT a, 'bench' FROM unnest(%s::text[]) AS a",
                          (addresses,))
 
-    def change(self, held: list[tuple[str, str, int]], fraction: float) -> dict[str, int]:
-        """Change ``fraction`` of the positions: half closed outside the monitor, a quarter shrunk, a quarter grown."""
+    def change(self, held: list[tuple[str, str, int]], resized: float, closed: float) -> dict[str, int]:
+        """Resize ``resized`` of the positions (half shrunk, half grown) and close ``closed`` of them outside
+        the monitor."""
         rng = random.Random(6)
-        chosen = rng.sample(held, max(1, round(len(held) * fraction)))
+        n_closed = round(len(held) * closed)
+        n_resized = round(len(held) * resized)
+        chosen = rng.sample(held, max(1, n_closed + n_resized))
         mids = self.sim.mids()
-        closed = updated = 0
+        done_closed = updated = 0
         for index, (address, coin, szi) in enumerate(chosen):
-            kind = index % 4
-            if kind in (0, 1):
+            if index < n_closed:
                 self.sim.close_external(address, coin)
-                closed += 1
+                done_closed += 1
             else:
                 sign = 1 if szi > 0 else -1
-                self.sim.resize(address, coin, str(szi - sign if kind == 2 else szi + sign), mids[coin])
+                self.sim.resize(address, coin, str(szi - sign if index % 2 == 0 else szi + sign), mids[coin])
                 updated += 1
-        return {"closed": closed, "updated": updated, "discovered": 0}
+        return {"closed": done_closed, "updated": updated, "discovered": 0}
 
     # -- the whole benchmark ---------------------------------------------------------------------------
 
@@ -530,8 +545,8 @@ class Bench:
             if naive_runs:
                 out.append(self.scenario(accounts, positions, "naive steady", name, url, naive_runs, naive=True))
             if change:
-                expected = self.change(held, self.args.changed)
-                out.append(self.scenario(accounts, positions, f"{self.args.changed:.0%} changed", name, url, 1,
+                expected = self.change(held, self.args.resized, self.args.closed)
+                out.append(self.scenario(accounts, positions, changed_name(self.args), name, url, 1,
                                          expected=expected))
         finally:
             self.pg.drop_database(name)
@@ -623,6 +638,10 @@ def git_state() -> dict[str, Any]:
                                     if line.strip()]}
 
 
+def changed_name(args: argparse.Namespace) -> str:
+    return f"{args.resized:.0%} resized, {args.closed:.0%} closed"
+
+
 def find(scenarios: list[Scenario], accounts: int, positions: int, name: str) -> Scenario | None:
     for sc in scenarios:
         if sc.accounts == accounts and sc.positions == positions and sc.name == name:
@@ -645,6 +664,27 @@ def targets(args: argparse.Namespace, scenarios: list[Scenario], sizes: list[int
     if steady_ref and steady_ref.wall is not None:
         add("500x10 steady state <= 3 s wall", steady_ref.wall <= 3.0 if not note else None,
             f"{steady_ref.wall:.2f} s{note}")
+    noop = find(scenarios, 0, 0, "no-op")
+    if steady_ref and steady_ref.wall is not None and noop and noop.wall is not None:
+        parallelism = args.read_parallelism
+        floor = math.ceil(ref_n / parallelism) * args.latency_ms / 1000 + noop.wall
+        add("500x10 steady <= 1.25 x floor (ceil(N / parallelism) x latency + start-up)",
+            steady_ref.wall <= 1.25 * floor if not note else None,
+            f"{steady_ref.wall:.2f} s = {steady_ref.wall / floor:.2f} x floor {floor:.2f} s (ceil({ref_n}/{parallelism})"
+            f" x {args.latency_ms:g} ms + {noop.wall:.2f} s start-up, the no-op run){note}")
+    cold_ref = find(scenarios, ref_n, M, "cold start")
+    if cold_ref and cold_ref.wall is not None:
+        ok = cold_ref.wall <= 2.5 and cold_ref.sql is not None and cold_ref.sql <= 200
+        add("500x10 cold start <= 2.5 s wall and <= 200 SQL statements", ok if not note else None,
+            f"{cold_ref.wall:.2f} s, {fmt_num(cold_ref.sql)} SQL statements{note}")
+    changed_ref = find(scenarios, ref_n, M, changed_name(args))
+    if changed_ref and changed_ref.sql is not None and changed_ref.changed_accounts:
+        per = changed_ref.sql / changed_ref.changed_accounts
+        deferred = f"; {changed_ref.deferred:.0f} accounts deferred by the weight budget" if changed_ref.deferred else ""
+        add(f"500x10 after {changed_name(args)}: <= 2 SQL statements per changed account",
+            per <= 2 if not note else None,
+            f"{changed_ref.sql:.0f} SQL statements for {changed_ref.changed_accounts:.0f} accounts changed"
+            f" ({per:.2f}/account, {changed_ref.wall:.2f} s){deferred}{note}")
 
     detail, ok = [], True
     for n in sizes:
@@ -713,6 +753,19 @@ def targets(args: argparse.Namespace, scenarios: list[Scenario], sizes: list[int
         add(f"max API weight in any 60 s window <= {where} {default} (MONITOR_WEIGHT_BUDGET unset)",
             per_run <= default, f"max within one run {per_run}")
     return results
+
+
+def runner_read_parallelism() -> int:
+    """MONITOR_READ_PARALLELISM as the CLI runs will see it (passed through), else the source's default."""
+    value = os.environ.get("MONITOR_READ_PARALLELISM", "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    try:
+        from monitor.config import Settings
+
+        return int(getattr(Settings(), "read_parallelism", 16))
+    except Exception:  # noqa: BLE001
+        return 16
 
 
 def runner_default_budget() -> tuple[int, str]:
@@ -790,7 +843,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--naive-at", type=int, default=500, help="N for the naive reference (nearest measured N; default 500)")
     p.add_argument("--sql-check-positions", type=int, default=2,
                    help="also measure the naive-at N with this many positions per account (default 2)")
-    p.add_argument("--changed", type=float, default=0.10, help="fraction of positions changed (default 0.10)")
+    p.add_argument("--resized", type=float, default=0.10,
+                   help="fraction of positions resized before the changed run (default 0.10)")
+    p.add_argument("--closed", type=float, default=0.05,
+                   help="fraction of positions closed outside the monitor before the changed run (default 0.05)")
     p.add_argument("--weight-budget", type=int, default=None,
                    help="passed to the CLI as MONITOR_WEIGHT_BUDGET (default: that variable, if set)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before a child run is killed")
@@ -814,8 +870,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             args.weight_budget = int(os.environ["MONITOR_WEIGHT_BUDGET"])
         except ValueError:
             p.error("MONITOR_WEIGHT_BUDGET: expected a whole number")
-    if not 0 < args.changed < 1:
-        p.error("--changed: expected a fraction between 0 and 1")
+    if not (0 <= args.resized < 1 and 0 <= args.closed < 1 and 0 < args.resized + args.closed < 1):
+        p.error("--resized, --closed: expected fractions between 0 and 1 (together above 0, below 1)")
     return args
 
 
@@ -841,6 +897,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         source_note = use_source(args.rev, workdir)
         args.default_budget = runner_default_budget()  # now, while the measured source is on sys.path
+        args.read_parallelism = runner_read_parallelism()
         pg = Postgres(url)
         nagle = no_nagle(args.raw_simulator)
         from hlsim import start
@@ -909,7 +966,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_out:
         payload = {
             "settings": {"sizes": sizes, "positions": args.positions, "runs": args.runs, "latency_ms": args.latency_ms,
-                         "changed": args.changed, "naive_at": naive_n, "sql_check_positions": args.sql_check_positions,
+                         "resized": args.resized, "closed": args.closed, "naive_at": naive_n, "sql_check_positions": args.sql_check_positions,
                          "weight_budget": args.weight_budget, "cpus": os.cpu_count()},
             "methods": {"wall": "perf_counter around spawn..reap, median", "requests": "simulator request log",
                         "sql_cross_check": pg.sql_check_method if pg else None,

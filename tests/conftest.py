@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 import psycopg
 import pytest
+
 from hlsim import fixtures
 from pm_testkit import with_database
 

@@ -24,15 +24,6 @@ RULES: list[tuple[str, set[str]]] = [
     ("click", {"monitor/cli.py"}),
 ]
 
-# Imports that break a rule today and are being removed by a change in flight.
-KNOWN_EXCEPTIONS: set[tuple[str, str]] = {
-    # removed by the batched-writes change
-    ("monitor/runner.py", "psycopg"),
-    ("monitor/operations.py", "psycopg"),
-}
-
-# Leaving the package (it moves out with the test harness); it talks to the SDK as a fake exchange does.
-LEAVING = {"monitor/simulator.py"}
 
 
 def imported_names(source: str) -> list[tuple[int, str]]:
@@ -61,7 +52,7 @@ def violations(module: str, source: str) -> list[str]:
     found = []
     for line, package in imported_names(source):
         for pattern, allowed in RULES:
-            if matches(pattern, package) and module not in allowed and (module, package) not in KNOWN_EXCEPTIONS:
+            if matches(pattern, package) and module not in allowed:
                 found.append(f"{module}:{line}: imports {package} (only {', '.join(sorted(allowed))} may)")
     return found
 
@@ -76,7 +67,7 @@ def test_the_walk_sees_the_package() -> None:
     assert "monitor/migrations/__init__.py" in found  # subpackages too
 
 
-@pytest.mark.parametrize("module", [m for m in modules() if m not in LEAVING])
+@pytest.mark.parametrize("module", modules())
 def test_each_outside_system_is_imported_by_its_own_module_only(module: str) -> None:
     source = (PACKAGE.parent / module).read_text(encoding="utf-8")
     assert violations(module, source) == []

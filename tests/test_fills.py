@@ -8,10 +8,10 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from hlsim import fixtures
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hlsim import fixtures
 from monitor.fills import (
     CloseFigures,
     close_figures,

@@ -18,8 +18,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from hlsim.server import _HTTPServer
 
+from hlsim.server import _HTTPServer
 from tests.conftest import ROOT, cli, run_json
 
 

@@ -15,6 +15,12 @@ from pathlib import Path
 import eth_account
 import pytest
 import requests
+from hyperliquid.exchange import Exchange
+from hyperliquid.info import Info
+from hyperliquid.utils.error import ClientError, ServerError
+from hyperliquid.utils.signing import get_timestamp_ms, sign_l1_action
+from hyperliquid.utils.types import Cloid
+
 from hlsim import (
     DESERIALIZE_ERROR,
     Simulator,
@@ -24,11 +30,6 @@ from hlsim import (
     fixtures,
     fmt,
 )
-from hyperliquid.exchange import Exchange
-from hyperliquid.info import Info
-from hyperliquid.utils.error import ClientError, ServerError
-from hyperliquid.utils.signing import get_timestamp_ms, sign_l1_action
-from hyperliquid.utils.types import Cloid
 
 ROOT = Path(__file__).resolve().parent.parent
 SPOT_META = {"universe": [], "tokens": []}
