@@ -439,11 +439,12 @@ def read_accounts(run: RunContext, inputs: Inputs) -> Reads:
 
 PERP_DEXS_CACHE_KEY = "#perpDexs"  # exchange_meta row holding the perpDexs answer ('#' is in no dex name)
 PERP_DEXS_TTL = timedelta(minutes=10)  # a newly deployed dex is seen within this (2 weight a run on average)
+PERP_DEXS_RETRY = timedelta(minutes=5)  # a row naming a dex the list lacks asks again at most this often
 
 
 def _perp_dexes(run: RunContext, exchange: Exchange, inputs: Inputs, notes: list[str]) -> list[str]:
     """The perp dexes by perp_dex_index ("" first), from the database cache while fresh (and naming the dex of
-    every open row), else ``perpDexs`` (weight 20). Unknown (a failed read, nothing cached): only the first dex
+    every open row, or asked within ``PERP_DEXS_RETRY``), else ``perpDexs`` (weight 20). Unknown (a failed read, nothing cached): only the first dex
     is read this run, and rows on HIP-3 dexes are left as they are. ``MONITOR_PERP_DEXES=""`` asks nothing."""
     if run.settings.perp_dexes == ():
         return [MAIN_DEX]
@@ -454,6 +455,8 @@ def _perp_dexes(run: RunContext, exchange: Exchange, inputs: Inputs, notes: list
         wanted = row_dexes if run.settings.perp_dexes is None else row_dexes & set(run.settings.perp_dexes)
         if wanted <= set(names):
             return list(names)
+        if run.db.cached_meta(PERP_DEXS_CACHE_KEY, PERP_DEXS_RETRY) is not None:
+            return list(names)  # asked again lately: a dex that does not exist must not cost 20 every run
     try:
         names = exchange.read_perp_dexs()
     except (ReadFailed, BudgetExhausted) as exc:

@@ -176,6 +176,20 @@ def test_an_unknown_dex_list_reads_the_first_dex_only_and_leaves_hip3_rows_alone
     assert row(database_url, "xyz:TSLA")["status"] == "open"
 
 
+def test_a_row_on_a_dex_the_exchange_does_not_list_waits_and_costs_no_perp_dexs_every_run(env, sim, database_url):
+    sim.open_position(ALICE, "BTC", "1", "30000")
+    assert cli(env, "accounts", "add", ALICE).returncode == 0
+    insert_platform_row(database_url, ALICE, "nope:X", "long", "1", "10", opened_ago=timedelta(hours=1),
+                        metadata={"missing_since": (datetime.now(timezone.utc) - timedelta(minutes=20)).isoformat()})
+    sim.reset_log()
+    for _ in range(3):
+        report = run_json(env)
+        assert report["closed"] == 0
+        assert any(a["type"] == "wait" and a["coin"] == "nope:X" for a in report["actions"])
+    assert [r["type"] for r in sim.requests_log()].count("perpDexs") == 1
+    assert row(database_url, "nope:X")["status"] == "open"
+
+
 # ---- closing on a HIP-3 dex ------------------------------------------------------------------------
 
 
