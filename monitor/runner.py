@@ -444,8 +444,9 @@ PERP_DEXS_RETRY = timedelta(minutes=5)  # a row naming a dex the list lacks asks
 
 def _perp_dexes(run: RunContext, exchange: Exchange, inputs: Inputs, notes: list[str]) -> list[str]:
     """The perp dexes by perp_dex_index ("" first), from the database cache while fresh (and naming the dex of
-    every open row, or asked within ``PERP_DEXS_RETRY``), else ``perpDexs`` (weight 20). Unknown (a failed read, nothing cached): only the first dex
-    is read this run, and rows on HIP-3 dexes are left as they are. ``MONITOR_PERP_DEXES=""`` asks nothing."""
+    every open row, or asked within ``PERP_DEXS_RETRY``), else ``perpDexs`` (weight 20). Unknown (a failed read,
+    nothing cached): only the first dex is read this run, and rows on HIP-3 dexes are left as they are.
+    ``MONITOR_PERP_DEXES=""`` asks nothing."""
     if run.settings.perp_dexes == ():
         return [MAIN_DEX]
     cached = run.db.cached_meta(PERP_DEXS_CACHE_KEY, PERP_DEXS_TTL)
