@@ -1313,6 +1313,8 @@ class Round:
                                    f"placed on {address} ({order['status']})")
                 if order["status"] == "filled":
                     filled_by_row[owner[1]] += 1
+                    if ":" in order["coin"]:
+                        self.stats.outcomes["filled HIP-3 close orders (all runs, no cloid)"] += 1
                     filled_cloids.setdefault(owner[1], []).append(order["cloid"])
             if address not in self.controlled:
                 sent = [o["cloid"] for o in orders if o["cloid"] in owner_of]
@@ -1335,6 +1337,8 @@ class Round:
         for r in rows:
             if r[7] is not None:
                 self.stats.outcomes[f"closed: {r[8]}"] += 1
+                if ":" in r[2]:
+                    self.stats.outcomes[f"closed HIP-3 rows: {r[8]}"] += 1
 
         # (v) no write from a superseded epoch. Each lock name (one per --shard layout) has its own epochs:
         # when runs of several layouts ran, only the runs known to be of one lease are compared.
