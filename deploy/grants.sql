@@ -39,6 +39,7 @@ TO :"monitor_role";
 -- Per-account claims (migration 0006): claimed, checked and released by every run. A write holds its
 -- account's claim row FOR SHARE, which PostgreSQL allows only with UPDATE. Released, never deleted.
 GRANT SELECT, INSERT, UPDATE ON TABLE account_claims TO :"monitor_role";
+-- positions gained funding and net_pnl in migration 0009: columns are covered by the table grant above.
 -- The exchange cache (migration 0008): userRole answers and meta, with an expiry; dropped by UPDATE.
 GRANT SELECT, INSERT, UPDATE ON TABLE key_roles, exchange_meta TO :"monitor_role";
 

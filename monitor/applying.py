@@ -20,18 +20,20 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Sequence
 
 from monitor import planner
 from monitor.clock import to_ms
 from monitor.closing import close_bound_ms
 from monitor.database import Close, Database, NewFollowup, NewPosition, Resize
-from monitor.errors import DatabaseError, DatabaseUnavailable, Fenced
+from monitor.errors import DatabaseBusy, DatabaseError, DatabaseUnavailable, Fenced
 from monitor.models import Account
 from monitor.planner import AccountPlan, Action
 
 log = logging.getLogger(__name__)
 
+BUSY_RETRIES = 2  # accounts of a batch that may hit a lock wait one by one before the rest wait a run
 BATCH_ACCOUNTS = 100  # accounts per transaction (its statements do not grow with it, only their arrays)
 CANCEL_ORPHANS = "cancel_orphans"
 _ROW_CHANGES = (planner.DISCOVER, planner.UPDATE, planner.CLOSE, planner.TRACK_BEST, planner.MARK_MISSING)
@@ -62,6 +64,12 @@ def apply_plans(db: Database, epoch: int, plans: Sequence[AccountPlan], *, now: 
         try:
             results.extend(_apply_batch(db, epoch, batch, now, record_followups))
             continue
+        except DatabaseBusy as exc:  # a deadlock or lock timeout: the batch's many rows, retried one by one
+            if len(batch) == 1:
+                results.append(_failed(batch[0], exc))
+                continue
+            log.info("a batch of %d accounts lost to another writer (%s); applying them one by one", len(batch),
+                     exc.message)
         except (Fenced, DatabaseUnavailable):
             raise
         except Exception as exc:  # noqa: BLE001 - one account's fault must not abort the others
@@ -70,9 +78,17 @@ def apply_plans(db: Database, epoch: int, plans: Sequence[AccountPlan], *, now: 
                 continue
             log.info("a batch of %d accounts failed (%s); applying them one by one", len(batch),
                      type(exc).__name__)
+        busy = 0
         for plan in batch:
+            if busy >= BUSY_RETRIES:  # a writer holding many rows: the rest wait a run, not a lock wait each
+                results.append(AppliedAccount(plan.account, [], 0, "database write failed: DatabaseBusy: not"
+                                              " tried, other accounts' rows were held by another writer"))
+                continue
             try:
                 results.extend(_apply_batch(db, epoch, [plan], now, record_followups))
+            except DatabaseBusy as exc:  # this account's row is held by another writer: it waits a run
+                busy += 1
+                results.append(_failed(plan, exc))
             except (Fenced, DatabaseUnavailable):
                 raise
             except Exception as exc:  # noqa: BLE001 - one account's fault must not abort the others
@@ -143,9 +159,9 @@ def _apply_round(db: Database, plans: Sequence[AccountPlan], changes: list[_Pend
     # Closes first: a coin closed in this round is not re-opened in it (that is the next round).
     closes = by_type.get(planner.CLOSE, [])
     closed = db.close_positions([
-        Close(position_id=p.action.position_id, closed_at=p.action.closed_at or now, reason=p.action.reason,
+        Close(position_id=_row_id(p.action), closed_at=p.action.closed_at or now, reason=p.action.reason,
               exit_price=p.action.exit_price, realized_pnl=p.action.realized_pnl, fees=p.action.fees,
-              metadata=p.action.metadata) for p in closes])
+              metadata=p.action.metadata, funding=p.action.funding, net_pnl=p.action.net_pnl) for p in closes])
     for p in closes:
         p.done = p.action.position_id in closed
     if record_followups:
@@ -156,7 +172,7 @@ def _apply_round(db: Database, plans: Sequence[AccountPlan], changes: list[_Pend
     discovers = by_type.get(planner.DISCOVER, [])
     inserted = db.insert_discovered_many([
         NewPosition(account_id=plans[p.plan_index].account.id, coin=p.action.coin, side=p.action.side or "long",
-                    size=p.action.size, entry_price=p.action.entry_price, opened_at=p.action.opened_at or now,
+                    size=_size(p.action), entry_price=p.action.entry_price, opened_at=p.action.opened_at or now,
                     metadata=p.action.metadata) for p in discovers], now)
     for p in discovers:
         p.done = (plans[p.plan_index].account.id, p.action.coin) in inserted
@@ -166,22 +182,42 @@ def _apply_round(db: Database, plans: Sequence[AccountPlan], changes: list[_Pend
 
     updates = by_type.get(planner.UPDATE, [])
     updated = db.update_positions([
-        Resize(position_id=p.action.position_id, size=p.action.size, entry_price=p.action.entry_price,
+        Resize(position_id=_row_id(p.action), size=_size(p.action), entry_price=p.action.entry_price,
                realized_pnl=p.action.realized_pnl, fees=p.action.fees, previous_size=p.action.previous_size)
         for p in updates], now)
     for p in updates:
         p.done = p.action.position_id in updated
 
     bests = by_type.get(planner.TRACK_BEST, [])
-    moved = db.set_best_prices([(p.action.position_id, p.action.price) for p in bests])
+    moved = db.set_best_prices([(_row_id(p.action), _price(p.action)) for p in bests])
     for p in bests:
         p.done = p.action.position_id in moved
 
     missing = by_type.get(planner.MARK_MISSING, [])
-    marked = db.merge_metadata_many([(p.action.position_id, {"missing_since": (p.action.closed_at or now).isoformat()})
+    marked = db.merge_metadata_many([(_row_id(p.action), {"missing_since": (p.action.closed_at or now).isoformat()})
                                      for p in missing])
     for p in missing:
         p.done = p.action.position_id in marked
+
+
+def _row_id(action: Action) -> int:
+    """The row a change is to: every change but a discovery names one (a plan without it is a bug, and
+    fails its account alone)."""
+    if action.position_id is None:
+        raise ValueError(f"{action.type} {action.coin}: no position id")
+    return action.position_id
+
+
+def _size(action: Action) -> Decimal:
+    if action.size is None:
+        raise ValueError(f"{action.type} {action.coin}: no size")
+    return action.size
+
+
+def _price(action: Action) -> Decimal:
+    if action.price is None:
+        raise ValueError(f"{action.type} {action.coin}: no price")
+    return action.price
 
 
 def _followup(plan: AccountPlan, action: Action, now: datetime) -> NewFollowup | None:

@@ -286,13 +286,25 @@ def accounts() -> None:
 def accounts_add(ctx: click.Context, address: str, label: str | None) -> None:
     """Watch ADDRESS (0x + 40 hex digits; stored lowercase).
 
+    The exchange is asked who ADDRESS is first: an agent (API) wallet is refused (watch its master account),
+    a sub-account or vault is labelled as such.
+
     \b
     Examples:
       position-monitor accounts add 0x5e9ee1089755c3435139848e47e6635505d5a13a --label main
     """
+    from monitor.operations import account_role
+
     address = _address(address)
+    role = account_role(_settings(ctx), address)  # UsageError (exit 2) for an agent wallet
+    if role.warning:
+        click.echo(f"position-monitor: {role.warning}", err=True)
     db, _ = _ready_database(ctx)
     try:
+        if role.label and label:
+            label = f"{label} ({role.label})"
+        elif role.label and not db.account_exists(address):
+            label = role.label  # a re-added account keeps the label it has
         account, created = db.add_account(address, label)
     finally:
         db.close()
@@ -359,7 +371,7 @@ def positions() -> None:
 
 
 _POSITION_HEADERS = ("id", "address", "coin", "side", "size", "entry_price", "status", "exit_price",
-                     "realized_pnl", "fees", "close_reason", "source")
+                     "realized_pnl", "fees", "funding", "net_pnl", "close_reason", "source")
 
 
 @positions.command("list")

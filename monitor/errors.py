@@ -43,6 +43,12 @@ class DatabaseUnavailable(MonitorError):
     exit_code = EXIT_DB_UNAVAILABLE
 
 
+class DatabaseBusy(DatabaseUnavailable):
+    """The connection is fine, but the statement lost to another writer: a deadlock, a lock or statement
+    timeout, a serialization failure. Still exit 69 where it stops a run; the apply phase retries a batch
+    that hit it one account per transaction, and fails only the account that hits it there."""
+
+
 class DatabaseError(MonitorError):
     """Any other error the database reported (a constraint violation, a bad statement, ...).
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from monitor.models import (
     MAIN_DEX,
@@ -21,6 +21,7 @@ from monitor.models import (
     ExchangeDataError,
     ExchangePosition,
     Fill,
+    FundingPayment,
     dex_of,
     parse_coin,
     parse_decimal,
@@ -33,10 +34,13 @@ FILLS_HISTORY = 10_000  # the exchange keeps only the 10,000 most recent fills o
 FILLS_MAX_REQUESTS = 24  # requests one fills read may make (a full page costs 120 weight)
 FILLS_SPAN_AIM = 1200  # fills a span back from now aims at: well under a page, so few come back capped
 EMPTY_SPOT_META: dict[str, list[Any]] = {"universe": [], "tokens": []}
+FUNDING_PAGE_LIMIT = 500  # time-range info answers are capped at 500 elements (reference §2.12)
+FUNDING_MAX_REQUESTS = 10  # pages one funding read may make; more: the read fails (funding stays unknown)
 
 # Request weights (Hyperliquid docs, rate limits): what each read costs from the per-IP budget.
 WEIGHT = {"clearinghouseState": 2, "allMids": 2, "orderStatus": 2, "meta": 20, "frontendOpenOrders": 20,
-          "openOrders": 20, "userFillsByTime": 20, "userRole": 60, "exchange": 1, "perpDexs": 20}
+          "openOrders": 20, "userFillsByTime": 20, "userFunding": 20, "userRole": 60, "exchange": 1,
+          "perpDexs": 20}
 HIP3_ASSET_BASE = 100_000  # a HIP-3 asset id: 100000 + perp_dex_index * 10000 + index_in_meta (docs, asset-ids)
 HIP3_DEX_STRIDE = 10_000
 
@@ -46,11 +50,25 @@ AUTHORIZATION_ERRORS = ("user or api wallet", "must deposit before performing ac
                         "unauthorized", "not approved")
 # Rejections that a stale szDecimals (a cached ``meta``) would explain.
 META_ERRORS = ("invalid size", "invalid price", "divisible by tick size")
+# The 1,000-open-orders rule (reference §5.3, [DOC] rate-limits-and-user-limits): "When an order is placed with
+# at least 1000 other open orders by the same user, it will be rejected if it is reduce-only or a trigger order."
+# Its order status is ``tooManyOpenOrdersRejected`` ([TS], "Rejected due to exceeding the open order limit"); the
+# error text inside ``statuses[i].error`` is UNCONFIRMED, so these fragments of the known names are matched,
+# lowercase, anywhere in it (never "too many cumulative requests", the address-based limit of §5.2).
+OPEN_ORDER_LIMIT = 1000  # "at least 1000 other open orders": whatever the account's own (higher) cap is
+OPEN_ORDER_LIMIT_ERRORS = ("toomanyopenorders", "too many open orders", "open order limit", "open orders limit",
+                           "exceeding the open order", "exceeds the open order", "max open orders",
+                           "maximum open orders", "1000 open orders", "1000 other open orders")
 
 
 def is_authorization_error(text: str | None) -> bool:
     """Whether an /exchange refusal says the key may not act for the account (so a cached role is wrong)."""
     return text is not None and any(marker in text.lower() for marker in AUTHORIZATION_ERRORS)
+
+
+def is_open_order_limit_error(text: str | None) -> bool:
+    """Whether an order was refused because the account has 1,000 or more open orders (reference §5.3)."""
+    return text is not None and any(marker in text.lower() for marker in OPEN_ORDER_LIMIT_ERRORS)
 
 
 def is_meta_error(text: str | None) -> bool:
@@ -427,6 +445,38 @@ class Exchange:
         except ExchangeDataError as exc:
             raise ReadFailed("userFillsByTime", f"invalid answer ({exc})") from None
 
+    def read_funding(self, address: str, since_ms: int, until_ms: int) -> list[FundingPayment]:
+        """Every funding payment of the account with ``since_ms <= time <= until_ms``, deduplicated, oldest first.
+
+        ``userFunding`` (the SDK's ``user_funding_history`` request) is paged by time like fills: an answer
+        of ``FUNDING_PAGE_LIMIT`` items may have more after it, so the next page starts at its newest time
+        (inclusive: repeats are dropped by (time, coin, hash)). That a capped answer holds the window's
+        oldest items is the documented paging rule, not observed (UNCONFIRMED, reference §2.12). Any
+        failure, a page that cannot move on, or more than ``FUNDING_MAX_REQUESTS`` pages is ``ReadFailed``:
+        never a partial sum.
+        """
+        from monitor.fills import parse_funding
+
+        collected: dict[tuple[Any, ...], FundingPayment] = {}
+        start = since_ms
+        for _ in range(FUNDING_MAX_REQUESTS):
+            body = self._post("userFunding", {"type": "userFunding", "user": address, "startTime": start,
+                                              "endTime": until_ms}, WEIGHT["userFunding"])
+            try:
+                page = parse_funding(body)
+            except ExchangeDataError as exc:
+                raise ReadFailed("userFunding", f"invalid answer ({exc})") from None
+            for payment in page:
+                if since_ms <= payment.time_ms <= until_ms:
+                    collected.setdefault(payment.identity, payment)
+            if len(page) < FUNDING_PAGE_LIMIT:
+                return sorted(collected.values(), key=lambda p: (p.time_ms, p.coin, p.hash))
+            newest = max(p.time_ms for p in page)
+            if newest <= start:
+                raise ReadFailed("userFunding", "more payments in one millisecond than one page holds")
+            start = newest
+        raise ReadFailed("userFunding", f"more payments in the window than {FUNDING_MAX_REQUESTS} pages")
+
     def read_meta(self, dex: str = MAIN_DEX) -> dict[str, Any]:
         body = self._post("meta", {"type": "meta", "dex": dex}, WEIGHT["meta"])
         if not isinstance(body, dict) or not isinstance(body.get("universe"), list):
@@ -526,6 +576,8 @@ class OrderOutcome:
 
 @dataclass(frozen=True)
 class OpenOrder:
+    """One open order as frontendOpenOrders lists it (reference §2.6; recordings frontendOpenOrders*.json)."""
+
     coin: str
     oid: int
     reduce_only: bool
@@ -533,23 +585,31 @@ class OpenOrder:
     order_type: str | None
     cloid: str | None
     timestamp_ms: int | None = None
+    is_position_tpsl: bool = False  # a position-level TP/SL (grouping positionTpsl; its size follows the position)
+    parent_oid: int | None = None  # the order whose ``children`` list this one (a TP/SL waiting for its parent)
 
 
 def parse_open_orders(body: Any) -> list[OpenOrder]:
-    """frontendOpenOrders, flattened (children repeat top-level triggers) and deduplicated by oid."""
+    """frontendOpenOrders, flattened (children repeat top-level triggers) and deduplicated by oid.
+
+    ``reduceOnly`` is required (every recording and the documented schema carry it): without it nothing can
+    tell a stranded stop from a user's entry order, so such an answer is a failed read, not "no orders"."""
     if not isinstance(body, list):
         raise ExchangeDataError("frontendOpenOrders: expected a list")
     seen: dict[int, OpenOrder] = {}
-    stack = list(body)
+    parents: dict[int, int] = {}
+    stack: list[tuple[Any, int | None]] = [(item, None) for item in body]
     while stack:
-        item = stack.pop()
+        item, parent = stack.pop()
         if not isinstance(item, dict):
             raise ExchangeDataError("frontendOpenOrders: an order is not an object")
         oid = item.get("oid")
         if isinstance(oid, bool) or not isinstance(oid, int):
             raise ExchangeDataError("frontendOpenOrders: oid is not an integer")
+        if "reduceOnly" not in item:
+            raise ExchangeDataError("frontendOpenOrders: reduceOnly missing")
         flags = {}
-        for key in ("reduceOnly", "isTrigger"):
+        for key in ("reduceOnly", "isTrigger", "isPositionTpsl"):
             value = item.get(key, False)
             if not isinstance(value, bool):
                 raise ExchangeDataError(f"frontendOpenOrders: {key} is not a boolean")
@@ -567,9 +627,45 @@ def parse_open_orders(body: Any) -> list[OpenOrder]:
             raise ExchangeDataError("frontendOpenOrders: timestamp is not an integer")
         seen.setdefault(oid, OpenOrder(coin=parse_coin(item.get("coin")), oid=oid, reduce_only=flags["reduceOnly"],
                                        is_trigger=flags["isTrigger"], order_type=item.get("orderType"),
-                                       cloid=item.get("cloid"), timestamp_ms=placed))
-        stack.extend(children)
-    return sorted(seen.values(), key=lambda o: o.oid)
+                                       cloid=item.get("cloid"), timestamp_ms=placed,
+                                       is_position_tpsl=flags["isPositionTpsl"]))
+        if parent is not None and parent != oid:
+            parents.setdefault(oid, parent)
+        stack.extend((child, oid) for child in children)
+    return sorted((replace(o, parent_oid=parents.get(o.oid)) for o in seen.values()), key=lambda o: o.oid)
+
+
+def orphaned_orders(orders: Iterable[OpenOrder], coin: str, not_after_ms: int | None) -> list[OpenOrder]:
+    """The orders a gone position of ``coin`` left behind, which are cancelled: reduce-only orders (limit or
+    trigger, which includes every position TP/SL: reference §2.6, "TP/SL of a position: isTrigger=true,
+    reduceOnly=true") placed at or before ``not_after_ms`` (None: any time).
+
+    Never cancelled: an order that is not reduce-only (a user's resting entry, a stop-entry trigger that would
+    open a new position), even one flagged ``isPositionTpsl`` (the docs make those reduce-only; flags that
+    disagree are left alone); a TP/SL that is a child of an open order that is not reduce-only (it waits for
+    that entry to fill: it belongs to the position the entry will open, not to the one that is gone); an order
+    placed after the close."""
+    by_oid = {o.oid: o for o in orders}
+    kept: list[OpenOrder] = []
+    for order in by_oid.values():
+        if order.coin != coin or not order.reduce_only:
+            continue
+        if order.timestamp_ms is not None and not_after_ms is not None and order.timestamp_ms > not_after_ms:
+            continue
+        parent = by_oid.get(order.parent_oid) if order.parent_oid is not None else None
+        if parent is not None and not parent.reduce_only:
+            continue
+        kept.append(order)
+    return sorted(kept, key=lambda o: o.oid)
+
+
+def order_kind(order: OpenOrder) -> str:
+    """How an open order reads in an action's metadata: position TP/SL, reduce-only trigger, reduce-only limit..."""
+    if order.is_position_tpsl:
+        return "position_tpsl"
+    if order.is_trigger:
+        return "reduce_only_trigger" if order.reduce_only else "trigger"
+    return "reduce_only" if order.reduce_only else "limit"
 
 
 def hip3_asset_id(perp_dex_index: int, index_in_meta: int) -> int:
@@ -632,7 +728,7 @@ class Trader:
             return self.hip3[coin][1] if coin in self.hip3 else 0
         return self.sz_decimals.get(coin, 0)
 
-    def _send(self, action: dict[str, Any], expires_after_ms: int | None) -> Any:
+    def _send(self, action: dict[str, Any], expires_after_ms: int | None, weight: int = 1) -> Any:
         import requests
         from hyperliquid.utils.constants import MAINNET_API_URL
         from hyperliquid.utils.error import ClientError, ServerError
@@ -644,8 +740,8 @@ class Trader:
         payload = {"action": action, "nonce": nonce, "signature": signature,
                    "vaultAddress": self.sdk.vault_address, "expiresAfter": expires_after_ms}
         if self.reader.before_request is not None:
-            self.reader.before_request("exchange", 1)
-        self.reader.counter.add("exchange", 1)
+            self.reader.before_request("exchange", weight)
+        self.reader.counter.add("exchange", weight)
         try:
             return self.sdk.post("/exchange", payload)  # timeout: given to the SDK Exchange at construction
         except ClientError as exc:
@@ -706,6 +802,34 @@ class Trader:
                 return None  # already gone: the goal is met
             return printable(str(error)[:200])
         return None
+
+
+    def cancel_many(self, coin: str, oids: list[int], expires_after_ms: int) -> dict[int, str | None]:
+        """Cancel ``oids`` of ``coin`` in one action (weight 1 + n // 40, reference §5.1); per oid None on
+        success (or already gone), else the exchange's error text. Raises ReadFailed when the answer is unknown."""
+        try:
+            asset = self.asset(coin)
+        except KeyError:
+            return dict.fromkeys(oids, f"{coin} is not in the exchange's meta (asset id unknown)")
+        action = {"type": "cancel", "cancels": [{"a": asset, "o": oid} for oid in oids]}
+        body = self._send(action, expires_after_ms, weight=1 + len(oids) // 40)
+        if not isinstance(body, dict) or body.get("status") != "ok":
+            error = str(body.get("response") if isinstance(body, dict) else body)[:200]
+            return dict.fromkeys(oids, error)
+        response = body.get("response")
+        data = response.get("data") if isinstance(response, dict) else None
+        statuses = data.get("statuses") if isinstance(data, dict) else None
+        if not isinstance(statuses, list) or len(statuses) != len(oids):
+            return dict.fromkeys(oids, "unexpected cancel answer")
+        result: dict[int, str | None] = {}
+        for oid, status in zip(oids, statuses):
+            if status == "success":
+                result[oid] = None
+                continue
+            error = str(status.get("error")) if isinstance(status, dict) else str(status)
+            gone = "never placed, already canceled, or filled" in error
+            result[oid] = None if gone else printable(error[:200])
+        return result
 
 
 def interpret_order_response(body: Any, requested: Decimal) -> OrderOutcome:

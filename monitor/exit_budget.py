@@ -6,9 +6,10 @@ rule's order, and the reads that explain its close, never found weight. The run 
 
 * an open row whose rule fires at this run's mids (the same ``planner.exit_rule`` the plan uses): its
   account's read and the fills read that checks its cycle, one order, the fills read that explains its
-  close, an open-orders read and two cancels (its own TP/SL left on the book) = ``ROW_CLOSE_WEIGHT``;
+  close, the ``userFunding`` read for its funding, an open-orders read and two cancels (its own TP/SL left
+  on the book) = ``ROW_CLOSE_WEIGHT``;
 * a row in ``closing``: its account's read, ``orderStatus`` for its cloid, then the same
-  fills/open-orders/cancels = ``ROW_SETTLE_WEIGHT``;
+  fills/funding/open-orders/cancels = ``ROW_SETTLE_WEIGHT``;
 * pending cancels recorded by earlier runs (per account: an open-orders read + one per cancel);
 * a row on a HIP-3 dex: that dex's read too, and once per such dex with an order to send, its ``meta``;
 * once, when an order is to be sent: ``meta`` unless cached, the key's ``userRole`` unless cached,
@@ -38,10 +39,10 @@ CANCELS_PER_ROW = 2
 # The account's own read and the fills read that checks the row's cycle before its order (drawn from the
 # reserve: an account with exit work reads on it), then the order and what follows it.
 ROW_READ_WEIGHT = WEIGHT["clearinghouseState"] + WEIGHT["userFillsByTime"]  # 22
-ROW_CLOSE_WEIGHT = (ROW_READ_WEIGHT + WEIGHT["exchange"] + WEIGHT["userFillsByTime"] + WEIGHT["frontendOpenOrders"]
-                    + CANCELS_PER_ROW * WEIGHT["exchange"])  # 65
+ROW_CLOSE_WEIGHT = (ROW_READ_WEIGHT + WEIGHT["exchange"] + WEIGHT["userFillsByTime"] + WEIGHT["userFunding"]
+                    + WEIGHT["frontendOpenOrders"] + CANCELS_PER_ROW * WEIGHT["exchange"])  # 85
 ROW_SETTLE_WEIGHT = WEIGHT["clearinghouseState"] + WEIGHT["orderStatus"] + ROW_CLOSE_WEIGHT - ROW_READ_WEIGHT \
-    - WEIGHT["exchange"]  # 46
+    - WEIGHT["exchange"]  # 66
 RESERVE_SHARE_OF = (4, 5)  # the reserve is at most 4/5 of the run's budget: other accounts' reads can wait a run
 
 

@@ -28,6 +28,7 @@ from typing import Any, Literal
 from monitor.models import (
     ExchangeDataError,
     Fill,
+    FundingPayment,
     Liquidation,
     parse_coin,
     parse_decimal,
@@ -41,8 +42,10 @@ __all__ = [
     "close_figures",
     "dedupe_fills",
     "flat_points",
+    "funding_between",
     "is_liquidation_of",
     "parse_fills",
+    "parse_funding",
     "row_cycles",
     "segment_cycles",
 ]
@@ -167,6 +170,65 @@ def parse_fills(raw: object) -> list[Fill]:
             raise ExchangeDataError(f"fills: the exchange answered with an error: {raw['error']!r:.80}")
         raise ExchangeDataError(f"fills: expected a list, got {type(raw).__name__}")
     return [_parse_fill(item, index) for index, item in enumerate(raw)]
+
+
+def _parse_funding(item: Any, index: int) -> FundingPayment:
+    where = f"funding[{index}]"
+    if not isinstance(item, dict):
+        raise ExchangeDataError(f"{where}: expected an object, got {type(item).__name__}")
+    delta = item.get("delta")
+    if not isinstance(delta, dict):
+        raise ExchangeDataError(f"{where}.delta: expected an object, got {delta!r:.60}")
+    for key in ("coin", "usdc"):
+        if key not in delta:
+            raise ExchangeDataError(f"{where}.delta: missing field {key!r}")
+    if "time" not in item:
+        raise ExchangeDataError(f"{where}: missing field 'time'")
+    kind = delta.get("type", "funding")
+    if kind != "funding":
+        raise ExchangeDataError(f"{where}.delta.type: expected 'funding', got {kind!r:.60}")
+    tx_hash = item.get("hash", "")
+    if not isinstance(tx_hash, str):
+        raise ExchangeDataError(f"{where}.hash: expected a string, got {tx_hash!r:.60}")
+    szi = delta.get("szi")
+    rate = delta.get("fundingRate")
+    return FundingPayment(
+        coin=parse_coin(delta["coin"], f"{where}.delta.coin"),
+        time_ms=parse_int(item["time"], f"{where}.time"),
+        usdc=parse_decimal(delta["usdc"], f"{where}.delta.usdc"),
+        szi=None if szi is None else parse_decimal(szi, f"{where}.delta.szi"),
+        rate=None if rate is None else parse_decimal(rate, f"{where}.delta.fundingRate"),
+        hash=tx_hash,
+    )
+
+
+def parse_funding(raw: object) -> list[FundingPayment]:
+    """Validate a ``userFunding`` body (a JSON list) and return its payments in list order.
+
+    All or nothing, like ``parse_fills``: one bad element rejects the whole body (a partial list would
+    be a wrong sum, never "less funding"). ``usdc`` keeps the exchange's sign: + received, - paid.
+    """
+    if not isinstance(raw, list):
+        if isinstance(raw, dict) and "error" in raw:
+            raise ExchangeDataError(f"funding: the exchange answered with an error: {raw['error']!r:.80}")
+        raise ExchangeDataError(f"funding: expected a list, got {type(raw).__name__}")
+    return [_parse_funding(item, index) for index, item in enumerate(raw)]
+
+
+def funding_between(payments: Iterable[FundingPayment], coin: str, after_ms: int, until_ms: int) -> Decimal:
+    """The sum of ``coin``'s funding payments with ``after_ms < time <= until_ms`` (repeats counted once).
+
+    A payment at the very millisecond a position opened was computed on the position before it (none, or
+    the previous cycle's); one at the millisecond it closed belongs to it.
+    """
+    seen: set[tuple[Any, ...]] = set()
+    total = _ZERO
+    for payment in payments:
+        if payment.coin != coin or not after_ms < payment.time_ms <= until_ms or payment.identity in seen:
+            continue
+        seen.add(payment.identity)
+        total = _EXACT.add(total, payment.usdc)
+    return total
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,6 +442,7 @@ class Cycle:
     oids: frozenset[int] = frozenset()  # order ids of the fills that reduced it (HIP-3 closes carry no cloid)
     end_oid: int | None = None  # order id of the fill that ended it
     end_liquidation: bool = False  # the fill that ended it was a liquidation of this account
+    end_direction: str | None = None  # ``dir`` of the fill that ended it ("Auto-Deleveraging", "Settlement", ...)
 
     @property
     def ended(self) -> bool:
@@ -416,6 +479,7 @@ class _CycleBuilder:
         self.oids: set[int] = set()
         self.last_oid: int | None = None
         self.last_liquidation = False
+        self.last_direction: str | None = None
 
     def count_fill(self, fill: Fill, fee: Decimal) -> None:
         self.fees = _EXACT.add(self.fees, fee)
@@ -434,6 +498,7 @@ class _CycleBuilder:
         self.last_oid = fill.oid
         self.oids.add(fill.oid)
         self.last_cloid = fill.cloid.lower() if fill.cloid else None
+        self.last_direction = fill.direction
         if self.last_cloid:
             self.cloids.add(self.last_cloid)
 
@@ -446,7 +511,8 @@ class _CycleBuilder:
             fill_count=self.count, last_fill_ms=self.last_ms, size=_ZERO if end_ms is not None else self.size,
             cloids=frozenset(self.cloids), end_cloid=self.last_cloid if end_ms is not None else None,
             oids=frozenset(self.oids), end_oid=self.last_oid if end_ms is not None else None,
-            end_liquidation=self.last_liquidation if end_ms is not None else False)
+            end_liquidation=self.last_liquidation if end_ms is not None else False,
+            end_direction=self.last_direction if end_ms is not None else None)
 
 
 def _side_of(position: Decimal) -> Literal["long", "short"]:

@@ -150,6 +150,23 @@ class Fill:
         return ("h", self.hash, self.oid, self.coin, self.time_ms, self.price, self.size, self.start_position)
 
 
+@dataclass(frozen=True)
+class FundingPayment:
+    """One funding payment of the account (a ``userFunding`` entry): ``usdc`` is the signed cash flow as
+    the exchange reports it, positive = received, negative = paid (reference §2.12, checked on a recording)."""
+
+    coin: str
+    time_ms: int
+    usdc: Decimal
+    szi: Decimal | None  # the signed position size it was computed on
+    rate: Decimal | None
+    hash: str
+
+    @property
+    def identity(self) -> tuple[Any, ...]:
+        return (self.time_ms, self.coin, self.hash)
+
+
 @dataclass
 class PositionRow:
     """A row of the ``positions`` table as the planner sees it."""

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Sequence
 
 from monitor.config import Settings
-from monitor.errors import EXIT_LOCK_HELD, Fenced, LockHeld, MonitorError
+from monitor.errors import EXIT_LOCK_HELD, Fenced, LockHeld, MonitorError, UsageError
 from monitor.notify import AlertState, Pinger, RunMetrics, alert_text, decide_alerts, send_webhook, write_metrics_file
 from monitor.report import RunReport
 from monitor.runner import RunHooks, open_database, run_once
@@ -19,6 +20,45 @@ from monitor.runner import RunHooks, open_database, run_once
 log = logging.getLogger(__name__)
 
 ALERT_RESEND_AFTER = timedelta(hours=1)
+
+
+@dataclass(frozen=True)
+class AccountRole:
+    """Who an address is on the exchange, for ``accounts add`` (userRole, reference §2.11)."""
+
+    role: str | None  # "user", "subAccount", "vault", "missing", ...; None: the exchange could not be asked
+    linked: str | None = None  # a sub-account's master
+    warning: str | None = None  # one line for stderr
+
+    @property
+    def label(self) -> str | None:
+        """How the account is labelled for its role: sub-accounts and vaults are, ordinary accounts not."""
+        if self.role == "vault":
+            return "vault"
+        if self.role == "subAccount":
+            return f"sub-account of {self.linked}" if self.linked else "sub-account"
+        return None
+
+
+def account_role(settings: Settings, address: str) -> AccountRole:
+    """Ask the exchange who ``address`` is before it is watched (one userRole request, weight 60).
+
+    An agent (API) wallet's own account is always empty (reference §1, §2.11), so watching it would show
+    nothing forever and close every platform row of it as unexplained: it is refused (UsageError, exit 2),
+    naming its master account. When the exchange cannot answer (timeout, 5xx, 429, an odd body) the account is
+    still added, with a one-line warning: a failed read says nothing about the address."""
+    from monitor.exchange import Exchange, ReadFailed
+
+    try:
+        role, linked = Exchange(settings.hl_api_url, timeout=settings.http_timeout).user_role(address)
+    except ReadFailed as exc:
+        return AccountRole(None, warning=f"warning: could not ask the exchange who {address} is ({exc.reason});"
+                                         " added without that check")
+    if role == "agent":
+        master = linked or "an unknown master account"
+        raise UsageError(f"{address} is an agent (API) wallet of {master}, which holds no positions of its own;"
+                         f" watch its master account {master} instead")
+    return AccountRole(role, linked)
 
 
 def execute_run(settings: Settings, *, dry_run: bool, addresses: Sequence[str],

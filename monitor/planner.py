@@ -7,14 +7,14 @@ step applies the actions (or, under --dry-run, only prints them).
 from __future__ import annotations
 
 from copy import deepcopy
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timedelta
-from decimal import Decimal
+from decimal import Context, Decimal
 from typing import Any, Sequence
 
 from monitor.clock import from_ms, to_ms
-from monitor.fills import Cycle, RowCycles, row_cycles, segment_cycles
-from monitor.models import Account, AccountSnapshot, ExchangePosition, Fill, PositionRow, dex_of
+from monitor.fills import Cycle, RowCycles, funding_between, row_cycles, segment_cycles
+from monitor.models import Account, AccountSnapshot, ExchangePosition, Fill, FundingPayment, PositionRow, dex_of
 
 # Action types. The first four change the table; close_order asks the exchange to close; the
 # others are reported so a person can see why nothing happened to a row.
@@ -26,6 +26,14 @@ SETTLE_CLOSE = "settle_close"
 TRACK_BEST = "track_best"
 MARK_MISSING = "mark_missing"  # the first run that finds a row's position gone without a closing fill
 WAIT = "wait"
+
+_EXACT = Context(prec=120)  # sums of exchange decimals: exact
+
+# ``dir`` of a fill that ends a position for a reason of the exchange's own (reference §2.4): auto-deleveraging
+# (the profitable side forced out against a liquidated account) and a settlement (delisting / outcome markets).
+ADL_DIRECTION = "Auto-Deleveraging"
+SETTLEMENT_DIRECTION = "Settlement"
+
 
 @dataclass(frozen=True)
 class PlanSettings:
@@ -52,12 +60,16 @@ class Action:
     opened_at: datetime | None = None
     price: Decimal | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    funding: Decimal | None = None  # a close: the funding of the row's cycle (+ received, - paid)
+    net_pnl: Decimal | None = None  # a close: realized_pnl - fees + funding
+    # a close with figures: the span whose funding is the row's, (from, until] in ms; None: no funding to read
+    funding_window: tuple[int, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key in _ACTION_FIELDS:  # what asdict() gave, without its cost (a cold start reports thousands)
             value = getattr(self, key)
-            if value is None or value == {}:
+            if value is None or value == {} or key == "funding_window":
                 continue
             if isinstance(value, (dict, list)):
                 value = deepcopy(value)
@@ -77,7 +89,7 @@ class Action:
             return f"update {who}{row} size {self.previous_size} -> {self.size} entry {self.entry_price}"
         if self.type == CLOSE:
             return (f"close {who}{row} ({self.reason}) exit {self.exit_price} pnl {self.realized_pnl}"
-                    f" fees {self.fees}")
+                    f" fees {self.fees} funding {self.funding} net {self.net_pnl}")
         if self.type == CLOSE_ORDER:
             return f"close on exchange {who}{row} ({self.reason}) {self.side} {self.size} at mid {self.price}"
         if self.type == SETTLE_CLOSE:
@@ -248,9 +260,14 @@ def _row_cycles(fills: Sequence[Fill] | None, row: PositionRow, address: str,
 
 
 def close_reason(row: PositionRow, own: Cycle, address: str) -> str:
-    """Why the row's cycle ended: a liquidation, this row's own close order (its rule), a flip, else external."""
+    """Why the row's cycle ended: a liquidation of this account (market or backstop), auto-deleveraging or a
+    settlement (the fill that ended it says so), this row's own close order (its rule), a flip, else external."""
     if own.liquidated:
         return "liquidation"
+    if own.end_direction == ADL_DIRECTION:
+        return "adl"
+    if own.end_direction == SETTLEMENT_DIRECTION:
+        return "settlement"
     if own.end_cloid is not None and own.end_cloid in _row_cloids(row, address):
         return claimed_rule(row)
     if ended_by_own_order(row, own):
@@ -308,7 +325,57 @@ def cycle_close(address: str, row: PositionRow, own: Cycle, now: datetime, *, tr
             metadata["fills_truncated"] = True
     return Action(CLOSE, address, row.coin, position_id=row.id, side=row.side, size=row.size,
                   reason=reason or close_reason(row, own, address), exit_price=own.exit_price,
-                  realized_pnl=own.realized_pnl, fees=own.fees, closed_at=closed_at, metadata=metadata)
+                  realized_pnl=own.realized_pnl, fees=own.fees, closed_at=closed_at, metadata=metadata,
+                  funding_window=funding_window(row, own))
+
+
+def funding_window(row: PositionRow, own: Cycle) -> tuple[int, int] | None:
+    """The span (from, until] in ms whose funding payments are the row's: from its cycle's opening fill (or,
+    when that fill is out of the window read, from the row's open, the span its fees cover too) to the fill
+    that ended it. None when there is no such span (its close preceded the row's adoption)."""
+    if own.end_ms is None:
+        return None
+    start = own.start_ms if own.start_known else to_ms(row.opened_at)
+    if own.end_ms <= start and not own.start_known:
+        return None
+    return (start, own.end_ms)
+
+
+def with_funding(actions: Sequence[Action], payments: Sequence[FundingPayment] | None,
+                 error: str | None = None) -> list[Action]:
+    """The closes among ``actions`` with their funding and net P&L (pure: ``payments`` were read before).
+
+    ``payments`` is the account's ``userFunding`` over every close's window, or None when it could not be
+    read (``error`` says why): then the close is written without funding and net P&L (NULL, never a zero
+    that was not read) and ``metadata.funding_unread`` says why; the close itself never waits for funding.
+    """
+    out: list[Action] = []
+    for action in actions:
+        if action.type != CLOSE or action.realized_pnl is None or action.fees is None:
+            out.append(action)
+            continue
+        if action.funding_window is None:
+            out.append(replace(action, metadata={**action.metadata, "funding_unknown": True}))
+            continue
+        if payments is None:
+            out.append(replace(action, metadata={**action.metadata,
+                                                 "funding_unread": error or "userFunding not read"}))
+            continue
+        funding = funding_between(payments, action.coin, *action.funding_window)
+        net = _EXACT.add(_EXACT.subtract(action.realized_pnl, action.fees), funding)
+        out.append(replace(action, funding=funding, net_pnl=net))
+    return out
+
+
+def funding_span(actions: Sequence[Action]) -> tuple[int, int] | None:
+    """The one userFunding window (ms, inclusive) that covers every close's funding window, or None: no close
+    needs funding (closes without figures have none)."""
+    windows = [a.funding_window for a in actions
+               if a.type == CLOSE and a.funding_window is not None and a.realized_pnl is not None
+               and a.fees is not None]
+    if not windows:
+        return None
+    return (min(w[0] for w in windows) + 1, max(w[1] for w in windows))
 
 
 def _cycle_ended(address: str, row: PositionRow, cycles: RowCycles, position: ExchangePosition | None,

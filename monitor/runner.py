@@ -25,7 +25,7 @@ from typing import Any
 
 from monitor import applying, planner
 from monitor.clock import Clock, to_ms
-from monitor.closing import CloseContext, CloseOutcome, Closer, followup_json
+from monitor.closing import CloseContext, CloseOutcome, Closer, attach_funding, followup_json
 from monitor.config import Settings
 from monitor.database import Database, Followup, connect, embedded_database_url
 from monitor.dexes import DexReads, plan_dex_reads, watched_dexes
@@ -578,6 +578,10 @@ def read_account(run: RunContext, exchange: Exchange, account: Account, rows: li
     plan = planner.plan_account(account, snapshot, rows, now, settings, fills=fills, fills_error=fills_error,
                                 fills_truncated=truncated, recently_closed=recent, mids=mids,
                                 verify_rules=verify_rules, fills_from_ms=since)
+    try:
+        plan.actions = attach_funding(exchange, account.address, plan.actions)
+    except BudgetExhausted:
+        return AccountRead(account, deferred="budget")  # like any read of it: the whole account waits a run
     open_orders = None
     closed = {dex_of(a.coin) for a in plan.actions if a.type == planner.CLOSE}
     if run.can_act and closed:
@@ -655,7 +659,7 @@ def apply_plans(run: RunContext, reads: Reads) -> Applied:
     """Every plan's changes, batched (``monitor/applying.py``: a batch of accounts per fenced transaction,
     a statement per kind of change); a dry run counts them and writes nothing. One account's fault never
     aborts the others; a lost lock or fence stops the run writing."""
-    applied = Applied()
+    applied = run.applied = Applied()  # a run stopped by a fault below is recorded with the batches it committed
     plans = [r.plan for r in reads.results if r.plan is not None]
     if run.dry_run:
         for plan in plans:
@@ -698,7 +702,7 @@ def work_exits(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied) 
     if reads.exchange is None:
         return CloseOutcome()
     closer = Closer(CloseContext(
-        db=ClaimCheckedDatabase(run.db), epoch=run.epoch, exchange=reads.exchange, clock=run.clock,
+        db=run.db, epoch=run.epoch, exchange=reads.exchange, clock=run.clock,
         secret_key=run.settings.secret_key, dry_run=run.dry_run, slippage=run.settings.close_slippage,
         max_failures=run.settings.max_close_failures, seconds_left=run.seconds_left, mids=reads.mids,
         lock_lost=run.lock_lost, plan_settings=plan_settings(run.settings), perp_dexes=reads.dexes.known))
@@ -748,15 +752,14 @@ def work_exits(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied) 
 def _with_claim(closer: Closer, account: Account, work: Callable[[], object]) -> None:
     """Closer work for one account: its writes check the account's claim; a spent budget is reported."""
     checked = closer.ctx.db
-    assert isinstance(checked, ClaimCheckedDatabase)
-    checked.account_id = account.id
+    checked.claim_checked = account.id
     try:
         work()
     except BudgetExhausted as exc:
         _exit_starved(closer.done, f"{account.address}: exit work starved of weight ({exc});"
                                    " closes wait for the next run")
     finally:
-        checked.account_id = None
+        checked.claim_checked = None
 
 
 def _exit_starved(done: CloseOutcome, note: str) -> None:
@@ -869,25 +872,3 @@ def _report_held(report: RunReport, inputs: Inputs) -> None:
     for (run_id, lease, epoch), count in by_holder.items():
         report.notes.append(f"{count} account(s) claimed by another run (run {run_id}, lock {lease},"
                             f" epoch {epoch}): deferred to the next run")
-
-
-class ClaimCheckedDatabase:
-    """The run's Database as the closer sees it: each ``fenced()`` transaction also holds and checks this
-    run's claim on the account being handled (``account_id``), so a run whose claim on that account was
-    taken over writes nothing more for it. Everything else is the Database itself."""
-
-    def __init__(self, db: Database) -> None:
-        self._db = db
-        self.account_id: int | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._db, name)
-
-    @contextmanager
-    def fenced(self, epoch: int) -> Iterator[None]:
-        with self._db.fenced(epoch):
-            if self.account_id is not None:
-                self._db.require_claim(self.account_id, epoch)
-            yield
-
-

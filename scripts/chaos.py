@@ -8,7 +8,8 @@ from a fresh database and a cleared simulator, so a round is replayed from its s
 1. set up: two or three watched accounts with random positions, one run to discover them; the
    agent key is approved for the first account (an agent key acts for exactly one master account on
    Hyperliquid, so exit rules are set only on that account's rows);
-2. script the simulator at random (open, resize, flip, close outside, liquidate, trigger orders that
+2. script the simulator at random (open, resize, flip, close outside, market and backstop liquidations,
+   auto-deleveraging, funding payments, trigger orders that
    fire or are left stranded, mid moves) and inject faults (429, 500, hang, malformed, error bodies,
    missing fields, empty and stale answers, dropped order answers), some before and some while the
    runs are going; set exit rules (stop loss, take profit, close requested) on random open rows;
@@ -47,6 +48,10 @@ from a fresh database and a cleared simulator, so a round is replayed from its s
    (x)   no close order lands on a position other than its row's cycle: when it was placed, the position
          (if not flat) is the row's cycle, or one that opened after the run that sent it began (the run
          could not have seen it);
+   (xi)  each closed row with figures has the funding of its own cycle: the sum of the simulator's funding
+         ledger for the coin over (opening fill, closing fill] (from the row's open when its opening fills were
+         out of reach), and net_pnl = realized_pnl - fees + funding; NULL only when metadata says why (the
+         userFunding read failed at the close: funding_unread);
    and, in rounds with mixed --shard runs, (v) is checked per lock name and runs of different layouts
    never write for one account at once (its events never go run A, run B, run A);
    plus: no run prints a traceback or exits with an unexpected code, and the clean run succeeds.
@@ -68,6 +73,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import decimal
 import hashlib
 import io
 import json
@@ -105,7 +111,8 @@ ACCOUNTS = ["0x" + "c0" * 20, "0x" + "c1" * 20, "0x" + "c2" * 20]
 COINS = {"BTC": Decimal("0.01"), "ETH": Decimal("0.1"), "SOL": Decimal("1"), "DOGE": Decimal("100"),
          "AVAX": Decimal("0.5")}
 FAULT_KINDS = ("429", "500", "hang", "malformed", "error_body", "missing_field", "empty", "stale", "drop_response")
-INFO_TYPES = ("clearinghouseState", "userFillsByTime", "allMids", "frontendOpenOrders", "meta", "orderStatus")
+INFO_TYPES = ("clearinghouseState", "userFillsByTime", "allMids", "frontendOpenOrders", "meta", "orderStatus",
+              "userFunding")
 EXIT_OK_CODES = {0, 1, 69, 75}
 # Scripted trading patterns, at most two per round (chosen at random, counted by kind in the figures):
 #   reopen_same / reopen_diff: between two runs a watched position is closed and re-opened on the same side,
@@ -418,7 +425,8 @@ class Round:
         if closed_coins:
             choices += ["open"] * 3
         if open_coins:
-            choices += ["resize", "resize", "flip", "close_external", "close_external", "liquidate", "trigger"]
+            choices += ["resize", "resize", "flip", "close_external", "close_external", "liquidate", "trigger",
+                        "funding", "funding", "funding", "funding", "funding", "funding", "adl"]
         kind = rng.choice(choices)
         try:
             if kind == "open":
@@ -443,7 +451,15 @@ class Round:
                     sim.close_external(account, coin, self.price(coin), parts=rng.choice([1, 1, 2, 3]))
                 elif kind == "liquidate":
                     mark = (self.mid(coin) * Decimal("0.9" if sign > 0 else "1.1")).quantize(Decimal("0.000001"))
-                    sim.liquidate(account, coin, mark, cancel_orders=rng.random() < 0.5)
+                    method = rng.choice(["market", "market", "backstop"])
+                    sim.liquidate(account, coin, mark, cancel_orders=rng.random() < 0.5, method=method)
+                    kind = f"liquidate_{method}"
+                elif kind == "funding":
+                    # hourly rates are of the order of 0.001 %; larger here so the sums are visible
+                    rate = Decimal(rng.randint(-500, 500)).scaleb(-6)
+                    sim.pay_funding(account, coin, rate=rate)
+                elif kind == "adl":
+                    sim.adl(account, coin, self.price(coin))
                 elif kind == "trigger":
                     unit = unit_of(coin)
                     portion = abs(szi) if rng.random() < 0.6 else max(unit, (abs(szi) / 2).quantize(unit))
@@ -1408,10 +1424,42 @@ class Round:
         return [c for i, c in enumerate(mine)
                 if i == 0 or (c.start_ms is not None and c.start_ms >= opened - REOPEN_GUARD_MS)]
 
+    def check_funding(self, row: tuple[Any, ...], cycle: Cycle, written: tuple[Any, Any]) -> None:
+        """(xi) a closed row's funding is the sum of the simulator's funding ledger for its coin over its own
+        cycle, (opening fill, closing fill] (from the row's open when the row says its opening fills were out
+        of reach), and net_pnl = realized_pnl - fees + funding; NULL only with a reason in metadata."""
+        row_id, address, coin, side, opened_at, reason = row[0], row[1], row[2], row[3], row[6], row[8]
+        pnl, fees, metadata = row[12], row[13], row[14] or {}
+        funding, net = written
+        self.stats.checks["(xi)"] += 1
+        if funding is None:
+            if metadata.get("funding_unread"):
+                self.stats.outcomes["(xi) closed with funding unread (NULL, noted)"] += 1
+                return
+            if metadata.get("funding_unknown"):
+                self.stats.outcomes["(xi) closed before its adoption: funding unknown"] += 1
+                return
+            self.violation(f"(xi) row #{row_id} {address} {coin} {side} ({reason}): funding NULL without a reason")
+            return
+        start = ms(opened_at) if metadata.get("opening_fills_missing") or cycle.start_ms is None else cycle.start_ms
+        assert cycle.end_ms is not None
+        want = sum((Decimal(e["delta"]["usdc"]) for e in self.sim.funding_ledger(address, coin)
+                    if start < e["time"] <= cycle.end_ms), Decimal(0))
+        if want:
+            self.stats.outcomes["(xi) closed rows with non-zero funding"] += 1
+        with decimal.localcontext(decimal.Context(prec=120)):  # the sum exact, as the monitor writes it
+            want_net = pnl - fees + want
+        if funding != want or net != want_net:
+            self.violation(f"(xi) row #{row_id} {address} {coin} {side} ({reason}): written funding/net {funding}/{net}, "
+                           f"the ledger gives {want} over ({start}, {cycle.end_ms}] and net {want_net}")
+
     def check_cycles(self, rows: list[tuple[Any, ...]], fills: dict[str, list[dict[str, Any]]],
                      positions: dict[str, dict[str, Any]], claims: dict[str, tuple[Any, ...]],
                      clean_report: dict[str, Any] | None) -> None:
         cycles = {(a, c): cycles_of(fills[a], c) for a in self.accounts for c in {f["coin"] for f in fills[a]}}
+        with psycopg.connect(self.url) as conn:
+            funding_of = {r[0]: r[1:] for r in conn.execute(
+                "SELECT id, funding, net_pnl FROM positions WHERE closed_at IS NOT NULL")}
 
         # (ix) each closed row's figures are its own cycle's (computed here from the simulator's ledger)
         for r in rows:
@@ -1428,6 +1476,7 @@ class Round:
             self.stats.checks["(ix)"] += 1
             wants = []
             for c in options:
+                matched = c
                 fees_known = c.start_ms is not None and c.first_index >= reach
                 want_exit, want_pnl = c.exit_price, c.pnl
                 if any(i < reach for i in c.closing_indices):  # only the closing fills the exchange still serves
@@ -1439,6 +1488,10 @@ class Round:
             else:
                 self.violation(f"(ix) row #{row_id} {address} {coin} {side} ({reason}): written exit/pnl/fees "
                                f"{exit_price}/{pnl}/{fees}, its own cycle gives {' or '.join(wants)}")
+                continue
+            if pnl is not None and fees is not None:
+                self.check_funding(r, matched, funding_of.get(row_id, (None, None)))
+
 
         # (x) no close order for a position other than its row's cycle
         from monitor.exchange import close_cloid

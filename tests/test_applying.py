@@ -100,8 +100,6 @@ def test_batch_update_and_close_leave_a_row_another_writer_closed_alone(db, run)
                              realized_pnl=None, fees=None)
     update = Action(planner.UPDATE, alice.address, "BTC", position_id=btc, side="long", size=Decimal("1.5"),
                     previous_size=Decimal(1), entry_price=Decimal("100.2"), realized_pnl=Decimal("0.3"))
-    resize_closed = Action(planner.UPDATE, alice.address, "ETH", position_id=eth, side="long", size=Decimal(7),
-                           previous_size=Decimal(1), entry_price=Decimal(1))
     plans = [AccountPlan(alice, [update, close(alice, "ETH", eth)]),
              AccountPlan(bob, [close(bob, "BTC", bob_btc, note="x")])]
 
@@ -126,7 +124,7 @@ def test_batch_update_and_close_leave_a_row_another_writer_closed_alone(db, run)
                                          "fees": None}
     assert mine[(bob_btc, "closed")][2:6] == ("open", "closed", "closed_externally",
                                              {"exit_price": "101.25", "realized_pnl": "1.25", "fees": "0.01",
-                                              "note": "x"})
+                                              "funding": None, "net_pnl": None, "note": "x"})
 
     # The same plans again: every change is now a conflict (or nothing to do), and nothing is written.
     before = db.positions_table_dump(), events(db)

@@ -139,10 +139,11 @@ def test_a_second_close_asks_neither_userrole_nor_meta(env, sim, agent, database
     assert second["close_orders_sent"] == 1 and second["closed"] == 1
     assert "userRole" not in info_types(sim) and "meta" not in info_types(sim)  # cache hits
     # What the close cost besides the positions reads: allMids, the fills read verifying the row's cycle before
-    # the order (part of the account's read), then one order, the fills read explaining the close, open orders.
+    # the order (part of the account's read), then one order, the fills read explaining the close, its funding,
+    # open orders.
     spent = [(e["type"], e["weight"]) for e in sim.requests_log() if e["type"] != "clearinghouseState"]
     assert sorted(t for t, _ in spent) == ["allMids", "frontendOpenOrders", "order", "userFillsByTime",
-                                           "userFillsByTime"], spent
+                                           "userFillsByTime", "userFunding"], spent
     assert sum(w for _, w in spent) <= 2 + ROW_CLOSE_WEIGHT + 5, spent  # (+ a fills surcharge)
     with psycopg.connect(database_url) as conn:
         cached = conn.execute("SELECT address, role, linked FROM key_roles WHERE dropped_at IS NULL"

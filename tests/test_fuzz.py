@@ -20,6 +20,7 @@ import re
 import string
 import subprocess
 import sys
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -538,6 +539,7 @@ def check_open_orders(orders: Any) -> None:
     for order in orders:
         assert isinstance(order, OpenOrder) and type(order.oid) is int and is_coin(order.coin)
         assert type(order.reduce_only) is bool and type(order.is_trigger) is bool
+        assert type(order.is_position_tpsl) is bool and (order.parent_oid is None or type(order.parent_oid) is int)
 
 
 def _walk_orders(items: list[Any]) -> list[dict[str, Any]]:
@@ -574,6 +576,7 @@ def open_order_items(draw: Any, depth: int = 0) -> dict[str, Any]:
         "oid": draw(st.integers(min_value=0, max_value=40)),  # small: duplicates (children repeat parents) happen
         "reduceOnly": draw(st.booleans()),
         "isTrigger": draw(st.booleans()),
+        "isPositionTpsl": draw(st.booleans()),
         "orderType": draw(st.sampled_from(["Limit", "Stop Market", "Take Profit Market", "Stop Limit"])),
         "cloid": draw(st.none() | st.integers(0, 2**128 - 1).map(lambda n: f"0x{n:032x}")),
         "limitPx": draw(valid_decimal_text), "sz": draw(valid_decimal_text), "side": draw(st.sampled_from("AB")),
@@ -595,10 +598,15 @@ def test_open_orders_valid_bodies_flatten_and_dedupe(items: list[dict[str, Any]]
     everything = _walk_orders(items)
     assert {o.oid for o in orders} == {item["oid"] for item in everything}
     for order in orders:
-        assert any(order == OpenOrder(coin=i["coin"], oid=i["oid"], reduce_only=i["reduceOnly"],
-                                      is_trigger=i["isTrigger"], order_type=i["orderType"], cloid=i["cloid"],
-                                      timestamp_ms=i.get("timestamp"))
+        assert any(replace(order, parent_oid=None) == OpenOrder(
+                       coin=i["coin"], oid=i["oid"], reduce_only=i["reduceOnly"], is_trigger=i["isTrigger"],
+                       order_type=i["orderType"], cloid=i["cloid"], timestamp_ms=i.get("timestamp"),
+                       is_position_tpsl=i["isPositionTpsl"])
                    for i in everything if i["oid"] == order.oid)
+        # parent_oid: an order some ``children`` list holds names one such parent (children repeat parents)
+        parents = {p["oid"] for p in everything for c in p.get("children") or [] if c["oid"] == order.oid
+                   and p["oid"] != order.oid}
+        assert order.parent_oid in parents if parents else order.parent_oid is None
 
 
 @BODY_SETTINGS
@@ -638,6 +646,8 @@ _GOOD_ORDER = {"coin": "BTC", "oid": 7, "reduceOnly": False, "isTrigger": False,
     pytest.param({"reduceOnly": "false"}, id="reduceOnly-string"),
     pytest.param({"reduceOnly": 1}, id="reduceOnly-int"),
     pytest.param({"isTrigger": "false"}, id="isTrigger-string"),
+    pytest.param({"isPositionTpsl": "true"}, id="isPositionTpsl-string"),
+    pytest.param({"reduceOnly": None}, id="reduceOnly-null"),
     pytest.param({"orderType": {"limit": 1}}, id="orderType-object"),
     pytest.param({"cloid": 12345}, id="cloid-int"),
     pytest.param({"children": {"coin": "BTC", "oid": 8, "reduceOnly": True}}, id="children-object"),

@@ -68,6 +68,7 @@ def test_a_budget_too_small_reads_the_urgent_first_and_defers_the_rest(env, sim,
 def test_a_429_is_retried_with_backoff(env, sim):
     accounts = addresses(3)
     watch(env, sim, accounts)
+    sim.reset_log()  # `accounts add` asked userRole
     sim.add_fault("429", path="info", type="clearinghouseState", user=accounts[0], count=1)
     report = run_json(env)
     assert report["accounts_ok"] == 3 and report["discovered"] == 3

@@ -318,19 +318,17 @@ def test_touch_seen_skips_accounts_no_longer_claimed(db, database_url):
 
 def test_the_closers_transactions_check_the_claim_of_the_account_being_handled(db, database_url):
     from monitor.errors import ClaimLost
-    from monitor.runner import ClaimCheckedDatabase
 
     mine, theirs = [db.add_account(a, None)[0].id for a in addresses(2)]
     run, other = _holder(database_url, "run"), _holder(database_url, "run:shard-2-of-2")
     try:
         assert run.claim_accounts([mine], stale_after=300) == {mine}
         assert other.claim_accounts([theirs], stale_after=300) == {theirs}
-        checked = ClaimCheckedDatabase(run)
-        checked.account_id = mine
-        with checked.fenced(run.epoch):
-            assert checked.lease_name == "run"  # everything else is the Database itself
-        checked.account_id = theirs
-        with pytest.raises(ClaimLost, match=other.run_id), checked.fenced(run.epoch):
+        run.claim_checked = mine  # what the runner sets while the closer works for an account
+        with run.fenced(run.epoch):
+            assert run.lease_name == "run"
+        run.claim_checked = theirs
+        with pytest.raises(ClaimLost, match=other.run_id), run.fenced(run.epoch):
             pass
     finally:
         run.close()

@@ -39,6 +39,16 @@ Simulator choices where the real exchange's behaviour is not established (see
   exchange until it cancels them), except ``liquidate(..., cancel_orders=True)`` which cancels the coin's open
   orders with status ``liquidatedCanceled``.
 * Order ``grouping`` (normalTpsl/positionTpsl) is ignored: every order in a batch is handled on its own.
+* Funding is paid only when scripted (``pay_funding``: ``usdc = -szi * px * rate``, + received, - paid, the
+  sign of the real ``userFunding`` recording), into a per-account funding ledger (``funding_ledger``).
+  ``userFunding`` answers it oldest first, ``startTime``/``endTime`` inclusive, at most 500 items per
+  answer (the generic time-range cap; the real cap and order for userFunding are UNCONFIRMED), every coin
+  in one answer.  ``cumFunding`` in clearinghouseState stays zero.
+* ``liquidate(method="market")`` gives the victim an ordinary ``Close Long/Short`` fill with the taker fee
+  (as recorded); ``method="backstop"`` a ``Liquidated Cross/Isolated Long/Short`` fill with fee 0 (third-party
+  notes only: UNCONFIRMED).  ``adl`` writes the recorded ADL shape (``Auto-Deleveraging``, fee 0, crossed,
+  ``liquidation`` naming the HLP liquidator child, method backstop).  ``settle`` writes a ``Settlement`` fill
+  with fee 0 (that a delisting produces such fills is UNCONFIRMED).
 
 Modules (everything public is importable from ``hlsim`` itself):
 

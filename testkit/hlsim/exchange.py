@@ -214,7 +214,8 @@ class ExchangeMixin:
         typ = action["type"]
         acct.n_actions += max(1, n_items)
         if typ == "order":
-            statuses = [self._place(acct, w, expires) for w in action["orders"]]
+            grouping = action.get("grouping")
+            statuses = [self._place(acct, w, expires, grouping) for w in action["orders"]]
             self._bump(acct)
             if any(st is _SILENTLY_DROPPED for st in statuses):
                 return {"status": "ok", "response": {"type": "default"}}
@@ -256,7 +257,7 @@ class ExchangeMixin:
         # scheduleCancel / noop: accepted, no effect in the simulator
         return {"status": "ok", "response": {"type": "default"}}
 
-    def _place(self, acct: Account, w: dict[str, Any], expires: int | None = None) -> Any:
+    def _place(self, acct: Account, w: dict[str, Any], expires: int | None = None, grouping: Any = None) -> Any:
         a = w["a"]
         u = self._coin_entry(a)  # main dex: the index in meta; HIP-3: 100000 + perp_dex_index * 10000 + index
         if u is None:
@@ -290,11 +291,23 @@ class ExchangeMixin:
                 d["cloid"] = cloid
             return d
 
+        # Reference §5.3 ([DOC] rate limits): "When an order is placed with at least 1000 other open orders by the
+        # same user, it will be rejected if it is reduce-only or a trigger order." (status tooManyOpenOrdersRejected)
+        if reduce_only or "trigger" in t:
+            others = sum(1 for other in acct.orders.values() if other.status == "open")
+            if others >= self.open_order_limit:
+                o = self._new_order(acct, coin, side, px, sz, cloid, reduce_only, None if "trigger" in t else
+                                    t["limit"]["tif"], is_trigger="trigger" in t)
+                o.expires_after = expires
+                self._set_status(o, "tooManyOpenOrdersRejected")
+                return {"error": f"{self.open_order_limit_error} asset={a}"}
+
         if "trigger" in t:
             trig = t["trigger"]
             o = self._new_order(acct, coin, side, px, sz, cloid, reduce_only, None, is_trigger=True,
                                 trigger_px=Decimal(str(trig["triggerPx"])), tpsl=trig.get("tpsl"),
-                                is_market=bool(trig.get("isMarket", True)))
+                                is_market=bool(trig.get("isMarket", True)),
+                                position_tpsl=grouping == "positionTpsl")
             o.expires_after = expires
             return {"resting": with_cloid({"oid": o.oid})}
         tif = t["limit"]["tif"]

@@ -37,6 +37,9 @@ _INFO_NEEDS_USER = {
 }
 
 
+FUNDING_PAGE_LIMIT = 500  # userFunding items per answer
+
+
 class _BadRequest(Exception):
     pass
 
@@ -225,7 +228,18 @@ class InfoMixin:
             return {"cumVlm": fmt(_q(vlm, 6)), "nRequestsUsed": used, "nRequestsCap": int(vlm) + 10000,
                     "nRequestsSurplus": 0}
         if typ == "userFunding":
-            return []
+            # startTime required, endTime optional, both inclusive; oldest first; at most 500 items (the
+            # generic time-range cap, reference §2.12; the real cap and order for userFunding: UNCONFIRMED).
+            # Covers every coin of the account (whether it covers HIP-3 dexes on the real exchange: UNCONFIRMED).
+            start = body.get("startTime")
+            end = body.get("endTime")
+            if not isinstance(start, int) or isinstance(start, bool):
+                raise _BadRequest()
+            if end is not None and (not isinstance(end, int) or isinstance(end, bool)):
+                raise _BadRequest()
+            entries = acct.funding if acct else []
+            window = [e for e in entries if e["time"] >= start and (end is None or e["time"] <= end)]
+            return copy.deepcopy(window[:FUNDING_PAGE_LIMIT])
         if typ == "userNonFundingLedgerUpdates":
             start = body.get("startTime", 0) or 0
             end = body.get("endTime")
@@ -238,6 +252,8 @@ class InfoMixin:
                 return {"role": "agent", "data": {"user": self._agents[user]}}
             if user in self._sub_accounts:
                 return {"role": "subAccount", "data": {"master": self._sub_accounts[user]}}
+            if user in self._vaults:
+                return {"role": "vault"}
             return {"role": "user"} if user in self._accounts else {"role": "missing"}
         raise _UnknownType()
 

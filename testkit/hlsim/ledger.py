@@ -47,8 +47,12 @@ class LedgerMixin:
         liquidation: dict[str, Any] | None = None,
         leverage: int | None = None,
         ts: int | None = None,
+        direction: str | None = None,
+        fee: Decimal | None = None,
     ) -> dict[str, Any]:
-        """Apply one fill of signed size ``delta`` at ``px`` to ``acct`` and record it.  Returns the wire fill."""
+        """Apply one fill of signed size ``delta`` at ``px`` to ``acct`` and record it.  Returns the wire fill.
+        ``direction`` / ``fee`` override the computed ``dir`` and fee (liquidation engine, ADL, settlement)."""
+        forced_dir, forced_fee = direction, fee
         if delta == 0:
             raise SimulatorError("fill of size 0")
         if px <= 0:
@@ -80,11 +84,11 @@ class LedgerMixin:
             direction = "Long > Short" if start > 0 else "Short > Long"
             closed_pnl = abs(start) * (px - pos.entry_px) * _sign(start)
             acct.positions[coin] = Position(end, px, pos.leverage, pos.leverage_type, ts)
-        if liquidation is not None:
-            kind = "Isolated" if lev_type == "isolated" else "Cross"
-            direction = f"Liquidated {kind} {'Long' if start > 0 else 'Short'}"
+        if forced_dir is not None:
+            direction = forced_dir.format(kind="Isolated" if lev_type == "isolated" else "Cross",
+                                          side="Long" if start > 0 else "Short")
         rate = self.fee_rate if crossed else self.maker_fee_rate
-        fee = _q(size * px * rate, 6)
+        fee = _q(size * px * rate, 6) if forced_fee is None else forced_fee
         closed_pnl = _q(closed_pnl, 6)
         acct.cash += closed_pnl - fee
         acct.cum_vlm += size * px
@@ -130,7 +134,8 @@ class LedgerMixin:
 
     def _trade(
         self, address: str, coin: str, deltas: list[Decimal], prices: list[Decimal], *, tif: str = "FrontendMarket",
-        liquidation: dict[str, Any] | None = None, leverage: int | None = None,
+        liquidation: dict[str, Any] | None = None, leverage: int | None = None, direction: str | None = None,
+        fee: Decimal | None = None,
     ) -> list[dict[str, Any]]:
         acct = self._account(address, create=True)
         total = sum(deltas, Decimal(0))
@@ -139,7 +144,8 @@ class LedgerMixin:
         tx = self._next_hash()
         ts = self.now_ms()
         fills = [
-            self._fill(acct, coin, d, p, oid=o.oid, tx_hash=tx, liquidation=liquidation, leverage=leverage, ts=ts)
+            self._fill(acct, coin, d, p, oid=o.oid, tx_hash=tx, liquidation=liquidation, leverage=leverage, ts=ts,
+                       direction=direction, fee=fee)
             for d, p in zip(deltas, prices)
         ]
         self._bump(acct)
@@ -184,6 +190,47 @@ class LedgerMixin:
                 self._fill(acct, coin, size if i % 2 == 0 else -size, price, oid=o.oid, ts=ts)
             self._bump(acct)
             return n
+
+    # ---- funding ------------------------------------------------------------------------------
+
+    def pay_funding(self, address: str, coin: str, rate: Any = None, usdc: Any = None, px: Any = None,
+                    ts: Any = None) -> dict[str, Any]:
+        """One funding payment on the open ``coin`` position, recorded in the account's funding ledger (what
+        ``userFunding`` answers) and in its cash.  Signed as the exchange signs it (reference §2.12):
+        ``usdc = -szi * px * rate`` (px default the mid), so a long pays a positive rate and a short receives
+        it; or give ``usdc`` itself (+ received, - paid).  ``ts`` defaults to now.  Returns the entry."""
+        with self._lock:
+            acct = self._account(address, create=True)
+            pos = acct.positions.get(coin)
+            if pos is None:
+                raise SimulatorError(f"no open {coin} position for {acct.address}: no funding to pay")
+            if (rate is None) == (usdc is None):
+                raise SimulatorError("give exactly one of rate and usdc")
+            price = D(px, "px") if px is not None else self._mids.get(coin, pos.entry_px)
+            if usdc is not None:
+                amount = D(usdc, "usdc")
+                funding_rate = _q(-amount / (pos.szi * price), 8) if price else Decimal(0)
+            else:
+                funding_rate = D(rate, "rate")
+                amount = _q(-pos.szi * price * funding_rate, 6)
+            entry = {
+                "time": self.now_ms() if ts is None else int(ts),
+                "hash": self._next_hash(),
+                "delta": {"type": "funding", "coin": coin, "usdc": fmt(amount), "szi": fmt(pos.szi),
+                          "fundingRate": fmt(funding_rate), "nSamples": None},
+            }
+            acct.funding.append(entry)
+            acct.funding.sort(key=lambda e: e["time"])
+            acct.cash += amount
+            self._bump(acct)
+            return copy.deepcopy(entry)
+
+    def funding_ledger(self, address: str, coin: str | None = None) -> list[dict[str, Any]]:
+        """The account's funding payments (oldest first), of ``coin`` only if given."""
+        with self._lock:
+            acct = self._account(address)
+            entries = acct.funding if acct else []
+            return copy.deepcopy([e for e in entries if coin is None or e["delta"]["coin"] == coin])
 
     def fills(self, address: str) -> list[dict[str, Any]]:
         """All fills of the account, oldest first."""

@@ -54,8 +54,8 @@ class Simulator(InfoMixin, ExchangeMixin, FaultsMixin, LedgerMixin, StateBase):
         "liquidate", "set_mid", "set_mids", "add_trigger_order", "add_limit_order", "fill_trigger",
         "cancel_order", "set_fee_rate", "set_partial_fill_ratio", "set_latency", "set_config", "approve_agent",
         "revoke_agent", "add_account", "add_sub_account", "add_coin", "now_ms", "set_time", "advance_time",
-        "set_clock_offset", "clear", "snapshot", "load", "requests_log", "reset_log", "total_weight",
-        "add_fill_history",
+        "add_vault", "set_clock_offset", "clear", "snapshot", "load", "requests_log", "reset_log", "total_weight",
+        "add_fill_history", "pay_funding", "funding_ledger", "adl", "settle",
         "add_fault", "clear_faults", "list_faults", "meta", "mids", "position", "positions", "fills", "orders",
         "accounts", "add_perp_dex", "perp_dexs", "open_hip3_position",
     )

@@ -20,8 +20,13 @@ if TYPE_CHECKING:
 
 
 DEFAULT_CASH = Decimal("10000")
+# The HLP liquidator child an ADL fill names (the real recording's liquidatedUser, userFills_adl.json).
+HLP_LIQUIDATOR = "0x2e3d94f0562703b25c83308a05046ddaf9a8dd14"
 DEFAULT_TAKER_FEE = Decimal("0.00045")
 DEFAULT_MAKER_FEE = Decimal("0.00015")
+# The rejection of the 1,000-open-orders rule: the exchange's own text is UNCONFIRMED (reference §5.3, §8); this is
+# the [TS] description of its order status ``tooManyOpenOrdersRejected``.
+OPEN_ORDER_LIMIT_ERROR = "Rejected due to exceeding the open order limit."
 
 # Embedded copy of the recorded fixtures (hlsim/fixtures/meta.json, allMids.json), used only
 # when the package data is missing.
@@ -93,6 +98,7 @@ class Order:
     status: str = "open"
     status_ts: int = 0
     expires_after: int | None = None  # the expiresAfter of the /exchange action that placed it, if any
+    position_tpsl: bool = False  # a position TP/SL (grouping positionTpsl): frontendOpenOrders isPositionTpsl
 
     def trigger_condition(self) -> str:
         if not self.is_trigger or self.trigger_px is None:
@@ -126,7 +132,7 @@ class Order:
             "isTrigger": self.is_trigger,
             "triggerPx": fmt(self.trigger_px) if self.trigger_px is not None else "0.0",
             "children": [],
-            "isPositionTpsl": False,
+            "isPositionTpsl": self.position_tpsl,
             "reduceOnly": self.reduce_only,
             "orderType": self.order_type,
             "origSz": fmt(self.orig_sz),
@@ -142,6 +148,7 @@ class Order:
             "triggerPx": fmt(self.trigger_px) if self.trigger_px is not None else None, "tpsl": self.tpsl,
             "isMarket": self.is_market, "orderType": self.order_type, "status": self.status,
             "statusTimestamp": self.status_ts, "expiresAfter": self.expires_after,
+            "isPositionTpsl": self.position_tpsl,
         }
 
     @staticmethod
@@ -156,6 +163,7 @@ class Order:
             is_market=bool(d.get("isMarket", True)), order_type=str(d.get("orderType", "Limit")),
             status=str(d.get("status", "open")), status_ts=int(d.get("statusTimestamp", d.get("timestamp", 0))),
             expires_after=int(d["expiresAfter"]) if d.get("expiresAfter") is not None else None,
+            position_tpsl=bool(d.get("isPositionTpsl", False)),
         )
 
 
@@ -176,6 +184,7 @@ class Account:
     cloids: dict[str, int] = field(default_factory=dict)
     leverage: dict[str, int] = field(default_factory=dict)
     ledger: list[dict[str, Any]] = field(default_factory=list)
+    funding: list[dict[str, Any]] = field(default_factory=list)  # userFunding entries, oldest first
     cum_vlm: Decimal = Decimal(0)
     n_actions: int = 0
     versions: deque = field(default_factory=lambda: deque(maxlen=1000))
@@ -232,6 +241,7 @@ class StateBase:
         self._accounts: dict[str, Account] = {}
         self._agents: dict[str, str] = {}  # agent -> master
         self._sub_accounts: dict[str, str] = {}  # sub -> master
+        self._vaults: set[str] = set()  # userRole "vault" (recording userRole_vault.json)
         self._nonces: dict[str, list[int]] = {}
         self._universe = _default_universe()
         # HIP-3 builder-deployed perp dexes, in perpDexs order (index i + 1 in perpDexs), and their own meta
@@ -255,6 +265,11 @@ class StateBase:
         self.check_nonces = True
         self.min_notional = Decimal(0)
         self.ip_weight_limit: int | None = None
+        # The 1,000-open-orders rule (reference §5.3): a reduce-only or trigger order placed with at least this
+        # many other open orders of the account is rejected (status tooManyOpenOrdersRejected). The exchange's
+        # error text is UNCONFIRMED: the default is the [TS] description of that status, settable for tests.
+        self.open_order_limit = 1000
+        self.open_order_limit_error = OPEN_ORDER_LIMIT_ERROR
 
     def clear(self) -> None:
         """Forget all state (accounts, agents, mids back to the fixture, fee rates, clock, config).
@@ -278,9 +293,11 @@ class StateBase:
                 "partialFillRatio": {c: fmt(r) for c, r in self._partial.items()},
                 "agents": dict(self._agents),
                 "subAccounts": dict(self._sub_accounts),
+                "vaults": sorted(self._vaults),
                 "config": {
                     "strict_ticks": self.strict_ticks, "check_nonces": self.check_nonces,
                     "min_notional": fmt(self.min_notional), "ip_weight_limit": self.ip_weight_limit,
+                    "open_order_limit": self.open_order_limit, "open_order_limit_error": self.open_order_limit_error,
                     "hip3_cloid": self.hip3_cloid,
                 },
                 "accounts": {
@@ -293,6 +310,7 @@ class StateBase:
                         "fills": copy.deepcopy(a.fills),
                         "orders": [o.to_json() for o in a.orders.values()],
                         "ledger": copy.deepcopy(a.ledger),
+                        "funding": copy.deepcopy(a.funding),
                     }
                     for a in self._accounts.values()
                 },
@@ -330,6 +348,7 @@ class StateBase:
                 self._partial[c] = D(r)
             self._agents = {_addr(k): _addr(v) for k, v in (state.get("agents") or {}).items()}
             self._sub_accounts = {_addr(k): _addr(v) for k, v in (state.get("subAccounts") or {}).items()}
+            self._vaults = {_addr(v) for v in state.get("vaults") or []}
             cfg = state.get("config") or {}
             if cfg:
                 self.set_config(**cfg)
@@ -359,6 +378,7 @@ class StateBase:
                         acct.cloids[o.cloid] = o.oid
                     self._oid_seq = max(self._oid_seq, o.oid)
                 acct.ledger = [dict(x) for x in a.get("ledger") or []]
+                acct.funding = sorted((copy.deepcopy(x) for x in a.get("funding") or []), key=lambda e: e["time"])
                 for f in acct.fills:
                     if isinstance(f.get("tid"), int):
                         self._tid_seq = max(self._tid_seq, f["tid"])
@@ -423,13 +443,18 @@ class StateBase:
         check_nonces: bool | None = None,
         min_notional: Any = None,
         ip_weight_limit: int | None | str = "unchanged",
+        open_order_limit: int | None = None,
+        open_order_limit_error: str | None = None,
         hip3_cloid: str | None = None,
     ) -> dict[str, Any]:
         """strict_ticks: validate order price/size like the exchange (default True); check_nonces: refuse
         reused nonces (default True); min_notional: refuse orders below this notional with
         "Order must have minimum value of $10." (default 0 = off); ip_weight_limit: weight per rolling 60 s
-        after which requests get HTTP 429 ``null`` (default None = off); hip3_cloid: "silent" (default) or "honor",
-        what a HIP-3 order carrying a cloid does (UNCONFIRMED on the real exchange, see ``_init_state``)."""
+        after which requests get HTTP 429 ``null`` (default None = off); open_order_limit: a reduce-only or
+        trigger order placed with at least this many other open orders is rejected (default 1000, the
+        exchange's; set it low so a test needs no 1,000 orders); open_order_limit_error: that rejection's text
+        (the exchange's is UNCONFIRMED); hip3_cloid: "silent" (default) or "honor", what a HIP-3 order carrying
+        a cloid does (UNCONFIRMED on the real exchange, see ``_init_state``)."""
         with self._lock:
             if strict_ticks is not None:
                 self.strict_ticks = bool(strict_ticks)
@@ -439,6 +464,10 @@ class StateBase:
                 self.min_notional = D(min_notional, "min_notional")
             if ip_weight_limit != "unchanged":
                 self.ip_weight_limit = None if ip_weight_limit is None else int(ip_weight_limit)
+            if open_order_limit is not None:
+                self.open_order_limit = int(open_order_limit)
+            if open_order_limit_error is not None:
+                self.open_order_limit_error = str(open_order_limit_error)
             if hip3_cloid is not None:
                 if hip3_cloid not in ("silent", "honor"):
                     raise SimulatorError("hip3_cloid must be 'silent' or 'honor'")
@@ -446,6 +475,7 @@ class StateBase:
             return {
                 "strict_ticks": self.strict_ticks, "check_nonces": self.check_nonces,
                 "min_notional": fmt(self.min_notional), "ip_weight_limit": self.ip_weight_limit,
+                "open_order_limit": self.open_order_limit, "open_order_limit_error": self.open_order_limit_error,
                 "hip3_cloid": self.hip3_cloid,
             }
 
@@ -491,6 +521,12 @@ class StateBase:
             self._account(m, create=True)
             self._account(s, create=True)
             self._sub_accounts[s] = m
+
+    def add_vault(self, address: str) -> None:
+        """``address`` is a vault: userRole answers {"role": "vault"} (recording userRole_vault.json)."""
+        with self._lock:
+            self._account(address, create=True)
+            self._vaults.add(_addr(address))
 
     def add_coin(self, coin: str, sz_decimals: int = 2, max_leverage: int = 50, mid: Any = None) -> int:
         """Append ``coin`` to its dex's meta universe (if new; a "dex:COIN" name goes to that HIP-3 dex, which is
@@ -746,11 +782,18 @@ class StateBase:
             return self._trade(address, coin, deltas, prices)
 
     def liquidate(self, address: str, coin: str, mark_px: Any, px: Any = None,
-                  cancel_orders: bool = True) -> list[dict[str, Any]]:
-        """Market-liquidate the whole position: one fill at ``px`` (default mark_px), dir "Liquidated Cross
-        Long/Short", liquidation {"liquidatedUser", "markPx", "method": "market"}.  The mid becomes mark_px; a
-        userNonFundingLedgerUpdates liquidation delta is recorded; with cancel_orders the coin's open orders
-        are cancelled (status liquidatedCanceled)."""
+                  cancel_orders: bool = True, method: str = "market") -> list[dict[str, Any]]:
+        """Liquidate the whole position of ``address``: one fill at ``px`` (default mark_px) carrying
+        liquidation {"liquidatedUser": the account, "markPx", "method"}.
+
+        ``method="market"``: the victim's own fill has the ordinary dir ("Close Long"/"Close Short"), crossed,
+        the taker fee, as in the real recording (reference §2.4, userFills_liquidation.json).
+        ``method="backstop"``: the position goes to the liquidator vault: dir "Liquidated Cross Long" (or
+        Isolated / Short), fee 0 (third-party notes only, no recording: UNCONFIRMED).
+        The mid becomes mark_px; a userNonFundingLedgerUpdates liquidation delta is recorded; with
+        cancel_orders the coin's open orders are cancelled (status liquidatedCanceled)."""
+        if method not in ("market", "backstop"):
+            raise SimulatorError("method must be 'market' or 'backstop'")
         with self._lock:
             acct = self._account(address, create=True)
             pos = acct.positions.get(coin)
@@ -759,10 +802,13 @@ class StateBase:
             mark = D(mark_px, "mark_px")
             price = D(px, "px") if px is not None else mark
             self._mids[coin] = mark
-            liq = {"liquidatedUser": acct.address, "markPx": fmt(mark), "method": "market"}
+            liq = {"liquidatedUser": acct.address, "markPx": fmt(mark), "method": method}
             szi = pos.szi
             account_value = self._account_value(acct.positions, acct.cash)
-            fills = self._trade(address, coin, [-szi], [price], tif="LiquidationMarket", liquidation=liq)
+            backstop = method == "backstop"
+            fills = self._trade(address, coin, [-szi], [price], tif="LiquidationMarket", liquidation=liq,
+                                direction="Liquidated {kind} {side}" if backstop else None,
+                                fee=Decimal(0) if backstop else None)
             acct.ledger.append({
                 "time": fills[0]["time"],
                 "hash": fills[0]["hash"],
@@ -775,21 +821,65 @@ class StateBase:
                 },
             })
             if cancel_orders:
-                for o in acct.orders.values():
-                    if o.coin == coin and o.status == "open":
-                        self._set_status(o, "liquidatedCanceled")
+                self._cancel_coin_orders(acct, coin, "liquidatedCanceled")
+            return fills
+
+    def _cancel_coin_orders(self, acct: Account, coin: str, status: str) -> None:
+        for o in acct.orders.values():
+            if o.coin == coin and o.status == "open":
+                self._set_status(o, status)
+
+    def adl(self, address: str, coin: str, px: Any = None, mark_px: Any = None,
+            against: str = HLP_LIQUIDATOR, size: Any = None) -> list[dict[str, Any]]:
+        """Auto-deleverage ``address`` (the profitable side) on ``coin``: one fill of ``size`` (default the
+        whole position) at ``px`` (default the mid) shaped like the real recording (userFills_adl.json):
+        dir "Auto-Deleveraging", crossed, fee 0, liquidation {"liquidatedUser": ``against`` (the account
+        being deleveraged against, an HLP liquidator child), "markPx", "method": "backstop"}."""
+        with self._lock:
+            acct = self._account(address, create=True)
+            pos = acct.positions.get(coin)
+            if pos is None:
+                raise SimulatorError(f"no open {coin} position for {acct.address}")
+            price = D(px, "px") if px is not None else self._mids.get(coin, pos.entry_px)
+            mark = D(mark_px, "mark_px") if mark_px is not None else price
+            amount = abs(pos.szi) if size is None else D(size, "size")
+            if not 0 < amount <= abs(pos.szi):
+                raise SimulatorError("size must be > 0 and at most the position")
+            liq = {"liquidatedUser": _addr(against), "markPx": fmt(mark), "method": "backstop"}
+            return self._trade(address, coin, [-amount * _sign(pos.szi)], [price], tif="LiquidationMarket",
+                               liquidation=liq, direction="Auto-Deleveraging", fee=Decimal(0))
+
+    def settle(self, address: str, coin: str, px: Any = None, cancel_orders: bool = True) -> list[dict[str, Any]]:
+        """Settle the whole ``coin`` position at ``px`` (default the mid), as a delisting or an outcome market
+        does: one fill, dir "Settlement", fee 0.  UNCONFIRMED (reference §2.4, §8): "Settlement" is a HIP-4
+        dir in third-party code; whether a delisting or a HIP-3 haltTrading settlement writes such fills (and
+        with what fee) is not established.  Open orders of the coin are cancelled (delistedCanceled)."""
+        with self._lock:
+            acct = self._account(address, create=True)
+            pos = acct.positions.get(coin)
+            if pos is None:
+                raise SimulatorError(f"no open {coin} position for {acct.address}")
+            price = D(px, "px") if px is not None else self._mids.get(coin, pos.entry_px)
+            fills = self._trade(address, coin, [-pos.szi], [price], tif="FrontendMarket", direction="Settlement",
+                                fee=Decimal(0))
+            if cancel_orders:
+                self._cancel_coin_orders(acct, coin, "delistedCanceled")
             return fills
 
     # ---- scripting: orders --------------------------------------------------------------------
 
     def add_trigger_order(self, address: str, coin: str, side: Any, sz: Any, trigger_px: Any, tpsl: str,
                           limit_px: Any = None, is_market: bool = True, cloid: str | None = None,
-                          reduce_only: bool = True) -> int:
+                          reduce_only: bool = True, position_tpsl: bool = False) -> int:
         """Place a (reduce-only by default) TP/SL trigger order as if from the UI.  side "B"/"A" (or
-        "buy"/"sell").  Shows in openOrders and frontendOpenOrders.  Returns its oid."""
+        "buy"/"sell").  Shows in openOrders and frontendOpenOrders.  Returns its oid.  ``reduce_only=False``
+        is a stop-entry order (it opens or adds to a position when it fires); ``position_tpsl=True`` a
+        position TP/SL (isPositionTpsl, always reduce-only: reference §2.6)."""
         with self._lock:
             if tpsl not in ("tp", "sl"):
                 raise SimulatorError("tpsl must be 'tp' or 'sl'")
+            if position_tpsl and not reduce_only:
+                raise SimulatorError("a position TP/SL is reduce-only")
             acct = self._account(address, create=True)
             s = _side(side)
             size, tpx = D(sz, "sz"), D(trigger_px, "trigger_px")
@@ -797,7 +887,8 @@ class StateBase:
             if limit_px is None:
                 limit_px = _sig(tpx * (Decimal("1.08") if s == "B" else Decimal("0.92")), 5)
             o = self._new_order(acct, coin, s, D(limit_px, "limit_px"), size, cloid, reduce_only, None,
-                                is_trigger=True, trigger_px=tpx, tpsl=tpsl, is_market=bool(is_market))
+                                is_trigger=True, trigger_px=tpx, tpsl=tpsl, is_market=bool(is_market),
+                                position_tpsl=bool(position_tpsl))
             self._bump(acct)
             return o.oid
 
@@ -815,7 +906,8 @@ class StateBase:
 
     def _new_order(self, acct: Account, coin: str, side: str, limit_px: Decimal, sz: Decimal, cloid: str | None,
                    reduce_only: bool, tif: str | None, *, is_trigger: bool = False, trigger_px: Decimal | None = None,
-                   tpsl: str | None = None, is_market: bool = True, status: str = "open") -> Order:
+                   tpsl: str | None = None, is_market: bool = True, status: str = "open",
+                   position_tpsl: bool = False) -> Order:
         cl = cloid.lower() if isinstance(cloid, str) and cloid else None
         if cl and cl in acct.cloids:
             raise SimulatorError(f"cloid {cl} already used by {acct.address}")
@@ -828,7 +920,7 @@ class StateBase:
             oid=self._next_oid(), coin=coin, side=side, limit_px=limit_px, sz=sz, orig_sz=sz, timestamp=now,
             cloid=cl, reduce_only=bool(reduce_only), tif=None if is_trigger else tif, is_trigger=is_trigger,
             trigger_px=trigger_px, tpsl=tpsl, is_market=is_market, order_type=order_type, status=status,
-            status_ts=now,
+            status_ts=now, position_tpsl=position_tpsl,
         )
         acct.orders[o.oid] = o
         if cl:
