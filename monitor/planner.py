@@ -361,6 +361,12 @@ def with_funding(actions: Sequence[Action], payments: Sequence[FundingPayment] |
             out.append(replace(action, metadata={**action.metadata,
                                                  "funding_unread": error or "userFunding not read"}))
             continue
+        if dex_of(action.coin) and not any(p.coin == action.coin for p in payments):
+            # Whether userFunding covers HIP-3 dexes is UNCONFIRMED (reference §2.12, §9.4): no payment of this
+            # coin may mean none was made or none is reported. NULL, never a zero that may not be true.
+            out.append(replace(action, metadata={**action.metadata, "funding_unknown": True,
+                                                 "funding_unconfirmed_hip3": True}))
+            continue
         funding = funding_between(payments, action.coin, *action.funding_window)
         net = _EXACT.add(_EXACT.subtract(action.realized_pnl, action.fees), funding)
         out.append(replace(action, funding=funding, net_pnl=net))

@@ -420,3 +420,21 @@ def test_the_simulator_models_both_answers_to_a_hip3_order_with_a_cloid(sim, mod
     else:
         assert outcome.kind == "filled" and outcome.oid is not None
         assert sim.position(ALICE, "xyz:TSLA") is None and reader.order_status(ALICE, cloid) == "filled"
+
+
+def test_a_hip3_close_gets_funding_only_when_userfunding_shows_that_coin():
+    """Whether userFunding covers HIP-3 dexes is UNCONFIRMED: without a payment of the coin, funding is NULL."""
+    from monitor.models import FundingPayment
+    from monitor.planner import CLOSE, Action, with_funding
+
+    close = Action(CLOSE, ALICE, "xyz:TSLA", position_id=7, realized_pnl=Decimal(20), fees=Decimal(1),
+                   funding_window=(1_000, 9_000))
+    main = Action(CLOSE, ALICE, "BTC", position_id=8, realized_pnl=Decimal(5), fees=Decimal(1),
+                  funding_window=(1_000, 9_000))
+    unknown, btc = with_funding([close, main], [])
+    assert unknown.funding is None and unknown.net_pnl is None and unknown.metadata["funding_unconfirmed_hip3"]
+    assert btc.funding == 0 and btc.net_pnl == 4  # the main dex: userFunding is known to cover it
+    payment = FundingPayment(coin="xyz:TSLA", time_ms=5_000, usdc=Decimal("-0.5"), szi=Decimal(2),
+                             rate=Decimal("0.0001"), hash="0x" + "0" * 64)
+    (known,) = with_funding([close], [payment])
+    assert known.funding == Decimal("-0.5") and known.net_pnl == Decimal("18.5")
