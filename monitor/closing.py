@@ -8,6 +8,11 @@ The order of steps is what makes a close exactly-once:
    deadline;
 3. record the outcome. When the answer is lost (timeout, crash), the row stays ``closing`` and
    the next run looks the cloid up once ``expiresAfter`` has passed, before anything is sent again.
+
+On a HIP-3 dex the order carries no cloid (such orders are reported to fail silently, reference §4): the
+claim's cloid stays the attempt's token in SQL only, the oid from the order's answer is recorded on the row
+(``metadata.close_oids``, guarded by that token), and a lost answer is settled, once ``expiresAfter`` has
+passed (the order can no longer land; an IOC never rests), from the row's cycle in the fills alone.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from monitor.exchange import (
     ReadFailed,
     Trader,
     close_cloid,
+    hip3_assets,
     is_authorization_error,
     is_meta_error,
     is_open_order_limit_error,
@@ -38,7 +44,7 @@ from monitor.exchange import (
     signer_address,
 )
 from monitor.exit_budget import CACHE_TTL
-from monitor.models import Account
+from monitor.models import Account, dex_of
 from monitor.planner import Action, PlanSettings, lookback
 from monitor.report import Alert
 
@@ -51,7 +57,7 @@ SETTLE_MARGIN_SECONDS = 2.0  # after expiresAfter, before the cloid is looked up
 # so a host clock 30 s behind would otherwise sign every order already expired, and one 30 s ahead would look
 # a cloid up while its order can still land.
 CANCEL_ORPHANS = "cancel_orphans"  # followups.kind: cancel the orders a closed position left behind
-MAIN_DEX = ""  # the cache is keyed by perp dex; only the main one is traded today
+MAIN_DEX = ""  # the meta cache is keyed by perp dex ('' = the first)
 
 
 @dataclass
@@ -71,6 +77,7 @@ class CloseContext:
     meta: dict[str, Any] | None = None
     exchange_clock: ExchangeClock | None = None  # None: the exchange's time is taken to be the host's
     nonces: Callable[[], int] | None = None  # the key's host-wide nonce source (monitor.lock.NonceSource)
+    perp_dexes: list[str] = field(default_factory=lambda: [MAIN_DEX])  # by perp_dex_index, from perpDexs
 
     def exchange_now_ms(self) -> int:
         return self.exchange_clock.now_ms() if self.exchange_clock is not None else self.clock.now_ms()
@@ -103,8 +110,10 @@ class Closer:
         self.ctx = ctx
         self.done = CloseOutcome()  # what this run did, for its report
         self._traders: dict[str, Trader] = {}
-        # orders sent whose effect is read from fills next (in handle): (row, cloid, rule, partial, filled)
-        self._settles: dict[str, list[tuple[Any, str, str, bool, Decimal | None]]] = {}
+        # orders sent whose effect is read from fills next (in handle): (row, cloid, rule, partial, filled, oid)
+        self._settles: dict[str, list[tuple[Any, str, str, bool, Decimal | None, int | None]]] = {}
+        self._hip3: dict[str, tuple[int, int]] = {}  # HIP-3 coin -> (asset id, szDecimals), shared by the traders
+        self._hip3_metas: set[str] = set()  # HIP-3 dexes whose meta is loaded (or was read fresh) this run
         self._vaults: dict[str, str | None] = {}
 
     def _signer(self) -> str:
@@ -172,16 +181,40 @@ class Closer:
         assert ctx.meta is not None
         return ctx.meta
 
+    def _dex_meta(self, coin: str) -> None:
+        """A HIP-3 coin's asset id and szDecimals: its dex's meta from the cache while fresh (and listing the
+        coin), else read (weight 20); the asset id from the dex's position in perpDexs. ReadFailed when the
+        dex list or the meta cannot be had."""
+        ctx = self.ctx
+        dex = dex_of(coin)
+        if coin in self._hip3:
+            return
+        if dex not in ctx.perp_dexes:
+            raise ReadFailed("perpDexs", f"dex {dex!r} of {coin} is not in the perp dex list this run")
+        index = ctx.perp_dexes.index(dex)
+        meta = ctx.db.cached_meta(dex, CACHE_TTL) if dex not in self._hip3_metas else None
+        if meta is not None:
+            self._hip3.update(hip3_assets(dex, index, meta))
+        if coin not in self._hip3 and dex not in self._hip3_metas:
+            meta = ctx.exchange.read_meta(dex)
+            if not ctx.dry_run:
+                ctx.db.store_meta(dex, meta)
+            self._hip3.update(hip3_assets(dex, index, meta))
+        self._hip3_metas.add(dex)
+
     def _trader(self, account: Account, coin: str | None = None) -> Trader:
         ctx = self.ctx
-        meta = self._meta(coin)  # only when an order is to be sent
+        meta = self._meta(None if coin is not None and dex_of(coin) else coin)  # only when an order is to be sent
+        if coin is not None and dex_of(coin):
+            self._dex_meta(coin)
         if account.address not in self._traders:
             assert ctx.secret_key is not None
             self._traders[account.address] = Trader(ctx.exchange, ctx.secret_key, account.address, meta,
-                                                    vault_address=self._vault_for(account), nonces=ctx.nonces)
+                                                    vault_address=self._vault_for(account), nonces=ctx.nonces,
+                                                    hip3=self._hip3)
         return self._traders[account.address]
 
-    def _refused(self, account: Account, error: str | None) -> None:
+    def _refused(self, account: Account, error: str | None, coin: str | None = None) -> None:
         """An order or cancel was refused: a "not authorized" kind drops the key's cached roles, a bad
         size/price the cached meta, so the next attempt asks the exchange again."""
         ctx = self.ctx
@@ -196,8 +229,13 @@ class Closer:
             self._note(f"{account.address}: the exchange refused the key ({error[:80]});"
                        f" {dropped} cached role answer(s) dropped")
         elif is_meta_error(error):
-            ctx.db.drop_meta(MAIN_DEX)
-            ctx.meta = None
+            dex = dex_of(coin) if coin else MAIN_DEX
+            ctx.db.drop_meta(dex)
+            if dex:
+                self._hip3 = {c: v for c, v in self._hip3.items() if dex_of(c) != dex}
+                self._hip3_metas.discard(dex)
+            else:
+                ctx.meta = None
             self._traders.clear()
 
     def _note(self, text: str) -> None:
@@ -215,7 +253,8 @@ class Closer:
                 self._note(f"{account.address} {action.coin}: {exc}; will retry next run")
 
     def handle(self, account: Account, actions: list[Action], closed_coins: dict[str, int | None], *,
-               open_orders: list[OpenOrder] | None = None, followups: list[Followup] | None = None) -> None:
+               open_orders: dict[str, list[OpenOrder]] | None = None,
+               followups: list[Followup] | None = None) -> None:
         """Send/settle closes, then the account's follow-ups: with a key (not a dry run) the closes this run
         applied were recorded as follow-ups in their own transactions, and every pending one is worked here."""
         self._closed_here = False
@@ -227,9 +266,9 @@ class Closer:
                     self._settle(account, action)
             except ReadFailed as exc:
                 self._note(f"{account.address} {action.coin}: {exc}; will retry next run")
-        for row, cloid, rule, partial, filled in self._settles.pop(account.address, []):
+        for row, cloid, rule, partial, filled, oid in self._settles.pop(account.address, []):
             try:
-                self._settle_from_fills(account, row, cloid, rule, partial=partial, filled=filled)
+                self._settle_from_fills(account, row, cloid, rule, partial=partial, filled=filled, oid=oid)
             except ReadFailed as exc:
                 self._note(f"#{row.id} {row.coin}: {exc}; the row is settled next run")
         if not self.ctx.dry_run and self.ctx.secret_key is not None:
@@ -304,33 +343,41 @@ class Closer:
                 ctx.db.release_close(row.id, cloid=cloid, event="close_not_placed", error="run deadline reached")
             self._postponed(f"#{row.id} {action.coin}: not sent, the run is at its deadline; next run")
             return
+        hip3 = bool(dex_of(action.coin))
         try:
+            # On a HIP-3 dex no cloid is sent (reported to make the order fail silently); the claim's cloid is
+            # then only this attempt's token in SQL.
             outcome = trader.close_ioc(action.coin, side=row.side, size=action.size or row.size, mid=action.price,
-                                       slippage=ctx.slippage, cloid=cloid, expires_after_ms=expires_after)
+                                       slippage=ctx.slippage, cloid=None if hip3 else cloid,
+                                       expires_after_ms=expires_after)
         except ReadFailed as exc:
             self.done.close_orders_sent += 1
-            self._note(f"#{row.id} {action.coin}: close order answer unknown ({exc.reason});"
-                       f" settled by its cloid {cloid} next run")
+            how = "from fills once it has expired" if hip3 else f"by its cloid {cloid}"
+            self._note(f"#{row.id} {action.coin}: close order answer unknown ({exc.reason}); settled {how} next run")
             return
         self.done.close_orders_sent += 1
+        if hip3 and outcome.oid is not None:
+            with ctx.db.fenced(ctx.epoch):
+                ctx.db.record_close_oid(row.id, cloid=cloid, oid=outcome.oid)
         self.done.actions.append(Action("close_sent", account.address, action.coin, position_id=row.id,
                                          reason=action.reason, size=outcome.filled_size,
-                                         price=outcome.average_price, metadata={"outcome": outcome.kind,
-                                                                                "cloid": cloid}))
+                                         price=outcome.average_price,
+                                         metadata={"outcome": outcome.kind, "cloid": None if hip3 else cloid,
+                                                   **({"oid": outcome.oid} if outcome.oid is not None else {})}))
         if outcome.kind in ("filled", "partial"):
             # A reduce-only order is capped at the position (a stale size reads as "partial"), and a position
             # that grew since the read is bigger than the order: the row's cycle in the fills decides.
             self._settles.setdefault(account.address, []).append(
                 (row, cloid, action.reason or planner.claimed_rule(row), outcome.kind == "partial",
-                 outcome.filled_size))
+                 outcome.filled_size, outcome.oid))
         elif outcome.kind == "no_position":
             # Already flat: the row is closed from its fills, with whatever ended its cycle as the reason.
             self._settles.setdefault(account.address, []).append(
-                (row, cloid, action.reason or planner.claimed_rule(row), True, None))
+                (row, cloid, action.reason or planner.claimed_rule(row), True, None, None))
         elif outcome.kind == "rejected":
             with ctx.db.fenced(ctx.epoch):
                 ctx.db.release_close(row.id, cloid=cloid, event="close_failed", error=outcome.error)
-            self._refused(account, outcome.error)
+            self._refused(account, outcome.error, action.coin)
             attempts = row.close_attempts + 1
             if is_open_order_limit_error(outcome.error):
                 self._open_order_limit(account, action, row, trader, outcome.error or "", attempts)
@@ -368,7 +415,7 @@ class Closer:
         (starting with "cancelled" when at least one order is gone and the close may be sent again)."""
         ctx = self.ctx
         try:
-            orders = ctx.exchange.read_open_orders(account.address)
+            orders = ctx.exchange.read_open_orders(account.address, dex_of(action.coin))
         except BudgetExhausted as exc:
             return f"open orders not read (weight budget: {exc}); nothing cancelled, the next run tries again"
         except ReadFailed as exc:
@@ -425,7 +472,8 @@ class Closer:
         self._note(f"#{action.position_id} {action.coin}: already closing or closed by another process")
 
     def _settle_from_fills(self, account: Account, row: Any, cloid: str, rule: str, *, partial: bool,
-                           filled: Decimal | None = None) -> None:
+                           filled: Decimal | None = None, oid: int | None = None,
+                           release_event: str = "close_partial") -> bool | None:
         """Our close order executed (in full, in part, or we do not know how much): the row's own cycle in
         the fills decides. Ended: the row is closed with that cycle's figures (the rule is the reason when
         our order's fill ended it). Still open (a stale size, or a position that grew): the row goes back
@@ -443,17 +491,21 @@ class Closer:
         except ReadFailed as exc:
             self._note(f"#{position_id} {coin}: close order executed; fills unreadable ({exc.reason}),"
                        " the row is settled next run")
-            if partial:
+            if partial and release_event == "close_partial":
                 self._release_partial(row, cloid, None, f"partially filled ({filled}); fills unreadable")
-            return
+            return None
         own = planner.row_cycles_of(fills, row, account.address, ctx.plan_settings).own
         if own is None or own.broken:
-            if partial:
-                self._release_partial(row, cloid, None, f"partially filled ({filled}); fills do not show it yet")
-            return  # the next run settles the row
+            if partial and not (own is not None and own.broken and release_event != "close_partial"):
+                return self._release_partial(row, cloid, None, f"partially filled ({filled}); fills do not"
+                                             " show it yet" if release_event == "close_partial" else
+                                             "close order expired; no fill of it", event=release_event)
+            return None  # the next run settles the row
         if own.ended:
             ours = {cloid.lower()} | ({row.close_cloid.lower()} if row.close_cloid else set())
-            reason = rule if own.end_cloid in ours and not own.liquidated else None
+            oids = planner.row_order_ids(row) | ({oid} if oid is not None else set())
+            mine = own.end_cloid in ours or own.end_oid in oids or planner.ended_by_own_order(row, own)
+            reason = rule if mine and not own.liquidated else None
             close = planner.cycle_close(account.address, row, own, ctx.clock.now(), truncated=truncated,
                                         reason=reason)
             close, = attach_funding(ctx.exchange, account.address, [close])
@@ -471,21 +523,25 @@ class Closer:
                 self.done.closed += 1
                 self.done.actions.append(close)
                 self._closed_here = True
-            return
-        if partial or cloid.lower() in own.cloids:
-            self._release_partial(row, cloid, own, f"filled {filled}; {own.size} still open")
+            return None
+        if partial or cloid.lower() in own.cloids or (oid is not None and oid in own.oids):
+            error = (f"filled {filled}; {own.size} still open" if release_event == "close_partial"
+                     else f"close order expired; {own.size} still open")
+            return self._release_partial(row, cloid, own, error, event=release_event)
+        return None
 
-    def _release_partial(self, row: Any, cloid: str, own: Any, error: str) -> None:
+    def _release_partial(self, row: Any, cloid: str, own: Any, error: str, event: str = "close_partial") -> bool:
         """closing -> open after an order that left part of the position; the true size from the row's cycle."""
         ctx = self.ctx
         with ctx.db.fenced(ctx.epoch):
-            released = ctx.db.release_close(row.id, cloid=cloid, event="close_partial", error=error)
+            released = ctx.db.release_close(row.id, cloid=cloid, event=event, error=error)
             if released and own is not None and own.size > 0 and own.size != row.size:
                 ctx.db.update_position(row.id, size=own.size, entry_price=row.entry_price, now=ctx.clock.now(),
                                        realized_pnl=own.realized_pnl, fees=own.fees, previous_size=row.size)
         if released:
             self._note(f"#{row.id} {row.coin}: close order {cloid} left part of the position ({error});"
                        " the rule stays armed")
+        return released
 
     # ---- settling an unfinished close (crash recovery) ----------------------------------------
 
@@ -502,6 +558,9 @@ class Closer:
                                            + timedelta(seconds=ORDER_TTL_SECONDS))
         if from_ms(ctx.exchange_now_ms()) < expires + timedelta(seconds=SETTLE_MARGIN_SECONDS):
             self._note(f"#{row.id} {row.coin}: close order {row.close_cloid} may still land; settling later")
+            return
+        if dex_of(row.coin):
+            self._settle_hip3(account, row, action)
             return
         status = ctx.exchange.order_status(account.address, row.close_cloid)
         if ctx.dry_run:
@@ -524,20 +583,43 @@ class Closer:
             self._close(account, Action(planner.CLOSE_ORDER, account.address, row.coin, position_id=row.id,
                                         side=row.side, size=action.size, reason=then, price=action.price))
 
+    def _settle_hip3(self, account: Account, row: Any, action: Action) -> None:
+        """A HIP-3 close whose order has expired (it carried no cloid to look up): what it did is in the fills.
+        The row's cycle ended: closed with its figures. Still open: back to ``open`` with the true size (the
+        order can no longer land, and an IOC never rests), and a rule that still fires sends a new attempt."""
+        ctx = self.ctx
+        if ctx.dry_run:
+            self._note(f"#{row.id} {row.coin}: unfinished HIP-3 close {row.close_cloid} has expired; would settle"
+                       " it from fills")
+            return
+        released = self._settle_from_fills(account, row, row.close_cloid, planner.claimed_rule(row), partial=True,
+                                           release_event="close_released")
+        if not released:
+            return
+        self._note(f"#{row.id} {row.coin}: HIP-3 close {row.close_cloid} expired with the position still open;"
+                   " row reopened for retry")
+        then = action.metadata.get("then")
+        if then and action.price is not None:  # the rule still fires (checked against fills): a new attempt now
+            self._close(account, Action(planner.CLOSE_ORDER, account.address, row.coin, position_id=row.id,
+                                        side=row.side, size=action.size, reason=then, price=action.price))
+
     # ---- orphaned orders -------------------------------------------------------------------
 
     def _cancel_orphans(self, account: Account, coins: dict[str, int | None],
-                        orders: list[OpenOrder] | None = None) -> None:
+                        orders: dict[str, list[OpenOrder]] | None = None) -> None:
         """Cancel the reduce-only orders (its TP/SL among them) a closed position left behind
-        (``exchange.orphaned_orders``): never an order that is not reduce-only.
+        (``exchange.orphaned_orders``): never an order that is not reduce-only. Open orders are read per perp
+        dex of the coins (``orders``: those read already, by dex).
 
         ``coins`` maps each closed coin to its close time (ms). An order placed after the close belongs
         to a position opened since, and is kept.
         """
         ctx = self.ctx
-        if orders is None:
-            orders = ctx.exchange.read_open_orders(account.address)
-        targets: list[OpenOrder] = [o for coin, bound in coins.items() for o in orphaned_orders(orders, coin, bound)]
+        read: dict[str, list[OpenOrder]] = dict(orders or {})
+        for dex in sorted({dex_of(c) for c in coins} - set(read)):
+            read[dex] = ctx.exchange.read_open_orders(account.address, dex)
+        every = [o for dex_orders in read.values() for o in dex_orders]
+        targets: list[OpenOrder] = [o for coin, bound in coins.items() for o in orphaned_orders(every, coin, bound)]
         for order in targets:
             if ctx.dry_run or ctx.secret_key is None:
                 self.done.actions.append(Action("cancel_order", account.address, order.coin,
@@ -555,7 +637,7 @@ class Closer:
                 self._note(f"{account.address}: order {order.oid} left for the next run (deadline)")
                 continue
             error = trader.cancel(order.coin, order.oid, expires_after)
-            self._refused(account, error)
+            self._refused(account, error, order.coin)
             self.done.actions.append(Action("cancel_order", account.address, order.coin,
                                              reason="position gone" if error is None else f"cancel failed: {error}",
                                              metadata={"oid": order.oid, "order_type": order.order_type,
@@ -563,27 +645,32 @@ class Closer:
 
     # ---- durable follow-ups ---------------------------------------------------------------------
 
-    def _run_followups(self, account: Account, orders: list[OpenOrder] | None) -> None:
+    def _run_followups(self, account: Account, orders: dict[str, list[OpenOrder]] | None) -> None:
         """Work every pending follow-up of ``account``: done when its cancels succeed, moot when no such
         order is left, else one more failed attempt (an alert from MONITOR_MAX_CLOSE_FAILURES on).
 
         Only reduce-only orders of the follow-up's coin placed at or before its close time are cancelled
         (``exchange.orphaned_orders``): a position opened since keeps its orders, and an order that is not
-        reduce-only (a stop-entry trigger, a resting entry) is never touched.
+        reduce-only (a stop-entry trigger, a resting entry) is never touched. Open orders are read per perp dex
+        of the follow-ups' coins; a dex whose orders cannot be read fails only its own follow-ups.
         """
         ctx = self.ctx
         pending = [f for f in ctx.db.pending_followups([account.id]).get(account.id, []) if f.kind == CANCEL_ORPHANS]
         if not pending or ctx.lock_lost():
             return
-        if orders is None:
+        by_dex: dict[str, list[OpenOrder]] = dict(orders or {})
+        unreadable: dict[str, str] = {}
+        for dex in sorted({dex_of(f.coin) for f in pending} - set(by_dex)):
             try:
-                orders = ctx.exchange.read_open_orders(account.address)
+                by_dex[dex] = ctx.exchange.read_open_orders(account.address, dex)
             except ReadFailed as exc:
-                for followup in pending:
-                    self._followup_failed(account, followup, f"open orders unreadable ({exc})")
-                return
+                unreadable[dex] = str(exc)
+        for followup in [f for f in pending if dex_of(f.coin) in unreadable]:
+            self._followup_failed(account, followup, f"open orders unreadable ({unreadable[dex_of(followup.coin)]})")
+        pending = [f for f in pending if dex_of(f.coin) not in unreadable]
+        orders_list = [o for dex_orders in by_dex.values() for o in dex_orders]
         for followup in pending:
-            targets = orphaned_orders(orders, followup.coin, followup.not_after_ms)
+            targets = orphaned_orders(orders_list, followup.coin, followup.not_after_ms)
             if not targets:
                 self._followup_finished(account, followup, "moot", "followup_moot", "no such order left", {})
                 continue

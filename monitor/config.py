@@ -45,6 +45,7 @@ class Settings:
     weight_budget: int = 1000
     read_parallelism: int = 16
     shard: tuple[int, int] | None = None
+    perp_dexes: tuple[str, ...] | None = None  # HIP-3 dexes to watch: None = all (perpDexs), () = none
 
     @property
     def lease_name(self) -> str:
@@ -107,6 +108,28 @@ def parse_shard(name: str, text: str) -> tuple[int, int]:
     if not (1 <= k <= n <= 1024):
         raise ConfigError(f"{name}: expected K/N with 1 <= K <= N <= 1024, got {text!r}")
     return k, n
+
+
+_DEX_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+
+
+def parse_perp_dexes(name: str, text: str) -> tuple[str, ...] | None:
+    """``all`` (every dex perpDexs lists), a comma list of HIP-3 dex names, or "" (the first dex only)."""
+    value = text.strip()
+    if value.lower() == "all":
+        return None
+    names: list[str] = []
+    for part in value.split(","):
+        dex = part.strip()
+        if not dex:
+            if value:
+                raise ConfigError(f"{name}: an empty name in the list {text!r} (use \"\" alone for the first dex only)")
+            continue
+        if len(dex) > 32 or not set(dex) <= _DEX_NAME_CHARS:
+            raise ConfigError(f"{name}: expected 'all', dex names separated by commas, or empty, got {text!r}")
+        if dex not in names:
+            names.append(dex)
+    return tuple(names)
 
 
 def _fraction(name: str, text: str) -> Decimal:
@@ -212,7 +235,10 @@ _ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "weight_budget": ("MONITOR_WEIGHT_BUDGET", lambda n, t: _bounded_int(n, t, 10, 100_000)),
     "read_parallelism": ("MONITOR_READ_PARALLELISM", lambda n, t: _bounded_int(n, t, 1, 64)),
     "shard": ("MONITOR_SHARD", parse_shard),
+    "perp_dexes": ("MONITOR_PERP_DEXES", parse_perp_dexes),
 }
+# Settings whose empty value means something ("" = the first perp dex only), not "unset".
+_EMPTY_IS_A_VALUE = {"MONITOR_PERP_DEXES"}
 
 ENVIRONMENT_VARIABLES = tuple(env for env, _ in _ENV.values()) + ("MONITOR_HL_SECRET_KEY_FILE",)
 
@@ -232,7 +258,7 @@ def load_settings(flags: Mapping[str, str | None] | None = None, environ: Mappin
         flag_value = flags.get(field_name)
         if flag_value is not None:
             values[field_name] = parse("--" + field_name.replace("_", "-"), str(flag_value))
-        elif environ.get(env_name) not in (None, ""):
+        elif environ.get(env_name) not in (None, "") or (env_name in _EMPTY_IS_A_VALUE and env_name in environ):
             values[field_name] = parse(env_name, environ[env_name])
     key_file = environ.get("MONITOR_HL_SECRET_KEY_FILE")
     if key_file:

@@ -1074,6 +1074,17 @@ class Database(OperationsMixin, ExchangeCacheMixin):
                         {"cloid": cloid, "expires_after": expires_at})
         return cur.rowcount == 1
 
+    def record_close_oid(self, position_id: int, *, cloid: str, oid: int) -> bool:
+        """The oid the exchange gave a HIP-3 close order (sent without a cloid), on the row that claimed it with
+        ``cloid``: its fills are then known as the row's own (``metadata.close_oids``)."""
+        cur = self._execute(
+            "UPDATE positions SET metadata = jsonb_set(metadata, '{close_oids}',"
+            " COALESCE(metadata->'close_oids', '[]'::jsonb) || to_jsonb(%s::bigint))"
+            " WHERE id = %s AND status = 'closing' AND close_cloid = %s AND closed_at IS NULL",
+            (oid, position_id, cloid),
+        )
+        return cur.rowcount == 1
+
     def release_close(self, position_id: int, *, cloid: str, error: str | None, event: str) -> bool:
         """closing -> open (the attempt failed or was partial); the row is retried next run."""
         cur = self._execute(

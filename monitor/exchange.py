@@ -17,11 +17,13 @@ from typing import Any, Callable, Iterable, Iterator
 
 from monitor.clock import Clock, ExchangeClock
 from monitor.models import (
+    MAIN_DEX,
     AccountSnapshot,
     ExchangeDataError,
     ExchangePosition,
     Fill,
     FundingPayment,
+    dex_of,
     parse_coin,
     parse_decimal,
 )
@@ -47,7 +49,9 @@ FUNDING_MAX_REQUESTS = 10  # pages one funding read may make; more: the read fai
 # budget before its answer is known (the base).
 WEIGHT = {"clearinghouseState": 2, "allMids": 2, "orderStatus": 2, "meta": 20, "frontendOpenOrders": 20,
           "openOrders": 20, "userFillsByTime": 20, "userFills": 20, "historicalOrders": 20, "userFunding": 20,
-          "userRole": 60, "exchange": 1}
+          "userRole": 60, "exchange": 1, "perpDexs": 20}
+HIP3_ASSET_BASE = 100_000  # a HIP-3 asset id: 100000 + perp_dex_index * 10000 + index_in_meta (docs, asset-ids)
+HIP3_DEX_STRIDE = 10_000
 # Requests the docs charge "additional rate limit weight per 20 items returned" on top of the base (reference
 # §5.1: userFills, userFillsByTime, historicalOrders, userFunding, ...; l2Book and allMids have none). The
 # rounding is not documented (UNCONFIRMED): counted as ceil(items / 20), the larger reading, so a run never
@@ -157,8 +161,8 @@ class FillsTruncated(ReadFailed):
         self.fills = fills or []
 
 
-def parse_clearinghouse_state(body: Any, address: str) -> AccountSnapshot:
-    """Validate a clearinghouseState body and return the open positions it lists."""
+def parse_clearinghouse_state(body: Any, address: str, dex: str = MAIN_DEX) -> AccountSnapshot:
+    """Validate a clearinghouseState body (of perp dex ``dex``) and return the open positions it lists."""
     if not isinstance(body, dict):
         raise ExchangeDataError(f"expected an object, got {type(body).__name__}")
     if "error" in body and "assetPositions" not in body:
@@ -172,6 +176,8 @@ def parse_clearinghouse_state(body: Any, address: str) -> AccountSnapshot:
             raise ExchangeDataError(f"assetPositions[{index}] has no position object")
         raw = item["position"]
         coin = parse_coin(raw.get("coin"), f"assetPositions[{index}].coin")
+        if dex and dex_of(coin) != dex:  # one HIP-3 dex per answer: another's coin means we misread something
+            raise ExchangeDataError(f"{coin} in the answer for dex {dex!r}")
         szi = parse_decimal(raw.get("szi"), f"{coin}.szi")
         entry_raw = raw.get("entryPx")
         entry = None if entry_raw is None else parse_decimal(entry_raw, f"{coin}.entryPx")
@@ -184,21 +190,43 @@ def parse_clearinghouse_state(body: Any, address: str) -> AccountSnapshot:
     server_time = body.get("time")
     if server_time is not None and (isinstance(server_time, bool) or not isinstance(server_time, int)):
         raise ExchangeDataError("time is not an integer")
-    return AccountSnapshot(address=address, positions=positions, server_time_ms=server_time)
+    return AccountSnapshot(address=address, positions=positions, server_time_ms=server_time,
+                           dexes_read=frozenset({dex}))
 
 
-def parse_mids(body: Any) -> dict[str, Decimal]:
+def parse_mids(body: Any, dex: str = MAIN_DEX) -> dict[str, Decimal]:
+    """allMids of one perp dex. A HIP-3 dex's mids are keyed by the full name (``xyz:TSLA``); a bare name in
+    such an answer is taken as that dex's coin, and another dex's name is ignored."""
     if not isinstance(body, dict) or "error" in body:
         raise ExchangeDataError("allMids: expected an object of coin -> price")
     mids: dict[str, Decimal] = {}
     for coin, price in body.items():
         try:
             mid = parse_decimal(price, f"mid {coin}")
+            name = parse_coin(coin)
+            if dex and ":" not in name:
+                name = f"{dex}:{name}"
+            if dex and dex_of(name) != dex:
+                continue
             if mid > 0:  # a zero or negative mid would fire rules and price orders absurdly
-                mids[parse_coin(coin)] = mid
+                mids[name] = mid
         except ExchangeDataError:
             continue  # one odd entry (spot names, an empty book) does not spoil the others
     return mids
+
+
+def parse_perp_dexs(body: Any) -> list[str]:
+    """perpDexs: the dex names by perp_dex_index ("" first: the main dex). An entry's position is its identity
+    (asset ids are numbered from it), so an entry that cannot be read fails the whole answer."""
+    if not isinstance(body, list) or not body or body[0] is not None:
+        raise ExchangeDataError("perpDexs: expected a list starting with null (the first perp dex)")
+    names = [MAIN_DEX]
+    for index, item in enumerate(body[1:], start=1):
+        name = item.get("name") if isinstance(item, dict) else None
+        if not isinstance(name, str) or not name or ":" in name or len(name) > 32 or name in names:
+            raise ExchangeDataError(f"perpDexs[{index}]: no usable name")
+        names.append(parse_coin(name, f"perpDexs[{index}].name"))
+    return names
 
 
 @dataclass
@@ -388,16 +416,25 @@ class Exchange:
             if self.after_response is not None and kind in PER_ITEM_WEIGHT:
                 self.after_response(what, extra)
 
-    def read_positions(self, address: str) -> AccountSnapshot:
-        body = self._post("clearinghouseState", {"type": "clearinghouseState", "user": address, "dex": ""},
+    def read_positions(self, address: str, dex: str = MAIN_DEX) -> AccountSnapshot:
+        what = "clearinghouseState" if not dex else f"clearinghouseState({dex})"
+        body = self._post(what, {"type": "clearinghouseState", "user": address, "dex": dex},
                           WEIGHT["clearinghouseState"])
         try:
-            snapshot = parse_clearinghouse_state(body, address)
+            snapshot = parse_clearinghouse_state(body, address, dex)
         except ExchangeDataError as exc:
-            raise ReadFailed("clearinghouseState", f"invalid answer ({exc})") from None
+            raise ReadFailed(what, f"invalid answer ({exc})") from None
         if snapshot.server_time_ms is not None and self.exchange_clock is not None:
             self.exchange_clock.observe(snapshot.server_time_ms, self._sent_ms, self._received_ms)
         return snapshot
+
+    def read_perp_dexs(self) -> list[str]:
+        """The perp dexes by index ("" = the main dex), weight 20."""
+        body = self._post("perpDexs", {"type": "perpDexs"}, WEIGHT["perpDexs"])
+        try:
+            return parse_perp_dexs(body)
+        except ExchangeDataError as exc:
+            raise ReadFailed("perpDexs", f"invalid answer ({exc})") from None
 
     def read_fills(self, address: str, since_ms: int, until_ms: int | None = None) -> list[Fill]:
         """Every fill of the account from ``since_ms`` (inclusive) until now, deduplicated, oldest first.
@@ -582,19 +619,21 @@ class Exchange:
             start = newest
         raise ReadFailed("userFunding", f"more payments in the window than {FUNDING_MAX_REQUESTS} pages")
 
-    def read_meta(self) -> dict[str, Any]:
-        body = self._post("meta", {"type": "meta", "dex": ""}, WEIGHT["meta"])
+    def read_meta(self, dex: str = MAIN_DEX) -> dict[str, Any]:
+        body = self._post("meta", {"type": "meta", "dex": dex}, WEIGHT["meta"])
         if not isinstance(body, dict) or not isinstance(body.get("universe"), list):
             raise ReadFailed("meta", "invalid answer (no universe)")
         return body
 
-    def read_open_orders(self, address: str) -> list[OpenOrder]:
-        body = self._post("frontendOpenOrders", {"type": "frontendOpenOrders", "user": address, "dex": ""},
+    def read_open_orders(self, address: str, dex: str = MAIN_DEX) -> list[OpenOrder]:
+        body = self._post("frontendOpenOrders", {"type": "frontendOpenOrders", "user": address, "dex": dex},
                           WEIGHT["frontendOpenOrders"])
         try:
-            return parse_open_orders(body)
+            orders = parse_open_orders(body)
         except ExchangeDataError as exc:
             raise ReadFailed("frontendOpenOrders", f"invalid answer ({exc})") from None
+        # One dex per answer (the main dex's may add spot orders, which are never ours to cancel).
+        return [o for o in orders if dex_of(o.coin) == dex]
 
     def user_role(self, address: str) -> tuple[str, str | None]:
         """userRole (weight 60).
@@ -624,10 +663,10 @@ class Exchange:
         except (KeyError, TypeError):
             raise ReadFailed("orderStatus", "invalid answer (no order status)") from None
 
-    def read_mids(self) -> dict[str, Decimal]:
-        body = self._post("allMids", {"type": "allMids", "dex": ""}, WEIGHT["allMids"])
+    def read_mids(self, dex: str = MAIN_DEX) -> dict[str, Decimal]:
+        body = self._post("allMids", {"type": "allMids", "dex": dex}, WEIGHT["allMids"])
         try:
-            return parse_mids(body)
+            return parse_mids(body, dex)
         except ExchangeDataError as exc:
             raise ReadFailed("allMids", f"invalid answer ({exc})") from None
 
@@ -670,6 +709,7 @@ class OrderOutcome:
     filled_size: Decimal = Decimal(0)
     average_price: Decimal | None = None
     error: str | None = None
+    oid: int | None = None  # the exchange's order id, when the answer names one
 
     def __post_init__(self) -> None:
         if self.error is not None:
@@ -770,6 +810,24 @@ def order_kind(order: OpenOrder) -> str:
     return "reduce_only" if order.reduce_only else "limit"
 
 
+def hip3_asset_id(perp_dex_index: int, index_in_meta: int) -> int:
+    """The asset id of a HIP-3 coin: 100000 + perp_dex_index * 10000 + index_in_meta (docs, asset-ids; the SDK's
+    ``Info`` numbers them the same way, 110000 + i * 10000 for the i-th dex after the first)."""
+    if perp_dex_index < 1 or not 0 <= index_in_meta < HIP3_DEX_STRIDE:
+        raise ValueError("not a HIP-3 asset")
+    return HIP3_ASSET_BASE + perp_dex_index * HIP3_DEX_STRIDE + index_in_meta
+
+
+def hip3_assets(dex: str, perp_dex_index: int, meta: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """coin -> (asset id, szDecimals) for one HIP-3 dex's ``meta`` (delisted entries keep their index)."""
+    out: dict[str, tuple[int, int]] = {}
+    for index, item in enumerate(meta.get("universe", [])):
+        if isinstance(item, dict) and isinstance(item.get("name"), str):
+            name = item["name"] if ":" in item["name"] else f"{dex}:{item['name']}"
+            out[name] = (hip3_asset_id(perp_dex_index, index), int(item.get("szDecimals", 0)))
+    return out
+
+
 def signer_address(secret_key: str) -> str:
     """The lowercase address of the configured key (never the key itself)."""
     from eth_account import Account as EthAccount
@@ -782,11 +840,14 @@ class Trader:
     """Signed actions for one account, with an API (agent) wallet acting for it.
 
     Orders are built from Decimals (the SDK's own ``order()`` takes floats) and signed with the
-    SDK's ``sign_l1_action``; each carries a cloid and an ``expiresAfter``.
+    SDK's ``sign_l1_action``; each carries an ``expiresAfter``, and a cloid except on HIP-3 dexes (a HIP-3
+    order with a cloid is reported to fail silently: reference §4). HIP-3 asset ids and szDecimals come from
+    ``hip3`` (see ``hip3_assets``), never from the SDK, whose price rounding takes them for spot.
     """
 
     def __init__(self, reader: Exchange, secret_key: str, account: str, meta: dict[str, Any], *,
-                 vault_address: str | None = None, nonces: Callable[[], int] | None = None) -> None:
+                 vault_address: str | None = None, nonces: Callable[[], int] | None = None,
+                 hip3: dict[str, tuple[int, int]] | None = None) -> None:
         from eth_account import Account as EthAccount
         from hyperliquid.exchange import Exchange as SdkExchange
 
@@ -800,6 +861,18 @@ class Trader:
         self.sdk = SdkExchange(wallet, reader.base_url, meta=meta, spot_meta=EMPTY_SPOT_META,
                                vault_address=vault_address, account_address=account, timeout=reader.timeout)
         self.sz_decimals = {a["name"]: int(a.get("szDecimals", 0)) for a in meta.get("universe", [])}
+        self.hip3: dict[str, tuple[int, int]] = hip3 if hip3 is not None else {}  # shared: filled in as dexes load
+
+    def asset(self, coin: str) -> int:
+        """The order asset id of ``coin``; KeyError when it is not in the meta the trader was built with."""
+        if dex_of(coin):
+            return self.hip3[coin][0]
+        return int(self.sdk.info.name_to_asset(coin))
+
+    def sz_decimals_of(self, coin: str) -> int:
+        if dex_of(coin):
+            return self.hip3[coin][1] if coin in self.hip3 else 0
+        return self.sz_decimals.get(coin, 0)
 
     def _send(self, action: dict[str, Any], expires_after_ms: int | None, weight: int = 1) -> Any:
         import requests
@@ -832,32 +905,35 @@ class Trader:
         except (KeyError, ValueError, AttributeError, TypeError):
             raise ReadFailed("exchange", "unexpected error body") from None
 
-    def close_ioc(self, coin: str, *, side: str, size: Decimal, mid: Decimal, slippage: Decimal, cloid: str,
+    def close_ioc(self, coin: str, *, side: str, size: Decimal, mid: Decimal, slippage: Decimal, cloid: str | None,
                   expires_after_ms: int) -> OrderOutcome:
-        """A reduce-only IOC order that closes ``size`` of a ``side`` position, priced ``slippage`` through the mid.
+        """A reduce-only IOC order that closes ``size`` of a ``side`` position, priced ``slippage`` through the mid
+        (perp price rules on every dex). ``cloid`` None sends none (HIP-3); the answer's oid is in the outcome.
 
         Raises ReadFailed when the answer is unknown (timeout, 5xx): the order may or may not exist;
-        the caller settles it later by its cloid.
+        the caller settles it later (by its cloid, or on HIP-3 from fills once it has expired).
         """
         from hyperliquid.utils.signing import order_wires_to_order_action
 
         is_buy = side == "short"
-        sz_decimals = self.sz_decimals.get(coin, 0)
+        sz_decimals = self.sz_decimals_of(coin)
         price = round_price(mid * (1 + slippage) if is_buy else mid * (1 - slippage), sz_decimals, is_buy=is_buy)
         size = size.quantize(Decimal(1).scaleb(-sz_decimals)) if sz_decimals >= 0 else size
         try:
-            asset = self.sdk.info.name_to_asset(coin)
+            asset = self.asset(coin)
         except KeyError:
             return OrderOutcome("rejected", error=f"{coin} is not in the exchange's meta (asset id unknown)")
         wire = {"a": asset, "b": is_buy, "p": decimal_to_wire(price),
-                "s": decimal_to_wire(size), "r": True, "t": {"limit": {"tif": "Ioc"}}, "c": cloid}
+                "s": decimal_to_wire(size), "r": True, "t": {"limit": {"tif": "Ioc"}}}
+        if cloid is not None:
+            wire["c"] = cloid
         body = self._send(order_wires_to_order_action([wire], None, "na"), expires_after_ms)
         return interpret_order_response(body, size)
 
     def cancel(self, coin: str, oid: int, expires_after_ms: int) -> str | None:
         """Cancel one order; None on success, else the exchange's error text."""
         try:
-            asset = self.sdk.info.name_to_asset(coin)
+            asset = self.asset(coin)
         except KeyError:
             return f"{coin} is not in the exchange's meta (asset id unknown)"
         action = {"type": "cancel", "cancels": [{"a": asset, "o": oid}]}
@@ -881,7 +957,7 @@ class Trader:
         """Cancel ``oids`` of ``coin`` in one action (weight 1 + n // 40, reference §5.1); per oid None on
         success (or already gone), else the exchange's error text. Raises ReadFailed when the answer is unknown."""
         try:
-            asset = self.sdk.info.name_to_asset(coin)
+            asset = self.asset(coin)
         except KeyError:
             return dict.fromkeys(oids, f"{coin} is not in the exchange's meta (asset id unknown)")
         action = {"type": "cancel", "cancels": [{"a": asset, "o": oid} for oid in oids]}
@@ -929,7 +1005,9 @@ def interpret_order_response(body: Any, requested: Decimal) -> OrderOutcome:
             average = parse_decimal(filled.get("avgPx"), "avgPx")
         except ExchangeDataError as exc:
             return OrderOutcome("unknown", error=str(exc))
-        return OrderOutcome("filled" if total >= requested else "partial", total, average)
+        oid = filled.get("oid")
+        oid = oid if isinstance(oid, int) and not isinstance(oid, bool) else None
+        return OrderOutcome("filled" if total >= requested else "partial", total, average, oid=oid)
     if isinstance(status, dict) and isinstance(status.get("error"), str):
         error = status["error"]
         if "Reduce only order would increase position" in error:

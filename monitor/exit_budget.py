@@ -12,6 +12,7 @@ rule's order, and the reads that explain its close, never found weight. The run 
 * a row in ``closing``: its account's read, ``orderStatus`` for its cloid, then the same
   fills/funding/open-orders/cancels = ``ROW_SETTLE_WEIGHT``;
 * pending cancels recorded by earlier runs (per account: an open-orders read + one per cancel);
+* a row on a HIP-3 dex: that dex's read too, and once per such dex with an order to send, its ``meta``;
 * once, when an order is to be sent: ``meta`` unless cached, the key's ``userRole`` unless cached,
   and a ``userRole`` per other account unless cached (a sub-account of the key's master).
 
@@ -30,7 +31,7 @@ from typing import Collection, Mapping, Sequence
 
 from monitor.exchange import WEIGHT
 from monitor.exchange import signer_address as signer_address  # re-exported for runner.py until it imports it
-from monitor.models import Account, PositionRow
+from monitor.models import Account, PositionRow, dex_of
 from monitor.planner import exit_rule
 
 # Cached exchange answers (key_roles, exchange_meta) are trusted this long.
@@ -93,23 +94,29 @@ def exit_reserve(accounts: Sequence[Account], rows_by_account: Mapping[int, Sequ
     """
     reserve = ExitReserve()
     sending_accounts: list[Account] = []
+    hip3_dexes: set[str] = set()
     for account in accounts:
         for row in rows_by_account.get(account.id, ()):
+            # A row on a HIP-3 dex also needs that dex's read (2), and before its order that dex's meta (20).
+            hip3 = WEIGHT["clearinghouseState"] if dex_of(row.coin) else 0
             if row.status == "closing" and row.closed_at is None:
                 reserve.closing.append(row.id)
                 reserve.urgent_accounts.add(account.id)
-                reserve.wanted += ROW_SETTLE_WEIGHT if can_send else WEIGHT["orderStatus"]
+                reserve.wanted += (ROW_SETTLE_WEIGHT if can_send else WEIGHT["orderStatus"]) + hip3
             elif firing(row, account, mids, now):
                 reserve.firing.append(row.id)
                 reserve.urgent_accounts.add(account.id)
                 if can_send:
-                    reserve.wanted += ROW_CLOSE_WEIGHT
+                    reserve.wanted += ROW_CLOSE_WEIGHT + hip3
+                    if hip3:
+                        hip3_dexes.add(dex_of(row.coin))
                     if not sending_accounts or sending_accounts[-1] is not account:
                         sending_accounts.append(account)
         cancels = (pending_cancels or {}).get(account.id, 0)
         if cancels and can_send:
             reserve.urgent_accounts.add(account.id)
             reserve.wanted += WEIGHT["frontendOpenOrders"] + cancels * WEIGHT["exchange"]
+    reserve.wanted += WEIGHT["meta"] * len(hip3_dexes)  # counted uncached: at most 20 a dex too many
     if sending_accounts:
         if not meta_cached:
             reserve.wanted += WEIGHT["meta"]

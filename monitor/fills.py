@@ -439,6 +439,9 @@ class Cycle:
     size: Decimal  # |position| after its last fill (0 once it ended)
     cloids: frozenset[str]  # client order ids of the fills that reduced it (lowercase)
     end_cloid: str | None = None  # client order id of the fill that ended it (lowercase)
+    oids: frozenset[int] = frozenset()  # order ids of the fills that reduced it (HIP-3 closes carry no cloid)
+    end_oid: int | None = None  # order id of the fill that ended it
+    end_liquidation: bool = False  # the fill that ended it was a liquidation of this account
     end_direction: str | None = None  # ``dir`` of the fill that ended it ("Auto-Deleveraging", "Settlement", ...)
 
     @property
@@ -473,6 +476,9 @@ class _CycleBuilder:
         self.size = _ZERO
         self.cloids: set[str] = set()
         self.last_cloid: str | None = None
+        self.oids: set[int] = set()
+        self.last_oid: int | None = None
+        self.last_liquidation = False
         self.last_direction: str | None = None
 
     def count_fill(self, fill: Fill, fee: Decimal) -> None:
@@ -486,8 +492,11 @@ class _CycleBuilder:
         self.realized = _EXACT.add(self.realized, fill.closed_pnl)
         fee = fill.fee if reduced == fill.size else _DIVIDE.divide(_EXACT.multiply(fill.fee, reduced), fill.size)
         self.count_fill(fill, fee)
-        if is_liquidation_of(fill, account):
+        self.last_liquidation = is_liquidation_of(fill, account)
+        if self.last_liquidation:
             self.liquidated = True
+        self.last_oid = fill.oid
+        self.oids.add(fill.oid)
         self.last_cloid = fill.cloid.lower() if fill.cloid else None
         self.last_direction = fill.direction
         if self.last_cloid:
@@ -501,6 +510,8 @@ class _CycleBuilder:
             closed_size=self.closed_size, realized_pnl=self.realized, fees=self.fees, liquidated=self.liquidated,
             fill_count=self.count, last_fill_ms=self.last_ms, size=_ZERO if end_ms is not None else self.size,
             cloids=frozenset(self.cloids), end_cloid=self.last_cloid if end_ms is not None else None,
+            oids=frozenset(self.oids), end_oid=self.last_oid if end_ms is not None else None,
+            end_liquidation=self.last_liquidation if end_ms is not None else False,
             end_direction=self.last_direction if end_ms is not None else None)
 
 

@@ -79,13 +79,29 @@ class ExchangePosition:
     entry_price: Decimal | None
 
 
+MAIN_DEX = ""  # the first perp dex; a HIP-3 (builder-deployed) dex's coins are named "<dex>:<COIN>"
+
+
+def dex_of(coin: str) -> str:
+    """The perp dex a coin lives on: "" (the main dex) or the prefix of a HIP-3 name such as ``xyz:TSLA``."""
+    return coin.split(":", 1)[0] if ":" in coin else MAIN_DEX
+
+
 @dataclass(frozen=True)
 class AccountSnapshot:
-    """A successful, validated read of one account's positions."""
+    """A successful, validated read of one account's positions, on the perp dexes in ``dexes_read``.
+
+    A dex not in ``dexes_read`` was not read (not watched, not this run's turn, or its read failed): nothing
+    about its positions is known, and rows on it are never treated as missing."""
 
     address: str
     positions: dict[str, ExchangePosition]
     server_time_ms: int | None = None
+    dexes_read: frozenset[str] = frozenset({MAIN_DEX})
+
+    def covers(self, coin: str) -> bool:
+        """Whether the read tells anything about ``coin``: its dex was read (or an answer listed it)."""
+        return dex_of(coin) in self.dexes_read or coin in self.positions
 
 
 @dataclass(frozen=True)

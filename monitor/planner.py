@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from monitor.clock import from_ms, to_ms
 from monitor.fills import Cycle, RowCycles, funding_between, row_cycles, segment_cycles
-from monitor.models import Account, AccountSnapshot, ExchangePosition, Fill, FundingPayment, PositionRow
+from monitor.models import Account, AccountSnapshot, ExchangePosition, Fill, FundingPayment, PositionRow, dex_of
 
 # Action types. The first four change the table; close_order asks the exchange to close; the
 # others are reported so a person can see why nothing happened to a row.
@@ -132,6 +132,8 @@ def needs_fills(snapshot: AccountSnapshot, rows: Sequence[PositionRow], recently
     """
     starts: list[datetime] = []
     for row in rows:
+        if not snapshot.covers(row.coin):
+            continue  # its dex was not read: nothing is known about it this run
         position = snapshot.positions.get(row.coin)
         if position is None:
             if now - row.opened_at >= settings.close_grace or row.status == "closing":
@@ -179,6 +181,12 @@ def plan_account(
     # before it are truncated; a younger row's cycle is in reach (only part of its lead-in may not be).
     reach_from = min((f.time_ms for f in fills), default=None) if fills_truncated and fills else None
     for row in rows:
+        if not snapshot.covers(row.coin):
+            # Its perp dex was not read this run (not watched, not its turn, or the read failed): never
+            # "missing", never closed, no rule acted on. The row stays exactly as it is.
+            plan.actions.append(Action(WAIT, address, row.coin, position_id=row.id,
+                                       reason=f"its perp dex {dex_of(row.coin)!r} was not read this run"))
+            continue
         position = snapshot.positions.get(row.coin)
         window_start = to_ms(row.opened_at - lookback(row, settings))
         covered = fills_from_ms is None or window_start >= fills_from_ms
@@ -262,6 +270,8 @@ def close_reason(row: PositionRow, own: Cycle, address: str) -> str:
         return "settlement"
     if own.end_cloid is not None and own.end_cloid in _row_cloids(row, address):
         return claimed_rule(row)
+    if ended_by_own_order(row, own):
+        return claimed_rule(row)
     if own.flipped:
         return "flipped"
     return "external"
@@ -274,6 +284,28 @@ def _row_cloids(row: PositionRow, address: str) -> set[str]:
     if row.close_cloid:
         ids.add(row.close_cloid.lower())
     return ids
+
+
+def row_order_ids(row: PositionRow) -> set[int]:
+    """The exchange order ids of the row's own close orders (recorded from their answers: HIP-3 closes carry
+    no cloid, so their fills are known by oid)."""
+    oids = row.metadata.get("close_oids")
+    return {o for o in oids if isinstance(o, int) and not isinstance(o, bool)} if isinstance(oids, list) else set()
+
+
+def ended_by_own_order(row: PositionRow, own: Cycle) -> bool:
+    """Whether the fill that ended a HIP-3 row's cycle was its own close order (sent without a cloid): by the
+    oid recorded from the order's answer, or, when that answer was lost, by time: a fill of no cloid, not a
+    liquidation, inside the claimed order's life (claim to expiresAfter). The time rule can take an outside
+    close in those few seconds for ours (the label only; the figures are the cycle's either way)."""
+    if own.end_oid is None or not dex_of(row.coin):
+        return False
+    if own.end_oid in row_order_ids(row):
+        return True
+    if (row.status != "closing" or own.end_cloid is not None or own.end_liquidation or own.end_ms is None
+            or row.close_started_at is None or row.close_expires_at is None):
+        return False
+    return to_ms(row.close_started_at) - 1000 <= own.end_ms <= to_ms(row.close_expires_at) + 1000
 
 
 def cycle_close(address: str, row: PositionRow, own: Cycle, now: datetime, *, truncated: bool = False,
@@ -328,6 +360,12 @@ def with_funding(actions: Sequence[Action], payments: Sequence[FundingPayment] |
         if payments is None:
             out.append(replace(action, metadata={**action.metadata,
                                                  "funding_unread": error or "userFunding not read"}))
+            continue
+        if dex_of(action.coin) and not any(p.coin == action.coin for p in payments):
+            # Whether userFunding covers HIP-3 dexes is UNCONFIRMED (reference §2.12, §9.4): no payment of this
+            # coin may mean none was made or none is reported. NULL, never a zero that may not be true.
+            out.append(replace(action, metadata={**action.metadata, "funding_unknown": True,
+                                                 "funding_unconfirmed_hip3": True}))
             continue
         funding = funding_between(payments, action.coin, *action.funding_window)
         net = _EXACT.add(_EXACT.subtract(action.realized_pnl, action.fees), funding)

@@ -28,6 +28,7 @@ from monitor.clock import CLOCK_OFFSET_ALERT_MS, Clock, ExchangeClock, to_ms
 from monitor.closing import CloseContext, CloseOutcome, Closer, attach_funding, followup_json
 from monitor.config import Settings
 from monitor.database import Database, Followup, connect, embedded_database_url
+from monitor.dexes import DexReads, plan_dex_reads, watched_dexes
 from monitor.errors import DatabaseError, DatabaseUnavailable, Fenced, UsageError, exit_code_for
 from monitor.exchange import (
     FILLS_MAX_READ_SHARE,
@@ -42,7 +43,7 @@ from monitor.exchange import (
 )
 from monitor.exit_budget import CACHE_TTL, ExitReserve, exit_reserve, signer_address
 from monitor.lock import LocalRunLock, NonceSource, PostgresRunLock, RunLock, machine_identity, process_start_time
-from monitor.models import Account, AccountSnapshot, PositionRow
+from monitor.models import MAIN_DEX, Account, AccountSnapshot, PositionRow, dex_of
 from monitor.planner import AccountPlan, Action, PlanSettings
 from monitor.report import Alert, RunReport
 
@@ -380,7 +381,7 @@ class AccountRead:
     plan: AccountPlan | None = None
     failure: str | None = None
     deferred: str | None = None  # "deadline" or "budget": not read this run
-    open_orders: list[OpenOrder] | None = None
+    open_orders: dict[str, list[OpenOrder]] | None = None  # by perp dex, read for the closes planned
 
 
 @dataclass
@@ -393,6 +394,7 @@ class Reads:
     reserve: ExitReserve = field(default_factory=ExitReserve)
     exchange: Exchange | None = None
     counter: RequestCounter = field(default_factory=RequestCounter)
+    dexes: DexReads = field(default_factory=DexReads)
 
 
 def read_accounts(run: RunContext, inputs: Inputs) -> Reads:
@@ -403,10 +405,19 @@ def read_accounts(run: RunContext, inputs: Inputs) -> Reads:
     counter, budget = RequestCounter(), WeightBudget(run.settings.weight_budget)
     exchange = run.exchange_factory(counter, budget)
     reads = Reads(exchange=exchange, counter=counter)
-    reads.mids = _read_mids(exchange, inputs, reads.notes)
+    known = _perp_dexes(run, exchange, inputs, reads.notes)
+    watched, unknown = watched_dexes(known, run.settings.perp_dexes)
+    if unknown:
+        reads.notes.append(f"MONITOR_PERP_DEXES names dex(es) the exchange does not list: {', '.join(unknown)}")
+    reads.mids = _read_mids(exchange, inputs, reads.notes, watched)
     assert inputs.now is not None
     reads.reserve = _reserve_exit_work(run, inputs, reads.mids, inputs.now, budget)
-    accounts = by_urgency(inputs.accounts, inputs.rows, inputs.last_reads, reads.reserve.urgent_accounts)
+    reads.dexes = plan_dex_reads(inputs.accounts, inputs.rows, inputs.recent, known, watched,
+                                 read_weight=budget.limit - budget.reserved - budget.spent, run_turn=run.epoch)
+    if not reads.dexes.full:
+        log.info(reads.dexes.describe())
+    accounts = by_urgency(inputs.accounts, inputs.rows, inputs.last_reads, reads.reserve.urgent_accounts,
+                          reads.dexes.sweep)
     settings = plan_settings(run.settings)
     local = threading.local()
 
@@ -418,7 +429,9 @@ def read_accounts(run: RunContext, inputs: Inputs) -> Reads:
             session = local.exchange = run.exchange_factory(counter, budget)
         with budget.urgent(account.id in reads.reserve.urgent_accounts):  # its reads are in the reserve
             return read_account(run, session, account, inputs.rows.get(account.id, []),
-                                inputs.recent.get(account.id, []), settings, reads.mids)
+                                inputs.recent.get(account.id, []), settings, reads.mids,
+                                dexes=reads.dexes.dexes_for(account.id),
+                                from_fills=frozenset() if reads.dexes.full else frozenset(reads.dexes.watched))
 
     workers = max(1, min(run.settings.read_parallelism, len(accounts)))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read") as pool:
@@ -432,19 +445,58 @@ def read_accounts(run: RunContext, inputs: Inputs) -> Reads:
     return reads
 
 
-def _read_mids(exchange: Exchange, inputs: Inputs, notes: list[str]) -> dict[str, Decimal]:
-    """allMids, once per run, only when some open row has an exit rule (its order is priced off the mid)."""
-    held_too_long = {a.id for a in inputs.accounts if a.max_hold_seconds is not None}
-    if not any(r.stop_loss_price is not None or r.take_profit_price is not None or r.trailing_stop_pct is not None
-               or r.close_requested_at is not None or r.max_hold_seconds is not None
-               or (account_id in held_too_long)
-               for account_id, rows in inputs.rows.items() for r in rows):
-        return {}
+PERP_DEXS_CACHE_KEY = "#perpDexs"  # exchange_meta row holding the perpDexs answer ('#' is in no dex name)
+PERP_DEXS_TTL = timedelta(minutes=10)  # a newly deployed dex is seen within this (2 weight a run on average)
+PERP_DEXS_RETRY = timedelta(minutes=5)  # a row naming a dex the list lacks asks again at most this often
+
+
+def _perp_dexes(run: RunContext, exchange: Exchange, inputs: Inputs, notes: list[str]) -> list[str]:
+    """The perp dexes by perp_dex_index ("" first), from the database cache while fresh (and naming the dex of
+    every open row, or asked within ``PERP_DEXS_RETRY``), else ``perpDexs`` (weight 20). Unknown (a failed read,
+    nothing cached): only the first dex is read this run, and rows on HIP-3 dexes are left as they are.
+    ``MONITOR_PERP_DEXES=""`` asks nothing."""
+    if run.settings.perp_dexes == ():
+        return [MAIN_DEX]
+    cached = run.db.cached_meta(PERP_DEXS_CACHE_KEY, PERP_DEXS_TTL)
+    names = cached.get("names") if isinstance(cached, dict) else None
+    if isinstance(names, list) and names and names[0] == MAIN_DEX and all(isinstance(n, str) for n in names):
+        row_dexes = {dex_of(r.coin) for rows in inputs.rows.values() for r in rows}
+        wanted = row_dexes if run.settings.perp_dexes is None else row_dexes & set(run.settings.perp_dexes)
+        if wanted <= set(names):
+            return list(names)
+        if run.db.cached_meta(PERP_DEXS_CACHE_KEY, PERP_DEXS_RETRY) is not None:
+            return list(names)  # asked again lately: a dex that does not exist must not cost 20 every run
     try:
-        return exchange.read_mids()
+        names = exchange.read_perp_dexs()
     except (ReadFailed, BudgetExhausted) as exc:
-        notes.append(f"mid prices unreadable ({exc}); exit rules skipped this run")
-        return {}
+        hip3_rows = sum(1 for rows in inputs.rows.values() for r in rows if dex_of(r.coin))
+        notes.append(f"perp dexes unknown ({exc}): only the first dex is read this run"
+                     + (f"; {hip3_rows} row(s) on HIP-3 dexes left as they are" if hip3_rows else ""))
+        return [MAIN_DEX]
+    if not run.dry_run:
+        run.db.store_meta(PERP_DEXS_CACHE_KEY, {"names": names})
+    return names
+
+
+def _read_mids(exchange: Exchange, inputs: Inputs, notes: list[str],
+               watched: Sequence[str] = ()) -> dict[str, Decimal]:
+    """allMids, once per run per perp dex, only for dexes where some open row has an exit rule (its order is
+    priced off the mid)."""
+    held_too_long = {a.id for a in inputs.accounts if a.max_hold_seconds is not None}
+    dexes = sorted({dex_of(r.coin) for account_id, rows in inputs.rows.items() for r in rows
+                    if r.stop_loss_price is not None or r.take_profit_price is not None
+                    or r.trailing_stop_pct is not None or r.close_requested_at is not None
+                    or r.max_hold_seconds is not None or (account_id in held_too_long)})
+    mids: dict[str, Decimal] = {}
+    for dex in dexes:
+        if dex != MAIN_DEX and dex not in watched:
+            continue  # a dex not read this run: its rows' rules wait
+        try:
+            mids.update(exchange.read_mids(dex))
+        except (ReadFailed, BudgetExhausted) as exc:
+            where = "" if dex == MAIN_DEX else f" of dex {dex}"
+            notes.append(f"mid prices{where} unreadable ({exc}); exit rules{where} skipped this run")
+    return mids
 
 
 def _reserve_exit_work(run: RunContext, inputs: Inputs, mids: dict[str, Decimal], now: datetime,
@@ -470,33 +522,43 @@ def _reserve_exit_work(run: RunContext, inputs: Inputs, mids: dict[str, Decimal]
 
 
 def by_urgency(accounts: list[Account], rows_by_account: dict[int, list[PositionRow]],
-               last_reads: dict[int, datetime], exit_work: set[int] | frozenset[int] = frozenset()) -> list[Account]:
+               last_reads: dict[int, datetime], exit_work: set[int] | frozenset[int] = frozenset(),
+               sweep: set[int] | frozenset[int] = frozenset()) -> list[Account]:
     """Most urgent first: exit work this run (a rule firing, a close to settle), then rows with exit
-    rules, then open rows, then the least recently read."""
+    rules, then open rows (and the accounts whose turn in the perp dex sweep this is), then the least
+    recently read."""
     def rank(account: Account) -> tuple[int, float]:
         rows = rows_by_account.get(account.id, [])
         ruled = any(r.stop_loss_price is not None or r.take_profit_price is not None
                     or r.trailing_stop_pct is not None or r.close_requested_at is not None
                     or r.status == "closing" for r in rows)
         last = last_reads.get(account.id)
-        return (-1 if account.id in exit_work else 0 if ruled else 1 if rows else 2,
+        return (-1 if account.id in exit_work else 0 if ruled else 1 if rows or account.id in sweep else 2,
                 last.timestamp() if last else 0.0)
     return sorted(accounts, key=rank)
 
 
 def read_account(run: RunContext, exchange: Exchange, account: Account, rows: list[PositionRow],
-                 recent: list[PositionRow], settings: PlanSettings, mids: dict[str, Decimal]) -> AccountRead:
+                 recent: list[PositionRow], settings: PlanSettings, mids: dict[str, Decimal], *,
+                 dexes: frozenset[str] = frozenset(), from_fills: frozenset[str] = frozenset()) -> AccountRead:
     """Read one account and plan it (on a worker thread: touches no shared state but the budget). ``now`` is
-    read once, after the positions: the plan and the writes it leads to use that one moment."""
+    read once, after the positions: the plan and the writes it leads to use that one moment.
+
+    The main dex is always read (its failure fails the account); each HIP-3 dex in ``dexes`` too, and those of
+    ``from_fills`` the fills read here show the account trading on. A HIP-3 dex whose read fails (or finds no
+    weight) is left out of the snapshot's ``dexes_read``: its rows are left as they are."""
+    dex_problems: list[str] = []
     try:
-        snapshot = _read_positions(run, exchange, account.address)
+        main = _read_positions(run, exchange, account.address)
         now = run.clock.now()
-        if not snapshot.positions and any(now - r.opened_at >= settings.close_grace for r in rows):
+        on_main = [r for r in rows if not dex_of(r.coin)]
+        if not main.positions and any(now - r.opened_at >= settings.close_grace for r in on_main):
             # An empty answer for an account with open rows: read once more before believing it.
             try:
-                snapshot = _read_positions(run, exchange, account.address)
+                main = _read_positions(run, exchange, account.address)
             except ReadFailed as exc:
                 return AccountRead(account, failure=f"confirming an empty account: {exc}")
+        snapshot = _with_dexes(run, exchange, account.address, main, dexes, rows, now, settings, dex_problems)
         fills = None
         fills_error = None
         truncated = False
@@ -510,6 +572,13 @@ def read_account(run: RunContext, exchange: Exchange, account: Account, rows: li
                 fills, truncated, fills_error = exc.fills, True, str(exc)
             except ReadFailed as exc:
                 fills_error = str(exc)
+        if fills and from_fills:
+            # userFills covers every dex: a dex the fills show, not read yet, is read now (targeted mode).
+            shown = {dex_of(f.coin) for f in fills} & from_fills
+            extra = frozenset(shown - snapshot.dexes_read)
+            if extra:
+                snapshot = _with_dexes(run, exchange, account.address, snapshot, extra, rows, now, settings,
+                                       dex_problems)
     except ReadFailed as exc:
         return AccountRead(account, failure=str(exc))
     except BudgetExhausted:
@@ -522,21 +591,51 @@ def read_account(run: RunContext, exchange: Exchange, account: Account, rows: li
     except BudgetExhausted:
         return AccountRead(account, deferred="budget")  # like any read of it: the whole account waits a run
     open_orders = None
-    if run.can_act and any(a.type == planner.CLOSE for a in plan.actions):
+    closed = {dex_of(a.coin) for a in plan.actions if a.type == planner.CLOSE}
+    if run.can_act and closed:
         # Orders a closed position may leave behind, read here in parallel rather than one by one later.
-        try:
-            open_orders = exchange.read_open_orders(account.address)
-        except (ReadFailed, BudgetExhausted):
-            open_orders = None  # the closer reads them itself, or notes it could not
+        open_orders = {}
+        for dex in sorted(closed):
+            try:
+                open_orders[dex] = exchange.read_open_orders(account.address, dex)
+            except (ReadFailed, BudgetExhausted):
+                pass  # the closer reads them itself, or notes it could not
     # A history longer than the exchange keeps is not a failure of this run: it will not get better.
-    return AccountRead(account, plan=plan, failure=None if truncated else fills_error, open_orders=open_orders)
+    failure = None if truncated else fills_error
+    if dex_problems:
+        failure = "; ".join(([failure] if failure else []) + dex_problems)
+    return AccountRead(account, plan=plan, failure=failure, open_orders=open_orders)
 
 
-def _read_positions(run: RunContext, exchange: Exchange, address: str) -> AccountSnapshot:
+def _with_dexes(run: RunContext, exchange: Exchange, address: str, snapshot: AccountSnapshot,
+                dexes: frozenset[str], rows: list[PositionRow], now: datetime, settings: PlanSettings,
+                problems: list[str]) -> AccountSnapshot:
+    """``snapshot`` with the positions of the HIP-3 ``dexes`` added (each confirmed like the main dex when it
+    comes back empty while rows on it are past their grace). A dex that cannot be read is left out."""
+    positions = dict(snapshot.positions)
+    read = set(snapshot.dexes_read)
+    for dex in sorted(dexes - snapshot.dexes_read):
+        try:
+            part = _read_positions(run, exchange, address, dex)
+            if not part.positions and any(dex_of(r.coin) == dex and now - r.opened_at >= settings.close_grace
+                                          for r in rows):
+                part = _read_positions(run, exchange, address, dex)
+        except ReadFailed as exc:
+            problems.append(f"perp dex {dex}: {exc} (its rows left as they are)")
+            continue
+        except BudgetExhausted:
+            continue  # not read this run: its rows wait (the planner says so)
+        positions.update(part.positions)
+        read.add(dex)
+    return AccountSnapshot(address=address, positions=positions, server_time_ms=snapshot.server_time_ms,
+                           dexes_read=frozenset(read))
+
+
+def _read_positions(run: RunContext, exchange: Exchange, address: str, dex: str = MAIN_DEX) -> AccountSnapshot:
     """clearinghouseState, retried on 429 with backoff while the deadline allows."""
     for attempt in range(3):
         try:
-            return exchange.read_positions(address)
+            return exchange.read_positions(address, dex) if dex else exchange.read_positions(address)
         except ReadFailed as exc:
             wait = RATE_LIMIT_BACKOFF * (2 ** attempt)
             if not exc.rate_limited or attempt == 2 or run.seconds_left() < wait + 1:
@@ -616,9 +715,11 @@ def work_exits(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied) 
         max_failures=run.settings.max_close_failures, seconds_left=run.seconds_left, mids=reads.mids,
         lock_lost=run.lock_lost, plan_settings=plan_settings(run.settings), exchange_clock=run.exchange_clock,
         nonces=None if run.settings.secret_key is None else NonceSource.for_key(
-            run.settings.data_dir, signer_address(run.settings.secret_key))))
+            run.settings.data_dir, signer_address(run.settings.secret_key)),
+        perp_dexes=reads.dexes.known))
     done = run.exits = closer.done
-    later: list[tuple[Account, list[Action], dict[str, int | None], list[OpenOrder] | None, list[Followup]]] = []
+    later: list[tuple[Account, list[Action], dict[str, int | None], dict[str, list[OpenOrder]] | None,
+                      list[Followup]]] = []
     try:
         for result in reads.results:
             account, plan = result.account, result.plan

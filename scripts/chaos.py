@@ -89,7 +89,7 @@ import traceback
 import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Callable
@@ -124,8 +124,22 @@ EXIT_OK_CODES = {0, 1, 69, 75}
 #   followup_faults: a reduce-only stop is left behind by an outside close, and every follow-up read and
 #     write (frontendOpenOrders, orderStatus, userFillsByTime, cancel) fails a few times;
 #   mixed_shards: the runs are started with different --shard values (1/2, 2/3, ...) and without one.
+#   hip3 (drawn on its own, see HIP3_SHARE, so the other patterns' draws stay what they were): two HIP-3
+#     dexes; positions on xyz: (one priced below a cent with szDecimals 0) are discovered, get exit rules
+#     that fire, and may be closed outside; a platform row for a HIP-3 position carries a stale missing mark
+#     from long ago; that dex's reads fail during the chaos runs (a row on a dex not read must never be closed).
 PATTERNS = ("reopen_same", "reopen_diff", "grow_in_flight", "shrink_in_flight", "busy_close", "busy_flip",
             "followup_faults", "mixed_shards")
+EXTRA_PATTERNS = ("hip3",)
+
+
+def unit_of(coin: str) -> Decimal:
+    """A coin's size unit (a multiple of its szDecimals step), on the first dex or a HIP-3 one."""
+    return COINS[coin] if coin in COINS else HIP3_COINS[coin][0]
+HIP3_SHARE = 0.5  # share of normal rounds that script the hip3 pattern (from their own random stream)
+HIP3_DEXES = ("abc", "xyz")  # xyz is perp dex 2: its asset ids are 120000 + index
+# coin -> (size unit, szDecimals, first mid)
+HIP3_COINS = {"xyz:TSLA": (Decimal("0.1"), 1, Decimal("250")), "xyz:PEPE": (Decimal("1000"), 0, Decimal("0.0012345"))}
 SHARDS = ("1/2", "2/2", "1/3", "2/3", "3/3")
 NOISE_COIN = "ATOM"  # the busy accounts' noise trades (never one of COINS)
 # A round whose seed is MANY_EVERY-1 modulo MANY_EVERY is a "many accounts" round: 500+ watched accounts
@@ -398,7 +412,7 @@ class Round:
         return (self.mid(coin) * factor).quantize(Decimal("0.000001"))
 
     def size(self, coin: str) -> Decimal:
-        return COINS[coin] * self.rng.randint(1, 12)
+        return unit_of(coin) * self.rng.randint(1, 12)
 
     def sim_op(self) -> None:
         """One random scripted change on a random account (only what the state allows)."""
@@ -429,7 +443,7 @@ class Round:
                 if kind == "resize":
                     new = self.size(coin) * sign
                     if new == szi:
-                        new += COINS[coin] * sign
+                        new += unit_of(coin) * sign
                     sim.resize(account, coin, new, self.price(coin))
                 elif kind == "flip":
                     sim.flip(account, coin, -sign * self.size(coin), self.price(coin))
@@ -447,7 +461,8 @@ class Round:
                 elif kind == "adl":
                     sim.adl(account, coin, self.price(coin))
                 elif kind == "trigger":
-                    portion = abs(szi) if rng.random() < 0.6 else max(COINS[coin], (abs(szi) / 2).quantize(COINS[coin]))
+                    unit = unit_of(coin)
+                    portion = abs(szi) if rng.random() < 0.6 else max(unit, (abs(szi) / 2).quantize(unit))
                     portion = min(portion, abs(szi))
                     tpsl = rng.choice(["sl", "tp"])
                     trigger = self.price(coin)
@@ -558,7 +573,7 @@ class Round:
             new_szi = self.size(coin) * (1 if szi > 0 else -1)
             new_entry = self.price(coin)
             if new_szi == szi and new_entry == entry:
-                new_szi += COINS[coin] * (1 if szi > 0 else -1)
+                new_szi += unit_of(coin) * (1 if szi > 0 else -1)
         self.sim.close_external(address, coin, self.price(coin), parts=self.rng.choice([1, 2]))
         time.sleep(0.002)
         self.sim.open_position(address, coin, new_szi, new_entry)
@@ -571,7 +586,10 @@ class Round:
         if target is None:
             return False
         address = target[0]
-        names = [u["name"] for u in self.sim.meta()["universe"]]
+        names = {i: u["name"] for i, u in enumerate(self.sim.meta()["universe"])}
+        for dex_index, dex in enumerate(self.sim.perp_dexs()[1:], start=1):
+            names.update({100_000 + dex_index * 10_000 + i: u["name"]
+                          for i, u in enumerate(self.sim.meta(dex=dex["name"])["universe"])})
         steps = self.rng.randint(1, 3)
 
         def resize(path: str, typ: str | None, user: str | None, body: dict[str, Any]) -> None:
@@ -581,7 +599,7 @@ class Round:
                 return
             szi = Decimal(pos["szi"])
             sign = 1 if szi > 0 else -1
-            unit = COINS.get(coin, Decimal("0.01"))
+            unit = COINS.get(coin) or HIP3_COINS.get(coin, (Decimal("0.01"),))[0]
             if name == "grow_in_flight":
                 new = szi + sign * unit * steps
             else:
@@ -639,6 +657,79 @@ class Round:
         self.mixed_shards = True
         return True
 
+    def pattern_hip3(self, name: str) -> bool:
+        """HIP-3 dexes: positions on xyz: discovered, rules that fire on them (closed without a cloid, HIP-3 asset
+        ids, a sub-cent perp price), outside closes, a platform row with a stale missing mark, and the dex's
+        reads failing during the chaos runs. Draws from its own random stream."""
+        rng, sim = random.Random(self.seed * 7919 + 11), self.sim
+        controlled = sorted(self.controlled)
+        opened: list[tuple[str, str]] = []
+        for coin, (unit, decimals, mid) in HIP3_COINS.items():
+            address = rng.choice(controlled if rng.random() < 0.8 else self.accounts)
+            szi = unit * rng.randint(1, 9) * rng.choice([1, -1])
+            sim.open_hip3_position(address, coin, szi, mid, sz_decimals=decimals, leverage=rng.choice([3, 5]))
+            opened.append((address, coin))
+        self.hip3_cloid_mode = rng.choice(["silent", "honor"])
+        sim.set_config(hip3_cloid=self.hip3_cloid_mode)
+        self.clean_run("hip3 setup")
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            for address, coin in opened:
+                pos = sim.position(address, coin)
+                if pos is None:
+                    continue
+                long = Decimal(pos["szi"]) > 0
+                mid = Decimal(sim.mids()[coin])
+                rule = rng.choice(["stop_loss", "take_profit", "requested", "quiet"])
+                column, factor = {"stop_loss": ("stop_loss_price", "1.5" if long else "0.5"),
+                                  "take_profit": ("take_profit_price", "0.5" if long else "1.5"),
+                                  "quiet": ("stop_loss_price", "0.5" if long else "1.5")}.get(rule, (None, None))
+                if column:
+                    conn.execute(f"UPDATE positions SET {column} = %s WHERE coin = %s AND closed_at IS NULL"
+                                 " AND account_id = (SELECT id FROM accounts WHERE address = %s)",
+                                 (mid * Decimal(factor), coin, address))
+                else:
+                    conn.execute("UPDATE positions SET close_requested_at = now() WHERE coin = %s AND closed_at IS"
+                                 " NULL AND account_id = (SELECT id FROM accounts WHERE address = %s)", (coin, address))
+                self.stats.rules[f"hip3 {rule}"] += 1
+            # A platform row for a HIP-3 position, as an older version left it: marked missing long ago.
+            stale = (datetime.now(timezone.utc) - timedelta(minutes=30)).isoformat()
+            conn.execute("UPDATE positions SET metadata = metadata || %s, source = 'platform'"
+                         " WHERE coin = 'xyz:TSLA' AND closed_at IS NULL",
+                         (json.dumps({"missing_since": stale}),))
+        if rng.random() < 0.4:
+            address, coin = rng.choice(opened)
+            if sim.position(address, coin):
+                time.sleep(0.002)
+                sim.close_external(address, coin, sim.mids()[coin])
+                self.stats.ops["hip3 close_external"] += 1
+        fault_count = rng.choice([1, 2, 3, None])
+        sim.add_fault(rng.choice(["500", "429", "error_body"]), path="info", type="clearinghouseState",
+                      count=fault_count, dex="xyz")
+        self.stats.faults["hip3 dex read"] += 1
+        return True
+
+    def monitor_orders(self, address: str) -> list[dict[str, Any]]:
+        """The simulator's orders of ``address``, each HIP-3 close order of the monitor (sent without a cloid)
+        given the cloid of the claim that sent it: the claim recorded its order's expiresAfter, which the
+        simulator kept on the order, so (account, coin, expiresAfter) names the claim exactly."""
+        orders = self.sim.orders(address)
+        if not any(":" in o["coin"] and not o.get("cloid") for o in orders):
+            return orders
+        with psycopg.connect(self.url) as conn:
+            claims = {(r[0], r[1], ms(datetime.fromisoformat(r[3]))): r[2] for r in conn.execute(
+                "SELECT a.address, p.coin, e.details->>'cloid', e.details->>'expires_after' FROM position_events e"
+                " JOIN positions p ON p.id = e.position_id JOIN accounts a ON a.id = p.account_id"
+                " WHERE e.event = 'closing_claimed' AND a.address = %s AND e.details->>'expires_after' IS NOT NULL",
+                (address,)) if r[3]}
+        out = []
+        for order in orders:
+            if ":" in order["coin"] and not order.get("cloid") and order.get("expiresAfter") is not None:
+                cloid = claims.get((address, order["coin"], int(order["expiresAfter"])))
+                if cloid is not None:
+                    order = dict(order, cloid=cloid)
+            out.append(order)
+        return out
+
     # ---- (vi) a rule that fires has its order sent ----------------------------------------------
 
     def fired_rules(self, count: bool = True) -> dict[int, tuple[str, str, str]]:
@@ -695,7 +786,7 @@ class Round:
             if status == "closed":
                 continue
             cloids = {close_cloid(address, row_id, k) for k in range(1, attempts + 2)}
-            orders = by_account.setdefault(address, self.sim.orders(address))
+            orders = by_account.setdefault(address, self.monitor_orders(address))
             if any(o.get("cloid") in cloids and o["timestamp"] >= since for o in orders):
                 continue
             deferred = address in report.get("deferred_accounts", [])
@@ -724,7 +815,7 @@ class Round:
         expiry: dict[int, int] = {}
         order_status: dict[int, str] = {}
         for row_id, address, coin, cloid, started in rows:
-            order = next((o for o in self.sim.orders(address) if o.get("cloid") == cloid), None)
+            order = next((o for o in self.monitor_orders(address) if o.get("cloid") == cloid), None)
             order_status[row_id] = order["status"] if order else "never placed"
             if order is not None and order.get("expiresAfter") is not None:
                 expiry[row_id] = int(order["expiresAfter"])
@@ -989,21 +1080,34 @@ class Round:
         for address in self.accounts:
             for coin in rng.sample(sorted(COINS), rng.randint(1 if address == self.agent_account else 0, 3)):
                 sim.open_position(address, coin, self.size(coin) * rng.choice([1, -1]), self.price(coin))
+        forced = getattr(self.args, "patterns", None)
+        hip3 = "hip3" in forced if forced is not None else random.Random(self.seed * 7919 + 7).random() < HIP3_SHARE
+        if hip3:  # the dexes are deployed before the monitor first looks (it learns them from perpDexs)
+            for dex in HIP3_DEXES:
+                sim.add_perp_dex(dex)
+            for coin, (_, decimals, mid) in HIP3_COINS.items():
+                sim.add_coin(coin, sz_decimals=decimals, max_leverage=10, mid=mid)
         marks = [time.monotonic()]
         self.clean_run("setup")
         self.set_rules()
         self.patterns = rng.sample(PATTERNS, rng.choice([0, 1, 1, 2, 2]))
-        if getattr(self.args, "patterns", None) is not None:
-            self.patterns = [p for p in self.args.patterns if p != "none"]
+        if forced is not None:
+            self.patterns = [p for p in forced if p not in ("none", "hip3")]
+        if hip3:
+            self.patterns.append("hip3")
         if "busy_close" in self.patterns and "busy_flip" in self.patterns:
             self.patterns.remove("busy_flip")
         scripts = {"reopen_same": self.pattern_reopen, "reopen_diff": self.pattern_reopen,
                    "grow_in_flight": self.pattern_in_flight, "shrink_in_flight": self.pattern_in_flight,
                    "busy_close": self.pattern_busy, "busy_flip": self.pattern_busy,
-                   "followup_faults": self.pattern_followup_faults, "mixed_shards": self.pattern_mixed_shards}
+                   "followup_faults": self.pattern_followup_faults, "mixed_shards": self.pattern_mixed_shards,
+                   "hip3": self.pattern_hip3}
         from hlsim import SimulatorError
 
-        for name in sorted(self.patterns, key=lambda n: (not n.startswith("busy"), PATTERNS.index(n))):
+        # hip3 first (its own clean run must see no other pattern's faults), then busy_* (its noise fills must
+        # follow the account's last fill), then the rest.
+        for name in sorted(self.patterns, key=lambda n: (n != "hip3", not n.startswith("busy"),
+                                                         (PATTERNS + EXTRA_PATTERNS).index(n))):
             try:
                 done = scripts[name](name)  # busy_* first: its noise fills must follow the account's last fill
             except SimulatorError as exc:  # a scripting call the state did not allow
@@ -1212,7 +1316,7 @@ class Round:
             partial = {(r[0], r[1]) for r in conn.execute(
                 "SELECT position_id, details->>'cloid' FROM position_events WHERE event = 'close_partial'")}
         for address in self.accounts:
-            orders = [o for o in self.sim.orders(address) if o.get("cloid")]
+            orders = [o for o in self.monitor_orders(address) if o.get("cloid")]
             for cloid, n in Counter(o["cloid"] for o in orders).items():
                 if n > 1:
                     self.violation(f"(iv) cloid {cloid} names {n} orders on {address}")
@@ -1225,6 +1329,8 @@ class Round:
                                    f"placed on {address} ({order['status']})")
                 if order["status"] == "filled":
                     filled_by_row[owner[1]] += 1
+                    if ":" in order["coin"]:
+                        self.stats.outcomes["filled HIP-3 close orders (all runs, no cloid)"] += 1
                     filled_cloids.setdefault(owner[1], []).append(order["cloid"])
             if address not in self.controlled:
                 sent = [o["cloid"] for o in orders if o["cloid"] in owner_of]
@@ -1247,6 +1353,8 @@ class Round:
         for r in rows:
             if r[7] is not None:
                 self.stats.outcomes[f"closed: {r[8]}"] += 1
+                if ":" in r[2]:
+                    self.stats.outcomes[f"closed HIP-3 rows: {r[8]}"] += 1
 
         # (v) no write from a superseded epoch. Each lock name (one per --shard layout) has its own epochs:
         # when runs of several layouts ran, only the runs known to be of one lease are compared.
@@ -1391,7 +1499,7 @@ class Round:
         by_id = {r[0]: r for r in rows}
         owner_of = {close_cloid(r[1], r[0], k): r[0] for r in rows for k in range(1, r[9] + 2)}
         for address in self.accounts:
-            for order in self.sim.orders(address):
+            for order in self.monitor_orders(address):
                 row_id = owner_of.get(order.get("cloid") or "")
                 if row_id is None:
                     continue
@@ -1566,7 +1674,8 @@ def main(argv: list[str] | None = None) -> int:
                              " weight budget; the others are normal)")
     parser.add_argument("--patterns", type=lambda t: [p for p in t.split(",") if p], default=None,
                         metavar="A,B", help="script exactly these trading patterns in every normal round (default: up"
-                                            " to two at random; 'none': none); of: " + ", ".join(PATTERNS))
+                                            " to two at random, and hip3 in half the rounds; 'none': none); of: "
+                                            + ", ".join(PATTERNS + EXTRA_PATTERNS))
     parser.add_argument("--verbose", "-v", action="store_true")
     args = parser.parse_args(argv)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")

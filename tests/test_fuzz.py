@@ -836,6 +836,7 @@ def check_settings(value: Any) -> None:
     assert value.log_level in ("debug", "info", "warning", "error")
     assert value.secret_key is None or re.fullmatch(r"0x[0-9a-f]{64}", value.secret_key)
     assert value.secret_key is None or value.secret_key[2:] not in repr(value)
+    assert value.perp_dexes is None or all(d and ":" not in d and "," not in d for d in value.perp_dexes)
 
 
 def check_config_error(error: ConfigError, variable: str, text: str) -> None:
@@ -868,7 +869,7 @@ def test_the_fuzz_reaches_every_variable(variable: str) -> None:
            "MONITOR_CLOSE_SLIPPAGE": "0.5", "MONITOR_HL_SECRET_KEY": "0x1234", "MONITOR_METRICS_FILE": " ",
            "MONITOR_PING_URL": "x", "MONITOR_ALERT_WEBHOOK": "mailto:a@b", "MONITOR_ALERT_AFTER_RUNS": "-3",
            "MONITOR_HL_SECRET_KEY_FILE": "/nonexistent/key", "MONITOR_WEIGHT_BUDGET": "5",
-           "MONITOR_READ_PARALLELISM": "65", "MONITOR_SHARD": "3/2"}
+           "MONITOR_READ_PARALLELISM": "65", "MONITOR_SHARD": "3/2", "MONITOR_PERP_DEXES": "xyz,,flx"}
     if variable == "MONITOR_HOST_ID":
         assert load_settings(environ={variable: "  "}).host_id  # any text is a host id; blank: the hostname
         return

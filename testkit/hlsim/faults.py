@@ -90,7 +90,8 @@ class FaultsMixin:
 
         kind: "429" | "500" | "hang" | "malformed" | "error_body" | "missing_field" | "empty" | "stale" |
         "drop_response".  path "info"/"exchange" (or "/info"...); type = info type or action type; user =
-        address (info: the "user" field; exchange: the account acted for).  Args by kind: hang
+        address (info: the "user" field; exchange: the account acted for); ``dex`` (any kind, info only): only
+        requests for that perp dex ("" = the main dex; without it, every dex).  Args by kind: hang
         ``seconds`` (default 60, max 120); 500 ``status`` (default 500) and ``body``; malformed ``body``
         (default: the real answer cut in half); error_body ``message``; missing_field ``field`` (default
         "assetPositions"; for list answers the key is removed from every item); stale ``k`` (answer as it
@@ -173,11 +174,13 @@ class FaultsMixin:
             except Exception:  # noqa: BLE001 - a scripting hook that the state did not allow
                 pass
 
-    def _take_fault(self, path: str, typ: str | None, user: str | None) -> Fault | None:
+    def _take_fault(self, path: str, typ: str | None, user: str | None, dex: str | None = None) -> Fault | None:
         with self._lock:
             for f in self._faults:
                 if f.path not in (None, path) or f.type not in (None, typ) or f.user not in (None, user):
                     continue
+                if "dex" in f.args and f.args["dex"] != dex:
+                    continue  # a fault for one perp dex's requests ("" = the main dex)
                 f.hits += 1
                 if f.remaining is not None:
                     f.remaining -= 1

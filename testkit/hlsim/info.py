@@ -48,6 +48,14 @@ class _UnknownType(Exception):
     pass
 
 
+class _UnknownDex(Exception):
+    pass
+
+
+# Requests that take a "dex" (reference §9.2); the simulator answers an unknown one with HTTP 500.
+_INFO_TAKES_DEX = {"clearinghouseState", "openOrders", "frontendOpenOrders", "allMids", "meta"}
+
+
 class InfoMixin:
     """The Simulator's info methods (a mixin of Simulator; the state lives in StateBase)."""
 
@@ -55,7 +63,7 @@ class InfoMixin:
 
     def _max_lev(self, coin: str) -> int:
         idx = self._asset_index(coin)
-        return int(self._universe[idx].get("maxLeverage", 50)) if idx is not None else 50
+        return int(self._universe_of(coin)[idx].get("maxLeverage", 50)) if idx is not None else 50
 
     def _mark(self, coin: str, pos: Position) -> Decimal:
         return self._mids.get(coin, pos.entry_px)
@@ -65,6 +73,8 @@ class InfoMixin:
 
     def _clearinghouse(self, positions: dict[str, Position], cash: Decimal) -> dict[str, Any]:
         order = {u["name"]: i for i, u in enumerate(self._universe)}
+        for universe in self._dex_universes.values():
+            order.update({u["name"]: i for i, u in enumerate(universe)})
         coins = sorted(positions, key=lambda c: (order.get(c, 10**9), c))
         av = self._account_value(positions, cash)
         mm = {c: abs(p.szi) * self._mark(c, p) / (2 * self._max_lev(c)) for c, p in positions.items()}
@@ -141,9 +151,13 @@ class InfoMixin:
     def _info_payload(self, typ: str, body: dict[str, Any], user: str | None, fault: Fault | None) -> Any:
         acct = self._accounts.get(user) if user else None
         dex = body.get("dex") or ""
+        if dex and typ in _INFO_TAKES_DEX and self._dex_index(dex) is None:
+            raise _UnknownDex()  # an unknown dex: HTTP 500 ([3P] python-sdk PR #288); never "no positions"
         if typ == "clearinghouseState":
             view = self._view(user, fault)
-            positions = {} if dex else view.positions
+            # One dex per answer: the main dex's positions, or one HIP-3 dex's (its own margin account; the
+            # simulator gives it no collateral of its own).
+            positions = {c: p for c, p in view.positions.items() if self.dex_of(c) == dex}
             if fault is not None and fault.kind == "empty":
                 positions = {}
             return self._clearinghouse(positions, view.cash if not dex else Decimal(0))
@@ -163,18 +177,20 @@ class InfoMixin:
                 window.reverse()
             return copy.deepcopy(window[:2000])
         if typ in ("openOrders", "frontendOpenOrders"):
-            if not acct or dex:
+            if not acct:
                 return []
-            live = sorted((o for o in acct.orders.values() if o.status == "open"), key=lambda o: -o.oid)
+            live = sorted((o for o in acct.orders.values() if o.status == "open" and self.dex_of(o.coin) == dex),
+                          key=lambda o: -o.oid)
             return [o.open_order() if typ == "openOrders" else o.frontend() for o in live]
         if typ == "allMids":
-            return {} if dex else {c: fmt(p) for c, p in sorted(self._mids.items())}
+            # One dex's mids, under the coins' full names ("xyz:TSLA").
+            return {c: fmt(p) for c, p in sorted(self._mids.items()) if self.dex_of(c) == dex}
         if typ == "meta":
-            return {"universe": [] if dex else copy.deepcopy(self._universe)}
+            return {"universe": copy.deepcopy(self._universe if not dex else self._dex_universes[dex])}
         if typ == "spotMeta":
             return {"universe": [], "tokens": []}
         if typ == "perpDexs":
-            return [None]
+            return [None, *copy.deepcopy(self._perp_dexes)]
         if typ == "metaAndAssetCtxs":
             ctxs = []
             for u in self._universe:
@@ -267,7 +283,7 @@ class InfoMixin:
         entry["weight"] = base_weight
         if self._hooks:
             self._run_hooks("/info", typ, user, body)
-        fault = self._take_fault("/info", typ, user)
+        fault = self._take_fault("/info", typ, user, dex=body.get("dex") or "")
         entry["fault"] = fault.kind if fault else None
         limited = self._rate_limited(base_weight)
         if limited is not None:
@@ -281,6 +297,8 @@ class InfoMixin:
                 payload = self._info_payload(typ, body, user, fault)
         except _BadRequest:
             return _text_response(DESERIALIZE_ERROR, 422)
+        except _UnknownDex:
+            return _text_response("Internal Server Error", 500)
         if typ in _INFO_WEIGHT_PER_ITEM and isinstance(payload, list):
             # "+1 per 20 items returned" ([DOC] rate limits); the rounding is UNCONFIRMED: a simulator choice,
             # ceil (the larger reading, what the monitor budgets). Charged to the limiter after the answer is

@@ -57,7 +57,7 @@ class Simulator(InfoMixin, ExchangeMixin, FaultsMixin, LedgerMixin, StateBase):
         "add_vault", "set_clock_offset", "clear", "snapshot", "load", "requests_log", "reset_log", "total_weight",
         "add_fill_history", "pay_funding", "funding_ledger", "adl", "settle",
         "add_fault", "clear_faults", "list_faults", "meta", "mids", "position", "positions", "fills", "orders",
-        "accounts",
+        "accounts", "add_perp_dex", "perp_dexs", "open_hip3_position",
     )
 
     def control(self, op: str, **args: Any) -> Any:

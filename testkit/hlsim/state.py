@@ -244,6 +244,15 @@ class StateBase:
         self._vaults: set[str] = set()  # userRole "vault" (recording userRole_vault.json)
         self._nonces: dict[str, list[int]] = {}
         self._universe = _default_universe()
+        # HIP-3 builder-deployed perp dexes, in perpDexs order (index i + 1 in perpDexs), and their own meta
+        # universes. Their coins are named "<dex>:<COIN>" everywhere (positions, fills, orders, mids).
+        self._perp_dexes: list[dict[str, Any]] = []
+        self._dex_universes: dict[str, list[dict[str, Any]]] = {}
+        # What a HIP-3 order carrying a cloid does. "silent" (default): the order is dropped without an
+        # error (answer {"status": "ok", "response": {"type": "default"}}, no oid, orderStatus unknownOid),
+        # as python-sdk issue #251 reports; "honor": it is handled like any order. The real behaviour is
+        # UNCONFIRMED (reference §4, §9.3): the monitor must work under both.
+        self.hip3_cloid = "silent"
         self._mids = _default_mids()
         self._partial: dict[str, Decimal] = {}
         self.fee_rate = DEFAULT_TAKER_FEE
@@ -278,6 +287,8 @@ class StateBase:
                 "makerFeeRate": fmt(self.maker_fee_rate),
                 "counters": {"oid": self._oid_seq, "tid": self._tid_seq, "hash": self._hash_seq},
                 "universe": copy.deepcopy(self._universe),
+                "perpDexes": copy.deepcopy(self._perp_dexes),
+                "dexUniverses": copy.deepcopy(self._dex_universes),
                 "mids": {c: fmt(p) for c, p in self._mids.items()},
                 "partialFillRatio": {c: fmt(r) for c, r in self._partial.items()},
                 "agents": dict(self._agents),
@@ -287,6 +298,7 @@ class StateBase:
                     "strict_ticks": self.strict_ticks, "check_nonces": self.check_nonces,
                     "min_notional": fmt(self.min_notional), "ip_weight_limit": self.ip_weight_limit,
                     "open_order_limit": self.open_order_limit, "open_order_limit_error": self.open_order_limit_error,
+                    "hip3_cloid": self.hip3_cloid,
                 },
                 "accounts": {
                     a.address: {
@@ -324,6 +336,12 @@ class StateBase:
             self._hash_seq = int(counters.get("hash", self._hash_seq))
             if isinstance(state.get("universe"), list):
                 self._universe = [dict(u) for u in state["universe"]]
+            if isinstance(state.get("perpDexes"), list):
+                self._perp_dexes = [dict(d) for d in state["perpDexes"]]
+            for name, universe in (state.get("dexUniverses") or {}).items():
+                self._dex_universes[str(name)] = [dict(u) for u in universe]
+            for d in self._perp_dexes:
+                self._dex_universes.setdefault(d["name"], [])
             for c, p in (state.get("mids") or {}).items():
                 self._mids[c] = D(p, f"mid {c}")
             for c, r in (state.get("partialFillRatio") or {}).items():
@@ -427,6 +445,7 @@ class StateBase:
         ip_weight_limit: int | None | str = "unchanged",
         open_order_limit: int | None = None,
         open_order_limit_error: str | None = None,
+        hip3_cloid: str | None = None,
     ) -> dict[str, Any]:
         """strict_ticks: validate order price/size like the exchange (default True); check_nonces: refuse
         reused nonces (default True); min_notional: refuse orders below this notional with
@@ -434,7 +453,8 @@ class StateBase:
         after which requests get HTTP 429 ``null`` (default None = off); open_order_limit: a reduce-only or
         trigger order placed with at least this many other open orders is rejected (default 1000, the
         exchange's; set it low so a test needs no 1,000 orders); open_order_limit_error: that rejection's text
-        (the exchange's is UNCONFIRMED)."""
+        (the exchange's is UNCONFIRMED); hip3_cloid: "silent" (default) or "honor", what a HIP-3 order carrying
+        a cloid does (UNCONFIRMED on the real exchange, see ``_init_state``)."""
         with self._lock:
             if strict_ticks is not None:
                 self.strict_ticks = bool(strict_ticks)
@@ -448,10 +468,15 @@ class StateBase:
                 self.open_order_limit = int(open_order_limit)
             if open_order_limit_error is not None:
                 self.open_order_limit_error = str(open_order_limit_error)
+            if hip3_cloid is not None:
+                if hip3_cloid not in ("silent", "honor"):
+                    raise SimulatorError("hip3_cloid must be 'silent' or 'honor'")
+                self.hip3_cloid = hip3_cloid
             return {
                 "strict_ticks": self.strict_ticks, "check_nonces": self.check_nonces,
                 "min_notional": fmt(self.min_notional), "ip_weight_limit": self.ip_weight_limit,
                 "open_order_limit": self.open_order_limit, "open_order_limit_error": self.open_order_limit_error,
+                "hip3_cloid": self.hip3_cloid,
             }
 
     # ---- accounts / agents / coins ----------------------------------------------------------
@@ -504,18 +529,106 @@ class StateBase:
             self._vaults.add(_addr(address))
 
     def add_coin(self, coin: str, sz_decimals: int = 2, max_leverage: int = 50, mid: Any = None) -> int:
-        """Append ``coin`` to the meta universe (if new) and optionally set its mid.  Returns the asset index."""
+        """Append ``coin`` to its dex's meta universe (if new; a "dex:COIN" name goes to that HIP-3 dex, which is
+        created if unknown) and optionally set its mid.  Returns the index in that universe."""
         with self._lock:
             idx = self._asset_index(coin)
             if idx is None:
-                self._universe.append({"maxLeverage": int(max_leverage), "name": coin, "szDecimals": int(sz_decimals)})
-                idx = len(self._universe) - 1
+                universe = self._universe_of(coin, create=True)
+                universe.append({"maxLeverage": int(max_leverage), "name": coin, "szDecimals": int(sz_decimals)})
+                idx = len(universe) - 1
             if mid is not None:
                 self._mids[coin] = D(mid, "mid")
             return idx
 
+    # ---- HIP-3 perp dexes ----------------------------------------------------------------------
+
+    def add_perp_dex(self, name: str, full_name: str | None = None) -> int:
+        """Deploy a HIP-3 perp dex ``name`` (if new).  Returns its perp_dex_index (its position in perpDexs,
+        1 for the first HIP-3 dex; 0 is the main dex)."""
+        with self._lock:
+            if not isinstance(name, str) or not name or ":" in name:
+                raise SimulatorError(f"dex name: expected a name without ':', got {name!r}")
+            for i, d in enumerate(self._perp_dexes):
+                if d["name"] == name:
+                    return i + 1
+            self._perp_dexes.append({
+                "name": name, "fullName": full_name or f"{name} dex",
+                "deployer": "0x" + format(len(self._perp_dexes) + 1, "040x"),
+                "oracleUpdater": None, "feeRecipient": None,
+                "assetToStreamingOiCap": [], "assetToFundingMultiplier": [],
+            })
+            self._dex_universes.setdefault(name, [])
+            return len(self._perp_dexes)
+
+    def perp_dexs(self) -> list[Any]:
+        """The perpDexs answer: null (the main dex), then one object per HIP-3 dex."""
+        with self._lock:
+            return [None, *copy.deepcopy(self._perp_dexes)]
+
+    def open_hip3_position(self, address: str, coin: str, szi: Any, entry_px: Any, sz_decimals: int = 2,
+                           leverage: int = 3, parts: int = 1) -> list[dict[str, Any]]:
+        """Open an isolated position on a HIP-3 dex: ``coin`` is "dex:COIN" (the dex and the coin are created
+        when new, the coin with ``sz_decimals``).  Returns the opening fills."""
+        with self._lock:
+            if not isinstance(coin, str) or coin.count(":") != 1 or not all(coin.split(":")):
+                raise SimulatorError(f"coin: expected 'dex:COIN', got {coin!r}")
+            if self._asset_index(coin) is None:
+                self.add_coin(coin, sz_decimals=sz_decimals, max_leverage=max(int(leverage), 3))
+            acct = self._account(address, create=True)
+            acct.leverage[coin] = int(leverage)
+            fills = self.open_position(address, coin, szi, entry_px, leverage=int(leverage), parts=parts)
+            acct.positions[coin].leverage_type = "isolated"
+            return fills
+
+    @staticmethod
+    def dex_of(coin: str) -> str:
+        """The perp dex a coin lives on: "" (the main dex) or the prefix of "dex:COIN"."""
+        return coin.split(":", 1)[0] if ":" in coin else ""
+
+    def _universe_of(self, coin: str, create: bool = False) -> list[dict[str, Any]]:
+        dex = self.dex_of(coin)
+        if not dex:
+            return self._universe
+        if dex not in self._dex_universes:
+            if not create:
+                return []
+            self.add_perp_dex(dex)
+        return self._dex_universes[dex]
+
+    def _dex_index(self, dex: str) -> int | None:
+        if not dex:
+            return 0
+        for i, d in enumerate(self._perp_dexes):
+            if d["name"] == dex:
+                return i + 1
+        return None
+
+    def _asset_id(self, coin: str) -> int | None:
+        """The asset id orders use: the index in meta (main dex), or 100000 + perp_dex_index * 10000 +
+        index_in_meta for a HIP-3 coin (Hyperliquid docs, asset-ids)."""
+        idx = self._asset_index(coin)
+        if idx is None:
+            return None
+        dex = self.dex_of(coin)
+        if not dex:
+            return idx
+        return 100_000 + (self._dex_index(dex) or 0) * 10_000 + idx
+
+    def _coin_entry(self, asset: int) -> dict[str, Any] | None:
+        """The meta entry an asset id names, or None."""
+        if 0 <= asset < 10_000:
+            return self._universe[asset] if asset < len(self._universe) else None
+        if asset < 110_000 or asset >= 100_000_000:
+            return None  # spot (10000 + index) is not simulated; outcome assets neither
+        dex_index, idx = divmod(asset - 100_000, 10_000)
+        if not 1 <= dex_index <= len(self._perp_dexes):
+            return None
+        universe = self._dex_universes.get(self._perp_dexes[dex_index - 1]["name"], [])
+        return universe[idx] if idx < len(universe) else None
+
     def _asset_index(self, coin: str) -> int | None:
-        for i, u in enumerate(self._universe):
+        for i, u in enumerate(self._universe_of(coin)):
             if u.get("name") == coin:
                 return i
         return None
@@ -524,21 +637,23 @@ class StateBase:
         if not isinstance(coin, str) or not coin:
             raise SimulatorError(f"coin: expected a name, got {coin!r}")
         idx = self._asset_index(coin)
+        universe = self._universe_of(coin, create=True)
         if idx is None:
             szd = 2 if size is None else min(max(_decimals(size), 2), 5)
-            self._universe.append({"maxLeverage": 50, "name": coin, "szDecimals": szd})
-            idx = len(self._universe) - 1
-        return self._universe[idx]
+            universe.append({"maxLeverage": 50, "name": coin, "szDecimals": szd})
+            idx = len(universe) - 1
+        return universe[idx]
 
     def _check_size(self, coin: str, size: Decimal, what: str = "size") -> None:
         u = self._ensure_coin(coin, size)
         if _decimals(size) > int(u.get("szDecimals", 8)):
             raise SimulatorError(f"{what} {fmt(size)} has more decimals than {coin} szDecimals={u.get('szDecimals')}")
 
-    def meta(self) -> dict[str, Any]:
-        """The meta answer (universe from the fixture + coins added since).  Pass it to Info/Exchange(meta=...)."""
+    def meta(self, dex: str = "") -> dict[str, Any]:
+        """The meta answer (universe from the fixture + coins added since; of a HIP-3 dex with ``dex``).  Pass it
+        to Info/Exchange(meta=...)."""
         with self._lock:
-            return {"universe": copy.deepcopy(self._universe)}
+            return {"universe": copy.deepcopy(self._universe if not dex else self._dex_universes.get(dex, []))}
 
     def mids(self) -> dict[str, str]:
         with self._lock:
