@@ -652,7 +652,7 @@ def print_table(scenarios: list[Scenario]) -> None:
         fills = f"; fills {fmt_num(sc.fills_weight)} of it" if sc.fills_weight else ""
         print(f"  {sc.accounts} x {sc.positions} {sc.name}: {sc.weight_per_read:.2f}{fills}")
     if not any(sc.name.endswith(HIP3_SCENARIO_SUFFIX) for sc in scenarios):
-        print("  with a HIP-3 dex in use: not measured (the monitor reads the first perp dex only; see"
+        print("  with a HIP-3 dex in use: not measured yet (no scenario opens HIP-3 positions; see"
               " HIP3_SCENARIO_SUFFIX in scripts/bench.py)")
 
 

@@ -1154,7 +1154,12 @@ class Round:
         marks.append(time.monotonic())
         self.check(report)
         again = self.clean_run("second clean") if report is not None else None
-        if again is not None and (again["discovered"] or again["updated"] or again["closed"]):
+        if again is not None and report is not None and report.get("overrun"):
+            # Every clean run reached its deadline (a machine loaded by other work; the chaos lock's stale limit
+            # is 6 s): the last one said it left work (overrun, the run_overran alert), so a run after it may
+            # still change the table. Not a silent fault, and not checkable here.
+            self.stats.outcomes["(ii) not checkable: the clean runs kept reaching their deadline"] += 1
+        elif again is not None and (again["discovered"] or again["updated"] or again["closed"]):
             self.violation(f"(ii) a second clean run still changed the table: discovered {again['discovered']}, "
                            f"updated {again['updated']}, closed {again['closed']} (the clean run's notes: "
                            f"{'; '.join(report.get('notes', []))[:300] if report else None}; the second's actions: "
