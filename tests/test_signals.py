@@ -258,3 +258,35 @@ def test_a_crash_is_70_with_one_line_recorded_pinged_and_in_the_metrics(ops_env,
     # the traceback is there for whoever asks for it
     debug = cli(env, "--log-level", "debug", "run")
     assert debug.returncode == 70 and "Traceback" in debug.stderr
+
+
+def test_a_second_signal_exits_at_once_and_the_next_run_is_not_blocked(ops_env, sim, pings, database_url):
+    """The first signal only asks: a run inside its start ping (not a safe point) goes on to the next one.
+    A second signal exits at once with one line; what it leaves is what a SIGKILL leaves, no more."""
+    add_account(ops_env, sim)
+    pings.recorder.hang = 30  # the start ping hangs (the pinger gives up after 5 s)
+    proc = start(ops_env)
+    try:
+        deadline = time.monotonic() + 60
+        while not pings.recorder.requests and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert ping_paths(pings) == ["/start"]
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert proc.poll() is None  # still inside the ping: waits for its safe point
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=10)
+        took = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        pings.recorder.hang = 0
+        pings.recorder.release.set()
+    _out, err = proc.communicate()
+    assert code == 143 and took < 2, (code, took, err)
+    line, = err.strip().splitlines()
+    assert line.startswith("position-monitor: second signal (SIGTERM): exiting at once"), err
+    began = time.monotonic()
+    again = run_json(ops_env)
+    assert time.monotonic() - began < 20 and again["discovered"] == 1
