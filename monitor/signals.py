@@ -61,7 +61,7 @@ def interruptible() -> Iterator[None]:
     try:
         yield
     finally:
-        _state.interruptible -= 1
+        _state.interruptible = max(0, _state.interruptible - 1)  # the handler zeroes it when it raises
 
 
 def _handle(signum: int, frame: FrameType | None) -> None:

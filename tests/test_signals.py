@@ -290,3 +290,38 @@ def test_a_second_signal_exits_at_once_and_the_next_run_is_not_blocked(ops_env, 
     began = time.monotonic()
     again = run_json(ops_env)
     assert time.monotonic() - began < 20 and again["discovered"] == 1
+
+
+def test_a_signal_during_apply_lets_the_batch_in_flight_commit_and_starts_no_other(env, sim, db, monkeypatch):
+    """In-process, at the moment that matters: the signal arrives while the first batch's transaction is
+    being written. That batch commits; the next batch never starts; the run is recorded 143 with it."""
+    from monitor import applying, signals
+    from monitor.config import load_settings
+    from monitor.database import Database
+    from monitor.errors import Terminated
+    from monitor.runner import run_once
+
+    bob = "0x" + "b0" * 20
+    db.add_account(ALICE, "alice")
+    db.add_account(bob, "bob")
+    monkeypatch.setattr(applying, "BATCH_ACCOUNTS", 1)
+    real = Database.insert_discovered_many
+    monkeypatch.setattr(signals._state, "signum", None)
+
+    def signalled_mid_write(self: Database, rows: Any, now: Any) -> Any:
+        signals._handle(signal.SIGTERM, None)  # as the kernel would, between two statements of the batch
+        return real(self, rows, now)
+
+    monkeypatch.setattr(Database, "insert_discovered_many", signalled_mid_write)
+    sim.open_position(ALICE, "BTC", "0.5", "30000")
+    sim.open_position(bob, "ETH", "-2", "2000")
+    try:
+        with pytest.raises(Terminated) as stopped:
+            run_once(load_settings(environ=env))
+    finally:
+        signals._state.signum = None
+    assert stopped.value.exit_code == 143
+    assert len(db.list_positions(status="open")) == 1  # the batch in flight committed, the next never began
+    (recorded,) = db.recent_runs(1)
+    assert recorded["exit_code"] == 143 and recorded["finished_at"] is not None
+    assert recorded["counts"]["discovered"] == 1, recorded["counts"]
