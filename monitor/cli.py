@@ -234,7 +234,9 @@ def status(ctx: click.Context, as_json: bool, runs: int) -> None:
     holder = make_lock(settings).holder()
     database, _ = _ready_database(ctx)
     try:
-        recent = [{**r, "state": run_state(r, settings.host_id)} for r in database.recent_runs(runs)]
+        now = datetime.now(timezone.utc)
+        recent = [{**r, "state": run_state(r, settings.host_id, settings.lock_stale_after, now)}
+                  for r in database.recent_runs(runs)]
         overview = database.account_overview()
         alerts = database.active_alerts()
         lease = database.lease_status()

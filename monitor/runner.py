@@ -247,9 +247,12 @@ def mark_crashed_runs(db: Database, run_id: str, unfinished: Sequence[tuple[str,
     return marked
 
 
-def run_state(row: dict[str, Any], host: str) -> str:
-    """"running", "finished" or "crashed" for a monitor_runs row (``Database.recent_runs``); an unfinished
-    row of this host and machine whose process is gone is "crashed" before any run marks it."""
+def run_state(row: dict[str, Any], host: str, stale_after: float, now: datetime) -> str:
+    """"running", "finished", "crashed" or "lost" for a monitor_runs row (``Database.recent_runs``). An
+    unfinished row of this host and machine whose process is gone is "crashed" before any run marks it; one
+    that cannot be judged from here (another host) but started more than twice the stale limit ago is
+    "lost": a run stops by its deadline, below the stale limit, so it is dead or frozen and its lock
+    expired (any write of it is fenced)."""
     if row.get("finished_at") is not None:
         crashed = row.get("exit_code") is None and str(row.get("error_summary") or "").startswith("crashed")
         return "crashed" if crashed else "finished"
@@ -257,6 +260,9 @@ def run_state(row: dict[str, Any], host: str) -> str:
     if (row.get("host") == host and machine is not None and row.get("machine") == machine
             and row.get("process_start") is not None and not process_is(int(row["pid"]), int(row["process_start"]))):
         return "crashed"
+    started = row.get("started_at")
+    if isinstance(started, datetime) and (now - started).total_seconds() > 2 * stale_after:
+        return "lost"
     return "running"
 
 

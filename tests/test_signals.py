@@ -325,3 +325,16 @@ def test_a_signal_during_apply_lets_the_batch_in_flight_commit_and_starts_no_oth
     (recorded,) = db.recent_runs(1)
     assert recorded["exit_code"] == 143 and recorded["finished_at"] is not None
     assert recorded["counts"]["discovered"] == 1, recorded["counts"]
+
+
+def test_an_unfinished_row_from_another_host_past_twice_the_stale_limit_is_shown_lost(env, database_url):
+    """A pod SIGKILLed on another host cannot be judged from here; once it is past twice the stale limit
+    (a run stops by its deadline, below it), `status` shows it lost, never running."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO monitor_runs (run_id, host, pid, started_at) VALUES"
+                     " ('old', 'pod-7', 1, now() - interval '11 minutes'),"
+                     " ('new', 'pod-8', 1, now() - interval '1 minute')")
+    status = json.loads(cli(env, "status", "--json").stdout)
+    assert {r["run_id"]: r["state"] for r in status["runs"]} == {"old": "lost", "new": "running"}
+    text = cli(env, "status").stdout
+    assert "lost" in text and text.count("running") == 1, text
