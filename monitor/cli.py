@@ -8,16 +8,15 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import traceback
 from datetime import date, datetime, timezone
 from decimal import Decimal
 from typing import Any
 
 import click
 
-from monitor import __version__
+from monitor import __version__, signals
 from monitor.config import LOG_LEVELS, TESTNET_API_URL, Settings, load_settings
-from monitor.errors import EXIT_CONFIG, EXIT_OK, MonitorError, Refused, UsageError, exit_code_for
+from monitor.errors import EXIT_CONFIG, EXIT_OK, MonitorError, Refused, Terminated, UsageError, exit_code_for
 from monitor.models import normalize_address
 
 log = logging.getLogger("monitor")
@@ -29,6 +28,11 @@ class MonitorGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except Terminated as exc:
+            # SIGTERM/SIGINT: the run is recorded and its lock released; reads still in flight on worker
+            # threads are not waited for.
+            click.echo(f"position-monitor: {exc.message}", err=True)
+            signals.exit_now(exit_code_for(exc))
         except MonitorError as exc:
             click.echo(f"position-monitor: {exc.message}", err=True)
             ctx.exit(exit_code_for(exc))
@@ -37,9 +41,8 @@ class MonitorGroup(click.Group):
             ctx.exit(exit_code_for(exc))
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise  # click's own: it prints and exits as documented
-        except Exception as exc:  # noqa: BLE001 - a bug: its traceback, one line, exit 70
-            # A bug: its traceback (for the report), then one line, and the code the run recorded (70).
-            traceback.print_exc(file=sys.stderr)
+        except Exception as exc:  # a bug: one line, exit 70; its traceback only at debug level
+            log.debug("internal error", exc_info=True)
             click.echo(f"position-monitor: internal error: {type(exc).__name__}: {exc}", err=True)
             ctx.exit(exit_code_for(exc))
 
@@ -177,6 +180,11 @@ def run(ctx: click.Context, dry_run: bool, as_json: bool, accounts: tuple[str, .
         report = execute_run(settings, dry_run=dry_run, addresses=addresses,
                              progress=progress if interactive else None,
                              on_start=lambda run_id: setattr(_run_filter, "run_id", run_id))
+    except BaseException as exc:
+        stopped = getattr(exc, "run_report", None)  # a run that started: its JSON too (exit_code, error)
+        if as_json and stopped is not None:
+            _echo_json(stopped.to_json())
+        raise
     finally:
         if bar is not None:
             bar.update(bar.length - bar.pos)
@@ -220,13 +228,15 @@ def status(ctx: click.Context, as_json: bool, runs: int) -> None:
       position-monitor status
       position-monitor status --json --runs 20
     """
-    from monitor.runner import make_lock
+    from monitor.runner import make_lock, run_state
 
     settings = _settings(ctx)
     holder = make_lock(settings).holder()
     database, _ = _ready_database(ctx)
     try:
-        recent = database.recent_runs(runs)
+        now = datetime.now(timezone.utc)
+        recent = [{**r, "state": run_state(r, settings.host_id, settings.lock_stale_after, now)}
+                  for r in database.recent_runs(runs)]
         overview = database.account_overview()
         alerts = database.active_alerts()
         lease = database.lease_status()
@@ -244,7 +254,7 @@ def status(ctx: click.Context, as_json: bool, runs: int) -> None:
     click.echo("Last runs:")
     click.echo(format_table([{**r, "started": f"{r['started_at']:%Y-%m-%d %H:%M:%S}",
                               "took": (f"{(r['finished_at'] - r['started_at']).total_seconds():.1f}s"
-                                       if r["finished_at"] else "running"),
+                                       if r["finished_at"] else r["state"]),
                               "changes": ", ".join(f"{k} {v}" for k, v in (r["counts"] or {}).items() if v)}
                              for r in recent], ("started", "host", "pid", "epoch", "dry_run", "took", "exit_code",
                                                 "changes", "error_summary")))
@@ -815,6 +825,8 @@ def lock_status(ctx: click.Context, as_json: bool) -> None:
         return
     state = {True: "held", False: "stale (holder gone or expired)",
              None: "held (holder on another host or machine)"}[holder.alive]
+    if holder.gone:
+        state = f"dead (pid {holder.pid} on this host is gone; the next run takes the lock over)"
     machine = f", machine {holder.machine}" if holder.machine else ", machine unrecorded"
     click.echo(f"{state}: {holder.describe(now)}{machine}, run {holder.run_id}, epoch {epoch},"
                f" {settings.lock_backend} backend")

@@ -177,12 +177,25 @@ class OperationsMixin:
     conn: Any
     lease_name: str
 
-    def start_run(self, *, run_id: str, host: str, pid: int, epoch: int | None, dry_run: bool) -> None:
-        self._execute(
-            "INSERT INTO monitor_runs (run_id, host, pid, epoch, dry_run) VALUES (%s, %s, %s, %s, %s)"
-            " ON CONFLICT (run_id) DO NOTHING",
-            (run_id, host, pid, epoch, dry_run),
-        )
+    def start_run(self, *, run_id: str, host: str, pid: int, epoch: int | None, dry_run: bool,
+                  process_start: int | None = None, machine: str | None = None) -> list[tuple[str, int, int]]:
+        """The run's row; in the same statement, (run_id, pid, process_start) of the other unfinished runs
+        recorded on this host and machine (candidates for ``mark_run_crashed``; none without a machine)."""
+        return [tuple(row) for row in self._execute(
+            "WITH started AS (INSERT INTO monitor_runs (run_id, host, pid, epoch, dry_run, process_start, machine)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (run_id) DO NOTHING)"
+            " SELECT run_id, pid, process_start FROM monitor_runs WHERE finished_at IS NULL AND host = %s"
+            " AND machine = %s AND process_start IS NOT NULL AND run_id <> %s",
+            (run_id, host, pid, epoch, dry_run, process_start, machine, host, machine, run_id)).fetchall()]
+
+    def mark_run_crashed(self, *, run_id: str, pid: int, process_start: int, found_by: str) -> bool:
+        """Finish a run row whose process is gone: no exit code (none is known), a summary saying so.
+        Guarded: only while it is still unfinished and still that process's row."""
+        cur = self._execute(
+            "UPDATE monitor_runs SET finished_at = now(), error_summary = %s WHERE run_id = %s"
+            " AND finished_at IS NULL AND pid = %s AND process_start = %s",
+            (f"crashed: process {pid} is gone (found by run {found_by})", run_id, pid, process_start))
+        return bool(cur.rowcount)
 
     def finish_run(self, *, run_id: str, counts: dict[str, Any], accounts_failed: int, exit_code: int,
                    error_summary: str | None) -> None:
@@ -195,7 +208,7 @@ class OperationsMixin:
     def recent_runs(self, limit: int = 10) -> list[dict[str, Any]]:
         cur = self._execute(
             "SELECT run_id, host, pid, epoch, started_at, finished_at, dry_run, counts, accounts_failed, exit_code,"
-            " error_summary FROM monitor_runs ORDER BY started_at DESC LIMIT %s", (limit,))
+            " error_summary, process_start, machine FROM monitor_runs ORDER BY started_at DESC LIMIT %s", (limit,))
         names = _column_names(cur)
         return [dict(zip(names, row)) for row in cur]
 

@@ -83,6 +83,19 @@ class UsageError(MonitorError):
     exit_code = EXIT_USAGE
 
 
+class Terminated(MonitorError):
+    """SIGTERM (exit 143) or SIGINT (exit 130) stopped the run (``monitor.signals``): raised only at a
+    point where nothing is half-written, so the run is recorded, its lock released, and it exits."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name}: the run was recorded and its lock released")
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
 def exit_code_for(exc: BaseException) -> int:
     """The exit code of a command that ended with ``exc`` (and of the run it recorded)."""
     if isinstance(exc, MonitorError):

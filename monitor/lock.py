@@ -129,6 +129,7 @@ class Holder:
     path: str | None = None
     expires_at: datetime | None = None
     machine: str | None = None  # machine_identity() of the holder; None: not recorded
+    gone: bool = False  # its process is provably gone (this host and machine, pid dead or reused)
 
     def age_seconds(self, now: datetime) -> float | None:
         return None if self.started_at is None else max((now - self.started_at).total_seconds(), 0.0)
@@ -409,6 +410,7 @@ class LocalRunLock(RunLock):
         if owner is not None and owner.hostname == _filelock_host() and _same_machine(side):
             alive = process_is(owner.pid, None if owner.start is None else owner.start % 2**64)
         return Holder(
+            gone=alive is False,
             backend=self.backend,
             pid=owner.pid if owner else side.get("pid"),
             host=(owner.hostname if owner else side.get("host")),
@@ -586,7 +588,15 @@ class PostgresRunLock(RunLock):
         finally:
             if db is not self._db:
                 db.close()
-        return _lease_holder(status)
+        holder = _lease_holder(status)
+        if holder is not None and holder.alive is None and status:
+            # A live lease held from this host and machine: judged from our /proc (dead, or pid reused).
+            machine = machine_identity()
+            if (holder.host == self.host and holder.pid and machine is not None and holder.machine == machine):
+                recorded = status.get("holder_start")
+                holder.alive = process_is(int(holder.pid), int(recorded) if recorded else None)
+                holder.gone = not holder.alive
+        return holder
 
 
 def _lease_holder(status: dict[str, Any] | None) -> Holder | None:

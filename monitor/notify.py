@@ -18,16 +18,20 @@ returns False.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import math
 import os
 import tempfile
+import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Collection, Iterable, Mapping
+from typing import Any, Collection, Iterable, Iterator, Mapping
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from monitor import webhooks
@@ -148,7 +152,52 @@ def write_metrics_file(path: Path, m: RunMetrics) -> None:
     error (OSError) propagates: the caller decides whether a metrics fault matters.
     """
     path = Path(path)
-    text = render_metrics(m).encode("utf-8")
+    with _metrics_lock(path):
+        _replace_file(path, render_metrics(m).encode("utf-8"))
+
+
+LOCK_BUSY_LINE = f"{PREFIX}lock_busy "
+
+
+def mark_lock_busy(path: Path) -> None:
+    """A run that found the lock busy: set ``lock_busy`` to 1 in the metrics file and change nothing else
+    (every other figure is the last run's, the holder's to write). Under the same file lock as
+    ``write_metrics_file``, so the holder's own write is never lost. No file yet: the gauge alone."""
+    path = Path(path)
+    with _metrics_lock(path):
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            lines = []
+        if any(line.startswith(LOCK_BUSY_LINE) for line in lines):
+            lines = [LOCK_BUSY_LINE + "1" if line.startswith(LOCK_BUSY_LINE) else line for line in lines]
+        else:
+            lines += [f"# HELP {PREFIX}lock_busy 1 if the last run found another run holding the lock and exited 75.",
+                      f"# TYPE {PREFIX}lock_busy gauge", LOCK_BUSY_LINE + "1"]
+        _replace_file(path, ("\n".join(lines) + "\n").encode("utf-8"))
+
+
+@contextmanager
+def _metrics_lock(path: Path, timeout: float = 10.0) -> Iterator[None]:
+    """The metrics file's writers take turns: an exclusive flock on its directory (no file of ours beside
+    it; released when the holder dies). A timeout is an OSError, like every other fault here."""
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(errno.ETIMEDOUT, "another run is writing the metrics file") from None
+                time.sleep(0.02)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _replace_file(path: Path, text: bytes) -> None:
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:

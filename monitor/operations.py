@@ -12,9 +12,27 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Callable, Sequence
 
+from monitor import signals
 from monitor.config import Settings
-from monitor.errors import EXIT_LOCK_HELD, Fenced, LockHeld, MonitorError, UsageError
-from monitor.notify import AlertState, Pinger, RunMetrics, alert_text, decide_alerts, send_webhook, write_metrics_file
+from monitor.errors import (
+    EXIT_DB_UNAVAILABLE,
+    EXIT_LOCK_HELD,
+    Fenced,
+    LockHeld,
+    MonitorError,
+    UsageError,
+    exit_code_for,
+)
+from monitor.notify import (
+    AlertState,
+    Pinger,
+    RunMetrics,
+    alert_text,
+    decide_alerts,
+    mark_lock_busy,
+    send_webhook,
+    write_metrics_file,
+)
 from monitor.report import RunReport
 from monitor.runner import RunHooks, open_database, run_once
 
@@ -65,8 +83,16 @@ def account_role(settings: Settings, address: str) -> AccountRole:
 def execute_run(settings: Settings, *, dry_run: bool, addresses: Sequence[str],
                 progress: Callable[[int, int], None] | None = None,
                 on_start: Callable[[str], object] | None = None) -> RunReport:
-    """A run with its pings, alerts and metrics. LockHeld propagates (exit 75) after being recorded."""
+    """A run with its pings, alerts and metrics, on every way out (README, "Operating it").
+
+    A run that raises (69, 70, 75, 78, 2, a signal's 143/130) is pinged with its code and written to the
+    metrics as the code it recorded, then the exception propagates with the run's report attached
+    (``run_report``, for ``run --json``). The one exception: a start that found the lock busy neither
+    pings (the holder does) nor overwrites the holder's figures (only ``lock_busy`` is set).
+    SIGTERM/SIGINT stop the run at its next safe point (``monitor.signals``)."""
     pinger: Pinger | None = None
+    locked = False
+    finished: list[tuple[RunReport, int]] = []
 
     def started_run(run_id: str) -> None:
         nonlocal pinger
@@ -74,29 +100,74 @@ def execute_run(settings: Settings, *, dry_run: bool, addresses: Sequence[str],
         if on_start is not None:
             on_start(run_id)
 
-    hooks = RunHooks(on_start=started_run, progress=progress,
-                     on_locked=None if dry_run else lambda: pinger.start() if pinger else None)
+    def got_lock() -> None:
+        nonlocal locked
+        locked = True
+        if pinger is not None and not dry_run:
+            pinger.start()
+
+    hooks = RunHooks(on_start=started_run, progress=progress, on_locked=got_lock,
+                     on_finished=lambda report, code: finished.append((report, code)))
     started = time.time()
-    try:
-        report = run_once(settings, dry_run=dry_run, addresses=addresses, hooks=hooks)
-    except LockHeld as exc:
-        # A skipped run is not a failed one: no ping (the holder pings), but a streak may alert.
+    with signals.handling():
+        try:
+            report = run_once(settings, dry_run=dry_run, addresses=addresses, hooks=hooks)
+        except BaseException as exc:
+            code = exit_code_for(exc)
+            busy = isinstance(exc, LockHeld) and not locked
+            run_id = (pinger.run_id or "") if pinger is not None else ""
+            stopped = finished[0][0] if finished and not busy else RunReport(run_id=run_id, dry_run=dry_run)
+            stopped.stopped_exit_code, stopped.error = code, _error_text(exc)
+            if busy:
+                # A skipped run is not a failed one: no ping (the holder pings), but a streak may alert;
+                # the metrics keep the holder's figures, only lock_busy is set.
+                if not dry_run:
+                    _alerts(settings, {"lock_busy": ("lock_busy", f"run lock busy: {stopped.error}")},
+                            only=("lock_busy",))
+                _mark_lock_busy(settings)
+            else:
+                if not finished:  # stopped before its history row was written
+                    stopped.notes.append(f"run stopped: {stopped.error}")
+                if pinger is not None and not dry_run:
+                    pinger.finish(code, body=f"exit {code}: {stopped.error}")
+                # the database is known down (69): the metrics go without its figures, and no second line
+                _metrics(settings, stopped, started, lock_busy=False, with_database=code != EXIT_DB_UNAVAILABLE)
+            setattr(exc, "run_report", stopped)  # noqa: B010 - any exception, a bug's included
+            raise
         if not dry_run:
-            _alerts(settings, {"lock_busy": ("lock_busy", f"run lock busy: {exc.message}")}, only=("lock_busy",))
-        _metrics(settings, None, started, lock_busy=True)
-        raise
-    if not dry_run:
-        assert pinger is not None
-        pinger.finish(report.exit_code, body=report.summary_line())
-        observed = observed_conditions(report)
-        if report.fenced:
-            # A superseded run decides only the alert about itself; the rest is its successor's state.
-            _alerts(settings, {k: v for k, v in observed.items() if k == "lock_stale_holder"},
-                    only=("lock_stale_holder",))
-        else:
-            _alerts(settings, observed, epoch=report.epoch)
-    _metrics(settings, report, started, lock_busy=report.exit_code == EXIT_LOCK_HELD)
+            assert pinger is not None
+            pinger.finish(report.exit_code, body=report.summary_line())
+            observed = observed_conditions(report)
+            if report.fenced:
+                # A superseded run decides only the alert about itself; the rest is its successor's state.
+                _alerts(settings, {k: v for k, v in observed.items() if k == "lock_stale_holder"},
+                        only=("lock_stale_holder",))
+            else:
+                _alerts(settings, observed, epoch=report.epoch)
+        _metrics(settings, report, started, lock_busy=report.exit_code == EXIT_LOCK_HELD)
     return report
+
+
+def _error_text(exc: BaseException) -> str:
+    message = getattr(exc, "message", None)
+    if isinstance(message, str):
+        return message
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    return f"internal error: {type(exc).__name__}: {exc}"
+
+
+class _NoDatabase(Exception):
+    """The metrics are written without the database's figures (it is known to be down)."""
+
+
+def _mark_lock_busy(settings: Settings) -> None:
+    if settings.metrics_file is None:
+        return
+    try:
+        mark_lock_busy(settings.metrics_file)
+    except OSError as exc:
+        log.warning("metrics file %s not updated: %s", settings.metrics_file, exc.strerror or exc)
 
 
 def observed_conditions(report: RunReport) -> dict[str, tuple[str, str]]:
@@ -159,7 +230,8 @@ def _alerts(settings: Settings, observed: dict[str, tuple[str, str]], only: Sequ
         db.close()
 
 
-def _metrics(settings: Settings, report: RunReport | None, started: float, *, lock_busy: bool) -> None:
+def _metrics(settings: Settings, report: RunReport | None, started: float, *, lock_busy: bool,
+             with_database: bool = True) -> None:
     if settings.metrics_file is None:
         return
     finished = time.time()
@@ -167,6 +239,8 @@ def _metrics(settings: Settings, report: RunReport | None, started: float, *, lo
     open_by_account: dict[str, int] = {}
     money: dict[str, dict[str, Decimal]] = {}
     try:
+        if not with_database:
+            raise _NoDatabase
         db, _ = open_database(settings)
         try:
             if not db.pending_migrations():
@@ -176,6 +250,8 @@ def _metrics(settings: Settings, report: RunReport | None, started: float, *, lo
                 money = db.account_money()
         finally:
             db.close()
+    except _NoDatabase:
+        pass
     except MonitorError as exc:  # DatabaseError and DatabaseUnavailable included
         log.warning("metrics without database figures: %s", exc.message)
     counters = {}
@@ -185,7 +261,7 @@ def _metrics(settings: Settings, report: RunReport | None, started: float, *, lo
                     "would_close": report.would_close}
     metrics = RunMetrics(
         run_started=started, run_finished=finished, last_success=last_success,
-        exit_code=EXIT_LOCK_HELD if report is None else report.exit_code,
+        exit_code=0 if report is None else report.exit_code,
         dry_run=bool(report and report.dry_run), counters=counters, open_positions_by_account=open_by_account,
         accounts_failed=0 if report is None else report.accounts_failed,
         accounts_ok=0 if report is None else report.accounts_ok, lock_busy=lock_busy,

@@ -53,9 +53,13 @@ class RunReport:
     clock_offset_ms: int | None = None  # exchange time minus this host's (median of this run's samples)
     sql_statements: int = 0
     duration_seconds: float = 0.0
+    stopped_exit_code: int | None = None  # the run was stopped by an exception (a fault, a signal): its code
+    error: str | None = None  # what stopped it, one line
 
     @property
     def exit_code(self) -> int:
+        if self.stopped_exit_code is not None:
+            return self.stopped_exit_code
         if self.fenced:
             return EXIT_LOCK_HELD
         return EXIT_ACCOUNT_FAILED if self.accounts_failed else EXIT_OK
@@ -93,6 +97,7 @@ class RunReport:
             "sql_statements": self.sql_statements,
             "duration_seconds": round(self.duration_seconds, 3),
             "exit_code": self.exit_code,
+            "error": self.error,
             "actions": [a.to_json() for a in self.actions],
             "alerts": [{"key": a.key, "kind": a.kind, "text": a.text} for a in self.alerts],
         }

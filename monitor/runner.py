@@ -15,7 +15,8 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -23,7 +24,7 @@ from decimal import Decimal
 from functools import partial
 from typing import Any
 
-from monitor import applying, planner
+from monitor import applying, planner, signals
 from monitor.clock import CLOCK_OFFSET_ALERT_MS, Clock, ExchangeClock, to_ms
 from monitor.closing import CloseContext, CloseOutcome, Closer, attach_funding, followup_json
 from monitor.config import Settings
@@ -42,13 +43,22 @@ from monitor.exchange import (
     WeightBudget,
 )
 from monitor.exit_budget import CACHE_TTL, ExitReserve, exit_reserve, signer_address
-from monitor.lock import LocalRunLock, NonceSource, PostgresRunLock, RunLock, machine_identity, process_start_time
+from monitor.lock import (
+    LocalRunLock,
+    NonceSource,
+    PostgresRunLock,
+    RunLock,
+    machine_identity,
+    process_is,
+    process_start_time,
+)
 from monitor.models import MAIN_DEX, Account, AccountSnapshot, PositionRow, dex_of
 from monitor.planner import AccountPlan, Action, PlanSettings
 from monitor.report import Alert, RunReport
 
 log = logging.getLogger(__name__)
 
+SIGNAL_POLL_SECONDS = 0.1  # how often the read phase's wait looks for a stop request
 RATE_LIMIT_BACKOFF = 0.5  # seconds before the first retry of a 429; doubled each time
 LOCK_LOST = "lock lost (taken over or cleared): stopping without writing more"
 
@@ -82,6 +92,8 @@ class RunHooks:
     on_start: Callable[[str], object] | None = None
     on_locked: Callable[[], object] | None = None
     progress: Callable[[int, int], None] | None = None
+    # The run as recorded (its report and the exit code in monitor_runs), once its lock is released.
+    on_finished: Callable[[RunReport, int], object] | None = None
 
 
 @dataclass
@@ -134,6 +146,11 @@ class RunContext:
         if self.stopped is None:
             self.stopped = why
 
+    def check_signal(self) -> None:
+        """A safe point: nothing is half-written here, so a SIGTERM/SIGINT received stops the run
+        (``signals.Terminated``, recorded by ``setup`` with 143/130)."""
+        signals.check()
+
 
 # ---- setup and history ---------------------------------------------------------------------------
 
@@ -179,7 +196,10 @@ def setup(settings: Settings, *, dry_run: bool, clock: Clock, hooks: RunHooks,
                                                               exchange_clock=exchange_clock,
                                                               fills_max_weight=settings.weight_budget
                                                               * FILLS_MAX_READ_SHARE[0] // FILLS_MAX_READ_SHARE[1])))
-        db.start_run(run_id=lock.run_id, host=settings.host_id, pid=os.getpid(), epoch=epoch, dry_run=dry_run)
+        unfinished = db.start_run(run_id=lock.run_id, host=settings.host_id, pid=os.getpid(), epoch=epoch,
+                                  dry_run=dry_run, process_start=process_start_time(os.getpid()),
+                                  machine=machine_identity())
+        mark_crashed_runs(db, lock.run_id, unfinished)
         yielded = True
         yield run
     except Fenced as exc:  # taken over between phases: recorded as what it is (exit 75)
@@ -196,6 +216,7 @@ def setup(settings: Settings, *, dry_run: bool, clock: Clock, hooks: RunHooks,
         if run is not None:
             run.report = run.report or _partial_report(run)
             run.report.notes.append(f"run stopped: {getattr(exc, 'message', type(exc).__name__)}")
+            run.report.stopped_exit_code = crashed
         raise
     finally:
         try:
@@ -207,6 +228,43 @@ def setup(settings: Settings, *, dry_run: bool, clock: Clock, hooks: RunHooks,
             if db is not None:
                 db.close()
             lock.release()
+            if run is not None and run.report is not None and hooks.on_finished is not None:
+                hooks.on_finished(run.report, run.report.exit_code if crashed is None else crashed)
+
+
+def mark_crashed_runs(db: Database, run_id: str, unfinished: Sequence[tuple[str, int, int]]) -> list[str]:
+    """Finish the run rows left unfinished by processes provably gone: ``unfinished`` are those recorded on
+    this host and machine (``Database.start_run``); each whose pid is dead or now another process (its start
+    time differs) is marked crashed. The ids of the rows marked."""
+    marked = []
+    try:
+        for other, pid, start in unfinished:
+            if not process_is(pid, start) and db.mark_run_crashed(run_id=other, pid=pid, process_start=start,
+                                                                  found_by=run_id):
+                log.warning("run %s (pid %s) ended without recording itself: marked crashed", other, pid)
+                marked.append(other)
+    except (DatabaseUnavailable, DatabaseError) as exc:
+        log.warning("could not mark crashed runs: %s", exc.message)
+    return marked
+
+
+def run_state(row: dict[str, Any], host: str, stale_after: float, now: datetime) -> str:
+    """"running", "finished", "crashed" or "lost" for a monitor_runs row (``Database.recent_runs``). An
+    unfinished row of this host and machine whose process is gone is "crashed" before any run marks it; one
+    that cannot be judged from here (another host) but started more than twice the stale limit ago is
+    "lost": a run stops by its deadline, below the stale limit, so it is dead or frozen and its lock
+    expired (any write of it is fenced)."""
+    if row.get("finished_at") is not None:
+        crashed = row.get("exit_code") is None and str(row.get("error_summary") or "").startswith("crashed")
+        return "crashed" if crashed else "finished"
+    machine = machine_identity()
+    if (row.get("host") == host and machine is not None and row.get("machine") == machine
+            and row.get("process_start") is not None and not process_is(int(row["pid"]), int(row["process_start"]))):
+        return "crashed"
+    started = row.get("started_at")
+    if isinstance(started, datetime) and (now - started).total_seconds() > 2 * stale_after:
+        return "lost"
+    return "running"
 
 
 def _empty_report(run: RunContext) -> RunReport:
@@ -322,6 +380,7 @@ class Inputs:
 def load_inputs(run: RunContext, addresses: Sequence[str]) -> Inputs:
     """The accounts to read (claimed in one statement; one another live run holds is deferred, naming that
     run), their open and recently closed rows, their last good reads and their pending follow-ups."""
+    run.check_signal()
     accounts = _accounts(run, addresses)
     if not accounts:
         return Inputs()  # a no-op run touches neither the exchange nor the SDK
@@ -405,11 +464,13 @@ def read_accounts(run: RunContext, inputs: Inputs) -> Reads:
     counter, budget = RequestCounter(), WeightBudget(run.settings.weight_budget)
     exchange = run.exchange_factory(counter, budget)
     reads = Reads(exchange=exchange, counter=counter)
+    run.check_signal()
     known = _perp_dexes(run, exchange, inputs, reads.notes)
     watched, unknown = watched_dexes(known, run.settings.perp_dexes)
     if unknown:
         reads.notes.append(f"MONITOR_PERP_DEXES names dex(es) the exchange does not list: {', '.join(unknown)}")
-    reads.mids = _read_mids(exchange, inputs, reads.notes, watched)
+    with signals.interruptible():  # a pure read: a signal breaks it off
+        reads.mids = _read_mids(exchange, inputs, reads.notes, watched)
     assert inputs.now is not None
     reads.reserve = _reserve_exit_work(run, inputs, reads.mids, inputs.now, budget)
     reads.dexes = plan_dex_reads(inputs.accounts, inputs.rows, inputs.recent, known, watched,
@@ -422,7 +483,7 @@ def read_accounts(run: RunContext, inputs: Inputs) -> Reads:
     local = threading.local()
 
     def work(account: Account) -> AccountRead:
-        if run.lock_lost() or run.past_deadline():
+        if run.lock_lost() or run.past_deadline() or signals.requested() is not None:
             return AccountRead(account, deferred="deadline")
         session = getattr(local, "exchange", None)
         if session is None:
@@ -434,15 +495,34 @@ def read_accounts(run: RunContext, inputs: Inputs) -> Reads:
                                 from_fills=frozenset() if reads.dexes.full else frozenset(reads.dexes.watched))
 
     workers = max(1, min(run.settings.read_parallelism, len(accounts)))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read") as pool:
-        for index, result in enumerate(pool.map(work, accounts)):
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read")
+    try:
+        futures = [pool.submit(work, account) for account in accounts]
+        for index, future in enumerate(futures):
+            result = _result_or_signal(run, future)
             reads.results.append(result)
             if result.failure is not None:
                 log.warning("account %s: %s", result.account.address, result.failure)
             if run.hooks.progress is not None:
                 run.hooks.progress(index + 1, len(accounts))
+    except BaseException:
+        # Stopped (a signal) or a bug: reads still in flight are not waited for; their results are not used.
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
     budget.open_reserve()  # the exit work draws on it, and on whatever the reads left
     return reads
+
+
+def _result_or_signal(run: RunContext, future: Future[AccountRead]) -> AccountRead:
+    """One account's read, waited for in short steps so that a SIGTERM/SIGINT stops the run at once
+    rather than after the reads in flight (each bounded by MONITOR_HTTP_TIMEOUT)."""
+    while True:
+        run.check_signal()
+        try:
+            return future.result(timeout=SIGNAL_POLL_SECONDS)
+        except FutureTimeout:
+            continue
 
 
 PERP_DEXS_CACHE_KEY = "#perpDexs"  # exchange_meta row holding the perpDexs answer ('#' is in no dex name)
@@ -467,7 +547,8 @@ def _perp_dexes(run: RunContext, exchange: Exchange, inputs: Inputs, notes: list
         if run.db.cached_meta(PERP_DEXS_CACHE_KEY, PERP_DEXS_RETRY) is not None:
             return list(names)  # asked again lately: a dex that does not exist must not cost 20 every run
     try:
-        names = exchange.read_perp_dexs()
+        with signals.interruptible():  # a pure read: a signal breaks it off
+            names = exchange.read_perp_dexs()
     except (ReadFailed, BudgetExhausted) as exc:
         hip3_rows = sum(1 for rows in inputs.rows.values() for r in rows if dex_of(r.coin))
         notes.append(f"perp dexes unknown ({exc}): only the first dex is read this run"
@@ -679,6 +760,7 @@ def apply_plans(run: RunContext, reads: Reads) -> Applied:
     changing = [plan for plan in plans if plan.changes]  # nothing to write: no transaction at all
     now = run.clock.now()
     for start in range(0, len(changing), applying.BATCH_ACCOUNTS):
+        run.check_signal()  # between batches: the one before has committed or rolled back
         if run.lock_lost():
             run.stop(LOCK_LOST)
         if run.stopped:
@@ -725,6 +807,7 @@ def work_exits(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied) 
             account, plan = result.account, result.plan
             if plan is None:
                 continue
+            run.check_signal()  # between accounts: no order half-sent, no write half-done
             if run.lock_lost():
                 run.stop(LOCK_LOST)
             if run.stopped:
@@ -744,6 +827,7 @@ def work_exits(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied) 
             if fired or settles or closed_coins or pending:
                 later.append((account, settles, closed_coins, result.open_orders, pending))
         for account, settles, closed_coins, open_orders, pending in later:
+            run.check_signal()
             if run.lock_lost():
                 run.stop(LOCK_LOST)
             if run.stopped:
@@ -795,6 +879,7 @@ def _keep_followup_alerts(run: RunContext, inputs: Inputs, done: CloseOutcome) -
 def mark_seen(run: RunContext, reads: Reads) -> None:
     """last_seen_at of the rows each snapshot confirmed unchanged, in one fenced statement."""
     seen_ids = [i for r in reads.results if r.plan is not None for i in r.plan.seen_ids]
+    run.check_signal()
     if run.lock_lost():
         run.stop(LOCK_LOST)
     if not seen_ids or run.dry_run or run.stopped:
