@@ -159,7 +159,11 @@ def connect(url: str, *, application_name: str = "position-monitor") -> psycopg.
                      f" -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}"),
         )
     except psycopg.OperationalError as exc:
-        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else "connection failed"
+        # The first line says what failed (libpq's indented last line is only a hint: "Is the server running").
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        detail = lines[0] if lines else "connection failed"
+        for prefix in ("connection is bad: ", "connection failed: "):
+            detail = detail.removeprefix(prefix)
         raise DatabaseUnavailable(f"database unavailable: {_redact(detail)}") from None
     except psycopg.ProgrammingError:
         # A malformed URL or connection string (settings check it first; this is the last line of defence).

@@ -112,6 +112,9 @@ def test_unreadable_files_and_missing_directories_are_one_line(env, tmp_path):
     ]
     for environ, args, code, named in cases:
         assert named in one_line(cli(environ, *args), code), args
+    # a database directory that is not there: 69, saying what failed (not only libpq's hint)
+    line = one_line(cli(env, "--database-url", f"host={tmp_path / 'no-such-dir'} dbname=x", "status"), 69)
+    assert "database unavailable: connection to server on socket" in line and "No such file" in line
 
 
 # --------------------------------------------------------------------------------------------------
