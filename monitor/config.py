@@ -155,28 +155,12 @@ def _database_url(name: str, text: str) -> str:
         raise ConfigError(f"{name}: is empty")
     if "://" in text and not text.startswith(("postgresql://", "postgres://")):
         raise ConfigError(f"{name}: expected a postgresql:// URL or a libpq connection string")
+    from monitor.database import conninfo_problem  # the driver's parser; only monitor.database imports it
+
     problem = conninfo_problem(text)
     if problem is not None:
         raise ConfigError(f"{name}: not a valid PostgreSQL URL or connection string: {problem}")
     return text
-
-
-def conninfo_problem(text: str) -> str | None:
-    """Why libpq cannot parse ``text`` as a connection string or URL (None: it can), in one line that never
-    repeats the string itself (it may hold a password): only bare option names stay quoted."""
-    import re
-
-    from psycopg import ProgrammingError
-    from psycopg.conninfo import conninfo_to_dict
-
-    try:
-        conninfo_to_dict(text)
-    except ProgrammingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "cannot be parsed"
-        first = re.sub(r"\s+in (URI|connection info string)\b.*$", "", first)
-        return re.sub(r'"([^"]*)"', lambda m: m.group(0) if re.fullmatch(r"[a-z_]{1,40}|[=\]]", m.group(1)) else "…",
-                      first)
-    return None
 
 
 def _choice(name: str, text: str, choices: tuple[str, ...]) -> str:

@@ -167,11 +167,26 @@ def connect(url: str, *, application_name: str = "position-monitor") -> psycopg.
         raise DatabaseUnavailable(f"database unavailable: {_redact(detail)}") from None
     except psycopg.ProgrammingError:
         # A malformed URL or connection string (settings check it first; this is the last line of defence).
-        from monitor.config import conninfo_problem
-
         problem = conninfo_problem(url) or "cannot be parsed"
         raise ConfigError(f"database URL: not a valid PostgreSQL URL or connection string: {problem}") from None
     return conn
+
+
+def conninfo_problem(text: str) -> str | None:
+    """Why libpq cannot parse ``text`` as a connection string or URL (None: it can), in one line that never
+    repeats the string itself (it may hold a password): only bare option names stay quoted."""
+    import re
+
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(text)
+    except psycopg.ProgrammingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "cannot be parsed"
+        first = re.sub(r"\s+in (URI|connection info string)\b.*$", "", first)
+        return re.sub(r'"([^"]*)"', lambda m: m.group(0) if re.fullmatch(r"[a-z_]{1,40}|[=\]]", m.group(1)) else "…",
+                      first)
+    return None
 
 
 def _redact(text: str) -> str:
