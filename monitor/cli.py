@@ -94,6 +94,10 @@ class MonitorGroup(click.Group):
             raise  # click's own: it prints and exits as documented
         except Exception as exc:  # noqa: BLE001 - a bug: its traceback, one line, exit 70
             # A bug: its traceback (for the report), then one line, and the code the run recorded (70).
+            if _json_wanted():  # the traceback inside the one JSON line
+                say(f"internal error: {type(exc).__name__}: {exc}", exit_code=exit_code_for(exc),
+                    traceback=traceback.format_exc())
+                ctx.exit(exit_code_for(exc))
             traceback.print_exc(file=sys.stderr)
             say(f"internal error: {type(exc).__name__}: {exc}", exit_code=exit_code_for(exc))
             ctx.exit(exit_code_for(exc))
@@ -140,6 +144,10 @@ class _JsonFormatter(logging.Formatter):
                 payload[name] = value
         if record.exc_info:
             payload["traceback"] = self.formatException(record.exc_info)
+        else:
+            text = getattr(record, "traceback", None)  # say(..., traceback=...): a bug under --log-format json
+            if isinstance(text, str):
+                payload["traceback"] = text
         return json.dumps(payload, default=str)
 
 

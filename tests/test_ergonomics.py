@@ -322,3 +322,20 @@ def test_db_stop_stops_the_embedded_server(env, tmp_path):
     finally:
         cli(environ, "db", "stop")
     assert one_line(cli(env, "db", "stop"), 2).endswith("only the embedded server is stopped here")
+
+
+def test_a_crash_under_json_logs_is_one_json_line_with_its_traceback(env, monkeypatch):
+    from click.testing import CliRunner
+
+    import monitor.operations
+    from monitor.cli import cli as command
+
+    def crash(*_args, **_kwargs):
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(monitor.operations, "execute_run", crash)
+    result = CliRunner().invoke(command, ["--log-format", "json", "run"], env=env)
+    assert result.exit_code == 70, result.output
+    (entry,) = json_lines(result.output)
+    assert entry["message"] == "internal error: ZeroDivisionError: boom" and entry["exit_code"] == 70
+    assert "Traceback" in entry["traceback"] and "ZeroDivisionError" in entry["traceback"]
