@@ -97,7 +97,9 @@ def apply_plans(db: Database, epoch: int, plans: Sequence[AccountPlan], *, now: 
 
 
 def _failed(plan: AccountPlan, exc: Exception) -> AppliedAccount:
-    log.error("account %s: applying the plan failed", plan.account.address, exc_info=exc)
+    # The CLI prints the one line for the failed account (the report's failures); the traceback only at debug.
+    log.debug("account %s: applying the plan failed", plan.account.address, exc_info=exc,
+              extra={"event": "account_failed", "account": plan.account.address})
     if isinstance(exc, DatabaseError):
         kind, detail = exc.kind, exc.detail
     else:
@@ -178,7 +180,8 @@ def _apply_round(db: Database, plans: Sequence[AccountPlan], changes: list[_Pend
         p.done = (plans[p.plan_index].account.id, p.action.coin) in inserted
         if not p.done:
             log.info("%s %s: another writer inserted the open row first", plans[p.plan_index].account.address,
-                     p.action.coin)
+                     p.action.coin, extra={"event": "conflict", "account": plans[p.plan_index].account.address,
+                                           "coin": p.action.coin})
 
     updates = by_type.get(planner.UPDATE, [])
     updated = db.update_positions([

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import sys
+import traceback
 from datetime import date, datetime, timezone
 from decimal import Decimal
 from typing import Any
@@ -15,15 +18,72 @@ from typing import Any
 import click
 
 from monitor import __version__, signals
-from monitor.config import LOG_LEVELS, TESTNET_API_URL, Settings, load_settings
-from monitor.errors import EXIT_CONFIG, EXIT_OK, MonitorError, Refused, Terminated, UsageError, exit_code_for
+from monitor.config import LOG_LEVELS, TESTNET_API_URL, Settings, load_settings, read_env_file, unknown_variables
+from monitor.errors import (
+    EXIT_CONFIG,
+    EXIT_OK,
+    EXIT_USAGE,
+    MonitorError,
+    Refused,
+    Terminated,
+    UsageError,
+    exit_code_for,
+)
 from monitor.models import normalize_address
 
 log = logging.getLogger("monitor")
+cli_log = logging.getLogger("monitor.cli")
+
+# The CLI's own lines are JSON objects too under --log-format json (None until the format is known).
+_output: dict[str, bool | None] = {"json": None}
+
+
+def _json_wanted(environ: Any = None) -> bool:
+    """--log-format json, or MONITOR_LOG_FORMAT=json (for a line printed before the settings are loaded)."""
+    if _output["json"] is not None:
+        return _output["json"]
+    value = (os.environ if environ is None else environ).get("MONITOR_LOG_FORMAT", "")
+    return isinstance(value, str) and value.strip().lower() == "json"
+
+
+def say(message: str, *, level: int = logging.ERROR, **fields: Any) -> None:
+    """One line for the user on stderr: ``position-monitor: message``, or one JSON object under
+    ``--log-format json`` (with ``fields`` such as event, account, exit_code)."""
+    if _json_wanted():
+        record = logging.LogRecord("monitor.cli", level, __file__, 0, message, None, None)
+        record.__dict__.update(fields)
+        record.run_id = _run_filter.run_id
+        sys.stderr.write(_JsonFormatter().format(record) + "\n")
+        sys.stderr.flush()
+    else:
+        click.echo(f"position-monitor: {message}", err=True)
+
+
+def _usage_line(exc: click.ClickException, ctx: click.Context | None) -> str:
+    """click's usage error as one line, pointing at the command's --help."""
+    message = " ".join(exc.format_message().split())
+    source = getattr(exc, "ctx", None) or ctx
+    where = f" (see '{source.command_path} --help')" if source is not None else ""
+    return message + where
 
 
 class MonitorGroup(click.Group):
     """Turns expected faults into one line and their exit code; never a traceback for them."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        args = list(args)  # the parser consumes the list it is given
+        original = list(args)
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # the help text, as click prints it
+        except click.UsageError as exc:  # a bad global option: one line too (exit 2)
+            if parent is None and ("--log-format=json" in original or any(
+                    a == "--log-format" and b == "json" for a, b in zip(original, original[1:]))):
+                _output["json"] = True
+            say(_usage_line(exc, None), exit_code=EXIT_USAGE)
+            raise click.exceptions.Exit(EXIT_USAGE) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -31,28 +91,39 @@ class MonitorGroup(click.Group):
         except Terminated as exc:
             # SIGTERM/SIGINT: the run is recorded and its lock released; reads still in flight on worker
             # threads are not waited for.
-            click.echo(f"position-monitor: {exc.message}", err=True)
+            say(exc.message, exit_code=exit_code_for(exc))
             signals.exit_now(exit_code_for(exc))
         except MonitorError as exc:
-            click.echo(f"position-monitor: {exc.message}", err=True)
+            say(exc.message, exit_code=exit_code_for(exc))
             ctx.exit(exit_code_for(exc))
         except KeyboardInterrupt as exc:
-            click.echo("position-monitor: interrupted", err=True)
+            say("interrupted", exit_code=exit_code_for(exc))
             ctx.exit(exit_code_for(exc))
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # the help text, as click prints it
+        except click.UsageError as exc:
+            say(_usage_line(exc, ctx), exit_code=EXIT_USAGE)
+            ctx.exit(EXIT_USAGE)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise  # click's own: it prints and exits as documented
-        except Exception as exc:  # a bug: one line, exit 70; its traceback only at debug level
+        except Exception as exc:
             log.debug("internal error", exc_info=True)
-            click.echo(f"position-monitor: internal error: {type(exc).__name__}: {exc}", err=True)
+            if _json_wanted():  # the traceback inside the one JSON line
+                say(f"internal error: {type(exc).__name__}: {exc}", exit_code=exit_code_for(exc),
+                    traceback=traceback.format_exc())
+                ctx.exit(exit_code_for(exc))
+            say(f"internal error: {type(exc).__name__}: {exc}", exit_code=exit_code_for(exc))
             ctx.exit(exit_code_for(exc))
 
 
 def _settings(ctx: click.Context) -> Settings:
     settings: Settings | None = ctx.obj.get("settings")
     if settings is None:
-        settings = load_settings(ctx.obj["flags"])  # ConfigError -> exit 78
+        settings = load_settings(ctx.obj["flags"], ctx.obj["environ"])  # ConfigError -> exit 78
         ctx.obj["settings"] = settings
         _configure_logging(settings)
+        for warning in unknown_variables(ctx.obj["environ"]):
+            say(warning, level=logging.WARNING, event="unknown_variable")
     return settings
 
 
@@ -67,20 +138,36 @@ class _RunIdFilter(logging.Filter):
 _run_filter = _RunIdFilter()
 
 
+# Fields a log call may add with ``extra=`` (or ``say(..., field=value)``); each appears when given.
+LOG_FIELDS = ("event", "account", "coin", "position_id", "exit_code")
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps({
+        payload = {
             "time": datetime.fromtimestamp(record.created, tz=timezone.utc).isoformat(),
             "level": record.levelname.lower(),
             "logger": record.name,
             "run_id": getattr(record, "run_id", "-"),
             "message": record.getMessage(),
-        })
+        }
+        for name in LOG_FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                payload[name] = value
+        if record.exc_info:
+            payload["traceback"] = self.formatException(record.exc_info)
+        else:
+            text = getattr(record, "traceback", None)  # say(..., traceback=...): a bug under --log-format json
+            if isinstance(text, str):
+                payload["traceback"] = text
+        return json.dumps(payload, default=str)
 
 
 def _configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_run_filter)
+    _output["json"] = settings.log_format == "json"
     if settings.log_format == "json":
         handler.setFormatter(_JsonFormatter())
     else:
@@ -120,9 +207,12 @@ def _echo_json(payload: Any) -> None:
 @click.option("--database-url", default=None, metavar="URL",
               help="PostgreSQL URL. Env: MONITOR_DATABASE_URL. Unset: the embedded server under the data dir.")
 @click.option("--testnet", is_flag=True, help="Use Hyperliquid testnet (overrides MONITOR_HL_API_URL).")
+@click.option("--env-file", default=None, metavar="PATH",
+              help="Read MONITOR_* settings from KEY=value lines (no shell: values kept literally). "
+                   "The environment and flags win over it.")
 @click.pass_context
 def cli(ctx: click.Context, log_level: str | None, log_format: str | None, database_url: str | None,
-        testnet: bool) -> None:
+        testnet: bool, env_file: str | None) -> None:
     """Keep the PostgreSQL positions table true to what is open on Hyperliquid.
 
     \b
@@ -133,7 +223,14 @@ def cli(ctx: click.Context, log_level: str | None, log_format: str | None, datab
     """
     flags = {"log_level": log_level, "log_format": log_format, "database_url": database_url,
              "hl_api_url": TESTNET_API_URL if testnet else None}
-    ctx.obj = {"flags": flags}
+    # flags > environment > --env-file > defaults: the file fills in only what the environment leaves unset.
+    environ: dict[str, str] = {}
+    ctx.obj = {"flags": flags, "environ": environ}
+    if env_file is not None:
+        environ.update(read_env_file(env_file))  # ConfigError -> exit 78
+    environ.update({k: v for k, v in os.environ.items() if v != "" or k not in environ})
+    _output["json"] = None  # this invocation's own (the module may serve several, in tests)
+    _output["json"] = log_format == "json" if log_format is not None else _json_wanted(environ)
 
 
 # ---- run -------------------------------------------------------------------------------------
@@ -165,6 +262,8 @@ def run(ctx: click.Context, dry_run: bool, as_json: bool, accounts: tuple[str, .
     if shard is not None:
         ctx.obj["flags"]["shard"] = shard
     settings = _settings(ctx)
+    if not dry_run:
+        settings = settings.with_signing_key()  # a run that may sign reads its key now (exit 78 if it cannot)
     addresses = [_address(a) for a in accounts]
     interactive = sys.stderr.isatty() and not as_json
     bar: Any = None
@@ -176,10 +275,13 @@ def run(ctx: click.Context, dry_run: bool, as_json: bool, accounts: tuple[str, .
             bar.__enter__()
         bar.update(done - bar.pos)
 
+    def started(run_id: str) -> None:
+        _run_filter.run_id = run_id
+        cli_log.info("run started%s", " (dry run)" if dry_run else "", extra={"event": "run_started"})
+
     try:
         report = execute_run(settings, dry_run=dry_run, addresses=addresses,
-                             progress=progress if interactive else None,
-                             on_start=lambda run_id: setattr(_run_filter, "run_id", run_id))
+                             progress=progress if interactive else None, on_start=started)
     except BaseException as exc:
         stopped = getattr(exc, "run_report", None)  # a run that started: its JSON too (exit_code, error)
         if as_json and stopped is not None:
@@ -191,6 +293,7 @@ def run(ctx: click.Context, dry_run: bool, as_json: bool, accounts: tuple[str, .
             bar.__exit__(None, None, None)
     if as_json:
         _echo_json(report.to_json())
+        _report_faults(report)  # stdout holds the report; stderr one line per fault
         ctx.exit(report.exit_code)
     shown = [a for a in report.actions if dry_run or a.type != "wait"]
     if sys.stdout.isatty() and shown:
@@ -199,13 +302,21 @@ def run(ctx: click.Context, dry_run: bool, as_json: bool, accounts: tuple[str, .
     else:
         for action in shown:
             click.echo(f"  {action.describe()}")
-    for failure in report.failures:
-        click.echo(f"position-monitor: account {failure['account']}: {failure['reason']}", err=True)
-    for note in report.notes:
-        click.echo(f"position-monitor: {note}", err=True)
+    _report_faults(report)
     if dry_run or report.changed or report.exit_code != EXIT_OK:
         click.echo(report.summary_line())
     ctx.exit(report.exit_code)
+
+
+def _report_faults(report: Any) -> None:
+    """One line per failed account and per note (the runner logs them at debug only), then run_finished."""
+    for failure in report.failures:
+        say(f"account {failure['account']}: {failure['reason']}", level=logging.WARNING, event="account_failed",
+            account=failure["account"])
+    for note in report.notes:
+        say(note, level=logging.WARNING, event="note")
+    cli_log.info("run finished: %s", report.summary_line(),
+                 extra={"event": "run_finished", "exit_code": report.exit_code})
 
 
 def _action_row(action: Any) -> dict[str, Any]:
@@ -219,8 +330,9 @@ def _action_row(action: Any) -> dict[str, Any]:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--runs", default=5, show_default=True, type=click.IntRange(1, 1000),
               help="How many recent runs to show.")
+@click.option("--wide", is_flag=True, help="Every column in full (on a terminal, tables fit its width).")
 @click.pass_context
-def status(ctx: click.Context, as_json: bool, runs: int) -> None:
+def status(ctx: click.Context, as_json: bool, runs: int, wide: bool) -> None:
     """Last runs, lock holder, accounts and their last good read, open positions, active alerts.
 
     \b
@@ -251,25 +363,26 @@ def status(ctx: click.Context, as_json: bool, runs: int) -> None:
         _echo_json(payload)
         return
     now = datetime.now(timezone.utc)
+    width = _table_width(wide)
     click.echo("Last runs:")
     click.echo(format_table([{**r, "started": f"{r['started_at']:%Y-%m-%d %H:%M:%S}",
                               "took": (f"{(r['finished_at'] - r['started_at']).total_seconds():.1f}s"
                                        if r["finished_at"] else r["state"]),
                               "changes": ", ".join(f"{k} {v}" for k, v in (r["counts"] or {}).items() if v)}
                              for r in recent], ("started", "host", "pid", "epoch", "dry_run", "took", "exit_code",
-                                                "changes", "error_summary")))
+                                                "changes", "error_summary"), width=width))
     lock_line = holder.describe(now) if holder and holder.alive is not False else "free"
     click.echo(f"\nLock ({settings.lock_backend}): {lock_line}; epoch {payload['lock']['epoch']}")
     click.echo("\nAccounts:")
     click.echo(format_table(overview, ("address", "label", "active", "open_positions", "last_good_read_at",
-                                       "consecutive_failures", "last_error")))
+                                       "consecutive_failures", "last_error"), width=width))
     pending = [f for f in followups if f["status"] == "pending"]
     finished = ", and the last finished" if len(followups) > len(pending) else ""
     click.echo(f"\nFollow-ups: {len(pending)} pending{finished}")
     if followups:
         click.echo(format_table([{**f, "position": f["position_id"], "updated": f"{f['updated_at']:%Y-%m-%d %H:%M:%S}"}
                                  for f in followups], ("id", "address", "coin", "kind", "status", "attempts",
-                                                       "position", "updated", "last_error")))
+                                                       "position", "updated", "last_error"), width=width))
     click.echo("\nActive alerts:" + ("" if alerts else " none"))
     for alert in alerts:
         click.echo(f"  [{alert['kind']}] {alert['message']} (since {alert['first_seen_at']:%Y-%m-%d %H:%M:%S})")
@@ -315,11 +428,12 @@ def accounts_add(ctx: click.Context, address: str, label: str | None) -> None:
             label = f"{label} ({role.label})"
         elif role.label and not db.account_exists(address):
             label = role.label  # a re-added account keeps the label it has
+        before = db.list_accounts(addresses=[address])
         account, created = db.add_account(address, label)
     finally:
         db.close()
-    click.echo(f"{'added' if created else 'already watched (active)'}: {account.address}"
-               + (f" ({account.label})" if account.label else ""))
+    outcome = "added" if created else "re-activated" if before and not before[0].active else "already watched (active)"
+    click.echo(f"{outcome}: {account.address}" + (f" ({account.label})" if account.label else ""))
 
 
 @accounts.command("list")
@@ -420,6 +534,8 @@ def _minute(value: datetime | None) -> str | None:
     return None if value is None else f"{value.astimezone(timezone.utc):%Y-%m-%d %H:%M}"
 
 
+_POSITION_ID = click.IntRange(1, 2**63 - 1)  # a bigint id: anything else is a usage error (exit 2)
+
 _MOMENT_HELP = "an ISO date or date-time (UTC unless an offset is given) or a duration ago (7d)"
 
 
@@ -431,9 +547,10 @@ _MOMENT_HELP = "an ISO date or date-time (UTC unless an offset is given) or a du
 @click.option("--until", default=None, metavar="WHEN", help="Rows closed (open rows: opened) before WHEN.")
 @click.option("--limit", default=None, type=click.IntRange(1, 100_000), help="Only the newest N rows.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--wide", is_flag=True, help="Every column in full (on a terminal, the table fits its width).")
 @click.pass_context
 def positions_list(ctx: click.Context, status: str, account: str | None, since: str | None, until: str | None,
-                   limit: int | None, as_json: bool) -> None:
+                   limit: int | None, as_json: bool, wide: bool) -> None:
     """List positions (open ones by default), with their open and close times (UTC) and P&L.
 
     \b
@@ -454,7 +571,7 @@ def positions_list(ctx: click.Context, status: str, account: str | None, since: 
         _echo_json(rows)
         return
     click.echo(format_table([{**r, "opened": _minute(r["opened_at"]), "closed": _minute(r["closed_at"])}
-                             for r in rows], _POSITION_HEADERS))
+                             for r in rows], _POSITION_HEADERS, width=_table_width(wide)))
 
 
 def _window(since: str | None, until: str | None) -> tuple[datetime | None, datetime | None]:
@@ -469,7 +586,7 @@ def _window(since: str | None, until: str | None) -> tuple[datetime | None, date
 
 
 @positions.command("set")
-@click.argument("position_id", type=int)
+@click.argument("position_id", type=_POSITION_ID)
 @click.option("--stop-loss", default=None, metavar="PRICE", help="Close when the mid reaches PRICE against you.")
 @click.option("--take-profit", default=None, metavar="PRICE", help="Close when the mid reaches PRICE in your favour.")
 @click.option("--trailing-stop", default=None, metavar="PERCENT",
@@ -536,24 +653,61 @@ def positions_set(ctx: click.Context, position_id: int, stop_loss: str | None, t
     click.echo(f"#{position_id}: " + ", ".join(f"{c} {shown(c, o)} -> {shown(c, n)}" for c, (o, n) in diff.items()))
 
 
-def format_table(rows: list[dict[str, Any]], headers: tuple[str, ...]) -> str:
+# Shorter column titles for a narrow terminal (format_table's ``width``).
+_NARROW_TITLES = {"open_positions": "open", "last_good_read_at": "last_good_read", "consecutive_failures": "fails",
+                  "error_summary": "error", "entry_price": "entry", "exit_price": "exit",
+                  "realized_pnl": "realized", "close_reason": "reason", "dry_run": "dry", "exit_code": "exit"}
+
+
+def format_table(rows: list[dict[str, Any]], headers: tuple[str, ...], *, width: int | None = None) -> str:
+    """A plain table. With ``width`` (a terminal's columns) it fits: short titles, the roomiest cells cut
+    with "…", and if that is not enough the last columns left out (a closing line says so)."""
     def cell(row: dict[str, Any], key: str) -> str:
         value = row.get(key)
         if key == "address" and isinstance(value, str):
             return f"{value[:6]}…{value[-4:]}"
-        return "" if value is None else str(_plain(value))
+        if width is not None and isinstance(value, datetime):
+            return f"{value:%Y-%m-%d %H:%M:%S}"
+        text = "" if value is None else str(_plain(value))
+        return " ".join(text.split()) if width is not None else text
 
-    table = [list(headers)] + [[cell(r, h) for h in headers] for r in rows]
+    titles = [_NARROW_TITLES.get(h, h) if width is not None else h for h in headers]
+    table = [titles] + [[cell(r, h) for h in headers] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(headers))]
+    shown = len(headers)
+    if width is not None:
+        floor = [min(w, max(len(t), 8)) for w, t in zip(widths, titles)]
+        while sum(widths) + 2 * (len(widths) - 1) > width:
+            roomy = [i for i in range(len(widths)) if widths[i] > floor[i]]
+            if not roomy:
+                break
+            widths[max(roomy, key=lambda i: widths[i] - floor[i])] -= 1
+        while shown > 1 and sum(widths[:shown]) + 2 * (shown - 1) > width:
+            shown -= 1
+        table = [[v if len(v) <= w else v[:w - 1] + "…" for v, w in zip(line[:shown], widths)] for line in table]
+        widths = widths[:shown]
     lines = ["  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     if not rows:
         lines.append("(none)")
+    if shown < len(headers):
+        more = f"({len(headers) - shown} more columns: {', '.join(headers[shown:])}; --wide shows them)"
+        if width is not None and len(more) > width:
+            more = f"({len(headers) - shown} more columns; --wide shows them)"
+        lines.append(more)
     return "\n".join(lines)
 
 
+def _table_width(wide: bool) -> int | None:
+    """The terminal's width when stdout is one and --wide was not given; None: no limit (files, pipes)."""
+    if wide or not sys.stdout.isatty():
+        return None
+    return shutil.get_terminal_size((80, 24)).columns
+
+
+
 @cli.command("close")
-@click.argument("position_id", type=int)
+@click.argument("position_id", type=_POSITION_ID)
 @click.option("--cancel", is_flag=True,
               help="Withdraw a close requested by hand (only while the row is open and its close not yet claimed).")
 @click.pass_context
@@ -668,7 +822,7 @@ def pnl(ctx: click.Context, by: str | None, since: str | None, until: str | None
 
 
 @positions.command("history")
-@click.argument("position_id", type=int)
+@click.argument("position_id", type=_POSITION_ID)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def positions_history(ctx: click.Context, position_id: int, as_json: bool) -> None:
@@ -756,6 +910,27 @@ def db_status(ctx: click.Context, as_json: bool) -> None:
     for item in items:
         state = f"applied {item['applied_at']:%Y-%m-%d %H:%M:%S}" if item["applied_at"] else "pending"
         click.echo(f"{item['name']:<24} {state}")
+
+
+@db.command("stop")
+@click.pass_context
+def db_stop(ctx: click.Context) -> None:
+    """Stop the embedded PostgreSQL (MONITOR_DATABASE_URL unset).
+
+    It keeps running after a command exits, so that the next run (a minute later) reuses it; the next
+    command that needs it starts it again.
+
+    \b
+    Examples:
+      position-monitor db stop
+    """
+    from monitor.database import stop_embedded_server
+
+    settings = _settings(ctx)
+    if settings.database_url:
+        raise UsageError("db stop: MONITOR_DATABASE_URL is set; only the embedded server is stopped here")
+    stopped = stop_embedded_server(settings.data_dir)
+    click.echo(f"{'stopped' if stopped else 'not running'}: embedded PostgreSQL under {settings.data_dir}")
 
 
 def _ready_database(ctx: click.Context) -> Any:
@@ -858,5 +1033,6 @@ def main() -> None:
     try:
         cli(prog_name="position-monitor")
     except MonitorError as exc:  # raised outside a command (should not happen), still one line
-        click.echo(f"position-monitor: {exc.message}", err=True)
+        say(exc.message, exit_code=exc.exit_code or EXIT_CONFIG)
         sys.exit(exc.exit_code or EXIT_CONFIG)
+

@@ -748,7 +748,8 @@ def attach_funding(exchange: Exchange, address: str, actions: list[Action]) -> l
     try:
         return planner.with_funding(actions, exchange.read_funding(address, *span))
     except ReadFailed as exc:
-        log.warning("%s: funding unreadable (%s); closing without it", address, exc)
+        log.warning("%s: funding unreadable (%s); closing without it", address, exc,
+                    extra={"event": "funding_unreadable", "account": address})
         return planner.with_funding(actions, None, str(exc))
 
 

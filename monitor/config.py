@@ -1,14 +1,17 @@
-"""Settings: a command-line flag wins over the environment, which wins over the default.
+"""Settings: a command-line flag wins over the environment, which wins over an ``--env-file``, which wins over
+the default.
 
-A bad value raises ``ConfigError`` naming the setting and what is wrong (exit 78).
+A bad value raises ``ConfigError`` naming the setting and what is wrong (exit 78). The private key named by
+``MONITOR_HL_SECRET_KEY_FILE`` is not read here: only a command that signs reads it (``Settings.with_signing_key``).
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import socket
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -38,6 +41,9 @@ class Settings:
     close_slippage: Decimal = Decimal("0.05")
     host_id: str = field(default_factory=socket.gethostname)
     secret_key: str | None = field(default=None, repr=False)
+    # MONITOR_HL_SECRET_KEY_FILE: read only by a command about to sign (see with_signing_key), never by
+    # status, positions, db, lock or run --dry-run.
+    secret_key_file: Path | None = None
     metrics_file: Path | None = None
     ping_url: str | None = None
     alert_webhook: str | None = None
@@ -46,6 +52,18 @@ class Settings:
     read_parallelism: int = 16
     shard: tuple[int, int] | None = None
     perp_dexes: tuple[str, ...] | None = None  # HIP-3 dexes to watch: None = all (perpDexs), () = none
+
+    @property
+    def has_key(self) -> bool:
+        """A key is configured (inline, or as a file not read yet)."""
+        return self.secret_key is not None or self.secret_key_file is not None
+
+    def with_signing_key(self) -> Settings:
+        """These settings with the key file read (ConfigError, exit 78, when it cannot be): for a command that
+        may sign orders or cancels. Without a key file, these settings as they are."""
+        if self.secret_key is not None or self.secret_key_file is None:
+            return self
+        return replace(self, secret_key=read_secret_key_file(self.secret_key_file))
 
     @property
     def lease_name(self) -> str:
@@ -160,6 +178,11 @@ def _database_url(name: str, text: str) -> str:
         raise ConfigError(f"{name}: is empty")
     if "://" in text and not text.startswith(("postgresql://", "postgres://")):
         raise ConfigError(f"{name}: expected a postgresql:// URL or a libpq connection string")
+    from monitor.database import conninfo_problem  # the driver's parser; only monitor.database imports it
+
+    problem = conninfo_problem(text)
+    if problem is not None:
+        raise ConfigError(f"{name}: not a valid PostgreSQL URL or connection string: {problem}")
     return text
 
 
@@ -264,9 +287,56 @@ def load_settings(flags: Mapping[str, str | None] | None = None, environ: Mappin
     if key_file:
         if "secret_key" in values:
             raise ConfigError("MONITOR_HL_SECRET_KEY and MONITOR_HL_SECRET_KEY_FILE are both set; set one")
-        values["secret_key"] = read_secret_key_file(_path("MONITOR_HL_SECRET_KEY_FILE", key_file))
+        values["secret_key_file"] = _path("MONITOR_HL_SECRET_KEY_FILE", key_file)
     if "data_dir" not in values:
         xdg = environ.get("XDG_DATA_HOME")
         base = Path(xdg).expanduser() if xdg else Path("~/.local/share").expanduser()
         values["data_dir"] = base / "position-monitor"
     return Settings(**values)
+
+
+# MONITOR_* names that are no setting but are used around the monitor (the test suite's server).
+_OTHER_VARIABLES = ("MONITOR_TEST_DATABASE_URL",)
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One warning line per ``MONITOR_*`` variable that is no setting, naming the closest known one."""
+    environ = os.environ if environ is None else environ
+    known = set(ENVIRONMENT_VARIABLES) | set(_OTHER_VARIABLES)
+    warnings = []
+    for name in sorted(environ):
+        if not name.startswith("MONITOR_") or name in known:
+            continue
+        shown = name if name.isprintable() and len(name) <= 64 else repr(name[:64])
+        # compared without the shared MONITOR_ prefix, which would make every name look close
+        close = difflib.get_close_matches(name[8:], [known[8:] for known in ENVIRONMENT_VARIABLES], n=1, cutoff=0.6)
+        hint = f"; did you mean MONITOR_{close[0]}?" if close else ""
+        warnings.append(f"{shown} is not a known setting and is ignored{hint}")
+    return warnings
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """``KEY=value`` lines of an env file (``--env-file``), parsed without a shell: values are kept literally
+    (spaces, ``$``, ``&``, quotes' contents; no ``${VAR}`` expansion). A line that does not parse is a
+    ConfigError (exit 78) naming its number, never its text (it may hold a password)."""
+    from dotenv.parser import parse_stream
+
+    name = "--env-file"
+    try:
+        with open(path, encoding="utf-8") as stream:
+            bindings = list(parse_stream(stream))
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read {path!r}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name}: {path!r} is not UTF-8 text") from None
+    values: dict[str, str] = {}
+    for binding in bindings:
+        if binding.error:
+            line = binding.original.line
+            raise ConfigError(f"{name}: {path!r} line {line}: expected KEY=value")
+        if binding.key is None:
+            continue  # a blank line or a comment
+        if binding.value is None:
+            raise ConfigError(f"{name}: {path!r} line {binding.original.line}: {binding.key} has no '=value'")
+        values[binding.key] = binding.value
+    return values

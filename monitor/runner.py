@@ -502,7 +502,9 @@ def read_accounts(run: RunContext, inputs: Inputs) -> Reads:
             result = _result_or_signal(run, future)
             reads.results.append(result)
             if result.failure is not None:
-                log.warning("account %s: %s", result.account.address, result.failure)
+                # The CLI prints the one line for it (the report's failures); here only at debug.
+                log.debug("account %s: %s", result.account.address, result.failure,
+                          extra={"event": "account_failed", "account": result.account.address})
             if run.hooks.progress is not None:
                 run.hooks.progress(index + 1, len(accounts))
     except BaseException:

@@ -22,6 +22,7 @@ RULES: list[tuple[str, set[str]]] = [
     ("requests", {"monitor/exchange.py", "monitor/webhooks.py"}),
     ("filelock", {"monitor/lock.py"}),
     ("click", {"monitor/cli.py"}),
+    ("dotenv", {"monitor/config.py"}),
 ]
 
 

@@ -529,7 +529,7 @@ def test_sharded_script_turns_the_completion_index_into_shard_k_of_n(tmp_path: P
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o400  # no group/other bits: the monitor accepts it
         # What the CLI makes of it: shard K of N, its own lease, and this shard's own key.
         settings = load_settings({"shard": called["argv"][2]}, environ={"MONITOR_HL_SECRET_KEY_FILE": str(key_file)})
-        assert settings.shard == (k, shards) and settings.secret_key == "0x" + keys[k]
+        assert settings.shard == (k, shards) and settings.with_signing_key().secret_key == "0x" + keys[k]
         leases.add(settings.lease_name)
     assert leases == {f"run:shard-{k}-of-{shards}" for k in range(1, shards + 1)}
 

@@ -280,14 +280,15 @@ def test_subset_parser_rejects_what_it_does_not_understand() -> None:
 
 
 def test_cronjob_with_pyyaml() -> None:
-    yaml = pytest.importorskip("yaml")
+    import yaml  # the test extra has it: this test runs on a fresh clone
+
     doc = yaml.safe_load(CRONJOB.read_text())
     check_cronjob(doc)
     assert doc == cronjob()
 
 
 def test_cronjob_subset_parser_agrees_with_a_real_yaml_parser() -> None:
-    """PyYAML is no dependency of this project; use any Python on the machine that has it."""
+    """PyYAML is in the test extra (the interpreter running the tests has it); any other Python is a fallback."""
     script = "import json, sys, yaml; print(json.dumps(yaml.safe_load(sys.stdin.read())))"
     candidates = [sys.executable, shutil.which("python3"), "/usr/bin/python3"]
     for python in dict.fromkeys(c for c in candidates if c):
@@ -362,9 +363,17 @@ def test_env_example_values_are_accepted_by_the_monitor() -> None:
         assert getattr(settings, field) == getattr(defaults, field), name
 
 
+def test_env_example_reads_the_same_with_env_file() -> None:
+    """The cron recipe passes the file to `--env-file`: it must see what systemd's EnvironmentFile sees."""
+    from monitor.config import read_env_file
+
+    seen = {k: v for k, v in read_env_file(str(ENV_EXAMPLE)).items() if k.startswith("MONITOR_")}
+    assert seen == env_example()[0]
+
+
 @pytest.mark.skipif(shutil.which("sh") is None, reason="no sh")
 def test_env_example_reads_the_same_under_sh() -> None:
-    """The cron recipe does `set -a; . /etc/position-monitor/env`: sh must see the same values."""
+    """Operators who still `set -a; . /etc/position-monitor/env` in a shell must see the same values."""
     result = subprocess.run(["sh", "-c", 'set -a; . "$1"; env -0', "sh", str(ENV_EXAMPLE)], capture_output=True,
                             text=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
