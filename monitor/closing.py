@@ -350,6 +350,12 @@ class Closer:
             outcome = trader.close_ioc(action.coin, side=row.side, size=action.size or row.size, mid=action.price,
                                        slippage=ctx.slippage, cloid=None if hip3 else cloid,
                                        expires_after_ms=expires_after)
+        except BudgetExhausted:
+            # Refused before anything was signed or sent (the order's weight is taken first): the claim is
+            # let go at once, so the next run sends without waiting for this attempt to expire.
+            with ctx.db.fenced(ctx.epoch):
+                ctx.db.release_close(row.id, cloid=cloid, event="close_not_placed", error="weight budget spent")
+            raise
         except ReadFailed as exc:
             self.done.close_orders_sent += 1
             how = "from fills once it has expired" if hip3 else f"by its cloid {cloid}"

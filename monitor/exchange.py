@@ -196,15 +196,21 @@ def parse_clearinghouse_state(body: Any, address: str, dex: str = MAIN_DEX) -> A
 
 def parse_mids(body: Any, dex: str = MAIN_DEX) -> dict[str, Decimal]:
     """allMids of one perp dex. A HIP-3 dex's mids are keyed by the full name (``xyz:TSLA``); a bare name in
-    such an answer is taken as that dex's coin, and another dex's name is ignored."""
+    such an answer is taken as that dex's coin only when no name carries the prefix, and another dex's name
+    is ignored."""
     if not isinstance(body, dict) or "error" in body:
         raise ExchangeDataError("allMids: expected an object of coin -> price")
     mids: dict[str, Decimal] = {}
+    # Bare names stand for this dex's coins only in an answer that names none with the prefix: where both
+    # appear, a bare name may be the first dex's coin (the key format is UNCONFIRMED), never a HIP-3 mid.
+    prefixed = bool(dex) and any(isinstance(k, str) and k.startswith(f"{dex}:") for k in body)
     for coin, price in body.items():
         try:
             mid = parse_decimal(price, f"mid {coin}")
             name = parse_coin(coin)
             if dex and ":" not in name:
+                if prefixed:
+                    continue
                 name = f"{dex}:{name}"
             if dex and dex_of(name) != dex:
                 continue
