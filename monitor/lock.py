@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from monitor.errors import ConfigError, LockHeld
+from monitor.errors import ConfigError, DatabaseError, DatabaseUnavailable, LockHeld
 
 log = logging.getLogger(__name__)
 
@@ -560,6 +560,10 @@ class PostgresRunLock(RunLock):
         if self._db is not None and self.epoch is not None:
             try:
                 self._db.release_lease(self.epoch)
+            except (DatabaseUnavailable, DatabaseError) as exc:
+                # The lease's own connection is gone (a restart, pg_terminate_backend): the lease is not
+                # released, so it lapses after MONITOR_LOCK_STALE_AFTER; the run's outcome stands.
+                log.warning("lease not released (%s); it lapses when stale", exc.message)
             finally:
                 self._db.close()
         self._db = None

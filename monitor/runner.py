@@ -225,11 +225,13 @@ def setup(settings: Settings, *, dry_run: bool, clock: Clock, hooks: RunHooks,
                 run.report.duration_seconds = clock.monotonic() - started
                 run.report.sql_statements = run.db.statements
         finally:
-            if db is not None:
-                db.close()
-            lock.release()
-            if run is not None and run.report is not None and hooks.on_finished is not None:
-                hooks.on_finished(run.report, run.report.exit_code if crashed is None else crashed)
+            try:
+                if db is not None:
+                    db.close()
+                lock.release()
+            finally:  # the caller hears what the run did even when letting go of the lock failed
+                if run is not None and run.report is not None and hooks.on_finished is not None:
+                    hooks.on_finished(run.report, run.report.exit_code if crashed is None else crashed)
 
 
 def mark_crashed_runs(db: Database, run_id: str, unfinished: Sequence[tuple[str, int, int]]) -> list[str]:

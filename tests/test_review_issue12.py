@@ -50,3 +50,18 @@ def test_an_order_the_budget_refuses_after_its_claim_releases_the_claim_at_once(
     assert [e["event"] for e in db.position_events(row["id"])][-2:] == ["closing_claimed", "close_not_placed"]
     monkeypatch.undo()
     assert run_once(settings).close_orders_sent == 1  # the next run sends at once
+
+
+def test_a_lease_whose_connection_died_is_let_go_without_an_error(db: Any, database_url: str) -> None:
+    """pg_terminate_backend on the lease's own connection (chaos, seed 20261126): release() cannot release it
+    (it lapses when stale) but must not raise, or the run's report never reaches `run --json` and the
+    caller gets a stub without its epoch."""
+    from monitor.database import Database, connect
+    from monitor.lock import PostgresRunLock
+
+    lock = PostgresRunLock(lambda: Database(connect(database_url)), stale_after=30, host="test-host")
+    lock.acquire()
+    assert lock._db is not None
+    pid = lock._db.conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    db.conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    lock.release()  # raised DatabaseUnavailable before the fix
