@@ -53,3 +53,10 @@ TO :"monitor_role";
 -- Durable follow-ups (migration 0007): read, recorded with a close, marked done or moot; never deleted.
 GRANT SELECT, INSERT, UPDATE ON TABLE followups TO :"monitor_role";
 GRANT USAGE ON SEQUENCE followups_id_seq TO :"monitor_role";
+
+-- Hedge groups (migration 0011): `hedge` commands create, change and disable groups, legs and external legs
+-- (removed legs are marked, never deleted); each run appends its verdicts to hedge_results.
+GRANT SELECT, INSERT, UPDATE ON TABLE hedge_groups, hedge_legs, hedge_external_legs, hedge_results
+TO :"monitor_role";
+GRANT USAGE ON SEQUENCE hedge_groups_id_seq, hedge_legs_id_seq, hedge_external_legs_id_seq, hedge_results_id_seq
+TO :"monitor_role";

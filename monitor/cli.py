@@ -302,6 +302,8 @@ def run(ctx: click.Context, dry_run: bool, as_json: bool, accounts: tuple[str, .
     else:
         for action in shown:
             click.echo(f"  {action.describe()}")
+    for hedge in report.hedges if dry_run else report.hedges_not_balanced:  # a dry run shows every group
+        click.echo(f"  {hedge.describe()}")
     _report_faults(report)
     if dry_run or report.changed or report.exit_code != EXIT_OK:
         click.echo(report.summary_line())
@@ -847,6 +849,257 @@ def positions_history(ctx: click.Context, position_id: int, as_json: bool) -> No
              "change": f"{e['from_status'] or ''} -> {e['to_status'] or ''}".strip(),
              "details": json.dumps(e["details"], sort_keys=True)} for e in events]
     click.echo(format_table(rows, ("when", "event", "change", "reason", "details", "run_id")))
+
+
+# ---- hedge groups ----------------------------------------------------------------------------
+
+@cli.group()
+def hedge() -> None:
+    """Hedge groups: legs across accounts and venues that must net to zero.
+
+    Each run computes every active group's net (signed size x ratio over its legs, plus its external legs) from
+    the positions it read, and alerts hedge_imbalance:<group> when |net| stays above the tolerance.
+
+    \b
+    Examples:
+      position-monitor hedge create btc-basis --coin BTC --tolerance 0.01
+      position-monitor hedge add-leg btc-basis --account 0x5e9ee1089755c3435139848e47e6635505d5a13a
+      position-monitor hedge set-external btc-basis --venue binance --size -0.5
+      position-monitor hedge show btc-basis
+    """
+
+
+@hedge.command("create")
+@click.argument("name")
+@click.option("--coin", required=True, metavar="COIN", help="The coin every leg holds (BTC, xyz:TSLA).")
+@click.option("--tolerance", default=None, metavar="SIZE", help="Largest |net| still balanced (default 0).")
+@click.pass_context
+def hedge_create(ctx: click.Context, name: str, coin: str, tolerance: str | None) -> None:
+    """Create hedge group NAME for COIN (or re-enable a disabled one, or change its tolerance).
+
+    \b
+    Examples:
+      position-monitor hedge create btc-basis --coin BTC --tolerance 0.01
+      position-monitor hedge create tsla --coin xyz:TSLA
+    """
+    from monitor.hedges import parse_coin, parse_name, parse_tolerance
+
+    name, coin = parse_name(name), parse_coin(coin)
+    size = parse_tolerance(tolerance) if tolerance is not None else None
+    db, _ = _ready_database(ctx)
+    try:
+        outcome = db.create_hedge_group(name, coin, size)
+    finally:
+        db.close()
+    click.echo(f"{outcome}: hedge group {name} ({coin})")
+
+
+@hedge.command("add-leg")
+@click.argument("name")
+@click.option("--account", "address", required=True, metavar="ADDRESS", help="A watched account.")
+@click.option("--ratio", default="1", show_default=True, metavar="R", help="The leg counts as signed size x R.")
+@click.option("--coin", default=None, metavar="COIN", help="Refuse unless the group is for COIN (a check).")
+@click.pass_context
+def hedge_add_leg(ctx: click.Context, name: str, address: str, ratio: str, coin: str | None) -> None:
+    """Add the group's coin on watched account ADDRESS as a leg of NAME (or change its ratio).
+
+    \b
+    Examples:
+      position-monitor hedge add-leg btc-basis --account 0x5e9ee1089755c3435139848e47e6635505d5a13a
+      position-monitor hedge add-leg btc-basis --account 0x5e9ee1089755c3435139848e47e6635505d5a13a --ratio 0.5
+    """
+    from monitor.hedges import parse_coin, parse_name, parse_ratio
+
+    name, address, value = parse_name(name), _address(address), parse_ratio(ratio)
+    checked = parse_coin(coin) if coin is not None else None
+    db, _ = _ready_database(ctx)
+    try:
+        outcome = db.add_hedge_leg(name, address, value, checked)
+    finally:
+        db.close()
+    click.echo(f"{outcome}: {address} in hedge group {name} (ratio {value})")
+
+
+@hedge.command("remove-leg")
+@click.argument("name")
+@click.option("--account", "address", required=True, metavar="ADDRESS")
+@click.pass_context
+def hedge_remove_leg(ctx: click.Context, name: str, address: str) -> None:
+    """Remove account ADDRESS from hedge group NAME (the leg's row is kept, marked removed).
+
+    \b
+    Examples:
+      position-monitor hedge remove-leg btc-basis --account 0x5e9ee1089755c3435139848e47e6635505d5a13a
+    """
+    from monitor.hedges import parse_name
+
+    name, address = parse_name(name), _address(address)
+    db, _ = _ready_database(ctx)
+    try:
+        db.remove_hedge_leg(name, address)
+    finally:
+        db.close()
+    click.echo(f"removed: {address} from hedge group {name}")
+
+
+@hedge.command("set-external")
+@click.argument("name")
+@click.option("--venue", required=True, metavar="VENUE", help="A venue the monitor does not read.")
+@click.option("--size", required=True, metavar="SIGNED_SIZE", help="The signed size there (short < 0).")
+@click.pass_context
+def hedge_set_external(ctx: click.Context, name: str, venue: str, size: str) -> None:
+    """Set the external leg VENUE of NAME to SIGNED_SIZE, as of now (older than MONITOR_HEDGE_EXTERNAL_STALE, it
+    makes the group unknown).
+
+    \b
+    Examples:
+      position-monitor hedge set-external btc-basis --venue binance --size -0.5
+    """
+    from monitor.hedges import parse_name, parse_size, parse_venue
+
+    name, where, value = parse_name(name), parse_venue(venue), parse_size(size)
+    db, _ = _ready_database(ctx)
+    try:
+        outcome = db.set_hedge_external(name, where, value)
+    finally:
+        db.close()
+    click.echo(f"{outcome}: external leg {where} of hedge group {name} = {value}")
+
+
+@hedge.command("remove-external")
+@click.argument("name")
+@click.option("--venue", required=True, metavar="VENUE")
+@click.pass_context
+def hedge_remove_external(ctx: click.Context, name: str, venue: str) -> None:
+    """Remove the external leg VENUE from hedge group NAME (its row is kept, marked removed).
+
+    \b
+    Examples:
+      position-monitor hedge remove-external btc-basis --venue binance
+    """
+    from monitor.hedges import parse_name, parse_venue
+
+    name, where = parse_name(name), parse_venue(venue)
+    db, _ = _ready_database(ctx)
+    try:
+        db.remove_hedge_external(name, where)
+    finally:
+        db.close()
+    click.echo(f"removed: external leg {where} from hedge group {name}")
+
+
+@hedge.command("disable")
+@click.argument("name")
+@click.pass_context
+def hedge_disable(ctx: click.Context, name: str) -> None:
+    """Stop judging hedge group NAME (its legs and results stay; `hedge create` re-enables it).
+
+    \b
+    Examples:
+      position-monitor hedge disable btc-basis
+    """
+    from monitor.hedges import parse_name
+
+    name = parse_name(name)
+    db, _ = _ready_database(ctx)
+    try:
+        changed = db.disable_hedge_group(name)
+    finally:
+        db.close()
+    click.echo(f"{'disabled' if changed else 'already disabled'}: hedge group {name}")
+
+
+def _hedge_json(group: Any, last: dict[str, Any] | None, stale_after: float, now: datetime) -> dict[str, Any]:
+    """A group as `hedge list --json` and `hedge show --json` print it: the definition, and its last verdict."""
+    counted = {leg.get("account"): leg for leg in (last or {}).get("legs") or [] if leg.get("account")}
+    legs: list[dict[str, Any]] = [
+        {"account": leg.address, "ratio": str(leg.ratio), "account_active": leg.account_active,
+         "size": counted.get(leg.address, {}).get("size")} for leg in group.legs]
+    legs += [{"venue": ext.venue, "size": str(ext.size), "updated_at": ext.updated_at.isoformat(),
+              "stale": (now - ext.updated_at).total_seconds() > stale_after} for ext in group.externals]
+    return {"name": group.name, "coin": group.coin, "tolerance": str(group.tolerance), "active": group.active,
+            "status": last["status"] if last else "unknown",
+            "net": None if not last or last["net"] is None else str(last["net"]),
+            "reason": last["reason"] if last else "not computed by a run yet",
+            "computed_at": last["computed_at"].isoformat() if last else None,
+            "run_id": last["run_id"] if last else None, "legs": legs}
+
+
+@hedge.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (sizes as strings).")
+@click.option("--all", "include_disabled", is_flag=True, help="Disabled groups too.")
+@click.pass_context
+def hedge_list(ctx: click.Context, as_json: bool, include_disabled: bool) -> None:
+    """The hedge groups, each with its net and status as the last run computed them.
+
+    \b
+    Examples:
+      position-monitor hedge list
+      position-monitor hedge list --json
+    """
+    settings = _settings(ctx)
+    db, _ = _ready_database(ctx)
+    try:
+        groups = db.hedge_groups(active_only=not include_disabled)
+        last = db.last_hedge_results()
+    finally:
+        db.close()
+    now = datetime.now(timezone.utc)
+    items = [_hedge_json(g, last.get(g.id), settings.hedge_external_stale, now) for g in groups]
+    if as_json:
+        _echo_json(items)
+        return
+    rows = [{**item, "legs": len(item["legs"]), "computed_at": item["computed_at"] or "",
+             "active": "yes" if item["active"] else "no"} for item in items]
+    click.echo(format_table(rows, ("name", "coin", "status", "net", "tolerance", "legs", "active", "computed_at")))
+
+
+@hedge.command("show")
+@click.argument("name")
+@click.option("--runs", default=10, show_default=True, type=click.IntRange(1, 10_000),
+              help="How many of the last runs' nets to print.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (sizes as strings).")
+@click.pass_context
+def hedge_show(ctx: click.Context, name: str, runs: int, as_json: bool) -> None:
+    """Hedge group NAME: its legs, and its net and status in each of the last N runs.
+
+    \b
+    Examples:
+      position-monitor hedge show btc-basis
+      position-monitor hedge show btc-basis --runs 60 --json
+    """
+    from monitor.hedges import parse_name
+
+    name = parse_name(name)
+    settings = _settings(ctx)
+    db, _ = _ready_database(ctx)
+    try:
+        found = db.hedge_groups(active_only=False, name=name)
+        if not found:
+            raise UsageError(f"no hedge group named {name} (see `position-monitor hedge list`)")
+        history = db.hedge_results(found[0].id, runs)
+    finally:
+        db.close()
+    item = _hedge_json(found[0], history[0] if history else None, settings.hedge_external_stale,
+                       datetime.now(timezone.utc))
+    item["runs"] = [{"run_id": r["run_id"], "computed_at": r["computed_at"].isoformat(), "status": r["status"],
+                     "net": None if r["net"] is None else str(r["net"]), "reason": r["reason"]} for r in history]
+    if as_json:
+        _echo_json(item)
+        return
+    click.echo(f"hedge group {item['name']} ({item['coin']}), tolerance {item['tolerance']}"
+               f"{'' if item['active'] else ', disabled'}: {item['status']}"
+               + (f", net {item['net']}" if item["net"] is not None else ""))
+    for leg in item["legs"]:
+        if "account" in leg:
+            click.echo(f"  leg {leg['account']} x {leg['ratio']}" + (f": {leg['size']}" if leg["size"] else "")
+                       + ("" if leg["account_active"] else " (account not watched)"))
+        else:
+            click.echo(f"  external {leg['venue']}: {leg['size']} (updated {leg['updated_at']}"
+                       + (", stale)" if leg["stale"] else ")"))
+    rows = [{**r, "net": r["net"] or "", "reason": r["reason"] or ""} for r in item["runs"]]
+    click.echo(format_table(rows, ("computed_at", "status", "net", "reason", "run_id"),
+                            width=_table_width(False)))
 
 
 # ---- db --------------------------------------------------------------------------------------

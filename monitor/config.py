@@ -52,6 +52,7 @@ class Settings:
     read_parallelism: int = 16
     shard: tuple[int, int] | None = None
     perp_dexes: tuple[str, ...] | None = None  # HIP-3 dexes to watch: None = all (perpDexs), () = none
+    hedge_external_stale: float = 300.0  # seconds: an older external hedge leg makes its group unknown
 
     @property
     def has_key(self) -> bool:
@@ -259,6 +260,7 @@ _ENV: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "read_parallelism": ("MONITOR_READ_PARALLELISM", lambda n, t: _bounded_int(n, t, 1, 64)),
     "shard": ("MONITOR_SHARD", parse_shard),
     "perp_dexes": ("MONITOR_PERP_DEXES", parse_perp_dexes),
+    "hedge_external_stale": ("MONITOR_HEDGE_EXTERNAL_STALE", lambda n, t: _positive_seconds(n, t, maximum=604800)),
 }
 # Settings whose empty value means something ("" = the first perp dex only), not "unset".
 _EMPTY_IS_A_VALUE = {"MONITOR_PERP_DEXES"}

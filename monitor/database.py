@@ -43,6 +43,7 @@ from monitor.errors import (
     SchemaBehind,
     UsageError,
 )
+from monitor.hedges import ExternalLeg, HedgeGroup, HedgeLeg, HedgeResult
 from monitor.models import Account, PositionRow
 
 log = logging.getLogger(__name__)
@@ -388,7 +389,161 @@ class ExchangeCacheMixin:
                                  " WHERE signer = %s AND dropped_at IS NULL", (reason[:200], signer)).rowcount)
 
 
-class Database(OperationsMixin, ExchangeCacheMixin):
+class HedgeMixin:
+    """Hedge groups, their legs and external legs, and each run's verdicts (migration 0011; README, "Hedge groups").
+
+    Every change is guarded (the group's row locked, the leg's own row updated only while it is current) and its
+    row count checked; nothing is deleted: a removed leg is marked ``removed_at``, a group disabled."""
+
+    _execute: Any
+    _transaction: Any
+
+    def hedge_groups(self, *, active_only: bool = True, name: str | None = None) -> list[HedgeGroup]:
+        """Groups with their current legs and external legs, in one statement (sizes and ratios as exact text)."""
+        cur = self._execute(
+            "SELECT g.id, g.name, g.coin, g.tolerance, g.active,"
+            " COALESCE((SELECT json_agg(json_build_object('account_id', l.account_id, 'address', a.address,"
+            "   'ratio', l.ratio::text, 'active', a.active) ORDER BY l.id)"
+            "   FROM hedge_legs l JOIN accounts a ON a.id = l.account_id"
+            "   WHERE l.group_id = g.id AND l.removed_at IS NULL), '[]'::json),"
+            " COALESCE((SELECT json_agg(json_build_object('venue', e.venue, 'size', e.size::text,"
+            "   'updated_at', e.updated_at) ORDER BY e.venue)"
+            "   FROM hedge_external_legs e WHERE e.group_id = g.id AND e.removed_at IS NULL), '[]'::json)"
+            " FROM hedge_groups g WHERE (g.active OR NOT %s) AND (%s::text IS NULL OR g.name = %s) ORDER BY g.name",
+            (active_only, name, name))
+        groups = []
+        for gid, gname, coin, tolerance, active, legs, externals in cur.fetchall():
+            groups.append(HedgeGroup(
+                id=gid, name=gname, coin=coin, tolerance=Decimal(tolerance), active=active,
+                legs=tuple(HedgeLeg(int(leg["account_id"]), leg["address"], Decimal(leg["ratio"]), bool(leg["active"]))
+                           for leg in legs),
+                externals=tuple(ExternalLeg(e["venue"], Decimal(e["size"]), datetime.fromisoformat(e["updated_at"]))
+                                for e in externals)))
+        return groups
+
+    def _hedge_group_for_update(self, name: str, *, active: bool = True) -> tuple[int, str]:
+        row = self._execute("SELECT id, coin, active FROM hedge_groups WHERE name = %s FOR UPDATE", (name,)).fetchone()
+        if row is None:
+            raise UsageError(f"no hedge group named {name} (see `position-monitor hedge list`)")
+        if active and not row[2]:
+            raise UsageError(f"hedge group {name} is disabled (re-enable it with `position-monitor hedge create"
+                             f" {name} --coin {row[1]}`)")
+        return int(row[0]), str(row[1])
+
+    def create_hedge_group(self, name: str, coin: str, tolerance: Decimal | None) -> str:
+        """``created``, ``re-activated``, ``updated`` (tolerance) or ``unchanged``; another coin: UsageError."""
+        with self._transaction():
+            cur = self._execute(
+                "INSERT INTO hedge_groups (name, coin, tolerance) VALUES (%s, %s, %s) ON CONFLICT (name) DO NOTHING",
+                (name, coin, _num(tolerance if tolerance is not None else Decimal(0))))
+            if cur.rowcount == 1:
+                return "created"
+            gid, current = self._hedge_group_for_update(name, active=False)
+            if current != coin:
+                raise UsageError(f"coin mismatch: hedge group {name} is for {current}, not {coin}")
+            row = _one(self._execute("SELECT active, tolerance FROM hedge_groups WHERE id = %s", (gid,)).fetchone(),
+                       "hedge group")
+            wanted = row[1] if tolerance is None else tolerance
+            if row[0] and wanted == row[1]:
+                return "unchanged"
+            cur = self._execute("UPDATE hedge_groups SET active = true, tolerance = %s WHERE id = %s"
+                                " AND (NOT active OR tolerance <> %s)", (_num(wanted), gid, _num(wanted)))
+            if cur.rowcount != 1:
+                raise Refused(f"hedge group {name} was changed by another writer; try again")
+            return "updated" if row[0] else "re-activated"
+
+    def disable_hedge_group(self, name: str) -> bool:
+        with self._transaction():
+            gid, _ = self._hedge_group_for_update(name, active=False)
+            return bool(self._execute("UPDATE hedge_groups SET active = false WHERE id = %s AND active",
+                                      (gid,)).rowcount == 1)
+
+    def add_hedge_leg(self, name: str, address: str, ratio: Decimal, coin: str | None = None) -> str:
+        """``added``, ``updated`` (ratio) or ``unchanged``. Unknown or disabled group, an account not watched, or
+        ``coin`` other than the group's: UsageError (exit 2)."""
+        with self._transaction():
+            gid, group_coin = self._hedge_group_for_update(name)
+            if coin is not None and coin != group_coin:
+                raise UsageError(f"coin mismatch: hedge group {name} is for {group_coin}, not {coin}")
+            account = self._execute("SELECT id, active FROM accounts WHERE address = %s", (address,)).fetchone()
+            if account is None or not account[1]:
+                raise UsageError(f"not a watched account: {address} (add it with `position-monitor accounts add`)")
+            current = self._execute("SELECT ratio FROM hedge_legs WHERE group_id = %s AND account_id = %s"
+                                    " AND removed_at IS NULL FOR UPDATE", (gid, account[0])).fetchone()
+            if current is not None:
+                if current[0] == ratio:
+                    return "unchanged"
+                cur = self._execute("UPDATE hedge_legs SET ratio = %s WHERE group_id = %s AND account_id = %s"
+                                    " AND removed_at IS NULL AND ratio = %s", (_num(ratio), gid, account[0],
+                                                                               _num(current[0])))
+                outcome = "updated"
+            else:
+                cur = self._execute("INSERT INTO hedge_legs (group_id, account_id, ratio) VALUES (%s, %s, %s)"
+                                    " ON CONFLICT (group_id, account_id) WHERE removed_at IS NULL DO NOTHING",
+                                    (gid, account[0], _num(ratio)))
+                outcome = "added"
+            if cur.rowcount != 1:
+                raise Refused(f"the leg of {address} in {name} was changed by another writer; try again")
+            return outcome
+
+    def remove_hedge_leg(self, name: str, address: str) -> None:
+        with self._transaction():
+            gid, _ = self._hedge_group_for_update(name, active=False)
+            cur = self._execute(
+                "UPDATE hedge_legs SET removed_at = now() WHERE group_id = %s AND removed_at IS NULL"
+                " AND account_id = (SELECT id FROM accounts WHERE address = %s)", (gid, address))
+            if cur.rowcount != 1:
+                raise UsageError(f"{address} is not a leg of hedge group {name}")
+
+    def set_hedge_external(self, name: str, venue: str, size: Decimal) -> str:
+        """Upsert the external leg (its ``updated_at`` now): ``added`` or ``updated``."""
+        with self._transaction():
+            gid, _ = self._hedge_group_for_update(name)
+            row = self._execute(
+                "INSERT INTO hedge_external_legs (group_id, venue, size) VALUES (%s, %s, %s)"
+                " ON CONFLICT (group_id, venue) WHERE removed_at IS NULL"
+                " DO UPDATE SET size = EXCLUDED.size, updated_at = now() RETURNING (xmax = 0)",
+                (gid, venue, _num(size))).fetchone()
+            if row is None:
+                raise Refused(f"the external leg {venue} of {name} was not written; try again")
+            return "added" if row[0] else "updated"
+
+    def remove_hedge_external(self, name: str, venue: str) -> None:
+        with self._transaction():
+            gid, _ = self._hedge_group_for_update(name, active=False)
+            cur = self._execute("UPDATE hedge_external_legs SET removed_at = now() WHERE group_id = %s"
+                                " AND venue = %s AND removed_at IS NULL", (gid, venue))
+            if cur.rowcount != 1:
+                raise UsageError(f"{venue} is not an external leg of hedge group {name}")
+
+    def insert_hedge_results(self, *, run_id: str, epoch: int | None, computed_at: datetime,
+                             results: Sequence[HedgeResult]) -> int:
+        """One statement for the run's verdicts; the number of rows written (the caller checks it)."""
+        if not results:
+            return 0
+        cur = self._execute(
+            "INSERT INTO hedge_results (run_id, epoch, group_id, computed_at, status, net, tolerance, legs, reason)"
+            " SELECT %s, %s, g, %s, s, n, t, l, r FROM unnest(%s::bigint[], %s::text[], %s::numeric[],"
+            " %s::numeric[], %s::jsonb[], %s::text[]) AS u(g, s, n, t, l, r)",
+            (run_id, epoch, computed_at, [r.group_id for r in results], [r.status for r in results],
+             [_num(r.net) for r in results], [_num(r.tolerance) for r in results],
+             [Jsonb(_jsonable(r.legs)) for r in results], [r.reason for r in results]))
+        return int(cur.rowcount)
+
+    def hedge_results(self, group_id: int, limit: int) -> list[dict[str, Any]]:
+        cur = self._execute("SELECT run_id, computed_at, status, net, tolerance, legs, reason FROM hedge_results"
+                            " WHERE group_id = %s ORDER BY id DESC LIMIT %s", (group_id, limit))
+        names = _column_names(cur)
+        return [dict(zip(names, row)) for row in cur]
+
+    def last_hedge_results(self) -> dict[int, dict[str, Any]]:
+        cur = self._execute("SELECT DISTINCT ON (group_id) group_id, run_id, computed_at, status, net, legs, reason"
+                            " FROM hedge_results ORDER BY group_id, id DESC")
+        names = _column_names(cur)
+        return {int(row[0]): dict(zip(names, row)) for row in cur}
+
+
+class Database(OperationsMixin, ExchangeCacheMixin, HedgeMixin):
     """All SQL of the monitor, on one connection (the operations tables' statements come from OperationsMixin)."""
 
     def __init__(self, conn: psycopg.Connection[tuple[Any, ...]], *, lease_name: str = "run") -> None:

@@ -43,7 +43,7 @@ PREFIX = "position_monitor_"
 DEFAULT_ACTION_KINDS = ("discovered", "updated", "closed", "close_orders_sent", "conflicts")
 # Alert kinds that are sent the first run they are seen, whatever the threshold.
 IMMEDIATE_KINDS = frozenset({"liquidation", "close_failed", "run_overran", "followup_failed", "exit_starved",
-                             "close_blocked_open_orders"})
+                             "close_blocked_open_orders", "hedge_imbalance_urgent", "hedge_external_stale"})
 PING_BODY_LIMIT = 10_000  # characters; healthchecks stores the first 100 kB
 WEBHOOK_TEXT_LIMIT = 3_500  # characters; well inside Slack's limits for one message
 
@@ -69,6 +69,8 @@ class RunMetrics:
     requests: int = 0
     # per account: realized_pnl and fees summed over its closed rows, open_notional over its open ones
     money_by_account: dict[str, dict[str, Decimal]] = field(default_factory=dict)
+    # per judged hedge group: (name, coin, status, net); net is None when the status is unknown
+    hedges: list[tuple[str, str, str, Decimal | None]] = field(default_factory=list)
 
 
 def escape_label_value(value: str) -> str:
@@ -139,6 +141,17 @@ def render_metrics(m: RunMetrics) -> str:
               [({"account": a}, money[a]["fees"]) for a in sorted(money)], kind="counter")
         gauge("open_notional", "Size x entry price summed over the account's open positions, in USDC.",
               [({"account": a}, money[a]["open_notional"]) for a in sorted(money)])
+    if m.hedges:  # the groups the last run judged (README, "Hedge groups")
+        known = sorted((h for h in m.hedges if h[3] is not None), key=lambda h: h[0])
+        gauge("hedge_net", "A hedge group's net exposure (sum of signed size x ratio over its legs, external legs"
+              " included) in the last run, in the coin's units; absent while the group is unknown.",
+              [({"group": name, "coin": coin}, net) for name, coin, _, net in known if net is not None])
+        gauge("hedge_imbalanced", "1 when a hedge group's |net| exceeded its tolerance in the last run, 0 when"
+              " balanced; absent while the group is unknown.",
+              [({"group": name}, status == "imbalanced") for name, _, status, _ in known])
+        gauge("hedge_unknown", "1 when a hedge group's net could not be known in the last run (a leg's account or"
+              " dex not read, an external leg stale).",
+              [({"group": name}, status == "unknown") for name, _, status, _ in sorted(m.hedges)])
     return "\n".join(out) + "\n"
 
 

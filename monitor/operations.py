@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 from monitor import signals
 from monitor.config import Settings
@@ -23,6 +23,7 @@ from monitor.errors import (
     UsageError,
     exit_code_for,
 )
+from monitor.hedges import IMBALANCE_KIND, IMBALANCED, STALE_KIND, UNKNOWN, URGENT_KIND
 from monitor.notify import (
     AlertState,
     Pinger,
@@ -143,7 +144,7 @@ def execute_run(settings: Settings, *, dry_run: bool, addresses: Sequence[str],
                 _alerts(settings, {k: v for k, v in observed.items() if k == "lock_stale_holder"},
                         only=("lock_stale_holder",))
             else:
-                _alerts(settings, observed, epoch=report.epoch)
+                _alerts(settings, observed, epoch=report.epoch, hold=held_conditions(report))
         _metrics(settings, report, started, lock_busy=report.exit_code == EXIT_LOCK_HELD)
     return report
 
@@ -192,13 +193,32 @@ def observed_conditions(report: RunReport) -> dict[str, tuple[str, str]]:
         if action.type == "close" and action.reason == "liquidation":
             seen[f"liquidation:{action.account}:{action.coin}"] = (
                 "liquidation", f"{action.account} {action.coin} was liquidated (exit {action.exit_price})")
+    for hedge in report.hedges:
+        if hedge.status == IMBALANCED:
+            seen[f"hedge_imbalance:{hedge.name}"] = (URGENT_KIND if hedge.urgent else IMBALANCE_KIND,
+                                                     hedge.alert_text())
+        if hedge.stale_venues:
+            seen[f"hedge_external_stale:{hedge.name}"] = (
+                STALE_KIND, f"hedge group {hedge.name} ({hedge.coin}) is unknown: external leg(s)"
+                            f" {', '.join(hedge.stale_venues)} not updated within MONITOR_HEDGE_EXTERNAL_STALE")
     if report.fenced:
         seen["lock_stale_holder"] = ("lock_stale_holder", "this run's lock was taken over while it ran")
     return seen
 
 
+def held_conditions(report: RunReport) -> set[str]:
+    """Alert keys this run says nothing about, left exactly as they are (streak, active): the imbalance of a hedge
+    group whose status is unknown (a leg not read, an external leg stale) is neither seen nor resolved, and the
+    hedge alerts of groups outside this run's accounts (``--account``, ``--shard``) belong to the runs that judge
+    them."""
+    held = {f"hedge_imbalance:{h.name}" for h in report.hedges if h.status == UNKNOWN}
+    for name in report.hedges_held:
+        held |= {f"hedge_imbalance:{name}", f"hedge_external_stale:{name}"}
+    return held
+
+
 def _alerts(settings: Settings, observed: dict[str, tuple[str, str]], only: Sequence[str] | None = None,
-            epoch: int | None = None) -> None:
+            epoch: int | None = None, hold: Collection[str] = ()) -> None:
     try:
         db, _ = open_database(settings)
     except MonitorError as exc:
@@ -209,7 +229,8 @@ def _alerts(settings: Settings, observed: dict[str, tuple[str, str]], only: Sequ
             return
         with db.alerts_locked(epoch):
             previous = {row[0]: AlertState(*row) for row in db.load_alerts()}
-            considered = {k: v for k, v in previous.items() if only is None or k in only}
+            considered = {k: v for k, v in previous.items() if (only is None or k in only) and k not in hold}
+            observed = {k: v for k, v in observed.items() if k not in hold}
             now = datetime.now(timezone.utc)
             states, to_send, to_resolve = decide_alerts(considered, observed, now,
                                                         threshold_runs=settings.alert_after_runs,
@@ -266,7 +287,8 @@ def _metrics(settings: Settings, report: RunReport | None, started: float, *, lo
         accounts_failed=0 if report is None else report.accounts_failed,
         accounts_ok=0 if report is None else report.accounts_ok, lock_busy=lock_busy,
         api_weight=0 if report is None else report.api_weight, requests=0 if report is None else report.requests,
-        money_by_account=money)
+        money_by_account=money,
+        hedges=[] if report is None else [(h.name, h.coin, h.status, h.net) for h in report.hedges])
     try:
         write_metrics_file(settings.metrics_file, metrics)
     except OSError as exc:

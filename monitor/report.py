@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from monitor.errors import EXIT_ACCOUNT_FAILED, EXIT_LOCK_HELD, EXIT_OK
 
 if TYPE_CHECKING:
+    from monitor.hedges import HedgeResult
     from monitor.planner import Action
 
 
@@ -55,6 +56,12 @@ class RunReport:
     duration_seconds: float = 0.0
     stopped_exit_code: int | None = None  # the run was stopped by an exception (a fault, a signal): its code
     error: str | None = None  # what stopped it, one line
+    hedges: list[HedgeResult] = field(default_factory=list)  # each judged hedge group's verdict this run
+    hedges_held: list[str] = field(default_factory=list)  # active groups outside this run's accounts (not in JSON)
+
+    @property
+    def hedges_not_balanced(self) -> list[HedgeResult]:
+        return [h for h in self.hedges if h.status != "balanced"]
 
     @property
     def exit_code(self) -> int:
@@ -67,7 +74,7 @@ class RunReport:
     @property
     def changed(self) -> bool:
         return bool(self.discovered or self.updated or self.closed or self.close_orders_sent or self.failures
-                    or self.exit_starved)
+                    or self.exit_starved or self.hedges_not_balanced)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -90,6 +97,7 @@ class RunReport:
             "held_by_other_runs": self.held_by_other_runs,
             "notes": self.notes,
             "followups": self.followups,
+            "hedges": [h.to_json() for h in self.hedges],
             "overrun": self.overrun,
             "requests": self.requests,
             "api_weight": self.api_weight,
@@ -119,4 +127,11 @@ class RunReport:
             accounts += f", {self.accounts_deferred} deferred"
         head = "dry run (nothing written or sent): " if self.dry_run else ""
         tail = " (overran its deadline)" if self.overrun else ""
+        imbalanced = [h for h in self.hedges if h.status == "imbalanced"]
+        unknown = [h for h in self.hedges if h.status == "unknown"]
+        if imbalanced:
+            tail += "; hedges imbalanced: " + ", ".join(
+                f"{h.name} (net {h.net} {h.coin}, tolerance {h.tolerance})" for h in imbalanced)
+        if unknown:
+            tail += "; hedges unknown: " + ", ".join(h.name for h in unknown)
         return f"{head}{', '.join(parts)}; {accounts}{tail}"

@@ -43,6 +43,8 @@ from monitor.exchange import (
     WeightBudget,
 )
 from monitor.exit_budget import CACHE_TTL, ExitReserve, exit_reserve, signer_address
+from monitor.hedges import HedgeGroup, HedgeResult, in_scope
+from monitor.hedges import evaluate as evaluate_hedges
 from monitor.lock import (
     LocalRunLock,
     NonceSource,
@@ -80,7 +82,8 @@ def run_once(settings: Settings, *, dry_run: bool = False, addresses: Sequence[s
         applied = run.applied = apply_plans(run, reads)  # the plans' changes, in fenced transactions
         exits = work_exits(run, inputs, reads, applied)  # fired rules' orders, settles, orphan cancels
         mark_seen(run, reads)  # last_seen_at of the rows the snapshot confirmed
-        run.report = build_report(run, inputs, reads, applied, exits)
+        hedges = check_hedges(run, inputs, reads)  # hedge groups' nets from the snapshots read, recorded
+        run.report = build_report(run, inputs, reads, applied, exits, hedges)
     assert run.report is not None
     return run.report
 
@@ -377,6 +380,8 @@ class Inputs:
     last_reads: dict[int, datetime] = field(default_factory=dict)
     followups: dict[int, list[Followup]] = field(default_factory=dict)  # pending, by account id
     now: datetime | None = None
+    hedge_groups: list[HedgeGroup] = field(default_factory=list)  # active groups this run judges
+    hedge_held: list[str] = field(default_factory=list)  # active groups outside this run's accounts
 
 
 def load_inputs(run: RunContext, addresses: Sequence[str]) -> Inputs:
@@ -384,8 +389,14 @@ def load_inputs(run: RunContext, addresses: Sequence[str]) -> Inputs:
     run), their open and recently closed rows, their last good reads and their pending follow-ups."""
     run.check_signal()
     accounts = _accounts(run, addresses)
+    groups = run.db.hedge_groups()  # one statement; a group adds no exchange request
+    narrowed = bool(addresses) or run.settings.shard is not None
+    scope = {a.id for a in accounts} if narrowed else None
+    judged = [g for g in groups if in_scope(g, scope)]
+    held_groups = [g.name for g in groups if not in_scope(g, scope)]
     if not accounts:
-        return Inputs()  # a no-op run touches neither the exchange nor the SDK
+        # a no-op run touches neither the exchange nor the SDK
+        return Inputs(hedge_groups=judged, hedge_held=held_groups, now=run.clock.now() if judged else None)
     db, now = run.db, run.clock.now()
     run.claimed = True
     won = db.claim_accounts([a.id for a in accounts], stale_after=run.settings.lock_stale_after)
@@ -393,8 +404,11 @@ def load_inputs(run: RunContext, addresses: Sequence[str]) -> Inputs:
     holders = db.claim_holders([a.id for a in held]) if held else {}
     ids = [a.id for a in accounts if a.id in won]
     if not ids:
-        return Inputs(held={a.id: (a, holders.get(a.id, {})) for a in held}, now=now)
+        return Inputs(held={a.id: (a, holders.get(a.id, {})) for a in held}, now=now, hedge_groups=judged,
+                      hedge_held=held_groups)
     return Inputs(
+        hedge_groups=judged,
+        hedge_held=held_groups,
         accounts=[a for a in accounts if a.id in won],
         held={a.id: (a, holders.get(a.id, {})) for a in held},
         rows=db.open_rows_by_account(ids),
@@ -443,6 +457,7 @@ class AccountRead:
     failure: str | None = None
     deferred: str | None = None  # "deadline" or "budget": not read this run
     open_orders: dict[str, list[OpenOrder]] | None = None  # by perp dex, read for the closes planned
+    snapshot: AccountSnapshot | None = None  # what the read found (its dexes_read say which dexes)
 
 
 @dataclass
@@ -689,7 +704,7 @@ def read_account(run: RunContext, exchange: Exchange, account: Account, rows: li
     failure = None if truncated else fills_error
     if dex_problems:
         failure = "; ".join(([failure] if failure else []) + dex_problems)
-    return AccountRead(account, plan=plan, failure=failure, open_orders=open_orders)
+    return AccountRead(account, plan=plan, failure=failure, open_orders=open_orders, snapshot=snapshot)
 
 
 def _with_dexes(run: RunContext, exchange: Exchange, address: str, snapshot: AccountSnapshot,
@@ -895,12 +910,56 @@ def mark_seen(run: RunContext, reads: Reads) -> None:
         run.stop(exc.message)
 
 
+# ---- hedge groups ---------------------------------------------------------------------------------
+
+
+def check_hedges(run: RunContext, inputs: Inputs, reads: Reads) -> list[HedgeResult]:
+    """Every judged hedge group's net from the snapshots this run read (``monitor/hedges.py``, pure), then the
+    verdicts recorded in one fenced statement whose row count is checked. A dry run computes them and writes
+    nothing; a run that must write no more (its lock lost) still reports them."""
+    if not inputs.hedge_groups:
+        return []
+    snapshots: dict[int, AccountSnapshot] = {}
+    unread: dict[int, str] = {}
+    for result in reads.results:
+        if result.snapshot is not None:
+            snapshots[result.account.id] = result.snapshot
+        elif result.deferred:
+            unread[result.account.id] = f"account not read this run ({result.deferred})"
+        elif result.failure:
+            unread[result.account.id] = f"account read failed: {result.failure}"
+    for account, holder in inputs.held.values():
+        unread[account.id] = f"account claimed by another run ({holder.get('run_id')})"
+    now = inputs.now or run.clock.now()
+    results = evaluate_hedges(inputs.hedge_groups, snapshots, unread, now,
+                              timedelta(seconds=run.settings.hedge_external_stale))
+    run.check_signal()
+    if run.lock_lost():
+        run.stop(LOCK_LOST)
+    if run.dry_run or run.stopped:
+        return results
+    try:
+        with run.db.fenced(run.epoch):
+            written = run.db.insert_hedge_results(run_id=run.run_id, epoch=run.epoch, computed_at=now,
+                                                  results=results)
+            if written != len(results):
+                raise DatabaseError("RowCount", f"hedge results: {written} of {len(results)} rows written")
+    except Fenced as exc:
+        run.stop(exc.message)
+    except DatabaseError as exc:  # the verdicts are still reported (and alerted); only their history misses a run
+        reads.notes.append(f"hedge results not recorded: {exc.message}")
+    return results
+
+
 # ---- the report ----------------------------------------------------------------------------------
 
 
-def build_report(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied, exits: CloseOutcome) -> RunReport:
+def build_report(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied, exits: CloseOutcome,
+                 hedges: Sequence[HedgeResult] = ()) -> RunReport:
     """The run's report, built once from what every phase returned."""
     report = RunReport(run_id=run.run_id, dry_run=run.dry_run, epoch=run.epoch)
+    report.hedges = list(hedges)
+    report.hedges_held = list(inputs.hedge_held)
     if run.lock.took_over:
         report.notes.append(run.lock.took_over)
         report.alerts.append(Alert("lock_stale_holder", "lock_stale_holder", run.lock.took_over))
