@@ -335,7 +335,8 @@ def emitted_metric_names() -> set[str]:
         run_started=1.0, run_finished=2.0, last_success=2.0, counters={"discovered": 1},
         open_positions_by_account={ALICE: 1},
         money_by_account={ALICE: {"realized_pnl": Decimal("1.5"), "fees": Decimal("0.1"),
-                                  "open_notional": Decimal("3")}}))
+                                  "open_notional": Decimal("3")}},
+        hedges=[("basis", "BTC", "imbalanced", Decimal("0.5")), ("cex", "ETH", "unknown", None)]))
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
 
 
@@ -352,7 +353,7 @@ def test_the_dashboard_queries_only_metrics_the_writer_emits():
     assert {"position_monitor_last_success_timestamp_seconds", "position_monitor_run_duration_seconds",
             "position_monitor_exit_code", "position_monitor_accounts_failed", "position_monitor_open_positions",
             "position_monitor_realized_pnl_total", "position_monitor_fees_total", "position_monitor_open_notional",
-            "position_monitor_api_weight"} <= queried
+            "position_monitor_api_weight", "position_monitor_hedge_net", "position_monitor_hedge_imbalanced"} <= queried
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
 
 
