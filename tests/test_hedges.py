@@ -378,3 +378,15 @@ def test_hedge_commands_and_runs_work_as_the_role_with_only_the_documented_grant
     with psycopg.connect(role_url, autocommit=True) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
         conn.execute("DELETE FROM hedge_legs")
     assert sql(database_url, "SELECT count(*) FROM hedge_results") == [(1,)]
+
+
+def test_create_again_changes_only_the_tolerance_and_says_so(env, database_url):
+    assert "created" in ok(env, "hedge", "create", "basis", "--coin", "BTC").stdout
+    assert "unchanged" in ok(env, "hedge", "create", "basis", "--coin", "BTC").stdout
+    assert "updated" in ok(env, "hedge", "create", "basis", "--coin", "BTC", "--tolerance", "0.25").stdout
+    assert "unchanged" in ok(env, "hedge", "create", "basis", "--coin", "BTC").stdout  # keeps its tolerance
+    assert "disabled" in ok(env, "hedge", "disable", "basis").stdout
+    assert "already disabled" in ok(env, "hedge", "disable", "basis").stdout
+    assert sql(database_url, "SELECT tolerance, active FROM hedge_groups") == [(Decimal("0.25"), False)]
+    listed, = json.loads(ok(env, "hedge", "list", "--all", "--json").stdout)
+    assert listed["status"] == "unknown" and listed["net"] is None and listed["legs"] == []
