@@ -940,7 +940,7 @@ class Database(OperationsMixin, ExchangeCacheMixin, HedgeMixin):
                 self.require_claim(self.claim_checked, epoch)
             yield
 
-    # ---- per-account claims (README, "Locking": no two runs touch one account) ------------------
+    # ---- per-account claims (docs/design.md, "Locking": no two runs touch one account) ------------------
 
     def claim_accounts(self, account_ids: Sequence[int], *, stale_after: float) -> set[int]:
         """Claim these accounts for this run (``run_id``/``epoch`` of this lease) in one statement.
@@ -1619,7 +1619,7 @@ _FOLLOWUP_COLUMNS = "id, account_id, coin, kind, not_after_ms, position_id, stat
 
 @dataclass(frozen=True)
 class Followup:
-    """One row of ``followups``: work a close left to do on the exchange (see README, "No orphaned orders")."""
+    """One row of ``followups``: work a close left to do on the exchange (see docs/design.md, "No orphaned orders")."""
 
     id: int
     account_id: int
