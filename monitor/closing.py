@@ -761,11 +761,15 @@ def attach_funding(exchange: Exchange, address: str, actions: list[Action]) -> l
 
 def close_bound_ms(action: Action, now: datetime) -> int:
     """A planned close's cancel bound: its closing fill's own time (also for a row adopted after that fill,
-    whose ``closed_at`` is its ``opened_at``), else when it was closed."""
+    whose ``closed_at`` is its ``opened_at``), else when it was closed; later, when positions opened and
+    closed after the row's own before this run saw them (``later_cycles_closed_at``): the last of those
+    closes, so that their reduce-only orders are cancelled too."""
     fill_at = action.metadata.get("close_fill_at")
-    if isinstance(fill_at, str):
-        return to_ms(datetime.fromisoformat(fill_at))
-    return to_ms(action.closed_at or now)
+    bound = to_ms(datetime.fromisoformat(fill_at)) if isinstance(fill_at, str) else to_ms(action.closed_at or now)
+    later = action.metadata.get("later_cycles_closed_at")
+    if isinstance(later, str):
+        bound = max(bound, to_ms(datetime.fromisoformat(later)))
+    return bound
 
 
 def followup_json(account: Account, followup: Followup, status: str, *, attempts: int | None = None,

@@ -389,7 +389,15 @@ def _cycle_ended(address: str, row: PositionRow, cycles: RowCycles, position: Ex
     """The row's cycle ended: close it with its own figures; a position open now is a later cycle, a new row."""
     own = cycles.own
     assert own is not None
-    actions = [cycle_close(address, row, own, now, truncated=truncated)]
+    close = cycle_close(address, row, own, now, truncated=truncated)
+    ended_later = [c.end_ms for c in cycles.later if c.end_ms is not None]
+    if ended_later:
+        # Positions opened and closed after the row's own, between two runs, belong to no row, but the
+        # reduce-only orders they left are as orphaned as the row's own: the close's follow-up cancels
+        # up to the last of their closes (closing.close_bound_ms).
+        close = replace(close, metadata={**close.metadata,
+                                         "later_cycles_closed_at": from_ms(max(ended_later)).isoformat()})
+    actions = [close]
     latest = cycles.latest
     if position is None:
         return actions
