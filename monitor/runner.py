@@ -456,6 +456,7 @@ class Reads:
     exchange: Exchange | None = None
     counter: RequestCounter = field(default_factory=RequestCounter)
     dexes: DexReads = field(default_factory=DexReads)
+    dex_list_unknown: bool = False  # perpDexs could not be had this run (only the first dex was read)
 
 
 def read_accounts(run: RunContext, inputs: Inputs) -> Reads:
@@ -467,7 +468,9 @@ def read_accounts(run: RunContext, inputs: Inputs) -> Reads:
     exchange = run.exchange_factory(counter, budget)
     reads = Reads(exchange=exchange, counter=counter)
     run.check_signal()
-    known = _perp_dexes(run, exchange, inputs, reads.notes)
+    listed = _perp_dexes(run, exchange, inputs, reads.notes)
+    reads.dex_list_unknown = listed is None
+    known = listed or [MAIN_DEX]
     watched, unknown = watched_dexes(known, run.settings.perp_dexes)
     if unknown:
         reads.notes.append(f"MONITOR_PERP_DEXES names dex(es) the exchange does not list: {', '.join(unknown)}")
@@ -534,10 +537,10 @@ PERP_DEXS_TTL = timedelta(minutes=10)  # a newly deployed dex is seen within thi
 PERP_DEXS_RETRY = timedelta(minutes=5)  # a row naming a dex the list lacks asks again at most this often
 
 
-def _perp_dexes(run: RunContext, exchange: Exchange, inputs: Inputs, notes: list[str]) -> list[str]:
+def _perp_dexes(run: RunContext, exchange: Exchange, inputs: Inputs, notes: list[str]) -> list[str] | None:
     """The perp dexes by perp_dex_index ("" first), from the database cache while fresh (and naming the dex of
     every open row, or asked within ``PERP_DEXS_RETRY``), else ``perpDexs`` (weight 20). Unknown (a failed read,
-    nothing cached): only the first dex is read this run, and rows on HIP-3 dexes are left as they are.
+    nothing cached): None; only the first dex is read this run, and rows on HIP-3 dexes are left as they are.
     ``MONITOR_PERP_DEXES=""`` asks nothing."""
     if run.settings.perp_dexes == ():
         return [MAIN_DEX]
@@ -557,7 +560,7 @@ def _perp_dexes(run: RunContext, exchange: Exchange, inputs: Inputs, notes: list
         hip3_rows = sum(1 for rows in inputs.rows.values() for r in rows if dex_of(r.coin))
         notes.append(f"perp dexes unknown ({exc}): only the first dex is read this run"
                      + (f"; {hip3_rows} row(s) on HIP-3 dexes left as they are" if hip3_rows else ""))
-        return [MAIN_DEX]
+        return None
     if not run.dry_run:
         run.db.store_meta(PERP_DEXS_CACHE_KEY, {"names": names})
     return names
@@ -802,7 +805,7 @@ def work_exits(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied) 
         lock_lost=run.lock_lost, plan_settings=plan_settings(run.settings), exchange_clock=run.exchange_clock,
         nonces=None if run.settings.secret_key is None else NonceSource.for_key(
             run.settings.data_dir, signer_address(run.settings.secret_key)),
-        perp_dexes=reads.dexes.known))
+        perp_dexes=reads.dexes.known, order_dexes=None if reads.dex_list_unknown else reads.dexes.known))
     done = run.exits = closer.done
     later: list[tuple[Account, list[Action], dict[str, int | None], dict[str, list[OpenOrder]] | None,
                       list[Followup]]] = []
