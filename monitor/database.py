@@ -1125,6 +1125,19 @@ class Database(OperationsMixin, ExchangeCacheMixin):
         )
         return {row[0] for row in cur}
 
+    def clear_missing_many(self, position_ids: Sequence[int]) -> set[int]:
+        """Drop the missing mark of these rows (its dex was not read); returns the ids changed: those still
+        open and marked (a row closed or unmarked meanwhile is left as it is)."""
+        if not position_ids:
+            return set()
+        _require_unique(list(position_ids), "position")
+        cur = self._execute(
+            "UPDATE positions SET metadata = metadata - 'missing_since'"
+            " WHERE id = ANY(%s) AND closed_at IS NULL AND metadata ? 'missing_since' RETURNING id",
+            (list(position_ids),),
+        )
+        return {row[0] for row in cur}
+
     # ---- closing on the exchange (exit rules) -------------------------------------------------
 
     def claim_close(self, position_id: int, *, cloid: str, rule: str, now: datetime, attempts: int,

@@ -393,7 +393,8 @@ def test_the_planner_leaves_rows_on_unread_dexes_alone():
     assert needs_fills(snapshot, rows[:1], [], now, PlanSettings(), mids={"xyz:TSLA": Decimal(200)}) is None
     plan = plan_account(account, snapshot, rows, now, PlanSettings(), fills=[], mids={"xyz:TSLA": Decimal(200)})
     tsla = [a for a in plan.actions if a.coin == "xyz:TSLA"]
-    assert [a.type for a in tsla] == ["wait"] and 7 not in plan.seen_ids
+    # Left as it is but for its stale missing mark, which is dropped (missing time counts only runs reading its dex).
+    assert [a.type for a in tsla] == ["wait", "clear_missing"] and 7 not in plan.seen_ids
     assert [a.type for a in plan.actions if a.coin == "BTC"] == ["mark_missing"]
 
 
@@ -438,3 +439,59 @@ def test_a_hip3_close_gets_funding_only_when_userfunding_shows_that_coin():
                              rate=Decimal("0.0001"), hash="0x" + "0" * 64)
     (known,) = with_funding([close], [payment])
     assert known.funding == Decimal("-0.5") and known.net_pnl == Decimal("18.5")
+
+
+# ---- a stale missing mark (red-team F6) -----------------------------------------------------------------------
+
+
+def _missing_since(database_url, coin):
+    return (row(database_url, coin)["metadata"] or {}).get("missing_since")
+
+
+def test_missing_time_counts_only_runs_that_read_the_rows_dex(env, sim, database_url):
+    """A row marked missing in a run, its dex then unread for longer than the unexplained-close window, then read
+    again: the old mark must not close it at once as unexplained. The mark is dropped in the run that does not read
+    the dex, and the window starts again when it is read."""
+    sim.add_perp_dex("xyz")
+    sim.open_position(ALICE, "BTC", "1", "30000")
+    assert cli(env, "accounts", "add", ALICE).returncode == 0
+    insert_platform_row(database_url, ALICE, "xyz:TSLA", "long", "2", "250", opened_ago=timedelta(hours=1))
+
+    assert run_json(env)["closed"] == 0  # xyz read, the position is not there: marked missing
+    assert _missing_since(database_url, "xyz:TSLA") is not None
+
+    narrowed = dict(env, MONITOR_PERP_DEXES="")  # xyz unread from here on, for "20 minutes"
+    unread = run_json(narrowed)
+    assert unread["closed"] == 0
+    execute(database_url, "UPDATE positions SET metadata = jsonb_set(metadata, '{missing_since}',"
+                          " to_jsonb((now() - interval '20 minutes')::text)) WHERE metadata ? 'missing_since'")
+    assert run_json(narrowed)["closed"] == 0
+
+    report = run_json(env)  # read again, still gone: a fresh mark, not a close from the old one
+    assert report["closed"] == 0
+    tsla = row(database_url, "xyz:TSLA")
+    assert tsla["status"] == "open"
+    since = datetime.fromisoformat(tsla["metadata"]["missing_since"])
+    assert datetime.now(timezone.utc) - since < timedelta(minutes=1)
+    assert any(a["type"] == "clear_missing" and a["coin"] == "xyz:TSLA" for a in unread["actions"])
+
+    execute(database_url, "UPDATE positions SET metadata = jsonb_set(metadata, '{missing_since}',"
+                          " to_jsonb((now() - interval '20 minutes')::text)) WHERE metadata ? 'missing_since'")
+    report = run_json(env)  # missing over a whole window of runs that read xyz: closed as unexplained
+    assert report["closed"] == 1 and row(database_url, "xyz:TSLA")["metadata"]["unexplained"] is True
+
+
+def test_the_planner_drops_the_missing_mark_of_a_row_whose_dex_was_not_read():
+    from monitor.models import Account, AccountSnapshot, PositionRow
+    from monitor.planner import CLEAR_MISSING, WAIT, PlanSettings, plan_account
+
+    now = datetime(2026, 11, 30, 12, tzinfo=timezone.utc)
+    marked = PositionRow(id=7, account_id=1, coin="xyz:TSLA", side="long", size=Decimal(2), entry_price=Decimal(250),
+                         status="open", opened_at=now - timedelta(days=1),
+                         metadata={"missing_since": (now - timedelta(minutes=3)).isoformat()})
+    unmarked = PositionRow(id=8, account_id=1, coin="xyz:AAPL", side="long", size=Decimal(1),
+                           entry_price=Decimal(190), status="open", opened_at=now - timedelta(days=1))
+    plan = plan_account(Account(1, ALICE, None, True), AccountSnapshot(ALICE, {}, dexes_read=frozenset({""})),
+                        [marked, unmarked], now, PlanSettings(), fills=[])
+    assert [(a.type, a.position_id) for a in plan.actions] == [(WAIT, 7), (CLEAR_MISSING, 7), (WAIT, 8)]
+    assert [a.position_id for a in plan.changes] == [7]
