@@ -954,7 +954,38 @@ def build_report(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied
         report.notes.append(run.stopped)
     report.requests, report.api_weight = reads.counter.requests, reads.counter.weight
     _report_clock_offset(run, report)
+    report.alerts.extend(unread_dex_alerts(run.settings.perp_dexes, reads))
     return report
+
+
+def unread_dex_alerts(setting: tuple[str, ...] | None, reads: Reads) -> list[Alert]:
+    """``rows_unwatched:<dex>``: open rows of accounts read this run that waited because their perp dex was not
+    read (not watched, not listed, the dex list unknown, or its reads failed or found no weight). Such rows are
+    never closed or acted on, so a dex that stays unread must not leave them waiting in silence: the condition
+    alerts once seen in MONITOR_ALERT_AFTER_RUNS runs in a row, and resolves when the dex is read again."""
+    waiting: dict[str, list[int]] = {}
+    for result in reads.results:
+        for action in result.plan.actions if result.plan is not None else ():
+            dex = action.metadata.get("dex_unread") if action.type == planner.WAIT else None
+            if isinstance(dex, str) and action.position_id is not None:
+                waiting.setdefault(dex, []).append(action.position_id)
+    alerts = []
+    for dex, ids in sorted(waiting.items()):
+        if reads.dex_list_unknown:
+            why = "the perp dex list (perpDexs) could not be read"
+        elif setting == ():
+            why = 'MONITOR_PERP_DEXES="" reads the first dex only'
+        elif dex not in reads.dexes.known:
+            why = "perpDexs does not list this dex"
+        elif dex not in reads.dexes.watched:
+            why = "MONITOR_PERP_DEXES does not name it"
+        else:
+            why = "its reads failed or found no weight"
+        shown = ", ".join(f"#{i}" for i in sorted(ids)[:5]) + (", …" if len(ids) > 5 else "")
+        alerts.append(Alert(f"rows_unwatched:{dex}", "rows_unwatched",
+                            f"{len(ids)} open row(s) on perp dex {dex} ({shown}) wait unread: {why}; they are"
+                            " never closed or acted on while their dex is not read"))
+    return alerts
 
 
 def _report_clock_offset(run: RunContext, report: RunReport) -> None:

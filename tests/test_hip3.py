@@ -495,3 +495,35 @@ def test_the_planner_drops_the_missing_mark_of_a_row_whose_dex_was_not_read():
                         [marked, unmarked], now, PlanSettings(), fills=[])
     assert [(a.type, a.position_id) for a in plan.actions] == [(WAIT, 7), (CLEAR_MISSING, 7), (WAIT, 8)]
     assert [a.position_id for a in plan.changes] == [7]
+
+
+# ---- rows on a dex never read are not silent (red-team F3) ---------------------------------------------------------
+
+
+def _alert_state(database_url, key):
+    with psycopg.connect(database_url) as conn:
+        found = conn.execute("SELECT streak, active FROM monitor_alerts WHERE key = %s", (key,)).fetchone()
+    return found
+
+
+def test_rows_on_a_dex_that_is_not_watched_raise_rows_unwatched_after_the_alert_threshold(env, sim, database_url):
+    sim.add_perp_dex("flx")
+    sim.open_position(ALICE, "BTC", "1", "30000")
+    sim.open_hip3_position(ALICE, "xyz:TSLA", "2", "250")
+    assert cli(env, "accounts", "add", ALICE).returncode == 0
+    insert_platform_row(database_url, ALICE, "xyz:TSLA", "long", "2", "250", opened_ago=timedelta(hours=1))
+    narrowed = dict(env, MONITOR_PERP_DEXES="flx", MONITOR_ALERT_AFTER_RUNS="2")
+
+    first = run_json(narrowed)
+    [alert] = [a for a in first["alerts"] if a["kind"] == "rows_unwatched"]
+    assert alert["key"] == "rows_unwatched:xyz" and "MONITOR_PERP_DEXES does not name it" in alert["text"]
+    assert _alert_state(database_url, "rows_unwatched:xyz") == (1, False)  # seen once: not sent yet
+    run_json(narrowed)
+    assert _alert_state(database_url, "rows_unwatched:xyz") == (2, True)  # MONITOR_ALERT_AFTER_RUNS runs in a row
+
+    report = run_json(dict(env, MONITOR_ALERT_AFTER_RUNS="2"))  # every dex watched: xyz is read, resolved
+    assert not [a for a in report["alerts"] if a["kind"] == "rows_unwatched"]
+    assert _alert_state(database_url, "rows_unwatched:xyz") in (None, (0, False))
+
+    unlisted = run_json(dict(env, MONITOR_PERP_DEXES="", MONITOR_ALERT_AFTER_RUNS="2"))
+    assert any(a["key"] == "rows_unwatched:xyz" and "first dex only" in a["text"] for a in unlisted["alerts"])
