@@ -29,7 +29,7 @@ from monitor.clock import CLOCK_OFFSET_ALERT_MS, Clock, ExchangeClock, to_ms
 from monitor.closing import CloseContext, CloseOutcome, Closer, attach_funding, followup_json
 from monitor.config import Settings
 from monitor.database import Database, Followup, connect, embedded_database_url
-from monitor.dexes import DexReads, plan_dex_reads, watched_dexes
+from monitor.dexes import DexReads, cursor_after, plan_dex_reads, reads_every_dex, watched_dexes
 from monitor.errors import DatabaseError, DatabaseUnavailable, Fenced, UsageError, exit_code_for
 from monitor.exchange import (
     FILLS_MAX_READ_SHARE,
@@ -80,6 +80,7 @@ def run_once(settings: Settings, *, dry_run: bool = False, addresses: Sequence[s
         applied = run.applied = apply_plans(run, reads)  # the plans' changes, in fenced transactions
         exits = work_exits(run, inputs, reads, applied)  # fired rules' orders, settles, orphan cancels
         mark_seen(run, reads)  # last_seen_at of the rows the snapshot confirmed
+        advance_sweep(run, reads, named=bool(addresses))  # the HIP-3 dex sweep's cursor, past what it read
         run.report = build_report(run, inputs, reads, applied, exits)
     assert run.report is not None
     return run.report
@@ -443,6 +444,7 @@ class AccountRead:
     failure: str | None = None
     deferred: str | None = None  # "deadline" or "budget": not read this run
     open_orders: dict[str, list[OpenOrder]] | None = None  # by perp dex, read for the closes planned
+    dexes_skipped: frozenset[str] = frozenset()  # HIP-3 dexes to read that found no weight (not read)
 
 
 @dataclass
@@ -457,6 +459,8 @@ class Reads:
     counter: RequestCounter = field(default_factory=RequestCounter)
     dexes: DexReads = field(default_factory=DexReads)
     dex_list_unknown: bool = False  # perpDexs could not be had this run (only the first dex was read)
+    sweep_cursor: int | None = None  # the HIP-3 dex sweep's cursor as stored before this run
+    next_sweep_cursor: int | None = None  # and after it: past the accounts whose sweep read happened
 
 
 def read_accounts(run: RunContext, inputs: Inputs) -> Reads:
@@ -478,8 +482,11 @@ def read_accounts(run: RunContext, inputs: Inputs) -> Reads:
         reads.mids = _read_mids(exchange, inputs, reads.notes, watched)
     assert inputs.now is not None
     reads.reserve = _reserve_exit_work(run, inputs, reads.mids, inputs.now, budget)
+    read_weight = budget.limit - budget.reserved - budget.spent
+    if watched and not reads_every_dex(len(inputs.accounts), len(watched), read_weight):
+        reads.sweep_cursor = run.db.sweep_cursor(run.db.lease_name)  # one statement, only when a sweep is on
     reads.dexes = plan_dex_reads(inputs.accounts, inputs.rows, inputs.recent, known, watched,
-                                 read_weight=budget.limit - budget.reserved - budget.spent, run_turn=run.epoch)
+                                 read_weight=read_weight, cursor=reads.sweep_cursor)
     if not reads.dexes.full:
         log.info(reads.dexes.describe())
     accounts = by_urgency(inputs.accounts, inputs.rows, inputs.last_reads, reads.reserve.urgent_accounts,
@@ -518,7 +525,44 @@ def read_accounts(run: RunContext, inputs: Inputs) -> Reads:
         raise
     pool.shutdown(wait=True)
     budget.open_reserve()  # the exit work draws on it, and on whatever the reads left
+    _sweep_done(reads)
     return reads
+
+
+def _sweep_done(reads: Reads) -> None:
+    """Where the HIP-3 dex sweep's cursor goes after this run's reads, and a note for the accounts of its turn
+    whose sweep read did not happen (they keep their turn): deferred (budget, deadline), their positions
+    unreadable, or a dex that found no weight. A failed read of one HIP-3 dex counts as read (it fails the
+    account, and ``account_failed`` alerts), so one broken dex cannot hold the sweep forever."""
+    if not reads.dexes.sweep_order:
+        return
+    done = {r.account.id for r in reads.results
+            if r.deferred is None and r.plan is not None and not r.dexes_skipped}
+    reads.next_sweep_cursor = cursor_after(reads.dexes, reads.sweep_cursor, done)
+    skipped = [i for i in reads.dexes.sweep_order if i not in done]
+    if skipped:
+        reads.notes.append(f"perp dex sweep: {len(skipped)} of {len(reads.dexes.sweep_order)} account(s) of this"
+                           " run's turn not swept (deferred, unreadable or out of weight); the sweep resumes"
+                           " from the first of them next run")
+
+
+def advance_sweep(run: RunContext, reads: Reads, *, named: bool) -> None:
+    """Store the sweep's cursor (fenced), when it moved. Never from a dry run (it writes nothing) nor a run
+    limited to named accounts (its turn is not the lock's)."""
+    cursor = reads.next_sweep_cursor
+    if cursor is None or cursor == reads.sweep_cursor or run.dry_run or named or run.stopped:
+        return
+    run.check_signal()
+    if run.lock_lost():
+        run.stop(LOCK_LOST)
+        return
+    try:
+        with run.db.fenced(run.epoch):
+            run.db.store_sweep_cursor(run.db.lease_name, cursor, run.epoch)
+    except Fenced as exc:
+        run.stop(exc.message)
+    except DatabaseError as exc:  # the sweep re-reads this turn next run: a cost, never a loss
+        reads.notes.append(f"perp dex sweep cursor not stored: {exc.message}")
 
 
 def _result_or_signal(run: RunContext, future: Future[AccountRead]) -> AccountRead:
@@ -636,6 +680,7 @@ def read_account(run: RunContext, exchange: Exchange, account: Account, rows: li
     ``from_fills`` the fills read here show the account trading on. A HIP-3 dex whose read fails (or finds no
     weight) is left out of the snapshot's ``dexes_read``: its rows are left as they are."""
     dex_problems: list[str] = []
+    skipped: set[str] = set()
     try:
         main = _read_positions(run, exchange, account.address)
         now = run.clock.now()
@@ -646,7 +691,8 @@ def read_account(run: RunContext, exchange: Exchange, account: Account, rows: li
                 main = _read_positions(run, exchange, account.address)
             except ReadFailed as exc:
                 return AccountRead(account, failure=f"confirming an empty account: {exc}")
-        snapshot = _with_dexes(run, exchange, account.address, main, dexes, rows, now, settings, dex_problems)
+        snapshot = _with_dexes(run, exchange, account.address, main, dexes, rows, now, settings, dex_problems,
+                               skipped)
         fills = None
         fills_error = None
         truncated = False
@@ -666,7 +712,7 @@ def read_account(run: RunContext, exchange: Exchange, account: Account, rows: li
             extra = frozenset(shown - snapshot.dexes_read)
             if extra:
                 snapshot = _with_dexes(run, exchange, account.address, snapshot, extra, rows, now, settings,
-                                       dex_problems)
+                                       dex_problems, skipped)
     except ReadFailed as exc:
         return AccountRead(account, failure=str(exc))
     except BudgetExhausted:
@@ -692,12 +738,12 @@ def read_account(run: RunContext, exchange: Exchange, account: Account, rows: li
     failure = None if truncated else fills_error
     if dex_problems:
         failure = "; ".join(([failure] if failure else []) + dex_problems)
-    return AccountRead(account, plan=plan, failure=failure, open_orders=open_orders)
+    return AccountRead(account, plan=plan, failure=failure, open_orders=open_orders, dexes_skipped=frozenset(skipped))
 
 
 def _with_dexes(run: RunContext, exchange: Exchange, address: str, snapshot: AccountSnapshot,
                 dexes: frozenset[str], rows: list[PositionRow], now: datetime, settings: PlanSettings,
-                problems: list[str]) -> AccountSnapshot:
+                problems: list[str], skipped: set[str]) -> AccountSnapshot:
     """``snapshot`` with the positions of the HIP-3 ``dexes`` added (each confirmed like the main dex when it
     comes back empty while rows on it are past their grace). A dex that cannot be read is left out."""
     positions = dict(snapshot.positions)
@@ -712,6 +758,7 @@ def _with_dexes(run: RunContext, exchange: Exchange, address: str, snapshot: Acc
             problems.append(f"perp dex {dex}: {exc} (its rows left as they are)")
             continue
         except BudgetExhausted:
+            skipped.add(dex)
             continue  # not read this run: its rows wait (the planner says so)
         positions.update(part.positions)
         read.add(dex)
