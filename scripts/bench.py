@@ -688,8 +688,9 @@ def print_table(scenarios: list[Scenario]) -> None:
         plain = next((p for p in scenarios if sc.name.endswith(HIP3_SCENARIO_SUFFIX) and p.accounts == sc.accounts
                       and p.positions == sc.positions and p.name == sc.name[:-len(HIP3_SCENARIO_SUFFIX)]), None)
         if plain is not None and plain.weight_per_read and sc.weight_per_read and plain.wall and sc.wall:
+            extra = sc.weight_per_read - plain.weight_per_read
             print(f"  {sc.accounts} x {sc.positions} {plain.name}: with a HIP-3 dex in use"
-                  f" {sc.weight_per_read:.2f} weight per account read ({sc.weight_per_read - plain.weight_per_read:+.2f}),"
+                  f" {sc.weight_per_read:.2f} weight per account read ({extra:+.2f}),"
                   f" {sc.wall:.2f} s ({sc.wall - plain.wall:+.2f} s) against {plain.weight_per_read:.2f} and"
                   f" {plain.wall:.2f} s without")
 
