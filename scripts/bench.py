@@ -593,8 +593,20 @@ class Bench:
             self.register(url, addresses)
             print(f"\n[{accounts} accounts x {positions} positions, {len(HIP3_DEXES)} HIP-3 dexes, {held} HIP-3"
                   f" positions] set up in {time.monotonic() - started:.1f}s", flush=True)
-            out.append(self.scenario(accounts, positions, "cold start" + HIP3_SCENARIO_SUFFIX, name, url, 1,
-                                     expected={"discovered": accounts * positions + held, "accounts_ok": accounts}))
+            # The cold start finds every HIP-3 position only when every dex of every account fits the budget;
+            # otherwise the rotating sweep finds the rest within its bound. The steady runs begin once it has.
+            cold = self.scenario(accounts, positions, "cold start" + HIP3_SCENARIO_SUFFIX, name, url, 1,
+                                 expected={"accounts_ok": accounts})
+            out.append(cold)
+            found = sum(((r.report or {}).get("discovered") or 0) for r in cold.runs) - accounts * positions
+            sweeping = 0
+            while found < held and sweeping < 50:
+                sweeping += 1
+                found += (self.measure(name, url).report or {}).get("discovered") or 0
+            cold.notes.append(f"{held} HIP-3 positions: {held - found} not found"
+                              if found < held else
+                              f"all {held} HIP-3 positions found by the cold start"
+                              + (f" and {sweeping} more run(s) of the sweep (not timed)" if sweeping else ""))
             out.append(self.scenario(accounts, positions, "steady" + HIP3_SCENARIO_SUFFIX, name, url, runs,
                                      expected={"discovered": 0, "updated": 0, "closed": 0, "accounts_ok": accounts}))
         finally:
