@@ -374,7 +374,7 @@ class ExchangeCacheMixin:
         return int(self._execute("UPDATE exchange_meta SET dropped_at = now() WHERE dex = %s AND dropped_at IS NULL",
                                  (dex,)).rowcount)
 
-    # The HIP-3 dex sweep's cursor (README, "HIP-3 perp dexes"): the id of the last account, in id order, whose
+    # The HIP-3 dex sweep's cursor (docs/design.md, "HIP-3 perp dexes"): the id of the last account, in id order, whose
     # sweep read happened, kept per lock (lease name) in exchange_meta under a key no dex can have ('#').
     def sweep_cursor(self, lease_name: str) -> int | None:
         row = self._execute("SELECT meta FROM exchange_meta WHERE dex = %s",
@@ -806,7 +806,7 @@ class Database(OperationsMixin, ExchangeCacheMixin):
                 self.require_claim(self.claim_checked, epoch)
             yield
 
-    # ---- per-account claims (README, "Locking": no two runs touch one account) ------------------
+    # ---- per-account claims (docs/design.md, "Locking": no two runs touch one account) ------------------
 
     def claim_accounts(self, account_ids: Sequence[int], *, stale_after: float) -> set[int]:
         """Claim these accounts for this run (``run_id``/``epoch`` of this lease) in one statement.
@@ -1498,7 +1498,7 @@ _FOLLOWUP_COLUMNS = "id, account_id, coin, kind, not_after_ms, position_id, stat
 
 @dataclass(frozen=True)
 class Followup:
-    """One row of ``followups``: work a close left to do on the exchange (see README, "No orphaned orders")."""
+    """One row of ``followups``: work a close left to do on the exchange (see docs/design.md, "No orphaned orders")."""
 
     id: int
     account_id: int

@@ -1,4 +1,4 @@
-"""Which perp dexes of which accounts a run reads (README, "HIP-3 perp dexes"). Pure: no I/O here.
+"""Which perp dexes of which accounts a run reads (docs/design.md, "HIP-3 perp dexes"). Pure: no I/O here.
 
 Every account's first (main) dex is always read. The HIP-3 dexes watched (``MONITOR_PERP_DEXES``: all that
 ``perpDexs`` lists, or the names given) cost one more ``clearinghouseState`` (weight 2) each per account:
@@ -110,7 +110,7 @@ def cursor_after(plan: DexReads, cursor: int | None, done: Collection[int]) -> i
 
 
 def sweep_bound(accounts: int, dexes: int, read_weight: int) -> int:
-    """The sweep's bound in runs for ``accounts`` accounts and ``dexes`` watched HIP-3 dexes (README)."""
+    """The sweep's bound in runs for ``accounts`` accounts and ``dexes`` watched HIP-3 dexes (docs/design.md)."""
     if not dexes or not accounts:
         return 1
     per_run = max(1, (max(0, read_weight) * SWEEP_SHARE[0] // SWEEP_SHARE[1]) // (READ_WEIGHT_PER_DEX * dexes))

@@ -76,7 +76,7 @@ class Fenced(MonitorError):
 
 
 class ClaimLost(Fenced):
-    """Another run took over this run's claim on an account (README, "Locking"); nothing more is written."""
+    """Another run took over this run's claim on an account (docs/design.md, "Locking"); nothing more is written."""
 
 
 class UsageError(MonitorError):

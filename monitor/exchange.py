@@ -859,7 +859,7 @@ class Trader:
 
         self.reader = reader
         self.account = account
-        # Nonces of this key: from the host-wide source when given (README "Keys": unique across this host's
+        # Nonces of this key: from the host-wide source when given (docs/design.md "Keys": unique across this host's
         # processes signing with the key); the SDK's bare millisecond time otherwise.
         self.nonces = nonces
         wallet = EthAccount.from_key(secret_key)

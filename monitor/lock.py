@@ -1,6 +1,6 @@
 """The run lock: one run at a time, with a readable stamp, stale expiry and fencing.
 
-Two backends share one policy (README, "Locking"):
+Two backends share one policy (docs/design.md, "Locking"):
 
 - ``local`` (default): a filelock ``SoftFileLease`` marker. filelock stamps it with pid, host,
   process start token and a claim token (our run id), refreshes it from a heartbeat thread, and
@@ -13,7 +13,7 @@ Two backends share one policy (README, "Locking"):
   the database's clock), so hosts sharing a cron line need no shared filesystem.
 
 Either way each new holder advances the lease row's epoch, and the run's state writes check it
-(``Database.fenced``; README "Locking" lists which writes are fenced), so a run whose lock was taken
+(``Database.fenced``; docs/design.md "Locking" lists which writes are fenced), so a run whose lock was taken
 over, or released under it by ``lock clear``, cannot write. A holder is judged from the local /proc
 (dead, or killed when silent) only when its host AND machine identity (``machine_identity``) match
 ours, and it is killed only when its stamp carries a process-start token.
@@ -637,7 +637,7 @@ class NonceSource:
     millisecond collide. Each nonce here is ``max(now_ms, last + 1)``, with ``last`` read from and written back
     to ``path`` under an exclusive file lock (a kernel lock: released when its holder dies), so nonces
     of one key on one host strictly increase. Other hosts do not share the file: give each host (or shard)
-    its own agent key (README, "Keys"). Raises OSError (filelock's Timeout is one) when the file cannot be
+    its own agent key (docs/design.md, "Keys"). Raises OSError (filelock's Timeout is one) when the file cannot be
     used; the caller then signs nothing.
     """
 

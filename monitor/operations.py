@@ -83,7 +83,7 @@ def account_role(settings: Settings, address: str) -> AccountRole:
 def execute_run(settings: Settings, *, dry_run: bool, addresses: Sequence[str],
                 progress: Callable[[int, int], None] | None = None,
                 on_start: Callable[[str], object] | None = None) -> RunReport:
-    """A run with its pings, alerts and metrics, on every way out (README, "Operating it").
+    """A run with its pings, alerts and metrics, on every way out (docs/operations.md, "Operating it").
 
     A run that raises (69, 70, 75, 78, 2, a signal's 143/130) is pinged with its code and written to the
     metrics as the code it recorded, then the exception propagates with the run's report attached

@@ -1,4 +1,4 @@
-"""One run, top to bottom in ``run_once`` (README, "How a run works").
+"""One run, top to bottom in ``run_once`` (docs/design.md, "How a run works").
 
 setup (lock, database, epoch, history) -> inputs -> read and plan -> apply -> exits -> report. Each phase
 is a function from values to values; the report is built once, from their results. SQL lives in
@@ -71,7 +71,7 @@ ExchangeFactory = Callable[[RequestCounter, WeightBudget], Exchange]
 def run_once(settings: Settings, *, dry_run: bool = False, addresses: Sequence[str] = (),
              clock: Clock | None = None, hooks: RunHooks | None = None,
              exchange_factory: ExchangeFactory | None = None) -> RunReport:
-    """One run of the monitor, as the README's "How a run works" tells it. Returns the report; raises only
+    """One run of the monitor, as docs/design.md's "How a run works" tells it. Returns the report; raises only
     for run-wide faults (lock held, database down, a bug), after recording the run as what it is."""
     with setup(settings, dry_run=dry_run, clock=clock or Clock(), hooks=hooks or RunHooks(),
                exchange_factory=exchange_factory) as run:

@@ -1,4 +1,4 @@
-"""SIGTERM and SIGINT during a run (README, "Operating it": "Signals").
+"""SIGTERM and SIGINT during a run (docs/operations.md, "Operating it": "Signals").
 
 While a run goes (``handling()``, around ``run_once``), the first SIGTERM or SIGINT only records a stop
 request. The run checks it at its safe points (``check()``: before each phase, between apply batches,
@@ -9,7 +9,7 @@ written, as for any other exit. Reads still in flight on worker threads are aban
 A main-thread HTTP read that only reads (``interruptible()``) is broken off by the handler itself.
 
 A second signal exits at once (``os._exit``) with one line: the run row is then left unfinished and the
-lock's holder dead, which the next run sees and marks (README, "Locking").
+lock's holder dead, which the next run sees and marks (docs/design.md, "Locking").
 """
 
 from __future__ import annotations

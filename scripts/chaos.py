@@ -84,6 +84,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import uuid
@@ -128,14 +129,19 @@ EXIT_OK_CODES = {0, 1, 69, 75}
 #     dexes; positions on xyz: (one priced below a cent with szDecimals 0) are discovered, get exit rules
 #     that fire, and may be closed outside; a platform row for a HIP-3 position carries a stale missing mark
 #     from long ago; that dex's reads fail during the chaos runs (a row on a dex not read must never be closed).
+#   trading_app (drawn on its own, see TRADING_APP_SHARE): while the runs go, a second writer (the trading app)
+#     keeps locking the round's open rows in transactions, in descending id order (the runs' batched apply
+#     writes in ascending order), and writes them (exit rules unchanged), so runs meet lock waits and
+#     deadlocks in the middle of a batch (the apply falls back to one account at a time; nothing is lost).
 PATTERNS = ("reopen_same", "reopen_diff", "grow_in_flight", "shrink_in_flight", "busy_close", "busy_flip",
             "followup_faults", "mixed_shards")
-EXTRA_PATTERNS = ("hip3",)
+EXTRA_PATTERNS = ("hip3", "trading_app")
 
 
 def unit_of(coin: str) -> Decimal:
     """A coin's size unit (a multiple of its szDecimals step), on the first dex or a HIP-3 one."""
     return COINS[coin] if coin in COINS else HIP3_COINS[coin][0]
+TRADING_APP_SHARE = 0.2  # share of normal rounds with the trading_app pattern (its own random stream)
 HIP3_SHARE = 0.5  # share of normal rounds that script the hip3 pattern (from their own random stream)
 HIP3_DEXES = ("abc", "xyz")  # xyz is perp dex 2: its asset ids are 120000 + index
 # coin -> (size unit, szDecimals, first mid)
@@ -370,6 +376,7 @@ class Round:
         self.extra_env: dict[str, str] = {}
         self.patterns: list[str] = []
         self.mixed_shards = False
+        self.trading_app = False
         self.clean_runs: list[tuple[int, dict[str, Any] | None]] = []  # (start, sim ms; report) of clean runs
 
     @property
@@ -656,6 +663,40 @@ class Round:
     def pattern_mixed_shards(self, name: str) -> bool:
         self.mixed_shards = True
         return True
+
+    def pattern_trading_app(self, name: str) -> bool:
+        self.trading_app = True
+        return True
+
+    def trading_app_writer(self, stop: threading.Event) -> None:
+        """The trading app's writes during the chaos runs: lock the open rows (descending ids), hold, write."""
+        rng = random.Random(self.seed * 104729 + 3)
+        try:
+            conn = psycopg.connect(self.url, autocommit=False, application_name="trading-app")
+        except psycopg.Error:
+            return
+        with conn:
+            while not stop.is_set():
+                try:
+                    ids = [r[0] for r in conn.execute(
+                        "SELECT id FROM positions WHERE closed_at IS NULL ORDER BY id DESC").fetchall()]
+                    for row_id in ids:
+                        conn.execute("SELECT id FROM positions WHERE id = %s FOR UPDATE", (row_id,))
+                        stop.wait(rng.uniform(0.02, 0.25))
+                    if ids:
+                        conn.execute("UPDATE positions SET stop_loss_price = stop_loss_price"
+                                     " WHERE id = ANY(%s) AND closed_at IS NULL", (ids,))
+                    stop.wait(rng.uniform(0.05, 0.6))
+                    conn.commit()
+                    self.stats.outcomes["trading app: transactions committed"] += 1
+                except psycopg.errors.DeadlockDetected:
+                    conn.rollback()
+                    self.stats.outcomes["trading app: deadlocks (the app's side)"] += 1
+                except psycopg.Error:
+                    conn.rollback()
+                    if conn.closed:
+                        return
+                stop.wait(rng.uniform(0.0, 0.2))
 
     def pattern_hip3(self, name: str) -> bool:
         """HIP-3 dexes: positions on xyz: discovered, rules that fire on them (closed without a cloid, HIP-3 asset
@@ -966,6 +1007,18 @@ class Round:
         return poll
 
     def run_chaos(self) -> None:
+        app_stop = threading.Event()
+        app = threading.Thread(target=self.trading_app_writer, args=(app_stop,), daemon=True)
+        if self.trading_app:
+            app.start()
+        try:
+            self._run_chaos()
+        finally:
+            app_stop.set()
+            if self.trading_app:
+                app.join(timeout=10)
+
+    def _run_chaos(self) -> None:
         self._later: list[tuple[float, Callable[[], None]]] = []
         begin = time.monotonic()
         pending = [(begin + at, action) for at, action in self.timeline()]
@@ -1011,6 +1064,9 @@ class Round:
                 for note in p.report.get("notes", []):
                     if "took the lock over" in note or "took the lease over" in note:
                         self.stats.outcomes["takeovers"] += 1
+                busy = sum("DatabaseBusy" in f.get("reason", "") for f in p.report.get("failures", []))
+                if busy:
+                    self.stats.outcomes["accounts whose write met another writer's locks (DatabaseBusy)"] += busy
                 if p.report.get("close_orders_sent"):
                     self.stats.outcomes["close orders sent by chaos runs"] += p.report["close_orders_sent"]
                 if p.code == 75:
@@ -1082,6 +1138,8 @@ class Round:
                 sim.open_position(address, coin, self.size(coin) * rng.choice([1, -1]), self.price(coin))
         forced = getattr(self.args, "patterns", None)
         hip3 = "hip3" in forced if forced is not None else random.Random(self.seed * 7919 + 7).random() < HIP3_SHARE
+        app = ("trading_app" in forced if forced is not None
+               else random.Random(self.seed * 6007 + 11).random() < TRADING_APP_SHARE)
         if hip3:  # the dexes are deployed before the monitor first looks (it learns them from perpDexs)
             for dex in HIP3_DEXES:
                 sim.add_perp_dex(dex)
@@ -1092,16 +1150,18 @@ class Round:
         self.set_rules()
         self.patterns = rng.sample(PATTERNS, rng.choice([0, 1, 1, 2, 2]))
         if forced is not None:
-            self.patterns = [p for p in forced if p not in ("none", "hip3")]
+            self.patterns = [p for p in forced if p not in ("none",) + EXTRA_PATTERNS]
         if hip3:
             self.patterns.append("hip3")
+        if app:
+            self.patterns.append("trading_app")
         if "busy_close" in self.patterns and "busy_flip" in self.patterns:
             self.patterns.remove("busy_flip")
         scripts = {"reopen_same": self.pattern_reopen, "reopen_diff": self.pattern_reopen,
                    "grow_in_flight": self.pattern_in_flight, "shrink_in_flight": self.pattern_in_flight,
                    "busy_close": self.pattern_busy, "busy_flip": self.pattern_busy,
                    "followup_faults": self.pattern_followup_faults, "mixed_shards": self.pattern_mixed_shards,
-                   "hip3": self.pattern_hip3}
+                   "hip3": self.pattern_hip3, "trading_app": self.pattern_trading_app}
         from hlsim import SimulatorError
 
         # hip3 first (its own clean run must see no other pattern's faults), then busy_* (its noise fills must
@@ -1253,6 +1313,12 @@ class Round:
 
     # ---- invariants --------------------------------------------------------------------------------
 
+    @staticmethod
+    def _close_out_of_reach(fills: list[dict[str, Any]], coin: str) -> bool:
+        """Whether every fill of ``coin`` is older than the latest 10,000 (all userFillsByTime serves)."""
+        reach = len(fills) - 10_000
+        return reach > 0 and all(i < reach for i, f in enumerate(fills) if f["coin"] == coin)
+
     def check(self, clean_report: dict[str, Any] | None) -> None:
         from monitor.exchange import close_cloid
 
@@ -1291,6 +1357,14 @@ class Round:
                     if have.get(coin) == want.get(coin):
                         continue
                     row = next((r for r in rows if r[1] == address and r[2] == coin and r[7] is None), None)
+                    if row is not None and coin not in want and self._close_out_of_reach(fills[address], coin):
+                        # Its close is older than the 10,000 fills the exchange serves (another pattern's fills
+                        # came after it): no fill can give its figures, so the row waits, marked missing, and is
+                        # closed as unexplained after 15 minutes (docs/design.md, "How a run works").
+                        if (row[14] or {}).get("missing_since"):
+                            self.stats.outcomes["(ii) left open, marked missing: its close is past the 10,000 "
+                                                "fills the exchange serves"] += 1
+                            continue
                     match = (row is not None and coin not in want and self.stale_used
                              and self._closed_before(fills[address], coin, row[6]))
                     busy = (" [an account past the exchange's 10,000 fills: its latest fills are in reach, issue 10"

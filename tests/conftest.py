@@ -38,6 +38,7 @@ if hypothesis_settings is not None:
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE_ACCOUNT = "0x5e9ee1089755c3435139848e47e6635505d5a13a"
 ALICE = "0x" + "a1" * 20  # the account most end-to-end tests trade on
+BOB = "0x" + "b0" * 20  # a second watched account
 
 
 def fixture_response(name: str) -> Any:
@@ -117,6 +118,20 @@ def env(tmp_path: Path, database_url: str, sim: Any) -> dict[str, str]:
         "PYTHONDONTWRITEBYTECODE": "1",
     })
     return environ
+
+
+@pytest.fixture
+def settings(env: dict[str, str]) -> Any:
+    """The settings a run in this test's process gets from ``env`` (for in-process phase tests)."""
+    from monitor.config import load_settings
+
+    return load_settings(environ=env)
+
+
+@pytest.fixture
+def watched(db: Any) -> list[Any]:
+    """ALICE and BOB, watched."""
+    return [db.add_account(ALICE, "alice")[0], db.add_account(BOB, "bob")[0]]
 
 
 @pytest.fixture

@@ -876,7 +876,7 @@ def test_the_fuzz_reaches_every_variable(variable: str) -> None:
     if variable not in bad:
         pytest.skip(f"{variable}: new variable, add a bad value here")
     with pytest.raises(ConfigError) as info:
-        # the key file is read only by a command that signs (README, "Keys")
+        # the key file is read only by a command that signs (docs/design.md, "Keys")
         load_settings(environ={variable: bad[variable]}).with_signing_key()
     check_config_error(info.value, variable, bad[variable])
 

@@ -11,22 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ALICE
-
-BOB = "0x" + "b0" * 20
-
-
-@pytest.fixture
-def settings(env: dict[str, str]) -> Any:
-    from monitor.config import load_settings
-
-    return load_settings(environ=env)
-
-
-@pytest.fixture
-def watched(db: Any) -> list[Any]:
-    accounts = [db.add_account(ALICE, "alice")[0], db.add_account(BOB, "bob")[0]]
-    return accounts
+from tests.conftest import ALICE, BOB
 
 
 @pytest.fixture

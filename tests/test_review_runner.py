@@ -8,21 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ALICE
-
-BOB = "0x" + "b0" * 20
-
-
-@pytest.fixture
-def settings(env: dict[str, str]) -> Any:
-    from monitor.config import load_settings
-
-    return load_settings(environ=env)
-
-
-@pytest.fixture
-def watched(db: Any) -> list[Any]:
-    return [db.add_account(ALICE, "alice")[0], db.add_account(BOB, "bob")[0]]
+from tests.conftest import ALICE, BOB
 
 
 def test_a_nul_in_a_failure_reason_does_not_crash_the_run(settings: Any, watched: list[Any], sim: Any,
