@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 BUSY_RETRIES = 2  # accounts of a batch that may hit a lock wait one by one before the rest wait a run
 BATCH_ACCOUNTS = 100  # accounts per transaction (its statements do not grow with it, only their arrays)
 CANCEL_ORPHANS = "cancel_orphans"
-_ROW_CHANGES = (planner.DISCOVER, planner.UPDATE, planner.CLOSE, planner.TRACK_BEST, planner.MARK_MISSING)
+_ROW_CHANGES = (planner.DISCOVER, planner.UPDATE, planner.CLOSE, planner.TRACK_BEST, planner.MARK_MISSING,
+                planner.CLEAR_MISSING)
 _CONFLICTING = (planner.DISCOVER, planner.UPDATE, planner.CLOSE)  # a lost race on these is counted
 
 
@@ -201,6 +202,11 @@ def _apply_round(db: Database, plans: Sequence[AccountPlan], changes: list[_Pend
                                      for p in missing])
     for p in missing:
         p.done = p.action.position_id in marked
+
+    unmarked = by_type.get(planner.CLEAR_MISSING, [])
+    cleared = db.clear_missing_many([_row_id(p.action) for p in unmarked])
+    for p in unmarked:
+        p.done = p.action.position_id in cleared
 
 
 def _row_id(action: Action) -> int:

@@ -78,6 +78,10 @@ class CloseContext:
     exchange_clock: ExchangeClock | None = None  # None: the exchange's time is taken to be the host's
     nonces: Callable[[], int] | None = None  # the key's host-wide nonce source (monitor.lock.NonceSource)
     perp_dexes: list[str] = field(default_factory=lambda: [MAIN_DEX])  # by perp_dex_index, from perpDexs
+    # The dexes whose open orders count for the 1,000-open-orders rule (it counts the account's orders on every
+    # dex): every dex perpDexs lists, watched or not; [MAIN_DEX] with MONITOR_PERP_DEXES="" (the first dex
+    # only); None when the dex list could not be had this run (then the count is unknown).
+    order_dexes: list[str] | None = field(default_factory=lambda: [MAIN_DEX])
 
     def exchange_now_ms(self) -> int:
         return self.exchange_clock.now_ms() if self.exchange_clock is not None else self.clock.now_ms()
@@ -431,10 +435,21 @@ class Closer:
             return (f"the account has {len(orders)} open orders and none of its {action.coin} orders is reduce-only;"
                     " nothing cancelled (orders that are not reduce-only are never cancelled): cancel orders by"
                     " hand; the next run tries again")
-        left = len(orders) - len(own)
+        total, where = len(orders), ""
+        if total - len(own) < OPEN_ORDER_LIMIT:
+            # The limit counts the account's open orders on every perp dex: this dex's alone cannot show that
+            # cancelling frees a place. The other dexes are counted first; a count that cannot be had is unknown.
+            others = self._other_dex_orders(account, dex_of(action.coin))
+            if isinstance(others, str):
+                return (f"{total} open order(s) on {action.coin}'s dex, but {others}: whether cancelling would free"
+                        " a place is unknown, nothing cancelled; the next run tries again")
+            count, dexes = others
+            total += count
+            where = f" on {dexes + 1} perp dexes" if dexes else ""
+        left = total - len(own)
         if left >= OPEN_ORDER_LIMIT:
             # The close would be refused again: its stop orders are not stripped from a position for nothing.
-            return (f"the account has {len(orders)} open orders; without its {len(own)} reduce-only {action.coin}"
+            return (f"the account has {total} open orders{where}; without its {len(own)} reduce-only {action.coin}"
                     f" order(s) {left} would be left, still at the limit: nothing cancelled (orders that are not"
                     " reduce-only are never cancelled): cancel orders by hand; the next run tries again")
         expires_after = self._expires_after()
@@ -455,7 +470,28 @@ class Closer:
         if not cancelled:
             return f"none of {len(own)} reduce-only {action.coin} order(s) could be cancelled; the next run tries again"
         return (f"cancelled {len(cancelled)} of {len(own)} reduce-only {action.coin} order(s)"
-                f" (the account had {len(orders)} open orders); the close is sent once more")
+                f" (the account had {total} open orders{where}); the close is sent once more")
+
+    def _other_dex_orders(self, account: Account, own_dex: str) -> tuple[int, int] | str:
+        """How many open orders the account has on the perp dexes other than ``own_dex`` (every dex the run's
+        perp dex list names, weight 20 each), and on how many dexes they were counted; or why that is unknown
+        (the dex list or a dex's orders could not be read, or the budget could not pay)."""
+        ctx = self.ctx
+        if ctx.order_dexes is None:
+            return "the perp dex list could not be read this run (orders on other dexes unknown)"
+        count, dexes = 0, 0
+        for dex in ctx.order_dexes:
+            if dex == own_dex:
+                continue
+            where = "the first dex" if dex == MAIN_DEX else f"dex {dex}"
+            try:
+                count += len(ctx.exchange.read_open_orders(account.address, dex))
+            except BudgetExhausted as exc:
+                return f"the open orders of {where} were not read (weight budget: {exc})"
+            except ReadFailed as exc:
+                return f"the open orders of {where} are unreadable ({exc})"
+            dexes += 1
+        return count, dexes
 
     def _expires_after(self) -> int | None:
         """expiresAfter for an action signed now: at most ORDER_TTL ahead and never past the run's deadline
@@ -761,11 +797,15 @@ def attach_funding(exchange: Exchange, address: str, actions: list[Action]) -> l
 
 def close_bound_ms(action: Action, now: datetime) -> int:
     """A planned close's cancel bound: its closing fill's own time (also for a row adopted after that fill,
-    whose ``closed_at`` is its ``opened_at``), else when it was closed."""
+    whose ``closed_at`` is its ``opened_at``), else when it was closed; later, when positions opened and
+    closed after the row's own before this run saw them (``later_cycles_closed_at``): the last of those
+    closes, so that their reduce-only orders are cancelled too."""
     fill_at = action.metadata.get("close_fill_at")
-    if isinstance(fill_at, str):
-        return to_ms(datetime.fromisoformat(fill_at))
-    return to_ms(action.closed_at or now)
+    bound = to_ms(datetime.fromisoformat(fill_at)) if isinstance(fill_at, str) else to_ms(action.closed_at or now)
+    later = action.metadata.get("later_cycles_closed_at")
+    if isinstance(later, str):
+        bound = max(bound, to_ms(datetime.fromisoformat(later)))
+    return bound
 
 
 def followup_json(account: Account, followup: Followup, status: str, *, attempts: int | None = None,

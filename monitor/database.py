@@ -72,6 +72,9 @@ def _column_names(cur: psycopg.Cursor[tuple[Any, ...]]) -> list[str]:
     return [c.name for c in cur.description or ()]
 
 
+SWEEP_CURSOR_KEY = "#sweep:"  # exchange_meta key prefix of the HIP-3 dex sweep's cursor, + the lease name
+
+
 def _one(row: tuple[Any, ...] | None, what: str) -> tuple[Any, ...]:
     """The row a statement that always returns one did return (none is the database misbehaving)."""
     if row is None:
@@ -371,6 +374,24 @@ class ExchangeCacheMixin:
     def drop_meta(self, dex: str) -> int:
         return int(self._execute("UPDATE exchange_meta SET dropped_at = now() WHERE dex = %s AND dropped_at IS NULL",
                                  (dex,)).rowcount)
+
+    # The HIP-3 dex sweep's cursor (docs/design.md, "HIP-3 perp dexes"): the id of the last account, in id order, whose
+    # sweep read happened, kept per lock (lease name) in exchange_meta under a key no dex can have ('#').
+    def sweep_cursor(self, lease_name: str) -> int | None:
+        row = self._execute("SELECT meta FROM exchange_meta WHERE dex = %s",
+                            (SWEEP_CURSOR_KEY + lease_name,)).fetchone()
+        after = row[0].get("after") if row and isinstance(row[0], dict) else None
+        return after if isinstance(after, int) and not isinstance(after, bool) else None
+
+    def store_sweep_cursor(self, lease_name: str, after: int, epoch: int) -> None:
+        """Move the cursor (inside the run's fenced transaction); a newer epoch's cursor is never overwritten."""
+        cur = self._execute(
+            "INSERT INTO exchange_meta AS m (dex, meta) VALUES (%s, %s) ON CONFLICT (dex) DO UPDATE"
+            " SET meta = EXCLUDED.meta, fetched_at = now(), dropped_at = NULL"
+            " WHERE COALESCE((m.meta->>'epoch')::bigint, 0) <= %s",
+            (SWEEP_CURSOR_KEY + lease_name, Jsonb({"after": after, "epoch": epoch}), epoch))
+        if cur.rowcount != 1:
+            raise DatabaseError("NoRow", "sweep cursor: a newer run's cursor is stored; not moved")
 
     def cached_roles(self, signer: str, max_age: Any) -> dict[str, tuple[str, str | None]]:
         """address -> (role, linked) for the answers about ``signer``'s key that are fresh and not dropped."""
@@ -1277,6 +1298,19 @@ class Database(OperationsMixin, ExchangeCacheMixin, HedgeMixin):
             " FROM unnest(%s::bigint[], %s::text[]) AS v(id, patch)"
             " WHERE p.id = v.id AND p.closed_at IS NULL RETURNING p.id",
             ([position_id for position_id, _ in patches], [dumps(patch) for _, patch in patches]),
+        )
+        return {row[0] for row in cur}
+
+    def clear_missing_many(self, position_ids: Sequence[int]) -> set[int]:
+        """Drop the missing mark of these rows (its dex was not read); returns the ids changed: those still
+        open and marked (a row closed or unmarked meanwhile is left as it is)."""
+        if not position_ids:
+            return set()
+        _require_unique(list(position_ids), "position")
+        cur = self._execute(
+            "UPDATE positions SET metadata = metadata - 'missing_since'"
+            " WHERE id = ANY(%s) AND closed_at IS NULL AND metadata ? 'missing_since' RETURNING id",
+            (list(position_ids),),
         )
         return {row[0] for row in cur}
 

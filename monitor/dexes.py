@@ -7,12 +7,15 @@ Every account's first (main) dex is always read. The HIP-3 dexes watched (``MONI
   (the rest is left for fills), every dex of every account is read;
 * **targeted** otherwise: an account's HIP-3 dexes are read where it has open (or recently closed) rows,
   where the fills read for it this run show that dex (the runner adds those), and in a **rotating sweep**:
-  the accounts, in a stable order, are split into ``groups`` turns, and the accounts of turn
-  ``run_turn % groups`` read every watched dex. The sweep may spend a quarter of the read weight, so
-  ``groups = ceil(accounts / max(1, (read_weight / 4) // (2 x dexes)))``: with the same accounts, dexes and
-  budget, every watched dex of every account is read at least once in every ``groups`` consecutive runs of
-  one lock (``run_turn`` is the run's lease epoch, which every run of that lock advances by one). The sweep's
-  accounts rank with accounts that have rows, ahead of idle ones, when the budget defers accounts.
+  the accounts in id order, from the one after the stored **cursor** (wrapping), ``per_run`` of them a run,
+  read every watched dex. The sweep may spend a quarter of the read weight, so ``per_run =
+  max(1, (read_weight / 4) // (2 x dexes))`` and ``groups = ceil(accounts / per_run)``. The cursor (the id of
+  the last account whose sweep read happened, kept per lock in the database) moves only past accounts whose
+  sweep read did happen (``cursor_after``): an account deferred by the budget or the deadline, whose positions
+  could not be read, or one of whose dexes found no weight, keeps its turn, and so does every account of a
+  dry run or of a run limited to named accounts. So with the same accounts, dexes and budget, every watched
+  dex of every account is read within ``groups`` runs that carry out their sweep. The sweep's accounts rank
+  with accounts that have rows, ahead of idle ones, when the budget defers accounts.
 
 A row whose dex was not read is never treated as missing (``AccountSnapshot.dexes_read``, the planner).
 """
@@ -38,6 +41,7 @@ class DexReads:
     full: bool = True
     per_account: dict[int, frozenset[str]] = field(default_factory=dict)
     sweep: frozenset[int] = frozenset()  # accounts whose turn in the sweep this is (they read every dex)
+    sweep_order: tuple[int, ...] = ()  # the same, in the order the cursor passes them
     groups: int = 1  # the sweep's bound, in runs
 
     def dexes_for(self, account_id: int) -> frozenset[str]:
@@ -62,25 +66,29 @@ def watched_dexes(known: Sequence[str], setting: tuple[str, ...] | None) -> tupl
     return tuple(d for d in hip3 if d in setting), [d for d in setting if d not in hip3]
 
 
+def reads_every_dex(accounts: int, dexes: int, read_weight: int) -> bool:
+    """Whether reading every watched dex of every account fits (the "full" policy): no sweep, no cursor."""
+    return accounts * READ_WEIGHT_PER_DEX * (1 + dexes) <= max(0, read_weight) * FULL_SHARE[0] // FULL_SHARE[1]
+
+
 def plan_dex_reads(accounts: Sequence[Account], rows_by_account: Mapping[int, Sequence[PositionRow]],
                    recent_by_account: Mapping[int, Sequence[PositionRow]], known: Sequence[str],
-                   watched: Collection[str], *, read_weight: int, run_turn: int) -> DexReads:
-    """Which HIP-3 dexes each account reads this run (see the module's docstring)."""
+                   watched: Collection[str], *, read_weight: int, cursor: int | None) -> DexReads:
+    """Which HIP-3 dexes each account reads this run (see the module's docstring); ``cursor`` is the stored
+    sweep cursor (None: from the first account)."""
     order = tuple(d for d in known if d in watched)
     plan = DexReads(known=list(known), watched=order)
     if not order or not accounts:
         return plan
-    full_cost = len(accounts) * READ_WEIGHT_PER_DEX * len(order)
-    main_cost = len(accounts) * READ_WEIGHT_PER_DEX
-    if main_cost + full_cost <= max(0, read_weight) * FULL_SHARE[0] // FULL_SHARE[1]:
+    if reads_every_dex(len(accounts), len(order), read_weight):
         return plan
     plan.full = False
-    per_sweep_account = READ_WEIGHT_PER_DEX * len(order)
-    per_run = max(1, (max(0, read_weight) * SWEEP_SHARE[0] // SWEEP_SHARE[1]) // per_sweep_account)
+    per_run = max(1, (max(0, read_weight) * SWEEP_SHARE[0] // SWEEP_SHARE[1]) // (READ_WEIGHT_PER_DEX * len(order)))
     ordered = sorted(accounts, key=lambda a: a.id)
     plan.groups = max(1, -(-len(ordered) // per_run))
-    turn = run_turn % plan.groups
-    plan.sweep = frozenset(a.id for i, a in enumerate(ordered) if i % plan.groups == turn)
+    start = next((i for i, a in enumerate(ordered) if cursor is not None and a.id > cursor), 0)
+    plan.sweep_order = tuple(ordered[(start + k) % len(ordered)].id for k in range(min(per_run, len(ordered))))
+    plan.sweep = frozenset(plan.sweep_order)
     for account in accounts:
         if account.id in plan.sweep:
             plan.per_account[account.id] = frozenset(order)
@@ -89,6 +97,16 @@ def plan_dex_reads(accounts: Sequence[Account], rows_by_account: Mapping[int, Se
                                               *recent_by_account.get(account.id, ()))}
         plan.per_account[account.id] = frozenset(d for d in order if d in with_rows)
     return plan
+
+
+def cursor_after(plan: DexReads, cursor: int | None, done: Collection[int]) -> int | None:
+    """The sweep's cursor after this run: past the accounts of its turn, in order, whose sweep read happened
+    (``done``), up to the first that did not (it keeps its turn, and so do those after it)."""
+    for account_id in plan.sweep_order:
+        if account_id not in done:
+            break
+        cursor = account_id
+    return cursor
 
 
 def sweep_bound(accounts: int, dexes: int, read_weight: int) -> int:

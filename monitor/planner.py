@@ -25,6 +25,9 @@ CLOSE_ORDER = "close_order"
 SETTLE_CLOSE = "settle_close"
 TRACK_BEST = "track_best"
 MARK_MISSING = "mark_missing"  # the first run that finds a row's position gone without a closing fill
+# A missing mark dropped because the row's perp dex was not read this run: the time a row has been missing counts
+# only over runs that read its dex, so a mark from before a gap cannot close it as unexplained too early.
+CLEAR_MISSING = "clear_missing"
 WAIT = "wait"
 
 _EXACT = Context(prec=120)  # sums of exchange decimals: exact
@@ -98,6 +101,8 @@ class Action:
             return f"trailing stop {who}{row} best price -> {self.price}"
         if self.type == MARK_MISSING:
             return f"mark {who}{row} missing from the exchange (no closing fill yet)"
+        if self.type == CLEAR_MISSING:
+            return f"drop the missing mark of {who}{row}: {self.reason}"
         if self.type == "close_sent":
             outcome = self.metadata.get("outcome")
             return f"close order sent {who}{row} ({self.reason}): {outcome}, filled {self.size} at {self.price}"
@@ -117,7 +122,8 @@ class AccountPlan:
 
     @property
     def changes(self) -> list[Action]:
-        return [a for a in self.actions if a.type in (DISCOVER, UPDATE, CLOSE, TRACK_BEST, MARK_MISSING)]
+        return [a for a in self.actions if a.type in (DISCOVER, UPDATE, CLOSE, TRACK_BEST, MARK_MISSING,
+                                                      CLEAR_MISSING)]
 
 
 def needs_fills(snapshot: AccountSnapshot, rows: Sequence[PositionRow], recently_closed: Sequence[PositionRow],
@@ -185,7 +191,14 @@ def plan_account(
             # Its perp dex was not read this run (not watched, not its turn, or the read failed): never
             # "missing", never closed, no rule acted on. The row stays exactly as it is.
             plan.actions.append(Action(WAIT, address, row.coin, position_id=row.id,
-                                       reason=f"its perp dex {dex_of(row.coin)!r} was not read this run"))
+                                       reason=f"its perp dex {dex_of(row.coin)!r} was not read this run",
+                                       metadata={"dex_unread": dex_of(row.coin)}))
+            if "missing_since" in row.metadata:
+                # Missing time counts only over runs that read the row's dex: a mark from before this gap is
+                # dropped, and the wait starts again the next time the dex is read and the row is still gone.
+                plan.actions.append(Action(CLEAR_MISSING, address, row.coin, position_id=row.id,
+                                           reason="its perp dex was not read this run; the missing time restarts"
+                                                  " when it is read again"))
             continue
         position = snapshot.positions.get(row.coin)
         window_start = to_ms(row.opened_at - lookback(row, settings))
@@ -389,7 +402,15 @@ def _cycle_ended(address: str, row: PositionRow, cycles: RowCycles, position: Ex
     """The row's cycle ended: close it with its own figures; a position open now is a later cycle, a new row."""
     own = cycles.own
     assert own is not None
-    actions = [cycle_close(address, row, own, now, truncated=truncated)]
+    close = cycle_close(address, row, own, now, truncated=truncated)
+    ended_later = [c.end_ms for c in cycles.later if c.end_ms is not None]
+    if ended_later:
+        # Positions opened and closed after the row's own, between two runs, belong to no row, but the
+        # reduce-only orders they left are as orphaned as the row's own: the close's follow-up cancels
+        # up to the last of their closes (closing.close_bound_ms).
+        close = replace(close, metadata={**close.metadata,
+                                         "later_cycles_closed_at": from_ms(max(ended_later)).isoformat()})
+    actions = [close]
     latest = cycles.latest
     if position is None:
         return actions

@@ -29,7 +29,7 @@ from monitor.clock import CLOCK_OFFSET_ALERT_MS, Clock, ExchangeClock, to_ms
 from monitor.closing import CloseContext, CloseOutcome, Closer, attach_funding, followup_json
 from monitor.config import Settings
 from monitor.database import Database, Followup, connect, embedded_database_url
-from monitor.dexes import DexReads, plan_dex_reads, watched_dexes
+from monitor.dexes import DexReads, cursor_after, plan_dex_reads, reads_every_dex, watched_dexes
 from monitor.errors import DatabaseError, DatabaseUnavailable, Fenced, UsageError, exit_code_for
 from monitor.exchange import (
     FILLS_MAX_READ_SHARE,
@@ -82,6 +82,7 @@ def run_once(settings: Settings, *, dry_run: bool = False, addresses: Sequence[s
         applied = run.applied = apply_plans(run, reads)  # the plans' changes, in fenced transactions
         exits = work_exits(run, inputs, reads, applied)  # fired rules' orders, settles, orphan cancels
         mark_seen(run, reads)  # last_seen_at of the rows the snapshot confirmed
+        advance_sweep(run, reads, named=bool(addresses))  # the HIP-3 dex sweep's cursor, past what it read
         hedges = check_hedges(run, inputs, reads)  # hedge groups' nets from the snapshots read, recorded
         run.report = build_report(run, inputs, reads, applied, exits, hedges)
     assert run.report is not None
@@ -457,6 +458,7 @@ class AccountRead:
     failure: str | None = None
     deferred: str | None = None  # "deadline" or "budget": not read this run
     open_orders: dict[str, list[OpenOrder]] | None = None  # by perp dex, read for the closes planned
+    dexes_skipped: frozenset[str] = frozenset()  # HIP-3 dexes to read that found no weight (not read)
     snapshot: AccountSnapshot | None = None  # what the read found (its dexes_read say which dexes)
 
 
@@ -471,6 +473,9 @@ class Reads:
     exchange: Exchange | None = None
     counter: RequestCounter = field(default_factory=RequestCounter)
     dexes: DexReads = field(default_factory=DexReads)
+    dex_list_unknown: bool = False  # perpDexs could not be had this run (only the first dex was read)
+    sweep_cursor: int | None = None  # the HIP-3 dex sweep's cursor as stored before this run
+    next_sweep_cursor: int | None = None  # and after it: past the accounts whose sweep read happened
 
 
 def read_accounts(run: RunContext, inputs: Inputs) -> Reads:
@@ -482,7 +487,9 @@ def read_accounts(run: RunContext, inputs: Inputs) -> Reads:
     exchange = run.exchange_factory(counter, budget)
     reads = Reads(exchange=exchange, counter=counter)
     run.check_signal()
-    known = _perp_dexes(run, exchange, inputs, reads.notes)
+    listed = _perp_dexes(run, exchange, inputs, reads.notes)
+    reads.dex_list_unknown = listed is None
+    known = listed or [MAIN_DEX]
     watched, unknown = watched_dexes(known, run.settings.perp_dexes)
     if unknown:
         reads.notes.append(f"MONITOR_PERP_DEXES names dex(es) the exchange does not list: {', '.join(unknown)}")
@@ -490,8 +497,11 @@ def read_accounts(run: RunContext, inputs: Inputs) -> Reads:
         reads.mids = _read_mids(exchange, inputs, reads.notes, watched)
     assert inputs.now is not None
     reads.reserve = _reserve_exit_work(run, inputs, reads.mids, inputs.now, budget)
+    read_weight = budget.limit - budget.reserved - budget.spent
+    if watched and not reads_every_dex(len(inputs.accounts), len(watched), read_weight):
+        reads.sweep_cursor = run.db.sweep_cursor(run.db.lease_name)  # one statement, only when a sweep is on
     reads.dexes = plan_dex_reads(inputs.accounts, inputs.rows, inputs.recent, known, watched,
-                                 read_weight=budget.limit - budget.reserved - budget.spent, run_turn=run.epoch)
+                                 read_weight=read_weight, cursor=reads.sweep_cursor)
     if not reads.dexes.full:
         log.info(reads.dexes.describe())
     accounts = by_urgency(inputs.accounts, inputs.rows, inputs.last_reads, reads.reserve.urgent_accounts,
@@ -530,7 +540,44 @@ def read_accounts(run: RunContext, inputs: Inputs) -> Reads:
         raise
     pool.shutdown(wait=True)
     budget.open_reserve()  # the exit work draws on it, and on whatever the reads left
+    _sweep_done(reads)
     return reads
+
+
+def _sweep_done(reads: Reads) -> None:
+    """Where the HIP-3 dex sweep's cursor goes after this run's reads, and a note for the accounts of its turn
+    whose sweep read did not happen (they keep their turn): deferred (budget, deadline), their positions
+    unreadable, or a dex that found no weight. A failed read of one HIP-3 dex counts as read (it fails the
+    account, and ``account_failed`` alerts), so one broken dex cannot hold the sweep forever."""
+    if not reads.dexes.sweep_order:
+        return
+    done = {r.account.id for r in reads.results
+            if r.deferred is None and r.plan is not None and not r.dexes_skipped}
+    reads.next_sweep_cursor = cursor_after(reads.dexes, reads.sweep_cursor, done)
+    skipped = [i for i in reads.dexes.sweep_order if i not in done]
+    if skipped:
+        reads.notes.append(f"perp dex sweep: {len(skipped)} of {len(reads.dexes.sweep_order)} account(s) of this"
+                           " run's turn not swept (deferred, unreadable or out of weight); the sweep resumes"
+                           " from the first of them next run")
+
+
+def advance_sweep(run: RunContext, reads: Reads, *, named: bool) -> None:
+    """Store the sweep's cursor (fenced), when it moved. Never from a dry run (it writes nothing) nor a run
+    limited to named accounts (its turn is not the lock's)."""
+    cursor = reads.next_sweep_cursor
+    if cursor is None or cursor == reads.sweep_cursor or run.dry_run or named or run.stopped:
+        return
+    run.check_signal()
+    if run.lock_lost():
+        run.stop(LOCK_LOST)
+        return
+    try:
+        with run.db.fenced(run.epoch):
+            run.db.store_sweep_cursor(run.db.lease_name, cursor, run.epoch)
+    except Fenced as exc:
+        run.stop(exc.message)
+    except DatabaseError as exc:  # the sweep re-reads this turn next run: a cost, never a loss
+        reads.notes.append(f"perp dex sweep cursor not stored: {exc.message}")
 
 
 def _result_or_signal(run: RunContext, future: Future[AccountRead]) -> AccountRead:
@@ -549,10 +596,10 @@ PERP_DEXS_TTL = timedelta(minutes=10)  # a newly deployed dex is seen within thi
 PERP_DEXS_RETRY = timedelta(minutes=5)  # a row naming a dex the list lacks asks again at most this often
 
 
-def _perp_dexes(run: RunContext, exchange: Exchange, inputs: Inputs, notes: list[str]) -> list[str]:
+def _perp_dexes(run: RunContext, exchange: Exchange, inputs: Inputs, notes: list[str]) -> list[str] | None:
     """The perp dexes by perp_dex_index ("" first), from the database cache while fresh (and naming the dex of
     every open row, or asked within ``PERP_DEXS_RETRY``), else ``perpDexs`` (weight 20). Unknown (a failed read,
-    nothing cached): only the first dex is read this run, and rows on HIP-3 dexes are left as they are.
+    nothing cached): None; only the first dex is read this run, and rows on HIP-3 dexes are left as they are.
     ``MONITOR_PERP_DEXES=""`` asks nothing."""
     if run.settings.perp_dexes == ():
         return [MAIN_DEX]
@@ -572,7 +619,7 @@ def _perp_dexes(run: RunContext, exchange: Exchange, inputs: Inputs, notes: list
         hip3_rows = sum(1 for rows in inputs.rows.values() for r in rows if dex_of(r.coin))
         notes.append(f"perp dexes unknown ({exc}): only the first dex is read this run"
                      + (f"; {hip3_rows} row(s) on HIP-3 dexes left as they are" if hip3_rows else ""))
-        return [MAIN_DEX]
+        return None
     if not run.dry_run:
         run.db.store_meta(PERP_DEXS_CACHE_KEY, {"names": names})
     return names
@@ -648,6 +695,7 @@ def read_account(run: RunContext, exchange: Exchange, account: Account, rows: li
     ``from_fills`` the fills read here show the account trading on. A HIP-3 dex whose read fails (or finds no
     weight) is left out of the snapshot's ``dexes_read``: its rows are left as they are."""
     dex_problems: list[str] = []
+    skipped: set[str] = set()
     try:
         main = _read_positions(run, exchange, account.address)
         now = run.clock.now()
@@ -658,7 +706,8 @@ def read_account(run: RunContext, exchange: Exchange, account: Account, rows: li
                 main = _read_positions(run, exchange, account.address)
             except ReadFailed as exc:
                 return AccountRead(account, failure=f"confirming an empty account: {exc}")
-        snapshot = _with_dexes(run, exchange, account.address, main, dexes, rows, now, settings, dex_problems)
+        snapshot = _with_dexes(run, exchange, account.address, main, dexes, rows, now, settings, dex_problems,
+                               skipped)
         fills = None
         fills_error = None
         truncated = False
@@ -678,7 +727,7 @@ def read_account(run: RunContext, exchange: Exchange, account: Account, rows: li
             extra = frozenset(shown - snapshot.dexes_read)
             if extra:
                 snapshot = _with_dexes(run, exchange, account.address, snapshot, extra, rows, now, settings,
-                                       dex_problems)
+                                       dex_problems, skipped)
     except ReadFailed as exc:
         return AccountRead(account, failure=str(exc))
     except BudgetExhausted:
@@ -704,12 +753,13 @@ def read_account(run: RunContext, exchange: Exchange, account: Account, rows: li
     failure = None if truncated else fills_error
     if dex_problems:
         failure = "; ".join(([failure] if failure else []) + dex_problems)
-    return AccountRead(account, plan=plan, failure=failure, open_orders=open_orders, snapshot=snapshot)
+    return AccountRead(account, plan=plan, failure=failure, open_orders=open_orders, dexes_skipped=frozenset(skipped),
+                       snapshot=snapshot)
 
 
 def _with_dexes(run: RunContext, exchange: Exchange, address: str, snapshot: AccountSnapshot,
                 dexes: frozenset[str], rows: list[PositionRow], now: datetime, settings: PlanSettings,
-                problems: list[str]) -> AccountSnapshot:
+                problems: list[str], skipped: set[str]) -> AccountSnapshot:
     """``snapshot`` with the positions of the HIP-3 ``dexes`` added (each confirmed like the main dex when it
     comes back empty while rows on it are past their grace). A dex that cannot be read is left out."""
     positions = dict(snapshot.positions)
@@ -724,6 +774,7 @@ def _with_dexes(run: RunContext, exchange: Exchange, address: str, snapshot: Acc
             problems.append(f"perp dex {dex}: {exc} (its rows left as they are)")
             continue
         except BudgetExhausted:
+            skipped.add(dex)
             continue  # not read this run: its rows wait (the planner says so)
         positions.update(part.positions)
         read.add(dex)
@@ -817,7 +868,7 @@ def work_exits(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied) 
         lock_lost=run.lock_lost, plan_settings=plan_settings(run.settings), exchange_clock=run.exchange_clock,
         nonces=None if run.settings.secret_key is None else NonceSource.for_key(
             run.settings.data_dir, signer_address(run.settings.secret_key)),
-        perp_dexes=reads.dexes.known))
+        perp_dexes=reads.dexes.known, order_dexes=None if reads.dex_list_unknown else reads.dexes.known))
     done = run.exits = closer.done
     later: list[tuple[Account, list[Action], dict[str, int | None], dict[str, list[OpenOrder]] | None,
                       list[Followup]]] = []
@@ -1010,7 +1061,38 @@ def build_report(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied
         report.notes.append(run.stopped)
     report.requests, report.api_weight = reads.counter.requests, reads.counter.weight
     _report_clock_offset(run, report)
+    report.alerts.extend(unread_dex_alerts(run.settings.perp_dexes, reads))
     return report
+
+
+def unread_dex_alerts(setting: tuple[str, ...] | None, reads: Reads) -> list[Alert]:
+    """``rows_unwatched:<dex>``: open rows of accounts read this run that waited because their perp dex was not
+    read (not watched, not listed, the dex list unknown, or its reads failed or found no weight). Such rows are
+    never closed or acted on, so a dex that stays unread must not leave them waiting in silence: the condition
+    alerts once seen in MONITOR_ALERT_AFTER_RUNS runs in a row, and resolves when the dex is read again."""
+    waiting: dict[str, list[int]] = {}
+    for result in reads.results:
+        for action in result.plan.actions if result.plan is not None else ():
+            dex = action.metadata.get("dex_unread") if action.type == planner.WAIT else None
+            if isinstance(dex, str) and action.position_id is not None:
+                waiting.setdefault(dex, []).append(action.position_id)
+    alerts = []
+    for dex, ids in sorted(waiting.items()):
+        if reads.dex_list_unknown:
+            why = "the perp dex list (perpDexs) could not be read"
+        elif setting == ():
+            why = 'MONITOR_PERP_DEXES="" reads the first dex only'
+        elif dex not in reads.dexes.known:
+            why = "perpDexs does not list this dex"
+        elif dex not in reads.dexes.watched:
+            why = "MONITOR_PERP_DEXES does not name it"
+        else:
+            why = "its reads failed or found no weight"
+        shown = ", ".join(f"#{i}" for i in sorted(ids)[:5]) + (", …" if len(ids) > 5 else "")
+        alerts.append(Alert(f"rows_unwatched:{dex}", "rows_unwatched",
+                            f"{len(ids)} open row(s) on perp dex {dex} ({shown}) wait unread: {why}; they are"
+                            " never closed or acted on while their dex is not read"))
+    return alerts
 
 
 def _report_clock_offset(run: RunContext, report: RunReport) -> None:

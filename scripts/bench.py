@@ -37,7 +37,7 @@ its embedded PostgreSQL and its simulator on the way out.
 
     .venv/bin/python scripts/bench.py [--quick] [--accounts 100,500,2000] [--positions 10] [--runs 3]
                                       [--latency-ms 50] [--json-out FILE] [--database-url URL] [--rev REV]
-                                      [--weight-budget W]
+                                      [--weight-budget W] [--hip3-at N]
 """
 
 from __future__ import annotations
@@ -71,10 +71,13 @@ EXCHANGE_LIMIT_PER_MINUTE = 1200  # Hyperliquid's per-IP request weight per minu
 DEFAULT_WEIGHT_BUDGET = 600  # the planned MONITOR_WEIGHT_BUDGET default, used only when the source has none
 WEIGHT_CONSTANT_ALLOWED = 50  # "2 per account + a small constant"
 FILLS_TYPES = ("userFills", "userFillsByTime")  # weigh 20 + 1 per 20 fills returned (the simulator's log has both)
-# HIP-3 hook: every scenario here reads the first perp dex only (dex ""). When the monitor reads HIP-3 dexes,
-# load some accounts with a position on one (the simulator's HIP-3 support) and name the scenario with this
+# The HIP-3 scenarios (``run_hip3``): the same accounts and positions on the first dex, plus HIP3_DEXES deployed
+# HIP-3 dexes and, on every HIP3_EVERY-th account, one position on the first of them. Their names end with this
 # suffix, so the table shows weight per account with and without a HIP-3 dex in use side by side.
 HIP3_SCENARIO_SUFFIX = " +HIP-3 dex"
+HIP3_DEXES = ("xyz", "flx")  # listed by perpDexs, so every account's dexes are read (full) or swept (targeted)
+HIP3_COIN = "xyz:TSLA"
+HIP3_EVERY = 2  # every other account holds a HIP-3 position
 # Settings this script sets itself (or that would send things somewhere real); other MONITOR_* pass through.
 _OWN_ENV = {
     "MONITOR_DATABASE_URL", "MONITOR_HL_API_URL", "MONITOR_DATA_DIR", "MONITOR_LOCK_FILE", "MONITOR_CLOSE_GRACE",
@@ -570,6 +573,46 @@ class Bench:
             self.pg.drop_database(name)
         return out
 
+    def run_hip3(self, accounts: int, positions: int, runs: int) -> list[Scenario]:
+        """Cold start and steady runs with HIP-3 dexes deployed and every HIP3_EVERY-th account holding a
+        position on one: the weight and time of reading accounts' HIP-3 dexes (perpDexs, one clearinghouseState
+        per dex read; the full or the targeted policy, whichever the budget gives)."""
+        out: list[Scenario] = []
+        started = time.monotonic()
+        name, url = self.pg.create_database(f"{accounts}x{positions}hip3")
+        try:
+            self.migrate(url)
+            addresses, _ = self.load_exchange(f"{accounts}x{positions}hip3", accounts, positions)
+            for dex in HIP3_DEXES:
+                self.sim.add_perp_dex(dex)
+            held = 0
+            for index, address in enumerate(addresses):
+                if index % HIP3_EVERY == 0:
+                    self.sim.open_hip3_position(address, HIP3_COIN, str(1 + index % 3), "250")
+                    held += 1
+            self.register(url, addresses)
+            print(f"\n[{accounts} accounts x {positions} positions, {len(HIP3_DEXES)} HIP-3 dexes, {held} HIP-3"
+                  f" positions] set up in {time.monotonic() - started:.1f}s", flush=True)
+            # The cold start finds every HIP-3 position only when every dex of every account fits the budget;
+            # otherwise the rotating sweep finds the rest within its bound. The steady runs begin once it has.
+            cold = self.scenario(accounts, positions, "cold start" + HIP3_SCENARIO_SUFFIX, name, url, 1,
+                                 expected={"accounts_ok": accounts})
+            out.append(cold)
+            found = sum(((r.report or {}).get("discovered") or 0) for r in cold.runs) - accounts * positions
+            sweeping = 0
+            while found < held and sweeping < 50:
+                sweeping += 1
+                found += (self.measure(name, url).report or {}).get("discovered") or 0
+            cold.notes.append(f"{held} HIP-3 positions: {held - found} not found"
+                              if found < held else
+                              f"all {held} HIP-3 positions found by the cold start"
+                              + (f" and {sweeping} more run(s) of the sweep (not timed)" if sweeping else ""))
+            out.append(self.scenario(accounts, positions, "steady" + HIP3_SCENARIO_SUFFIX, name, url, runs,
+                                     expected={"discovered": 0, "updated": 0, "closed": 0, "accounts_ok": accounts}))
+        finally:
+            self.pg.drop_database(name)
+        return out
+
     def run_noop(self, runs: int) -> Scenario:
         name, url = self.pg.create_database("noop")
         try:
@@ -652,8 +695,16 @@ def print_table(scenarios: list[Scenario]) -> None:
         fills = f"; fills {fmt_num(sc.fills_weight)} of it" if sc.fills_weight else ""
         print(f"  {sc.accounts} x {sc.positions} {sc.name}: {sc.weight_per_read:.2f}{fills}")
     if not any(sc.name.endswith(HIP3_SCENARIO_SUFFIX) for sc in scenarios):
-        print("  with a HIP-3 dex in use: not measured yet (no scenario opens HIP-3 positions; see"
-              " HIP3_SCENARIO_SUFFIX in scripts/bench.py)")
+        print("  with a HIP-3 dex in use: not measured (--hip3-at 0)")
+    for sc in scenarios:
+        plain = next((p for p in scenarios if sc.name.endswith(HIP3_SCENARIO_SUFFIX) and p.accounts == sc.accounts
+                      and p.positions == sc.positions and p.name == sc.name[:-len(HIP3_SCENARIO_SUFFIX)]), None)
+        if plain is not None and plain.weight_per_read and sc.weight_per_read and plain.wall and sc.wall:
+            extra = sc.weight_per_read - plain.weight_per_read
+            print(f"  {sc.accounts} x {sc.positions} {plain.name}: with a HIP-3 dex in use"
+                  f" {sc.weight_per_read:.2f} weight per account read ({extra:+.2f}),"
+                  f" {sc.wall:.2f} s ({sc.wall - plain.wall:+.2f} s) against {plain.weight_per_read:.2f} and"
+                  f" {plain.wall:.2f} s without")
 
 
 def git_state() -> dict[str, Any]:
@@ -885,6 +936,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "dir) instead of the working tree")
     p.add_argument("--raw-simulator", action="store_true",
                    help="leave Nagle's algorithm on in the simulator (adds ~40 ms of delayed-ACK stall per request)")
+    p.add_argument("--hip3-at", type=int, default=500,
+                   help="N for the HIP-3 scenarios (nearest measured N; default 500; 0: none)")
     p.add_argument("--naive-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--api-url", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -958,6 +1011,9 @@ def main(argv: list[str] | None = None) -> int:
                                             naive_runs=args.runs if n == naive_n else 0, change=True))
         if sql_n is not None:
             scenarios.extend(bench.run_size(sql_n, args.sql_check_positions, args.runs, naive_runs=0, change=False))
+        if args.hip3_at:
+            hip3_n = min(sizes, key=lambda n: (abs(n - args.hip3_at), n))
+            scenarios.extend(bench.run_hip3(hip3_n, args.positions, args.runs))
     except KeyboardInterrupt:
         print("\ninterrupted: reporting what was measured", file=sys.stderr)
     finally:

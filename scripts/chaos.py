@@ -1110,7 +1110,8 @@ class Round:
         if os.environ.get("CHAOS_DEBUG"):
             print(f"    {label} run: exit {code}, weight {report.get('api_weight')} requests {report.get('requests')}"
                   f" reserved {report.get('exit_reserved')}, notes {report.get('notes')}, actions "
-                  f"{[(a.get('type'), a.get('coin'), a.get('reason')) for a in report.get('actions', [])]}")
+                  f"{[(a.get('type'), a.get('coin'), a.get('reason')) for a in report.get('actions', [])]}, followups "
+                  f"{[(f.get('id'), f.get('coin'), f.get('status'), f.get('error')) for f in report.get('followups', [])]}")
         return report
 
     def play(self) -> None:

@@ -203,3 +203,38 @@ def test_a_second_fills_read_of_an_account_in_one_run_costs_one_request_and_sees
     second = exchange.read_fills(ALICE, start - 1000)
     assert len(sim.requests_log(type="userFillsByTime")) == 1
     assert len(second) == len(first) + 1 and second[-1].end_position == 0
+
+
+@pytest.mark.parametrize("coin", ["BTC", "xyz:TSLA"])
+def test_a_position_opened_and_closed_between_two_runs_leaves_no_stop_behind(keyed, sim, database_url, coin):
+    """Chaos seed 20261360: the row's position closes, a second one opens, gets a stop and closes before the
+    next run. The second belongs to no row, but its reduce-only stop is an orphan like the first one's: the
+    close's follow-up must cancel up to the second close, not only up to the row's own (the old bound left
+    that stop on the book, where it would close the user's next position)."""
+    if coin == "BTC":
+        sim.open_position(ALICE, coin, "1", "30000")
+        open_again = lambda: sim.open_position(ALICE, coin, "1", "30500")  # noqa: E731
+    else:
+        sim.open_hip3_position(ALICE, coin, "1", "250")
+        open_again = lambda: sim.open_hip3_position(ALICE, coin, "1", "255")  # noqa: E731
+    assert cli(keyed, "accounts", "add", ALICE).returncode == 0
+    run_json(keyed)
+    first_stop = sim.add_trigger_order(ALICE, coin, "A", "1", "200" if coin != "BTC" else "29000", "sl")
+    sim.close_external(ALICE, coin, "260" if coin != "BTC" else "31000")
+    sim.advance_time(5)
+    open_again()
+    second_stop = sim.add_trigger_order(ALICE, coin, "A", "1", "210" if coin != "BTC" else "29500", "sl")
+    sim.advance_time(5)
+    sim.close_external(ALICE, coin, "262" if coin != "BTC" else "31200")
+
+    report = run_json(keyed)
+
+    row, = rows(database_url, coin)  # the second position is part of no row (it was never seen open)
+    assert row["status"] == "closed" and row["close_reason"] == "external"
+    closes = [f for f in sim.fills(ALICE) if f["coin"] == coin and f["dir"] == "Close Long"]
+    assert row["exit_price"] == Decimal(closes[0]["px"])  # its own cycle's figures, not the second's
+    assert row["metadata"]["later_cycles_closed_at"]
+    still_open = {o["oid"] for o in sim.orders(ALICE, open_only=True)}
+    assert first_stop not in still_open and second_stop not in still_open
+    cancelled = {a["metadata"]["oid"] for a in report["actions"] if a["type"] == "cancel_order"}
+    assert {first_stop, second_stop} <= cancelled

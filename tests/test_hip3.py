@@ -326,7 +326,7 @@ def test_orders_left_by_a_closed_hip3_position_are_cancelled_on_its_dex(keyed, s
 
 
 def test_the_sweep_reaches_every_dex_of_every_account_within_its_bound():
-    from monitor.dexes import plan_dex_reads, sweep_bound
+    from monitor.dexes import cursor_after, plan_dex_reads, sweep_bound
     from monitor.models import Account
 
     accounts = [Account(i, f"0x{i:040x}", None, True) for i in range(1, 101)]
@@ -334,14 +334,16 @@ def test_the_sweep_reaches_every_dex_of_every_account_within_its_bound():
     bound = sweep_bound(100, 3, 400)
     assert bound == 7  # a quarter of 400 pays 16 accounts x 3 dexes per run: 100 accounts in 7 turns
     reached: set[tuple[int, str]] = set()
-    for turn in range(57, 57 + bound):
-        plan = plan_dex_reads(accounts, {}, {}, known, {"xyz", "flx", "abc"}, read_weight=400, run_turn=turn)
+    cursor = 57  # wherever the stored cursor stands
+    for _ in range(bound):
+        plan = plan_dex_reads(accounts, {}, {}, known, {"xyz", "flx", "abc"}, read_weight=400, cursor=cursor)
         assert not plan.full and plan.groups == bound
         assert len(plan.sweep) <= 16
         reached |= {(a.id, d) for a in accounts for d in plan.dexes_for(a.id)}
+        cursor = cursor_after(plan, cursor, plan.sweep)  # every sweep read happened
     assert reached == {(a.id, d) for a in accounts for d in ("xyz", "flx", "abc")}
 
-    roomy = plan_dex_reads(accounts, {}, {}, known, {"xyz", "flx", "abc"}, read_weight=100_000, run_turn=1)
+    roomy = plan_dex_reads(accounts, {}, {}, known, {"xyz", "flx", "abc"}, read_weight=100_000, cursor=None)
     assert roomy.full and all(roomy.dexes_for(a.id) == {"xyz", "flx", "abc"} for a in accounts)
 
 
@@ -393,7 +395,8 @@ def test_the_planner_leaves_rows_on_unread_dexes_alone():
     assert needs_fills(snapshot, rows[:1], [], now, PlanSettings(), mids={"xyz:TSLA": Decimal(200)}) is None
     plan = plan_account(account, snapshot, rows, now, PlanSettings(), fills=[], mids={"xyz:TSLA": Decimal(200)})
     tsla = [a for a in plan.actions if a.coin == "xyz:TSLA"]
-    assert [a.type for a in tsla] == ["wait"] and 7 not in plan.seen_ids
+    # Left as it is but for its stale missing mark, which is dropped (missing time counts only runs reading its dex).
+    assert [a.type for a in tsla] == ["wait", "clear_missing"] and 7 not in plan.seen_ids
     assert [a.type for a in plan.actions if a.coin == "BTC"] == ["mark_missing"]
 
 
@@ -438,3 +441,174 @@ def test_a_hip3_close_gets_funding_only_when_userfunding_shows_that_coin():
                              rate=Decimal("0.0001"), hash="0x" + "0" * 64)
     (known,) = with_funding([close], [payment])
     assert known.funding == Decimal("-0.5") and known.net_pnl == Decimal("18.5")
+
+
+# ---- a stale missing mark (red-team F6) -----------------------------------------------------------------------
+
+
+def _missing_since(database_url, coin):
+    return (row(database_url, coin)["metadata"] or {}).get("missing_since")
+
+
+def test_missing_time_counts_only_runs_that_read_the_rows_dex(env, sim, database_url):
+    """A row marked missing in a run, its dex then unread for longer than the unexplained-close window, then read
+    again: the old mark must not close it at once as unexplained. The mark is dropped in the run that does not read
+    the dex, and the window starts again when it is read."""
+    sim.add_perp_dex("xyz")
+    sim.open_position(ALICE, "BTC", "1", "30000")
+    assert cli(env, "accounts", "add", ALICE).returncode == 0
+    insert_platform_row(database_url, ALICE, "xyz:TSLA", "long", "2", "250", opened_ago=timedelta(hours=1))
+
+    assert run_json(env)["closed"] == 0  # xyz read, the position is not there: marked missing
+    assert _missing_since(database_url, "xyz:TSLA") is not None
+
+    narrowed = dict(env, MONITOR_PERP_DEXES="")  # xyz unread from here on, for "20 minutes"
+    unread = run_json(narrowed)
+    assert unread["closed"] == 0
+    execute(database_url, "UPDATE positions SET metadata = jsonb_set(metadata, '{missing_since}',"
+                          " to_jsonb((now() - interval '20 minutes')::text)) WHERE metadata ? 'missing_since'")
+    assert run_json(narrowed)["closed"] == 0
+
+    report = run_json(env)  # read again, still gone: a fresh mark, not a close from the old one
+    assert report["closed"] == 0
+    tsla = row(database_url, "xyz:TSLA")
+    assert tsla["status"] == "open"
+    since = datetime.fromisoformat(tsla["metadata"]["missing_since"])
+    assert datetime.now(timezone.utc) - since < timedelta(minutes=1)
+    assert any(a["type"] == "clear_missing" and a["coin"] == "xyz:TSLA" for a in unread["actions"])
+
+    execute(database_url, "UPDATE positions SET metadata = jsonb_set(metadata, '{missing_since}',"
+                          " to_jsonb((now() - interval '20 minutes')::text)) WHERE metadata ? 'missing_since'")
+    report = run_json(env)  # missing over a whole window of runs that read xyz: closed as unexplained
+    assert report["closed"] == 1 and row(database_url, "xyz:TSLA")["metadata"]["unexplained"] is True
+
+
+def test_the_planner_drops_the_missing_mark_of_a_row_whose_dex_was_not_read():
+    from monitor.models import Account, AccountSnapshot, PositionRow
+    from monitor.planner import CLEAR_MISSING, WAIT, PlanSettings, plan_account
+
+    now = datetime(2026, 11, 30, 12, tzinfo=timezone.utc)
+    marked = PositionRow(id=7, account_id=1, coin="xyz:TSLA", side="long", size=Decimal(2), entry_price=Decimal(250),
+                         status="open", opened_at=now - timedelta(days=1),
+                         metadata={"missing_since": (now - timedelta(minutes=3)).isoformat()})
+    unmarked = PositionRow(id=8, account_id=1, coin="xyz:AAPL", side="long", size=Decimal(1),
+                           entry_price=Decimal(190), status="open", opened_at=now - timedelta(days=1))
+    plan = plan_account(Account(1, ALICE, None, True), AccountSnapshot(ALICE, {}, dexes_read=frozenset({""})),
+                        [marked, unmarked], now, PlanSettings(), fills=[])
+    assert [(a.type, a.position_id) for a in plan.actions] == [(WAIT, 7), (CLEAR_MISSING, 7), (WAIT, 8)]
+    assert [a.position_id for a in plan.changes] == [7]
+
+
+# ---- rows on a dex never read are not silent (red-team F3) ---------------------------------------------------------
+
+
+def _alert_state(database_url, key):
+    with psycopg.connect(database_url) as conn:
+        found = conn.execute("SELECT streak, active FROM monitor_alerts WHERE key = %s", (key,)).fetchone()
+    return found
+
+
+def test_rows_on_a_dex_that_is_not_watched_raise_rows_unwatched_after_the_alert_threshold(env, sim, database_url):
+    sim.add_perp_dex("flx")
+    sim.open_position(ALICE, "BTC", "1", "30000")
+    sim.open_hip3_position(ALICE, "xyz:TSLA", "2", "250")
+    assert cli(env, "accounts", "add", ALICE).returncode == 0
+    insert_platform_row(database_url, ALICE, "xyz:TSLA", "long", "2", "250", opened_ago=timedelta(hours=1))
+    narrowed = dict(env, MONITOR_PERP_DEXES="flx", MONITOR_ALERT_AFTER_RUNS="2")
+
+    first = run_json(narrowed)
+    [alert] = [a for a in first["alerts"] if a["kind"] == "rows_unwatched"]
+    assert alert["key"] == "rows_unwatched:xyz" and "MONITOR_PERP_DEXES does not name it" in alert["text"]
+    assert _alert_state(database_url, "rows_unwatched:xyz") == (1, False)  # seen once: not sent yet
+    run_json(narrowed)
+    assert _alert_state(database_url, "rows_unwatched:xyz") == (2, True)  # MONITOR_ALERT_AFTER_RUNS runs in a row
+
+    report = run_json(dict(env, MONITOR_ALERT_AFTER_RUNS="2"))  # every dex watched: xyz is read, resolved
+    assert not [a for a in report["alerts"] if a["kind"] == "rows_unwatched"]
+    assert _alert_state(database_url, "rows_unwatched:xyz") in (None, (0, False))
+
+    unlisted = run_json(dict(env, MONITOR_PERP_DEXES="", MONITOR_ALERT_AFTER_RUNS="2"))
+    assert any(a["key"] == "rows_unwatched:xyz" and "first dex only" in a["text"] for a in unlisted["alerts"])
+
+
+# ---- the sweep's cursor moves only past reads that happened (red-team F5) -----------------------------------------
+
+
+def test_a_sweep_read_that_did_not_happen_keeps_its_turn():
+    """Runs whose sweep accounts were deferred (budget, deadline) or partly read: the cursor stops at the first
+    account not swept, so every dex of every account is still read within `groups` runs that carried out their
+    sweep, however many runs skipped it in between."""
+    from monitor.dexes import cursor_after, plan_dex_reads, sweep_bound
+    from monitor.models import Account
+
+    accounts = [Account(i, f"0x{i:040x}", None, True) for i in range(1, 101)]
+    watched = {"xyz", "flx", "abc"}
+    bound = sweep_bound(100, 3, 400)
+    reached: set[int] = set()
+    cursor, swept_runs = None, 0
+    for run in range(40):
+        plan = plan_dex_reads(accounts, {}, {}, ["", "xyz", "flx", "abc"], watched, read_weight=400, cursor=cursor)
+        if run % 3 == 1:
+            done: set[int] = set()  # the whole turn deferred by the budget: nothing swept
+        elif run % 3 == 2:
+            done = set(plan.sweep_order[:5]) | set(plan.sweep_order[6:])  # the 6th found no weight
+        else:
+            done = set(plan.sweep)
+        reached |= done
+        before, cursor = cursor, cursor_after(plan, cursor, done)
+        if run % 3 == 1:
+            assert cursor == before  # a skipped sweep does not move the cursor
+        if run % 3 == 0:
+            swept_runs += 1
+        if len(reached) == 100:
+            break
+    assert len(reached) == 100
+    assert swept_runs <= bound
+
+
+def test_dry_runs_do_not_take_the_sweeps_turn(env, sim, database_url):
+    """A dry run writes nothing, so what its sweep finds is not kept: it must not use up a turn. With the turn taken
+    from the run count, the real runs between dry runs kept landing on the same accounts."""
+    accounts = ["0x" + f"{i:02x}" * 20 for i in range(16, 28)]  # 12 accounts
+    for name in ("xyz", "flx", "abc"):
+        sim.add_perp_dex(name)
+    for address in accounts:
+        sim.open_position(address, "BTC", "1", "30000")
+        assert cli(env, "accounts", "add", address).returncode == 0
+    tight = dict(env, MONITOR_WEIGHT_BUDGET="100")  # 12 x 4 x 2 = 96 > 3/4 of 100: a sweep, 3 runs to a round
+    run_json(tight)
+    late = [accounts[0], accounts[1], accounts[2], accounts[5], accounts[10]]
+    for n, address in enumerate(late):
+        sim.open_hip3_position(address, "abc:NVDA", str(n + 1), "180")
+
+    from monitor.dexes import sweep_bound
+
+    bound = sweep_bound(12, 3, 100)
+    for _ in range(bound):
+        run_json(tight, "--dry-run")
+        run_json(tight, "--dry-run")
+        run_json(tight)
+    with psycopg.connect(database_url) as conn:
+        found = conn.execute("SELECT count(*) FROM positions WHERE coin = 'abc:NVDA'").fetchone()[0]
+    assert found == len(late)  # every account's dexes reached within the bound's real runs
+
+
+def test_the_run_moves_the_cursor_past_swept_accounts_only_and_notes_the_rest():
+    from monitor.dexes import plan_dex_reads
+    from monitor.models import Account
+    from monitor.planner import AccountPlan
+    from monitor.runner import AccountRead, Reads, _sweep_done
+
+    accounts = [Account(i, f"0x{i:040x}", None, True) for i in range(1, 101)]
+    plan = plan_dex_reads(accounts, {}, {}, ["", "xyz", "flx", "abc"], {"xyz", "flx", "abc"}, read_weight=400,
+                          cursor=40)
+    assert plan.sweep_order == tuple(range(41, 57))
+    by_id = {a.id: a for a in accounts}
+    results = [AccountRead(by_id[i], plan=AccountPlan(by_id[i])) for i in range(41, 45)]
+    results.append(AccountRead(by_id[45], plan=AccountPlan(by_id[45]), dexes_skipped=frozenset({"abc"})))
+    results += [AccountRead(by_id[i], plan=AccountPlan(by_id[i])) for i in range(46, 50)]
+    results += [AccountRead(by_id[i], deferred="budget") for i in range(50, 57)]
+    reads = Reads(results=results, dexes=plan, sweep_cursor=40)
+    _sweep_done(reads)
+    assert reads.next_sweep_cursor == 44  # 45 found no weight for abc: it and those after it keep their turn
+    assert any("8 of 16 account(s) of this run's turn not swept" in n for n in reads.notes)

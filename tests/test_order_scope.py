@@ -319,3 +319,52 @@ def test_the_fallback_is_paid_from_the_weight_budget_or_left_for_the_next_run(ke
     report = run_json(keyed)  # the next run, with its weight: the fallback, and the close
     assert row(database_url, "BTC")["close_reason"] == "stop_loss"
     assert open_oids(sim) == sorted(others)
+
+
+# ---- the rule counts the account's open orders on every perp dex (red-team F1) ------------------------------------
+
+def test_orders_on_a_hip3_dex_count_so_a_stop_is_not_stripped_when_cancelling_cannot_free_the_place(
+        keyed, sim, database_url):
+    """The 1,000 counts the account's open orders across all its perp dexes: 1,000 entries resting on a HIP-3 dex
+    and one stop loss on BTC. The first dex alone shows 1 order (cancelling the stop would seem to free the place);
+    counted with the HIP-3 dex's, 1,000 would be left: the stop stays, and no second order is sent."""
+    sim.add_perp_dex("xyz")
+    sim.add_coin("xyz:TSLA", sz_decimals=2, mid="250")
+    setup(keyed, sim)
+    resting = [sim.add_limit_order(ALICE, "xyz:TSLA", "B", "0.01", str(100 + i % 50)) for i in range(1000)]
+    sl = sim.add_trigger_order(ALICE, "BTC", "A", "1", "28000", "sl", position_tpsl=True)
+    fire_stop(sim, database_url)
+    sim.reset_log()
+
+    report = run_json(keyed)
+    assert sl in open_oids(sim) and len(open_oids(sim)) == len(resting) + 1  # the position keeps its stop
+    assert len(orders_sent(sim)) == 1  # no retry: it would be refused again
+    [alert] = blocked_alerts(report)
+    assert "the account has 1001 open orders on 2 perp dexes" in alert["text"]
+    assert "1000 would be left, still at the limit: nothing cancelled" in alert["text"]
+    assert row(database_url, "BTC")["status"] == "open"
+
+
+def test_an_unreadable_other_dex_makes_the_count_unknown_and_nothing_is_cancelled(keyed, sim, database_url):
+    sim.add_perp_dex("xyz")
+    sim.add_coin("xyz:TSLA", sz_decimals=2, mid="250")
+    setup(keyed, sim)
+    entries_xyz = [sim.add_limit_order(ALICE, "xyz:TSLA", "B", "0.01", str(100 + i)) for i in range(3)]
+    tp = sim.add_trigger_order(ALICE, "BTC", "A", "1", "33000", "tp")
+    sim.set_config(open_order_limit=4)  # 4 open orders: the close is refused
+    fire_stop(sim, database_url)
+    sim.add_fault("500", path="info", type="frontendOpenOrders", count=None, dex="xyz")
+    sim.reset_log()
+
+    report = run_json(keyed)
+    assert open_oids(sim) == sorted([*entries_xyz, tp])  # the TP stays: cancelling it might free nothing
+    assert len(orders_sent(sim)) == 1
+    [alert] = blocked_alerts(report)
+    assert "the open orders of dex xyz are unreadable" in alert["text"] and "nothing cancelled" in alert["text"]
+    assert row(database_url, "BTC")["status"] == "open"
+
+    sim.clear_faults()  # counted now: 4 on two dexes, 3 left without the TP: it is cancelled and the close fills
+    report = run_json(keyed)
+    assert "(the account had 4 open orders on 2 perp dexes)" in blocked_alerts(report)[0]["text"]
+    assert row(database_url, "BTC")["close_reason"] == "stop_loss"
+    assert open_oids(sim) == sorted(entries_xyz)
