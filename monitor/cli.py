@@ -261,9 +261,7 @@ def run(ctx: click.Context, dry_run: bool, as_json: bool, accounts: tuple[str, .
         ctx.obj["flags"]["metrics_file"] = metrics_file
     if shard is not None:
         ctx.obj["flags"]["shard"] = shard
-    settings = _settings(ctx)
-    if not dry_run:
-        settings = settings.with_signing_key()  # a run that may sign reads its key now (exit 78 if it cannot)
+    settings = _settings(ctx)  # a key file is read only right before the run's first signature (if any)
     addresses = [_address(a) for a in accounts]
     interactive = sys.stderr.isatty() and not as_json
     bar: Any = None

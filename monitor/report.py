@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from monitor.errors import EXIT_ACCOUNT_FAILED, EXIT_LOCK_HELD, EXIT_OK
+from monitor.errors import EXIT_ACCOUNT_FAILED, EXIT_CONFIG, EXIT_LOCK_HELD, EXIT_OK
 
 if TYPE_CHECKING:
     from monitor.planner import Action
@@ -55,6 +55,7 @@ class RunReport:
     duration_seconds: float = 0.0
     stopped_exit_code: int | None = None  # the run was stopped by an exception (a fault, a signal): its code
     error: str | None = None  # what stopped it, one line
+    key_error: str | None = None  # the key file could not be read when an order was to be signed (exit 78)
 
     @property
     def exit_code(self) -> int:
@@ -62,6 +63,8 @@ class RunReport:
             return self.stopped_exit_code
         if self.fenced:
             return EXIT_LOCK_HELD
+        if self.key_error is not None:
+            return EXIT_CONFIG
         return EXIT_ACCOUNT_FAILED if self.accounts_failed else EXIT_OK
 
     @property

@@ -1,0 +1,95 @@
+"""Review of issue 13's surfaces (keys read lazily, audit of `accounts set`, red-team findings), each test
+failing on the code before its fix. Real PostgreSQL, the real CLI in subprocesses, the simulator."""
+
+from __future__ import annotations
+
+import json
+
+import psycopg
+from eth_account import Account as EthAccount
+
+from tests.conftest import ALICE, cli
+
+BOB = "0x" + "b2" * 20
+
+
+def lines_of(result) -> list[str]:
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.stderr.splitlines()
+
+
+# ---- 1. the key file is read only right before the first signature ------------------------------
+
+
+def test_the_key_file_is_read_only_when_a_close_is_about_to_be_signed(env, sim, database_url, tmp_path):
+    agent = EthAccount.create()
+    secret = agent.key.hex()
+    sim.approve_agent(ALICE, agent.address)
+    key_file = tmp_path / "hl.key"
+    environ = dict(env, MONITOR_HL_SECRET_KEY_FILE=str(key_file))
+    sim.open_position(ALICE, "BTC", "1", "30000")
+    assert cli(environ, "accounts", "add", ALICE).returncode == 0
+
+    # No order to send: a missing key file is never opened (the old code refused the run at its start, 78).
+    result = cli(environ, "run", "--json")
+    assert result.returncode == 0 and lines_of(result) == [], result.stderr
+    assert json.loads(result.stdout)["discovered"] == 1
+    with psycopg.connect(database_url) as conn:
+        pid = conn.execute("SELECT id FROM positions WHERE coin = 'BTC'").fetchone()[0]
+
+    # A stop fires: the key file is read right before signing. Missing, a directory, or readable by the
+    # group: one line naming the setting (never the key), exit 78, nothing sent, the rule stays armed.
+    sim.set_mid("BTC", "29000")
+    assert cli(environ, "positions", "set", str(pid), "--stop-loss", "29500").returncode == 0
+    key_file.write_text(secret + "\n")
+    key_file.chmod(0o640)
+    for n, args in enumerate([("run",), ("run", "--json"), ("--log-format", "json", "run")]):
+        result = cli(environ, *args)
+        errors = lines_of(result)
+        assert result.returncode == 78, (args, result.returncode, result.stdout, result.stderr)
+        if n == 0:  # the urgent alert key_unreadable, the first time (its webhook text, also on stderr)
+            alert = errors.pop(0)
+            assert "key_unreadable" not in alert and "MONITOR_HL_SECRET_KEY_FILE" in alert and secret[2:] not in alert
+        assert len(errors) == 1 and "MONITOR_HL_SECRET_KEY_FILE" in errors[0] and "chmod 600" in errors[0], errors
+        assert f"close #{pid} BTC (stop_loss)" in errors[0], errors
+        assert secret not in result.stdout + result.stderr and secret[2:] not in result.stdout + result.stderr
+        if "--json" in args:
+            report = json.loads(result.stdout)
+            assert report["exit_code"] == 78 and report["close_orders_sent"] == 0 and report["would_close"] == 1
+            assert [a["kind"] for a in report["alerts"]] == ["key_unreadable"]
+        if "--log-format" in args:
+            assert json.loads(errors[0])["event"] == "note"
+    assert sim.position(ALICE, "BTC") is not None
+    with psycopg.connect(database_url) as conn:
+        status, stop = conn.execute("SELECT status, stop_loss_price FROM positions WHERE id = %s", (pid,)).fetchone()
+        code, summary = conn.execute("SELECT exit_code, error_summary FROM monitor_runs"
+                                     " ORDER BY started_at DESC LIMIT 1").fetchone()
+    assert status == "open" and stop is not None
+    assert code == 78 and "MONITOR_HL_SECRET_KEY_FILE" in summary
+    key_file.unlink()
+    assert "No such file" in lines_of(cli(environ, "run"))[0]
+
+    # The key readable: the close goes out.
+    key_file.write_text(secret + "\n")
+    key_file.chmod(0o600)
+    result = cli(environ, "run", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["close_orders_sent"] == 1 and report["closed"] == 1
+    assert sim.position(ALICE, "BTC") is None
+
+
+def test_read_only_commands_and_dry_runs_never_read_the_key_even_with_a_rule_firing(env, sim, database_url, tmp_path):
+    environ = dict(env, MONITOR_HL_SECRET_KEY_FILE=str(tmp_path / "missing.key"))
+    sim.open_position(ALICE, "BTC", "1", "30000")
+    assert cli(environ, "accounts", "add", ALICE).returncode == 0
+    assert cli(environ, "run").returncode == 0
+    with psycopg.connect(database_url) as conn:
+        pid = conn.execute("SELECT id FROM positions WHERE coin = 'BTC'").fetchone()[0]
+    sim.set_mid("BTC", "29000")
+    assert cli(environ, "positions", "set", str(pid), "--stop-loss", "29500").returncode == 0
+    for args in [("run", "--dry-run"), ("status",), ("positions", "list"), ("positions", "history", str(pid)),
+                 ("close", str(pid)), ("close", "--cancel", str(pid)), ("pnl",), ("lock", "status"),
+                 ("db", "status"), ("accounts", "list")]:
+        result = cli(environ, *args)
+        assert result.returncode == 0 and "MONITOR_HL_SECRET_KEY_FILE" not in result.stderr, (args, result.stderr)
