@@ -53,3 +53,8 @@ TO :"monitor_role";
 -- Durable follow-ups (migration 0007): read, recorded with a close, marked done or moot; never deleted.
 GRANT SELECT, INSERT, UPDATE ON TABLE followups TO :"monitor_role";
 GRANT USAGE ON SEQUENCE followups_id_seq TO :"monitor_role";
+
+-- The accounts' audit trail (migration 0011): appended by `accounts add|disable|set`, read by
+-- `accounts history`; never updated or deleted.
+GRANT SELECT, INSERT ON TABLE account_events TO :"monitor_role";
+GRANT USAGE ON SEQUENCE account_events_id_seq TO :"monitor_role";

@@ -511,6 +511,34 @@ def accounts_set(ctx: click.Context, address: str, max_hold: str | None, clear_m
     click.echo(f"{address}: max hold {old} -> {new}")
 
 
+@accounts.command("history")
+@click.argument("address")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def accounts_history(ctx: click.Context, address: str, as_json: bool) -> None:
+    """The audit trail of one account: added, re-activated, disabled, account-wide rules set (old and new).
+
+    \b
+    Examples:
+      position-monitor accounts history 0x5e9ee1089755c3435139848e47e6635505d5a13a
+      position-monitor accounts history 0x5e9ee1089755c3435139848e47e6635505d5a13a --json
+    """
+    address = _address(address)
+    db, _ = _ready_database(ctx)
+    try:
+        events = db.account_events(address)
+    finally:
+        db.close()
+    if events is None:
+        raise UsageError(f"not a watched account: {address}")
+    if as_json:
+        _echo_json(events)
+        return
+    rows = [{**e, "when": f"{e['created_at']:%Y-%m-%d %H:%M:%S}", "details": json.dumps(e["details"], sort_keys=True)}
+            for e in events]
+    click.echo(format_table(rows, ("when", "event", "reason", "details")))
+
+
 # ---- positions -------------------------------------------------------------------------------
 
 @cli.group()

@@ -93,3 +93,41 @@ def test_read_only_commands_and_dry_runs_never_read_the_key_even_with_a_rule_fir
                  ("db", "status"), ("accounts", "list")]:
         result = cli(environ, *args)
         assert result.returncode == 0 and "MONITOR_HL_SECRET_KEY_FILE" not in result.stderr, (args, result.stderr)
+
+
+# ---- 2. `accounts set` (and add/disable) leave an audit record with old and new values ------------
+
+
+def account_events(url: str) -> list[tuple[str, str | None, dict]]:
+    with psycopg.connect(url) as conn:
+        return [tuple(r) for r in conn.execute("SELECT event, reason, details FROM account_events ORDER BY id")]
+
+
+def test_accounts_set_records_an_audit_event_with_old_and_new_values(env, database_url):
+    assert cli(env, "accounts", "add", ALICE, "--label", "main").returncode == 0
+    assert cli(env, "accounts", "set", ALICE, "--max-hold", "2d").returncode == 0
+    assert cli(env, "accounts", "set", ALICE, "--max-hold", "2d").returncode == 0  # nothing new: no event
+    assert cli(env, "accounts", "set", ALICE, "--max-hold", "90m").returncode == 0
+    assert cli(env, "accounts", "set", ALICE, "--clear-max-hold").returncode == 0
+    assert cli(env, "accounts", "disable", ALICE).returncode == 0
+    assert cli(env, "accounts", "add", ALICE).returncode == 0  # re-activated
+    assert account_events(database_url) == [
+        ("account_added", "cli", {"label": {"old": None, "new": "main"}}),
+        ("account_rules_set", "cli", {"max_hold_seconds": {"old": None, "new": 172800}}),
+        ("account_rules_set", "cli", {"max_hold_seconds": {"old": 172800, "new": 5400}}),
+        ("account_rules_set", "cli", {"max_hold_seconds": {"old": 5400, "new": None}}),
+        ("account_disabled", "cli", {"active": {"old": True, "new": False}}),
+        ("account_reactivated", "cli", {"active": {"old": False, "new": True}}),
+    ]
+    result = cli(env, "accounts", "history", ALICE, "--json")
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert [e["event"] for e in shown][:2] == ["account_added", "account_rules_set"]
+    assert shown[1]["details"] == {"max_hold_seconds": {"old": None, "new": 172800}}
+    table = cli(env, "accounts", "history", ALICE)
+    assert table.returncode == 0 and "account_rules_set" in table.stdout
+    result = cli(env, "accounts", "history", BOB)
+    assert result.returncode == 2 and "not a watched account" in result.stderr and len(result.stderr.splitlines()) == 1
+    # an unknown account writes nothing
+    assert cli(env, "accounts", "set", BOB, "--max-hold", "1h").returncode == 2
+    assert len(account_events(database_url)) == 6
