@@ -23,6 +23,7 @@ from monitor.errors import (
     EXIT_CONFIG,
     EXIT_OK,
     EXIT_USAGE,
+    ConfigError,
     MonitorError,
     Refused,
     Terminated,
@@ -67,6 +68,21 @@ def _usage_line(exc: click.ClickException, ctx: click.Context | None) -> str:
     return message + where
 
 
+def _deepest(ctx: click.Context, words: list[str]) -> click.Context:
+    """The context of the deepest command ``words`` name (``pnl`` in ``pnl --by``), for the --help a usage
+    error points at when click raised it without a context (an option missing its argument)."""
+    command: Any = ctx.command
+    for word in words:
+        if word.startswith("-") or not isinstance(command, click.Group):
+            break
+        sub = command.get_command(ctx, word)
+        if sub is None:
+            break
+        ctx = click.Context(sub, info_name=word, parent=ctx)
+        command = sub
+    return ctx
+
+
 class MonitorGroup(click.Group):
     """Turns expected faults into one line and their exit code; never a traceback for them."""
 
@@ -86,6 +102,11 @@ class MonitorGroup(click.Group):
             raise click.exceptions.Exit(EXIT_USAGE) from None
 
     def invoke(self, ctx: click.Context) -> Any:
+        words = [*ctx.protected_args, *ctx.args]  # for a usage error click raises without its command's context
+        if ctx.parent is None and ctx.params.get("log_format") is not None:
+            # before the subcommand is resolved (an unknown command) or the --env-file read: their errors
+            # are JSON lines too under --log-format json
+            _output["json"] = ctx.params["log_format"] == "json"
         try:
             return super().invoke(ctx)
         except Terminated as exc:
@@ -102,7 +123,7 @@ class MonitorGroup(click.Group):
         except click.exceptions.NoArgsIsHelpError:
             raise  # the help text, as click prints it
         except click.UsageError as exc:
-            say(_usage_line(exc, ctx), exit_code=EXIT_USAGE)
+            say(_usage_line(exc, _deepest(ctx, words)), exit_code=EXIT_USAGE)
             ctx.exit(EXIT_USAGE)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise  # click's own: it prints and exits as documented
@@ -260,6 +281,12 @@ def run(ctx: click.Context, dry_run: bool, as_json: bool, accounts: tuple[str, .
     if metrics_file is not None:
         ctx.obj["flags"]["metrics_file"] = metrics_file
     if shard is not None:
+        from monitor.config import parse_shard
+
+        try:
+            parse_shard("--shard", shard)
+        except ConfigError as exc:  # a bad flag is a usage error (exit 2); MONITOR_SHARD stays a setting (78)
+            raise UsageError(exc.message) from None
         ctx.obj["flags"]["shard"] = shard
     settings = _settings(ctx)  # a key file is read only right before the run's first signature (if any)
     addresses = [_address(a) for a in accounts]

@@ -131,3 +131,50 @@ def test_accounts_set_records_an_audit_event_with_old_and_new_values(env, databa
     # an unknown account writes nothing
     assert cli(env, "accounts", "set", BOB, "--max-hold", "1h").returncode == 2
     assert len(account_events(database_url)) == 6
+
+
+# ---- 3. red team ---------------------------------------------------------------------------------
+
+
+def one_line(result, code: int) -> str:
+    lines = lines_of(result)
+    assert result.returncode == code and len(lines) == 1, (result.returncode, result.stdout, result.stderr)
+    return lines[0]
+
+
+def test_huge_or_tiny_prices_are_usage_errors_not_database_errors(env, database_url):
+    from tests.test_cli_rules import add_account, add_row, rules
+
+    pid = add_row(database_url, add_account(database_url))
+    # 1e999999 and 1e-20000 overflowed PostgreSQL's numeric: "database error", exit 70; 1E+400 was stored
+    for args, text in [(("--stop-loss", "1e999999"), "too large"), (("--take-profit", "1e400"), "too large"),
+                       (("--stop-loss", "1e-20000"), "decimal places"), (("--take-profit", "1000000000000000"),
+                                                                          "too large"),
+                       (("--trailing-stop", "1e-43"), "decimal places")]:
+        line = one_line(cli(env, "positions", "set", str(pid), *args), 2)
+        assert args[0] in line and text in line, line
+    assert rules(database_url, pid)["take_profit_price"] is None
+    assert cli(env, "positions", "set", str(pid), "--stop-loss", "0.000000000000000001",
+               "--take-profit", "999999999999999.5").returncode == 0
+    line = one_line(cli(env, "positions", "set", str(pid), "--max-hold", "3000000000s"), 2)
+    assert "at most 2147483647 seconds" in line, line  # was "a duration like 90m", which it is
+
+
+def test_a_bad_shard_flag_is_a_usage_error_and_a_bad_setting_is_78(env):
+    for shard in ("0/4", "5/4", "1/0", "-1/2", "1/99999999999"):
+        assert "--shard" in one_line(cli(env, "run", "--shard", shard), 2)  # was 78
+    assert "MONITOR_SHARD" in one_line(cli(dict(env, MONITOR_SHARD="5/4"), "run"), 78)
+
+
+def test_json_logs_cover_an_unknown_command_and_an_unreadable_env_file(env, tmp_path):
+    for args, code in [(("nosuch",), 2), (("--env-file", str(tmp_path / "missing.env"), "status"), 78),
+                       (("--env-file", str(tmp_path), "status"), 78), (("pnl", "--by"), 2)]:
+        record = json.loads(one_line(cli(env, "--log-format", "json", *args), code))  # was plain text
+        assert record["exit_code"] == code and record["level"] == "error", record
+
+
+def test_an_option_missing_its_argument_points_at_its_own_commands_help(env):
+    for args, where in [(("pnl", "--by"), "position-monitor pnl --help"),
+                        (("positions", "set", "1", "--stop-loss"), "position-monitor positions set --help"),
+                        (("status", "--runs"), "position-monitor status --help")]:
+        assert f"(see '{where}')" in one_line(cli(env, *args), 2)  # was 'position-monitor --help'
