@@ -120,6 +120,11 @@ class MonitorGroup(click.Group):
         except KeyboardInterrupt as exc:
             say("interrupted", exit_code=exit_code_for(exc))
             ctx.exit(exit_code_for(exc))
+        except BrokenPipeError:
+            # The reader of stdout went away (`status | head`): nothing to say (it would be "internal error",
+            # exit 70). A run keeps the exit code it was recorded with; any other command did its work.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+            ctx.exit(int((ctx.obj or {}).get("exit_code", EXIT_OK)))
         except click.exceptions.NoArgsIsHelpError:
             raise  # the help text, as click prints it
         except click.UsageError as exc:
@@ -316,6 +321,7 @@ def run(ctx: click.Context, dry_run: bool, as_json: bool, accounts: tuple[str, .
         if bar is not None:
             bar.update(bar.length - bar.pos)
             bar.__exit__(None, None, None)
+    ctx.obj["exit_code"] = report.exit_code  # kept when stdout's reader has gone (BrokenPipeError)
     if as_json:
         _echo_json(report.to_json())
         _report_faults(report)  # stdout holds the report; stderr one line per fault

@@ -178,3 +178,68 @@ def test_an_option_missing_its_argument_points_at_its_own_commands_help(env):
                         (("positions", "set", "1", "--stop-loss"), "position-monitor positions set --help"),
                         (("status", "--runs"), "position-monitor status --help")]:
         assert f"(see '{where}')" in one_line(cli(env, *args), 2)  # was 'position-monitor --help'
+
+
+def closed_pipe_run(env: dict[str, str], *args: str) -> tuple[int, str]:
+    """Run the CLI with stdout a pipe nobody reads (its read end closed first, as `| head` leaves it)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "monitor", *args], env=env, cwd=ROOT, stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    return proc.returncode, proc.stderr
+
+
+def test_a_reader_that_goes_away_is_no_internal_error(env, sim, database_url):
+    sim.open_position(ALICE, "BTC", "1", "30000")
+    assert cli(env, "accounts", "add", ALICE).returncode == 0
+    assert cli(env, "run").returncode == 0
+    for args in [("status",), ("positions", "list", "--json"), ("accounts", "list")]:
+        assert closed_pipe_run(env, *args) == (0, ""), args  # was "internal error: BrokenPipeError", 70
+    sim.add_fault("500", path="info", type="clearinghouseState", user=ALICE, count=None)
+    code, err = closed_pipe_run(env, "run", "--json")  # the run's own code, as recorded
+    assert code == 1 and "internal error" not in err and "Traceback" not in err, err
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT exit_code FROM monitor_runs ORDER BY started_at DESC LIMIT 1").fetchone()[0] == 1
+
+
+def test_lock_status_names_the_holders_run_id_and_sigterm_frees_it(env, sim, database_url):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    sim.open_position(ALICE, "BTC", "1", "30000")
+    assert cli(env, "accounts", "add", ALICE).returncode == 0
+    sim.hold_requests()
+    proc = subprocess.Popen([sys.executable, "-m", "monitor", "run", "--json"], env=dict(env, MONITOR_HTTP_TIMEOUT="60"),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        sim.wait_for_held_requests(1, timeout=60)
+        shown = json.loads(cli(env, "lock", "status", "--json").stdout)
+        with psycopg.connect(database_url) as conn:
+            (run_id,), = conn.execute("SELECT run_id FROM monitor_runs WHERE finished_at IS NULL").fetchall()
+        assert shown["held"] and shown["holder"]["run_id"] == run_id  # was the file lease's token
+        assert f"run {run_id}" in cli(env, "lock", "status").stdout
+        proc.send_signal(signal.SIGTERM)
+        began = time.monotonic()
+        assert proc.wait(timeout=30) == 143 and time.monotonic() - began < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sim.release_requests()
+    out, err = proc.communicate()
+    assert json.loads(out)["exit_code"] == 143 and len(err.splitlines()) == 1 and "SIGTERM" in err
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT exit_code FROM monitor_runs WHERE run_id = %s", (run_id,)).fetchone()[0] == 143
+    assert cli(env, "lock", "status").stdout.startswith("free")
