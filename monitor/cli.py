@@ -450,9 +450,12 @@ def accounts_add(ctx: click.Context, address: str, label: str | None) -> None:
     from monitor.operations import account_role
 
     address = _address(address)
+    if label is not None and (not label.strip() or not label.isprintable() or len(label) > 200):
+        # a newline or a control character would break every one-line output that shows the label
+        raise UsageError("--label: printable text of 1 to 200 characters (no newlines or control characters)")
     role = account_role(_settings(ctx), address)  # UsageError (exit 2) for an agent wallet
     if role.warning:
-        click.echo(f"position-monitor: {role.warning}", err=True)
+        say(role.warning, level=logging.WARNING, event="user_role_unknown", account=address)  # JSON under json logs
     db, _ = _ready_database(ctx)
     try:
         if role.label and label:
@@ -463,7 +466,9 @@ def accounts_add(ctx: click.Context, address: str, label: str | None) -> None:
         account, created = db.add_account(address, label)
     finally:
         db.close()
-    outcome = "added" if created else "re-activated" if before and not before[0].active else "already watched (active)"
+    outcome = ("added" if created else "re-activated" if before and not before[0].active
+               else "already watched (active), label changed" if before and before[0].label != account.label
+               else "already watched (active)")
     click.echo(f"{outcome}: {account.address}" + (f" ({account.label})" if account.label else ""))
 
 

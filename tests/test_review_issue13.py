@@ -222,8 +222,9 @@ def test_lock_status_names_the_holders_run_id_and_sigterm_frees_it(env, sim, dat
     sim.open_position(ALICE, "BTC", "1", "30000")
     assert cli(env, "accounts", "add", ALICE).returncode == 0
     sim.hold_requests()
-    proc = subprocess.Popen([sys.executable, "-m", "monitor", "run", "--json"], env=dict(env, MONITOR_HTTP_TIMEOUT="60"),
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "monitor", "run", "--json"],
+                            env=dict(env, MONITOR_HTTP_TIMEOUT="60"), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
         sim.wait_for_held_requests(1, timeout=60)
         shown = json.loads(cli(env, "lock", "status", "--json").stdout)
@@ -243,3 +244,22 @@ def test_lock_status_names_the_holders_run_id_and_sigterm_frees_it(env, sim, dat
     with psycopg.connect(database_url) as conn:
         assert conn.execute("SELECT exit_code FROM monitor_runs WHERE run_id = %s", (run_id,)).fetchone()[0] == 143
     assert cli(env, "lock", "status").stdout.startswith("free")
+
+
+def test_accounts_add_labels_are_one_line_and_a_changed_label_is_said(env, sim, database_url):
+    for label in ("a\nb", "tab\there", "", " ", "x" * 201):
+        assert "--label" in one_line(cli(env, "accounts", "add", ALICE, "--label", label), 2)  # "a\nb" was stored
+    assert cli(env, "accounts", "add", ALICE, "--label", "main").stdout.strip() == f"added: {ALICE} (main)"
+    result = cli(env, "accounts", "add", ALICE, "--label", "hedge")  # was "already watched (active)"
+    assert result.stdout.strip() == f"already watched (active), label changed: {ALICE} (hedge)"
+    assert cli(env, "accounts", "add", ALICE).stdout.strip() == f"already watched (active): {ALICE} (hedge)"
+    assert account_events(database_url)[-1] == ("account_updated", "cli", {"label": {"old": "main", "new": "hedge"}})
+
+
+def test_the_user_role_warning_of_accounts_add_is_a_json_line_under_json_logs(env, sim):
+    sim.add_fault("500", path="info", type="userRole", count=None)
+    result = cli(env, "--log-format", "json", "accounts", "add", BOB)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(one_line(result, 0))  # was a plain "position-monitor: ..." line
+    assert record["level"] == "warning" and record["account"] == BOB, record
+    assert "could not ask the exchange" in record["message"], record
