@@ -263,3 +263,20 @@ def test_the_user_role_warning_of_accounts_add_is_a_json_line_under_json_logs(en
     record = json.loads(one_line(result, 0))  # was a plain "position-monitor: ..." line
     assert record["level"] == "warning" and record["account"] == BOB, record
     assert "could not ask the exchange" in record["message"], record
+
+
+def test_the_recipes_give_a_stopping_run_the_time_the_readme_says_it_may_need():
+    import yaml
+
+    from monitor.config import Settings
+    from tests.test_recipes import DEPLOY, read_unit, seconds
+
+    # README, "Signals": a step in flight up to MONITOR_HTTP_TIMEOUT, then the failure ping (5 s at most).
+    needed = Settings(host_id="test").http_timeout + 5
+    service = read_unit(DEPLOY / "position-monitor.service")["Service"]
+    assert seconds(service["TimeoutStopSec"]) > needed  # was 10: SIGKILL before the run recorded itself
+    for name in ("k8s-cronjob.yaml", "k8s-cronjob-sharded.yaml"):
+        doc = yaml.safe_load((DEPLOY / name).read_text())
+        job = doc["spec"]["jobTemplate"]["spec"]
+        grace = job["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert grace > needed and job["activeDeadlineSeconds"] + grace < 300, name
