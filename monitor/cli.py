@@ -252,11 +252,19 @@ def cli(ctx: click.Context, log_level: str | None, log_format: str | None, datab
     # flags > environment > --env-file > defaults: the file fills in only what the environment leaves unset.
     environ: dict[str, str] = {}
     ctx.obj = {"flags": flags, "environ": environ}
+    from_file: dict[str, str] = {}
     if env_file is not None:
-        environ.update(read_env_file(env_file))  # ConfigError -> exit 78
+        from_file = read_env_file(env_file)  # ConfigError -> exit 78
+        environ.update(from_file)
     environ.update({k: v for k, v in os.environ.items() if v != "" or k not in environ})
     _output["json"] = None  # this invocation's own (the module may serve several, in tests)
     _output["json"] = log_format == "json" if log_format is not None else _json_wanted(environ)
+    for name in sorted(k for k in from_file if not k.startswith("MONITOR_") and k != "XDG_DATA_HOME"):
+        # systemd's EnvironmentFile would export it (PGSSLMODE, PGPASSWORD, ...); --env-file does not
+        shown = name if name.isprintable() and len(name) <= 64 else repr(name[:64])
+        say(f"--env-file: {shown} is not a MONITOR_* setting and is ignored (only MONITOR_* lines are read;"
+            " put libpq options such as PGSSLMODE in MONITOR_DATABASE_URL)",
+            level=logging.WARNING, event="unknown_variable")
 
 
 # ---- run -------------------------------------------------------------------------------------

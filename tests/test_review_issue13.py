@@ -280,3 +280,15 @@ def test_the_recipes_give_a_stopping_run_the_time_the_readme_says_it_may_need():
         job = doc["spec"]["jobTemplate"]["spec"]
         grace = job["template"]["spec"]["terminationGracePeriodSeconds"]
         assert grace > needed and job["activeDeadlineSeconds"] + grace < 300, name
+
+
+def test_a_non_monitor_line_in_the_env_file_is_named_not_silently_dropped(env, tmp_path):
+    env_file = tmp_path / "monitor.env"
+    env_file.write_text("MONITOR_LOG_LEVEL=warning\nPGSSLMODE=verify-full\nexport PGPASSWORD='s3cr$t'\n")
+    result = cli(env, "--env-file", str(env_file), "lock", "status")
+    assert result.returncode == 0, result.stderr
+    warnings = lines_of(result)
+    assert len(warnings) == 2 and "PGPASSWORD" in warnings[0] and "PGSSLMODE" in warnings[1], warnings
+    assert "s3cr" not in result.stderr and "verify-full" not in result.stderr  # names, never values
+    result = cli(env, "--log-format", "json", "--env-file", str(env_file), "lock", "status")
+    assert [json.loads(line)["event"] for line in lines_of(result)] == ["unknown_variable"] * 2
