@@ -60,3 +60,7 @@ GRANT SELECT, INSERT, UPDATE ON TABLE hedge_groups, hedge_legs, hedge_external_l
 TO :"monitor_role";
 GRANT USAGE ON SEQUENCE hedge_groups_id_seq, hedge_legs_id_seq, hedge_external_legs_id_seq, hedge_results_id_seq
 TO :"monitor_role";
+-- The accounts' audit trail (migration 0012): appended by `accounts add|disable|set`, read by
+-- `accounts history`; never updated or deleted.
+GRANT SELECT, INSERT ON TABLE account_events TO :"monitor_role";
+GRANT USAGE ON SEQUENCE account_events_id_seq TO :"monitor_role";

@@ -23,6 +23,7 @@ from monitor.errors import (
     EXIT_CONFIG,
     EXIT_OK,
     EXIT_USAGE,
+    ConfigError,
     MonitorError,
     Refused,
     Terminated,
@@ -67,6 +68,21 @@ def _usage_line(exc: click.ClickException, ctx: click.Context | None) -> str:
     return message + where
 
 
+def _deepest(ctx: click.Context, words: list[str]) -> click.Context:
+    """The context of the deepest command ``words`` name (``pnl`` in ``pnl --by``), for the --help a usage
+    error points at when click raised it without a context (an option missing its argument)."""
+    command: Any = ctx.command
+    for word in words:
+        if word.startswith("-") or not isinstance(command, click.Group):
+            break
+        sub = command.get_command(ctx, word)
+        if sub is None:
+            break
+        ctx = click.Context(sub, info_name=word, parent=ctx)
+        command = sub
+    return ctx
+
+
 class MonitorGroup(click.Group):
     """Turns expected faults into one line and their exit code; never a traceback for them."""
 
@@ -86,6 +102,11 @@ class MonitorGroup(click.Group):
             raise click.exceptions.Exit(EXIT_USAGE) from None
 
     def invoke(self, ctx: click.Context) -> Any:
+        words = [*ctx.protected_args, *ctx.args]  # for a usage error click raises without its command's context
+        if ctx.parent is None and ctx.params.get("log_format") is not None:
+            # before the subcommand is resolved (an unknown command) or the --env-file read: their errors
+            # are JSON lines too under --log-format json
+            _output["json"] = ctx.params["log_format"] == "json"
         try:
             return super().invoke(ctx)
         except Terminated as exc:
@@ -99,10 +120,15 @@ class MonitorGroup(click.Group):
         except KeyboardInterrupt as exc:
             say("interrupted", exit_code=exit_code_for(exc))
             ctx.exit(exit_code_for(exc))
+        except BrokenPipeError:
+            # The reader of stdout went away (`status | head`): nothing to say (it would be "internal error",
+            # exit 70). A run keeps the exit code it was recorded with; any other command did its work.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+            ctx.exit(int((ctx.obj or {}).get("exit_code", EXIT_OK)))
         except click.exceptions.NoArgsIsHelpError:
             raise  # the help text, as click prints it
         except click.UsageError as exc:
-            say(_usage_line(exc, ctx), exit_code=EXIT_USAGE)
+            say(_usage_line(exc, _deepest(ctx, words)), exit_code=EXIT_USAGE)
             ctx.exit(EXIT_USAGE)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise  # click's own: it prints and exits as documented
@@ -226,11 +252,19 @@ def cli(ctx: click.Context, log_level: str | None, log_format: str | None, datab
     # flags > environment > --env-file > defaults: the file fills in only what the environment leaves unset.
     environ: dict[str, str] = {}
     ctx.obj = {"flags": flags, "environ": environ}
+    from_file: dict[str, str] = {}
     if env_file is not None:
-        environ.update(read_env_file(env_file))  # ConfigError -> exit 78
+        from_file = read_env_file(env_file)  # ConfigError -> exit 78
+        environ.update(from_file)
     environ.update({k: v for k, v in os.environ.items() if v != "" or k not in environ})
     _output["json"] = None  # this invocation's own (the module may serve several, in tests)
     _output["json"] = log_format == "json" if log_format is not None else _json_wanted(environ)
+    for name in sorted(k for k in from_file if not k.startswith("MONITOR_") and k != "XDG_DATA_HOME"):
+        # systemd's EnvironmentFile would export it (PGSSLMODE, PGPASSWORD, ...); --env-file does not
+        shown = name if name.isprintable() and len(name) <= 64 else repr(name[:64])
+        say(f"--env-file: {shown} is not a MONITOR_* setting and is ignored (only MONITOR_* lines are read;"
+            " put libpq options such as PGSSLMODE in MONITOR_DATABASE_URL)",
+            level=logging.WARNING, event="unknown_variable")
 
 
 # ---- run -------------------------------------------------------------------------------------
@@ -260,10 +294,14 @@ def run(ctx: click.Context, dry_run: bool, as_json: bool, accounts: tuple[str, .
     if metrics_file is not None:
         ctx.obj["flags"]["metrics_file"] = metrics_file
     if shard is not None:
+        from monitor.config import parse_shard
+
+        try:
+            parse_shard("--shard", shard)
+        except ConfigError as exc:  # a bad flag is a usage error (exit 2); MONITOR_SHARD stays a setting (78)
+            raise UsageError(exc.message) from None
         ctx.obj["flags"]["shard"] = shard
-    settings = _settings(ctx)
-    if not dry_run:
-        settings = settings.with_signing_key()  # a run that may sign reads its key now (exit 78 if it cannot)
+    settings = _settings(ctx)  # a key file is read only right before the run's first signature (if any)
     addresses = [_address(a) for a in accounts]
     interactive = sys.stderr.isatty() and not as_json
     bar: Any = None
@@ -291,6 +329,7 @@ def run(ctx: click.Context, dry_run: bool, as_json: bool, accounts: tuple[str, .
         if bar is not None:
             bar.update(bar.length - bar.pos)
             bar.__exit__(None, None, None)
+    ctx.obj["exit_code"] = report.exit_code  # kept when stdout's reader has gone (BrokenPipeError)
     if as_json:
         _echo_json(report.to_json())
         _report_faults(report)  # stdout holds the report; stderr one line per fault
@@ -421,9 +460,12 @@ def accounts_add(ctx: click.Context, address: str, label: str | None) -> None:
     from monitor.operations import account_role
 
     address = _address(address)
+    if label is not None and (not label.strip() or not label.isprintable() or len(label) > 200):
+        # a newline or a control character would break every one-line output that shows the label
+        raise UsageError("--label: printable text of 1 to 200 characters (no newlines or control characters)")
     role = account_role(_settings(ctx), address)  # UsageError (exit 2) for an agent wallet
     if role.warning:
-        click.echo(f"position-monitor: {role.warning}", err=True)
+        say(role.warning, level=logging.WARNING, event="user_role_unknown", account=address)  # JSON under json logs
     db, _ = _ready_database(ctx)
     try:
         if role.label and label:
@@ -434,7 +476,9 @@ def accounts_add(ctx: click.Context, address: str, label: str | None) -> None:
         account, created = db.add_account(address, label)
     finally:
         db.close()
-    outcome = "added" if created else "re-activated" if before and not before[0].active else "already watched (active)"
+    outcome = ("added" if created else "re-activated" if before and not before[0].active
+               else "already watched (active), label changed" if before and before[0].label != account.label
+               else "already watched (active)")
     click.echo(f"{outcome}: {account.address}" + (f" ({account.label})" if account.label else ""))
 
 
@@ -513,6 +557,34 @@ def accounts_set(ctx: click.Context, address: str, max_hold: str | None, clear_m
         raise UsageError(f"not a watched account: {address}")
     old, new = (format_duration(v) or "none" for v in changed)
     click.echo(f"{address}: max hold {old} -> {new}")
+
+
+@accounts.command("history")
+@click.argument("address")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def accounts_history(ctx: click.Context, address: str, as_json: bool) -> None:
+    """The audit trail of one account: added, re-activated, disabled, account-wide rules set (old and new).
+
+    \b
+    Examples:
+      position-monitor accounts history 0x5e9ee1089755c3435139848e47e6635505d5a13a
+      position-monitor accounts history 0x5e9ee1089755c3435139848e47e6635505d5a13a --json
+    """
+    address = _address(address)
+    db, _ = _ready_database(ctx)
+    try:
+        events = db.account_events(address)
+    finally:
+        db.close()
+    if events is None:
+        raise UsageError(f"not a watched account: {address}")
+    if as_json:
+        _echo_json(events)
+        return
+    rows = [{**e, "when": f"{e['created_at']:%Y-%m-%d %H:%M:%S}", "details": json.dumps(e["details"], sort_keys=True)}
+            for e in events]
+    click.echo(format_table(rows, ("when", "event", "reason", "details")))
 
 
 # ---- positions -------------------------------------------------------------------------------

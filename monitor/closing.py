@@ -26,6 +26,7 @@ from typing import Any, Callable
 from monitor import planner
 from monitor.clock import Clock, ExchangeClock, from_ms, to_ms
 from monitor.database import EXIT_RULE_COLUMNS, Database, Followup
+from monitor.errors import ConfigError
 from monitor.exchange import (
     OPEN_ORDER_LIMIT,
     BudgetExhausted,
@@ -77,11 +78,20 @@ class CloseContext:
     meta: dict[str, Any] | None = None
     exchange_clock: ExchangeClock | None = None  # None: the exchange's time is taken to be the host's
     nonces: Callable[[], int] | None = None  # the key's host-wide nonce source (monitor.lock.NonceSource)
+    # The key when it is a file: read by the first signature that needs it (ConfigError when it cannot be;
+    # that close or cancel is then not sent). ``nonces_for`` gives the nonce source of the key's address.
+    load_key: Callable[[], str] | None = None
+    nonces_for: Callable[[str], Callable[[], int]] | None = None
     perp_dexes: list[str] = field(default_factory=lambda: [MAIN_DEX])  # by perp_dex_index, from perpDexs
     # The dexes whose open orders count for the 1,000-open-orders rule (it counts the account's orders on every
     # dex): every dex perpDexs lists, watched or not; [MAIN_DEX] with MONITOR_PERP_DEXES="" (the first dex
     # only); None when the dex list could not be had this run (then the count is unknown).
     order_dexes: list[str] | None = field(default_factory=lambda: [MAIN_DEX])
+
+    @property
+    def has_key(self) -> bool:
+        """A key is configured (a key file is not read until a signature needs it)."""
+        return self.secret_key is not None or self.load_key is not None
 
     def exchange_now_ms(self) -> int:
         return self.exchange_clock.now_ms() if self.exchange_clock is not None else self.clock.now_ms()
@@ -101,12 +111,18 @@ class CloseOutcome:
     notes: list[str] = field(default_factory=list)
     followups: list[dict[str, Any]] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
+    key_blocked: list[str] = field(default_factory=list)  # work not signed: the key file could not be read
 
 
 
 
 class CannotAct(Exception):
     """The configured key may not sign for this account: nothing is sent for it."""
+
+
+class KeyUnreadable(Exception):
+    """The key file could not be read when a signature needed it: nothing is sent, the work stays to do
+    (unlike CannotAct, a follow-up is not moot: the orders are cancelled once the key can be read)."""
 
 
 class Closer:
@@ -120,11 +136,28 @@ class Closer:
         self._hip3_metas: set[str] = set()  # HIP-3 dexes whose meta is loaded (or was read fresh) this run
         self._vaults: dict[str, str | None] = {}
 
+    def _key(self) -> str:
+        """The signing key; its file is read here, by the first signature that needs it (KeyUnreadable)."""
+        ctx = self.ctx
+        if ctx.secret_key is not None:
+            return ctx.secret_key
+        assert ctx.load_key is not None
+        try:
+            ctx.secret_key = ctx.load_key()
+        except ConfigError:
+            raise KeyUnreadable("the key cannot be read") from None
+        return ctx.secret_key
+
     def _signer(self) -> str:
         if not hasattr(self, "_signer_address"):
-            assert self.ctx.secret_key is not None
-            self._signer_address = signer_address(self.ctx.secret_key)
+            self._signer_address = signer_address(self._key())
         return self._signer_address
+
+    def _nonces(self) -> Callable[[], int] | None:
+        ctx = self.ctx
+        if ctx.nonces is None and ctx.nonces_for is not None:
+            ctx.nonces = ctx.nonces_for(self._signer())
+        return ctx.nonces
 
     def _role(self, address: str) -> tuple[str, str | None]:
         """userRole of ``address``, from the database cache (key_roles) while fresh, else asked (weight 60)."""
@@ -208,13 +241,14 @@ class Closer:
 
     def _trader(self, account: Account, coin: str | None = None) -> Trader:
         ctx = self.ctx
+        self._key()  # first: a key that cannot be read costs no meta read (KeyUnreadable)
         meta = self._meta(None if coin is not None and dex_of(coin) else coin)  # only when an order is to be sent
         if coin is not None and dex_of(coin):
             self._dex_meta(coin)
         if account.address not in self._traders:
-            assert ctx.secret_key is not None
-            self._traders[account.address] = Trader(ctx.exchange, ctx.secret_key, account.address, meta,
-                                                    vault_address=self._vault_for(account), nonces=ctx.nonces,
+            key = self._key()
+            self._traders[account.address] = Trader(ctx.exchange, key, account.address, meta,
+                                                    vault_address=self._vault_for(account), nonces=self._nonces(),
                                                     hip3=self._hip3)
         return self._traders[account.address]
 
@@ -275,7 +309,7 @@ class Closer:
                 self._settle_from_fills(account, row, cloid, rule, partial=partial, filled=filled, oid=oid)
             except ReadFailed as exc:
                 self._note(f"#{row.id} {row.coin}: {exc}; the row is settled next run")
-        if not self.ctx.dry_run and self.ctx.secret_key is not None:
+        if not self.ctx.dry_run and self.ctx.has_key:
             if closed_coins or followups or self._closed_here:
                 # Orders read while planning serve for the planner's closes (their close times are past
                 # fills); after a close sent here the book is read again.
@@ -299,9 +333,9 @@ class Closer:
 
     def _close(self, account: Account, action: Action) -> None:
         ctx = self.ctx
-        if ctx.dry_run or ctx.secret_key is None:
+        if ctx.dry_run or not ctx.has_key:
             self.done.would_close += 1
-            if ctx.secret_key is None and not ctx.dry_run:
+            if not ctx.has_key and not ctx.dry_run:
                 self._note(f"would close #{action.position_id} {action.coin} ({action.reason}):"
                            " no MONITOR_HL_SECRET_KEY, nothing sent")
             return
@@ -323,6 +357,10 @@ class Closer:
             return
         try:
             trader = self._trader(account, action.coin)  # before the claim: a key that cannot act leaves the row open
+        except KeyUnreadable:  # one line for the run (RunReport.key_error) names it; the rule stays armed
+            self.done.would_close += 1
+            self.done.key_blocked.append(f"close #{row.id} {action.coin} ({action.reason})")
+            return
         except CannotAct as exc:
             self.done.would_close += 1
             self._note(f"would close #{row.id} {action.coin} ({action.reason}) but {exc}; nothing sent")
@@ -557,7 +595,7 @@ class Closer:
                                              exit_price=close.exit_price, realized_pnl=close.realized_pnl,
                                              fees=close.fees, metadata=close.metadata, funding=close.funding,
                                              net_pnl=close.net_pnl)
-                if done and ctx.secret_key is not None:  # durable: the orders it leaves are cancelled by handle()
+                if done and ctx.has_key:  # durable: the orders it leaves are cancelled by handle()
                     ctx.db.record_followup(account_id=account.id, coin=coin, kind=CANCEL_ORPHANS,
                                            position_id=position_id,
                                            not_after_ms=own.end_ms or ctx.exchange_now_ms())
@@ -663,7 +701,7 @@ class Closer:
         every = [o for dex_orders in read.values() for o in dex_orders]
         targets: list[OpenOrder] = [o for coin, bound in coins.items() for o in orphaned_orders(every, coin, bound)]
         for order in targets:
-            if ctx.dry_run or ctx.secret_key is None:
+            if ctx.dry_run or not ctx.has_key:
                 self.done.actions.append(Action("cancel_order", account.address, order.coin,
                                                  reason="would cancel: position gone",
                                                  metadata={"oid": order.oid, "order_type": order.order_type,
@@ -671,6 +709,9 @@ class Closer:
                 continue
             try:
                 trader = self._trader(account, order.coin)
+            except KeyUnreadable:
+                self.done.key_blocked.append(f"cancel of order {order.oid} ({order.coin})")
+                continue
             except CannotAct as exc:
                 self._note(f"{account.address}: would cancel order {order.oid} ({order.coin}) but {exc}")
                 continue
@@ -722,6 +763,10 @@ class Closer:
                 self._note(f"{account.address}: would cancel {len(targets)} order(s) ({followup.coin}) but {exc}")
                 self._followup_finished(account, followup, "moot", "followup_moot", str(exc)[:200],
                                         {"oids": [o.oid for o in targets]})
+                continue
+            except KeyUnreadable:  # left pending as it is (no attempt counted): done once the key can be read
+                self.done.key_blocked.append(f"follow-up #{followup.id} ({followup.coin})")
+                self.done.followups.append(followup_json(account, followup, "pending"))
                 continue
             except ReadFailed as exc:
                 self._followup_failed(account, followup, f"cannot sign ({exc})")

@@ -2,7 +2,7 @@
 the default.
 
 A bad value raises ``ConfigError`` naming the setting and what is wrong (exit 78). The private key named by
-``MONITOR_HL_SECRET_KEY_FILE`` is not read here: only a command that signs reads it (``Settings.with_signing_key``).
+``MONITOR_HL_SECRET_KEY_FILE`` is not read here: only a run about to sign reads it (``Settings.signing_key``).
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ class Settings:
     close_slippage: Decimal = Decimal("0.05")
     host_id: str = field(default_factory=socket.gethostname)
     secret_key: str | None = field(default=None, repr=False)
-    # MONITOR_HL_SECRET_KEY_FILE: read only by a command about to sign (see with_signing_key), never by
-    # status, positions, db, lock or run --dry-run.
+    # MONITOR_HL_SECRET_KEY_FILE: read only right before a run's first signature (see signing_key), never by
+    # status, positions, db, lock, run --dry-run or a run with nothing to sign.
     secret_key_file: Path | None = None
     metrics_file: Path | None = None
     ping_url: str | None = None
@@ -65,6 +65,15 @@ class Settings:
         if self.secret_key is not None or self.secret_key_file is None:
             return self
         return replace(self, secret_key=read_secret_key_file(self.secret_key_file))
+
+    def signing_key(self) -> str:
+        """The key, read from its file now if it is one (ConfigError when it cannot be, or none is configured).
+        A run calls this only right before its first signature (``runner.RunContext.signing_key``)."""
+        if self.secret_key is not None:
+            return self.secret_key
+        if self.secret_key_file is None:
+            raise ConfigError("no key configured (MONITOR_HL_SECRET_KEY or MONITOR_HL_SECRET_KEY_FILE)")
+        return read_secret_key_file(self.secret_key_file)
 
     @property
     def lease_name(self) -> str:

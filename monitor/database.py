@@ -659,20 +659,43 @@ class Database(OperationsMixin, ExchangeCacheMixin, HedgeMixin):
 
     # ---- accounts ---------------------------------------------------------------------------
 
+    def _account_event(self, account_id: int, event: str, reason: str | None = None,
+                       details: dict[str, Any] | None = None) -> None:
+        """One row of the accounts' audit trail (``account_events``, migration 0012), in the caller's
+        transaction; ``details`` as position_events has them (``{"column": {"old", "new"}}`` for a change)."""
+        self._execute(
+            "INSERT INTO account_events (account_id, run_id, epoch, event, reason, details)"
+            " VALUES (%s, %s, %s, %s, %s, %s)",
+            (account_id, self.run_id, self.epoch, event, reason, Jsonb(_jsonable(details))),
+        )
+
     def add_account(self, address: str, label: str | None) -> tuple[Account, bool]:
-        row = self._execute(
-            "INSERT INTO accounts (address, label) VALUES (%s, %s) ON CONFLICT (address) DO NOTHING "
-            "RETURNING id, address, label, active, max_hold_seconds",
-            (address, label),
-        ).fetchone()
-        if row is not None:
-            return Account(*row), True
-        row = self._execute(
-            "UPDATE accounts SET active = true, label = COALESCE(%s, label) WHERE address = %s "
-            "RETURNING id, address, label, active, max_hold_seconds",
-            (label, address),
-        ).fetchone()
-        return Account(*_one(row, "accounts insert")), False
+        """Watch ``address`` (True: inserted) or re-activate/relabel it; a change is an ``account_events`` row."""
+        with self._transaction():
+            row = self._execute(
+                "INSERT INTO accounts (address, label) VALUES (%s, %s) ON CONFLICT (address) DO NOTHING "
+                "RETURNING id, address, label, active, max_hold_seconds",
+                (address, label),
+            ).fetchone()
+            if row is not None:
+                account = Account(*row)
+                self._account_event(account.id, "account_added", "cli", {"label": {"old": None, "new": label}})
+                return account, True
+            row = self._execute(
+                "UPDATE accounts a SET active = true, label = COALESCE(%s, a.label)"
+                " FROM (SELECT id, active, label FROM accounts WHERE address = %s FOR UPDATE) old"
+                " WHERE a.id = old.id RETURNING a.id, a.address, a.label, a.active, a.max_hold_seconds,"
+                " old.active, old.label",
+                (label, address),
+            ).fetchone()
+            row = _one(row, "accounts insert")
+            account = Account(*row[:5])
+            details = {c: {"old": o, "new": n} for c, o, n in (("active", row[5], True), ("label", row[6], row[2]))
+                       if o != n}
+            if details:
+                self._account_event(account.id, "account_updated" if row[5] else "account_reactivated", "cli",
+                                    details)
+            return account, False
 
     def list_accounts(self, *, active_only: bool = False, addresses: Iterable[str] | None = None) -> list[Account]:
         query = "SELECT id, address, label, active, max_hold_seconds FROM accounts WHERE true"
@@ -685,8 +708,22 @@ class Database(OperationsMixin, ExchangeCacheMixin, HedgeMixin):
         return [Account(*row) for row in self._execute(query + " ORDER BY id", params)]
 
     def disable_account(self, address: str) -> bool:
-        cur = self._execute("UPDATE accounts SET active = false WHERE address = %s AND active", (address,))
-        return cur.rowcount == 1
+        with self._transaction():
+            row = self._execute("UPDATE accounts SET active = false WHERE address = %s AND active RETURNING id",
+                                (address,)).fetchone()
+            if row is not None:
+                self._account_event(int(row[0]), "account_disabled", "cli", {"active": {"old": True, "new": False}})
+        return row is not None
+
+    def account_events(self, address: str) -> list[dict[str, Any]] | None:
+        """The audit trail of one account, oldest first; None for an unknown account."""
+        row = self._execute("SELECT id FROM accounts WHERE address = %s", (address,)).fetchone()
+        if row is None:
+            return None
+        cur = self._execute("SELECT id, created_at, event, reason, details, run_id FROM account_events"
+                            " WHERE account_id = %s ORDER BY id", (row[0],))
+        names = [c.name for c in cur.description or ()]
+        return [dict(zip(names, r)) for r in cur]
 
     def account_exists(self, address: str) -> bool:
         return self._execute("SELECT 1 FROM accounts WHERE address = %s", (address,)).fetchone() is not None
@@ -1465,14 +1502,20 @@ class Database(OperationsMixin, ExchangeCacheMixin, HedgeMixin):
         return diff
 
     def set_account_max_hold(self, address: str, seconds: int | None) -> tuple[int | None, int | None] | None:
-        """The account-wide max hold (None clears it); (old, new), or None for an unknown account."""
-        row = self._execute(
-            "UPDATE accounts a SET max_hold_seconds = %s"
-            " FROM (SELECT id, max_hold_seconds FROM accounts WHERE address = %s FOR UPDATE) old"
-            " WHERE a.id = old.id RETURNING old.max_hold_seconds",
-            (seconds, address),
-        ).fetchone()
-        return None if row is None else (row[0], seconds)
+        """The account-wide max hold (None clears it); (old, new), or None for an unknown account. A change is
+        one audit event (``account_rules_set`` in account_events, old and new value, as ``set_exit_rules``
+        writes ``exit_rules_set``) in the same transaction; a change to nothing new writes nothing."""
+        with self._transaction():
+            row = self._execute(
+                "SELECT id, max_hold_seconds FROM accounts WHERE address = %s FOR UPDATE", (address,)).fetchone()
+            if row is None:
+                return None
+            account_id, old = int(row[0]), row[1]
+            if old != seconds:
+                self._execute("UPDATE accounts SET max_hold_seconds = %s WHERE id = %s", (seconds, account_id))
+                self._account_event(account_id, "account_rules_set", "cli",
+                                    {"max_hold_seconds": {"old": old, "new": seconds}})
+        return old, seconds
 
     # ---- follow-ups (durable work a close leaves to do; writes inside fenced) ---------------------
 

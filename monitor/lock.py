@@ -414,7 +414,8 @@ class LocalRunLock(RunLock):
             backend=self.backend,
             pid=owner.pid if owner else side.get("pid"),
             host=(owner.hostname if owner else side.get("host")),
-            run_id=owner.token if owner else side.get("run_id"),
+            # the run's own id (as in monitor_runs and every log line), not the file lease's token
+            run_id=side.get("run_id") or (owner.token if owner else None),
             started_at=datetime.fromisoformat(started) if started else None,
             heartbeat_at=_utc(marker.st_mtime),
             alive=alive,

@@ -43,7 +43,8 @@ PREFIX = "position_monitor_"
 DEFAULT_ACTION_KINDS = ("discovered", "updated", "closed", "close_orders_sent", "conflicts")
 # Alert kinds that are sent the first run they are seen, whatever the threshold.
 IMMEDIATE_KINDS = frozenset({"liquidation", "close_failed", "run_overran", "followup_failed", "exit_starved",
-                             "close_blocked_open_orders", "hedge_imbalance_urgent", "hedge_external_stale"})
+                             "close_blocked_open_orders", "hedge_imbalance_urgent", "hedge_external_stale",
+                             "key_unreadable"})
 PING_BODY_LIMIT = 10_000  # characters; healthchecks stores the first 100 kB
 WEBHOOK_TEXT_LIMIT = 3_500  # characters; well inside Slack's limits for one message
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from monitor.errors import EXIT_ACCOUNT_FAILED, EXIT_LOCK_HELD, EXIT_OK
+from monitor.errors import EXIT_ACCOUNT_FAILED, EXIT_CONFIG, EXIT_LOCK_HELD, EXIT_OK
 
 if TYPE_CHECKING:
     from monitor.hedges import HedgeResult
@@ -62,6 +62,7 @@ class RunReport:
     @property
     def hedges_not_balanced(self) -> list[HedgeResult]:
         return [h for h in self.hedges if h.status != "balanced"]
+    key_error: str | None = None  # the key file could not be read when an order was to be signed (exit 78)
 
     @property
     def exit_code(self) -> int:
@@ -69,6 +70,8 @@ class RunReport:
             return self.stopped_exit_code
         if self.fenced:
             return EXIT_LOCK_HELD
+        if self.key_error is not None:
+            return EXIT_CONFIG
         return EXIT_ACCOUNT_FAILED if self.accounts_failed else EXIT_OK
 
     @property

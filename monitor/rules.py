@@ -18,8 +18,15 @@ RULES = ("stop-loss", "take-profit", "trailing-stop", "max-hold")
 RULE_COLUMNS = {"stop-loss": "stop_loss_price", "take-profit": "take_profit_price",
                 "trailing-stop": "trailing_stop_pct", "max-hold": "max_hold_seconds"}
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_DURATION = re.compile(r"^([0-9]{1,9})([smhdw])$")
+_DURATION = re.compile(r"^([0-9]{1,12})([smhdw])$")  # range-checked after
 MAX_HOLD_LIMIT = 2**31 - 1  # the column is an integer
+
+
+# What a price or percent typed by hand may be: below 10**15 with at most 18 decimal places. Beyond that
+# it is a typo (no market trades there), and PostgreSQL's numeric refuses the extremes (1e-20000 overflows
+# it: the old code stored 1E+400 and failed on 1e999999 with a database error, exit 70).
+MAX_INTEGER_DIGITS = 15
+MAX_DECIMAL_PLACES = 18
 
 
 def parse_decimal(text: str, what: str) -> Decimal:
@@ -29,6 +36,15 @@ def parse_decimal(text: str, what: str) -> Decimal:
         raise UsageError(f"{what}: not a number: {text!r}") from None
     if not value.is_finite():
         raise UsageError(f"{what}: not a finite number: {text!r}")
+    shown = text.strip() if len(text.strip()) <= 40 else text.strip()[:40] + "…"
+    if value != 0 and value.adjusted() >= MAX_INTEGER_DIGITS:
+        raise UsageError(f"{what}: too large (at most {MAX_INTEGER_DIGITS} digits before the point), got {shown}")
+    _, digits, exponent = value.as_tuple()
+    assert isinstance(exponent, int)  # finite
+    while len(digits) > 1 and digits[-1] == 0:  # 1.500 has one decimal place, not three
+        digits, exponent = digits[:-1], exponent + 1
+    if exponent < -MAX_DECIMAL_PLACES:
+        raise UsageError(f"{what}: at most {MAX_DECIMAL_PLACES} decimal places, got {shown}")
     return value
 
 

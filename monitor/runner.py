@@ -30,7 +30,7 @@ from monitor.closing import CloseContext, CloseOutcome, Closer, attach_funding, 
 from monitor.config import Settings
 from monitor.database import Database, Followup, connect, embedded_database_url
 from monitor.dexes import DexReads, cursor_after, plan_dex_reads, reads_every_dex, watched_dexes
-from monitor.errors import DatabaseError, DatabaseUnavailable, Fenced, UsageError, exit_code_for
+from monitor.errors import ConfigError, DatabaseError, DatabaseUnavailable, Fenced, UsageError, exit_code_for
 from monitor.exchange import (
     FILLS_MAX_READ_SHARE,
     BudgetExhausted,
@@ -127,15 +127,33 @@ class RunContext:
     def run_id(self) -> str:
         return self.lock.run_id
 
+    key_error: str | None = None  # the key file could not be read when the run was about to sign (exit 78)
+
     @property
     def can_send(self) -> bool:
-        """Orders and cancels may go out: a key, and not a dry run."""
-        return self.settings.secret_key is not None and not self.dry_run
+        """Orders and cancels may go out: a key (configured; a key file is not read yet), and not a dry run."""
+        return self.settings.has_key and not self.dry_run
 
     @property
     def can_act(self) -> bool:
         """Exit work is worth planning: sent with a key, or listed by a dry run."""
-        return self.dry_run or self.settings.secret_key is not None
+        return self.dry_run or self.settings.has_key
+
+    def signing_key(self) -> str:
+        """The key, its file read on the first call only (right before the run's first signature, never in a
+        run with nothing to sign). ConfigError, the same one every call, when it cannot be read: the
+        close or cancel that needed it is not sent, and the run exits 78 (``RunReport.key_error``)."""
+        if self.key_error is not None:
+            raise ConfigError(self.key_error)  # read once: each close after the first fails the same way
+        if self._key is None:
+            try:
+                self._key = self.settings.signing_key()
+            except ConfigError as exc:
+                self.key_error = exc.message
+                raise
+        return self._key
+
+    _key: str | None = field(default=None, repr=False)
 
     def seconds_left(self) -> float:
         return self.settings.deadline_seconds - (self.clock.monotonic() - self.started)
@@ -307,6 +325,8 @@ def record_history(run: RunContext, report: RunReport, crashed: int | None) -> N
               "api_weight": report.api_weight}
     if crashed is not None or report.fenced:
         summary = report.notes[-1] if report.notes else None
+    elif report.key_error is not None:
+        summary = report.key_error
     else:
         summary = "; ".join(f"{f['account']}: {f['reason']}" for f in report.failures[:3]) or None
     try:
@@ -653,9 +673,17 @@ def _reserve_exit_work(run: RunContext, inputs: Inputs, mids: dict[str, Decimal]
     pending = {account_id: len(items) for account_id, items in inputs.followups.items()}
     estimate = exit_reserve(inputs.accounts, inputs.rows, mids, now, budget=settings.weight_budget,
                             can_send=run.can_send, pending_cancels=pending)
-    if run.can_send and estimate.firing and settings.secret_key is not None:
-        # Only then is the cache worth a look: a quiet run costs no SQL.
-        signer = signer_address(settings.secret_key)
+    signing_key = None
+    if run.can_send and estimate.firing and run.key_error is None:
+        # A rule fires: the run is about to sign, so the key (file) is read now (``signing_key``). Only then
+        # is the cache worth a look: a quiet run costs no SQL. A key that cannot be read keeps the plain
+        # estimate; the close that needs it is refused, with the error, when it is about to be signed.
+        try:
+            signing_key = run.signing_key()
+        except ConfigError:
+            pass
+    if signing_key is not None:
+        signer = signer_address(signing_key)
         roles = run.db.cached_roles(signer, CACHE_TTL)
         key = roles.get(signer)
         master = None if key is None else key[1] if key[0] == "agent" else signer
@@ -837,7 +865,7 @@ def apply_plans(run: RunContext, reads: Reads) -> Applied:
             break
         try:
             outcomes = applying.apply_plans(run.db, run.epoch, changing[start:start + applying.BATCH_ACCOUNTS],
-                                            now=now, record_followups=run.settings.secret_key is not None)
+                                            now=now, record_followups=run.settings.has_key)
         except Fenced as exc:
             run.stop(exc.message)
             break
@@ -863,11 +891,11 @@ def work_exits(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied) 
         return CloseOutcome()
     closer = Closer(CloseContext(
         db=run.db, epoch=run.epoch, exchange=reads.exchange, clock=run.clock,
-        secret_key=run.settings.secret_key, dry_run=run.dry_run, slippage=run.settings.close_slippage,
+        secret_key=None, load_key=run.signing_key if run.settings.has_key else None,
+        dry_run=run.dry_run, slippage=run.settings.close_slippage,
         max_failures=run.settings.max_close_failures, seconds_left=run.seconds_left, mids=reads.mids,
         lock_lost=run.lock_lost, plan_settings=plan_settings(run.settings), exchange_clock=run.exchange_clock,
-        nonces=None if run.settings.secret_key is None else NonceSource.for_key(
-            run.settings.data_dir, signer_address(run.settings.secret_key)),
+        nonces_for=partial(NonceSource.for_key, run.settings.data_dir),
         perp_dexes=reads.dexes.known, order_dexes=None if reads.dex_list_unknown else reads.dexes.known))
     done = run.exits = closer.done
     later: list[tuple[Account, list[Action], dict[str, int | None], dict[str, list[OpenOrder]] | None,
@@ -1039,6 +1067,13 @@ def build_report(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied
     report.conflicts = applied.counts.get("conflicts", 0) + exits.conflicts
     report.close_orders_sent, report.would_close = exits.close_orders_sent, exits.would_close
     report.actions.extend(exits.actions)
+    if run.key_error is not None:  # the run was about to sign and could not read its key: exit 78
+        blocked = exits.key_blocked
+        shown = ", ".join(blocked[:3]) + (f" and {len(blocked) - 3} more" if len(blocked) > 3 else "")
+        report.key_error = (f"{run.key_error}: nothing signed this run" + (f" ({shown} not sent)" if blocked else "")
+                            + "; the exit rules stay armed")
+        report.notes.append(report.key_error)
+        report.alerts.append(Alert("key_unreadable", "key_unreadable", report.key_error))
     report.notes.extend(exits.notes)
     report.followups.extend(exits.followups)
     report.alerts.extend(exits.alerts)

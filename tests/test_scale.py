@@ -96,8 +96,10 @@ def test_shards_split_the_accounts_disjointly_and_run_side_by_side(env, sim, dat
     with psycopg.connect(database_url) as conn:
         names = {row[0] for row in conn.execute("SELECT name FROM monitor_lease")}
     assert names == {"run:shard-1-of-3", "run:shard-2-of-3", "run:shard-3-of-3"}
-    bad = cli(env, "run", "--shard", "4/3")
-    assert bad.returncode == 78 and "K/N" in bad.stderr
+    bad = cli(env, "run", "--shard", "4/3")  # a bad flag: usage (2); MONITOR_SHARD=4/3 is configuration (78)
+    assert bad.returncode == 2 and "K/N" in bad.stderr
+    bad = cli(dict(env, MONITOR_SHARD="4/3"), "run")
+    assert bad.returncode == 78 and "MONITOR_SHARD" in bad.stderr
 
 
 def test_parallel_reads_give_the_same_table_as_sequential(env, sim, database_url):

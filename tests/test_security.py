@@ -165,20 +165,28 @@ def test_an_invalid_key_is_exit_78_without_echoing_it(env):
 
 
 @pytest.mark.parametrize("mode, expected", [(0o640, 78), (0o604, 78), (0o660, 78), (0o600, 0), (0o400, 0)])
-def test_a_key_file_readable_by_group_or_others_is_refused(env, tmp_path, mode, expected):
-    secret, _ = new_key()
+def test_a_key_file_readable_by_group_or_others_is_refused(env, sim, database_url, tmp_path, mode, expected):
+    secret, agent = new_key()
+    sim.approve_agent(ALICE, agent)
+    sim.open_position(ALICE, "BTC", "1", "30000")
+    add(env, ALICE)
     key_file = tmp_path / "hl.key"
     key_file.write_text(secret + "\n")
     key_file.chmod(mode)
-    environ = dict(env, MONITOR_HL_SECRET_KEY_FILE=str(key_file))
+    environ = dict(env, MONITOR_HL_SECRET_KEY_FILE=str(key_file), MONITOR_ALERT_AFTER_RUNS="1")
     environ.pop("MONITOR_HL_SECRET_KEY", None)
+    assert cli(environ, "run").returncode == 0  # nothing to sign: the key file is not read
+    execute(database_url, "UPDATE positions SET stop_loss_price = 40000")  # fires: the key is read to sign
     result = cli(environ, "run", "--json")
     assert result.returncode == expected, result.stderr
     assert "Traceback" not in result.stderr
     assert_no_key(result.stdout + result.stderr, secret, "output")
-    if expected == 78:
-        assert len(result.stderr.splitlines()) == 1
+    if expected == 78:  # the error, and the urgent alert's text
+        assert len(result.stderr.splitlines()) == 2
         assert "MONITOR_HL_SECRET_KEY_FILE" in result.stderr and "chmod 600" in result.stderr
+        assert json.loads(result.stdout)["close_orders_sent"] == 0
+    else:
+        assert json.loads(result.stdout)["close_orders_sent"] == 1
 
 
 # --------------------------------------------------------------------------------------------------
