@@ -37,7 +37,7 @@ BUSY_RETRIES = 2  # accounts of a batch that may hit a lock wait one by one befo
 BATCH_ACCOUNTS = 100  # accounts per transaction (its statements do not grow with it, only their arrays)
 CANCEL_ORPHANS = "cancel_orphans"
 _ROW_CHANGES = (planner.DISCOVER, planner.UPDATE, planner.CLOSE, planner.TRACK_BEST, planner.MARK_MISSING,
-                planner.CLEAR_MISSING)
+                planner.PAUSE_MISSING)
 _CONFLICTING = (planner.DISCOVER, planner.UPDATE, planner.CLOSE)  # a lost race on these is counted
 
 
@@ -198,15 +198,15 @@ def _apply_round(db: Database, plans: Sequence[AccountPlan], changes: list[_Pend
         p.done = p.action.position_id in moved
 
     missing = by_type.get(planner.MARK_MISSING, [])
-    marked = db.merge_metadata_many([(_row_id(p.action), {"missing_since": (p.action.closed_at or now).isoformat()})
-                                     for p in missing])
+    marked = db.merge_metadata_many([(_row_id(p.action), {"missing_since": (p.action.closed_at or now).isoformat(),
+                                                          "missing_paused_at": None}) for p in missing])
     for p in missing:
         p.done = p.action.position_id in marked
 
-    unmarked = by_type.get(planner.CLEAR_MISSING, [])
-    cleared = db.clear_missing_many([_row_id(p.action) for p in unmarked])
-    for p in unmarked:
-        p.done = p.action.position_id in cleared
+    paused = by_type.get(planner.PAUSE_MISSING, [])
+    stopped = db.pause_missing_many([(_row_id(p.action), p.action.closed_at or now) for p in paused])
+    for p in paused:
+        p.done = p.action.position_id in stopped
 
 
 def _row_id(action: Action) -> int:
@@ -234,9 +234,15 @@ def _followup(plan: AccountPlan, action: Action, now: datetime) -> NewFollowup |
     # A flip's new position began with the very fill that closed the old one: its orders (TP/SL placed
     # with the flip order) cannot be told from the old position's by time, so a flip records nothing.
     flipped = {a.metadata.get("flipped_from") for a in plan.actions if a.type == planner.DISCOVER}
-    if action.position_id in flipped:
+    flat_since = "later_cycles_closed_at" in action.metadata  # flat now, and every later position closed too
+    if (action.position_id in flipped or action.metadata.get("cycle_flipped")) and not flat_since:
         return None
     bound = close_bound_ms(action, now)
+    next_at = action.metadata.get("next_cycle_at")
+    if isinstance(next_at, str) and not flat_since:
+        # A later position (open now, or whose snapshot lags) began at or before the bound: only orders placed
+        # before it began are the row's.
+        bound = min(bound, to_ms(datetime.fromisoformat(next_at)) - 1)
     reopened_at: set[int] = set()
     for a in plan.actions:
         if (a.type == planner.DISCOVER and a.opened_at is not None

@@ -84,9 +84,11 @@ class CloseContext:
     nonces_for: Callable[[str], Callable[[], int]] | None = None
     perp_dexes: list[str] = field(default_factory=lambda: [MAIN_DEX])  # by perp_dex_index, from perpDexs
     # The dexes whose open orders count for the 1,000-open-orders rule (it counts the account's orders on every
-    # dex): every dex perpDexs lists, watched or not; [MAIN_DEX] with MONITOR_PERP_DEXES="" (the first dex
-    # only); None when the dex list could not be had this run (then the count is unknown).
+    # dex): every dex perpDexs lists, watched or not; None when the dex list could not be had this run (then the
+    # count is unknown). ``order_dexes_lookup``, when given, is asked instead, only when a close meets the rule
+    # (a run with MONITOR_PERP_DEXES="" has no dex list of its own: it asks perpDexs then).
     order_dexes: list[str] | None = field(default_factory=lambda: [MAIN_DEX])
+    order_dexes_lookup: Callable[[], list[str] | None] | None = None
 
     @property
     def has_key(self) -> bool:
@@ -515,10 +517,11 @@ class Closer:
         perp dex list names, weight 20 each), and on how many dexes they were counted; or why that is unknown
         (the dex list or a dex's orders could not be read, or the budget could not pay)."""
         ctx = self.ctx
-        if ctx.order_dexes is None:
+        order_dexes = ctx.order_dexes if ctx.order_dexes_lookup is None else ctx.order_dexes_lookup()
+        if order_dexes is None:
             return "the perp dex list could not be read this run (orders on other dexes unknown)"
         count, dexes = 0, 0
-        for dex in ctx.order_dexes:
+        for dex in order_dexes:
             if dex == own_dex:
                 continue
             where = "the first dex" if dex == MAIN_DEX else f"dex {dex}"

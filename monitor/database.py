@@ -1138,7 +1138,7 @@ class Database(OperationsMixin, ExchangeCacheMixin, HedgeMixin):
         cur = self._execute(
             "UPDATE positions SET size = %s, entry_price = %s, last_seen_at = %s,"
             " realized_pnl = COALESCE(%s, realized_pnl), fees = COALESCE(%s, fees),"
-            " metadata = metadata - 'missing_since'"
+            " metadata = metadata - 'missing_since' - 'missing_paused_at'"
             " WHERE id = %s AND closed_at IS NULL",
             (size, entry_price, now, realized_pnl, fees, position_id),
         )
@@ -1165,7 +1165,7 @@ class Database(OperationsMixin, ExchangeCacheMixin, HedgeMixin):
                      " AND released_at IS NULL ORDER BY account_id FOR SHARE)")
             params += [self.run_id, claimed_epoch]
         cur = self._execute(
-            "UPDATE positions SET last_seen_at = %s, metadata = metadata - 'missing_since'"
+            "UPDATE positions SET last_seen_at = %s, metadata = metadata - 'missing_since' - 'missing_paused_at'"
             " WHERE id = ANY(%s) AND closed_at IS NULL" + guard,
             params,
         )
@@ -1265,7 +1265,7 @@ class Database(OperationsMixin, ExchangeCacheMixin, HedgeMixin):
             "  %(f)s::numeric[], %(d)s::text[]) AS v(id, size, entry_price, realized_pnl, fees, details)),"
             " upd AS (UPDATE positions p SET size = v.size, entry_price = v.entry_price, last_seen_at = %(now)s,"
             "  realized_pnl = COALESCE(v.realized_pnl, p.realized_pnl), fees = COALESCE(v.fees, p.fees),"
-            "  metadata = p.metadata - 'missing_since'"
+            "  metadata = p.metadata - 'missing_since' - 'missing_paused_at'"
             "  FROM v WHERE p.id = v.id AND p.closed_at IS NULL RETURNING p.id),"
             " ev AS (INSERT INTO position_events (position_id, run_id, epoch, event, from_status, to_status, reason,"
             "  details)"
@@ -1338,16 +1338,19 @@ class Database(OperationsMixin, ExchangeCacheMixin, HedgeMixin):
         )
         return {row[0] for row in cur}
 
-    def clear_missing_many(self, position_ids: Sequence[int]) -> set[int]:
-        """Drop the missing mark of these rows (its dex was not read); returns the ids changed: those still
-        open and marked (a row closed or unmarked meanwhile is left as it is)."""
-        if not position_ids:
+    def pause_missing_many(self, pauses: Sequence[tuple[int, datetime]]) -> set[int]:
+        """Stop the missing clock of these rows at the given time (their dex was not read); returns the ids
+        changed: those still open, marked and not paused already (a row closed, seen or paused meanwhile is
+        left as it is)."""
+        if not pauses:
             return set()
-        _require_unique(list(position_ids), "position")
+        _require_unique([position_id for position_id, _ in pauses], "position")
         cur = self._execute(
-            "UPDATE positions SET metadata = metadata - 'missing_since'"
-            " WHERE id = ANY(%s) AND closed_at IS NULL AND metadata ? 'missing_since' RETURNING id",
-            (list(position_ids),),
+            "UPDATE positions p SET metadata = p.metadata || jsonb_build_object('missing_paused_at', v.at)"
+            " FROM unnest(%s::bigint[], %s::text[]) AS v(id, at)"
+            " WHERE p.id = v.id AND p.closed_at IS NULL AND p.metadata ? 'missing_since'"
+            " AND p.metadata->>'missing_paused_at' IS NULL RETURNING p.id",
+            ([position_id for position_id, _ in pauses], [at.isoformat() for _, at in pauses]),
         )
         return {row[0] for row in cur}
 

@@ -25,9 +25,10 @@ CLOSE_ORDER = "close_order"
 SETTLE_CLOSE = "settle_close"
 TRACK_BEST = "track_best"
 MARK_MISSING = "mark_missing"  # the first run that finds a row's position gone without a closing fill
-# A missing mark dropped because the row's perp dex was not read this run: the time a row has been missing counts
-# only over runs that read its dex, so a mark from before a gap cannot close it as unexplained too early.
-CLEAR_MISSING = "clear_missing"
+# A missing row's clock paused because its perp dex was not read this run: the time a row has been missing counts
+# only over runs that read its dex (the gap is added to its mark when the dex is read again), so a mark from
+# before a gap cannot close it as unexplained too early, and a dex read only now and then still gets there.
+PAUSE_MISSING = "pause_missing"
 WAIT = "wait"
 
 _EXACT = Context(prec=120)  # sums of exchange decimals: exact
@@ -101,8 +102,8 @@ class Action:
             return f"trailing stop {who}{row} best price -> {self.price}"
         if self.type == MARK_MISSING:
             return f"mark {who}{row} missing from the exchange (no closing fill yet)"
-        if self.type == CLEAR_MISSING:
-            return f"drop the missing mark of {who}{row}: {self.reason}"
+        if self.type == PAUSE_MISSING:
+            return f"pause the missing clock of {who}{row}: {self.reason}"
         if self.type == "close_sent":
             outcome = self.metadata.get("outcome")
             return f"close order sent {who}{row} ({self.reason}): {outcome}, filled {self.size} at {self.price}"
@@ -123,7 +124,7 @@ class AccountPlan:
     @property
     def changes(self) -> list[Action]:
         return [a for a in self.actions if a.type in (DISCOVER, UPDATE, CLOSE, TRACK_BEST, MARK_MISSING,
-                                                      CLEAR_MISSING)]
+                                                      PAUSE_MISSING)]
 
 
 def needs_fills(snapshot: AccountSnapshot, rows: Sequence[PositionRow], recently_closed: Sequence[PositionRow],
@@ -193,12 +194,12 @@ def plan_account(
             plan.actions.append(Action(WAIT, address, row.coin, position_id=row.id,
                                        reason=f"its perp dex {dex_of(row.coin)!r} was not read this run",
                                        metadata={"dex_unread": dex_of(row.coin)}))
-            if "missing_since" in row.metadata:
-                # Missing time counts only over runs that read the row's dex: a mark from before this gap is
-                # dropped, and the wait starts again the next time the dex is read and the row is still gone.
-                plan.actions.append(Action(CLEAR_MISSING, address, row.coin, position_id=row.id,
-                                           reason="its perp dex was not read this run; the missing time restarts"
-                                                  " when it is read again"))
+            if _missing_since(row) is not None and _missing_paused_at(row) is None:
+                # Missing time counts only over runs that read the row's dex: the clock stops here, and the
+                # gap is left out when the dex is read again and the row is still gone.
+                plan.actions.append(Action(PAUSE_MISSING, address, row.coin, position_id=row.id, closed_at=now,
+                                           reason="its perp dex was not read this run; the time it has been"
+                                                  " missing stops counting until the dex is read again"))
             continue
         position = snapshot.positions.get(row.coin)
         window_start = to_ms(row.opened_at - lookback(row, settings))
@@ -403,13 +404,20 @@ def _cycle_ended(address: str, row: PositionRow, cycles: RowCycles, position: Ex
     own = cycles.own
     assert own is not None
     close = cycle_close(address, row, own, now, truncated=truncated)
-    ended_later = [c.end_ms for c in cycles.later if c.end_ms is not None]
-    if ended_later:
-        # Positions opened and closed after the row's own, between two runs, belong to no row, but the
-        # reduce-only orders they left are as orphaned as the row's own: the close's follow-up cancels
-        # up to the last of their closes (closing.close_bound_ms).
-        close = replace(close, metadata={**close.metadata,
-                                         "later_cycles_closed_at": from_ms(max(ended_later)).isoformat()})
+    # What the close's follow-up may cancel (applying._followup, closing.close_bound_ms) is decided from the
+    # fills, not from what else is planned (a snapshot that lags the fills plans a wait, not a discover):
+    orders: dict[str, Any] = {}
+    if own.flipped:  # the fill that ended it opened the next position: their orders cannot be told apart
+        orders["cycle_flipped"] = True
+    if cycles.later:
+        orders["next_cycle_at"] = from_ms(cycles.later[0].start_ms).isoformat()
+        if position is None and all(c.ended and not c.broken for c in cycles.later):
+            # Positions opened and closed after the row's own, between two runs, belong to no row, but the
+            # coin is flat now (snapshot and fills agree), so the reduce-only orders they left are as
+            # orphaned as the row's own: the follow-up cancels up to the last of their closes.
+            orders["later_cycles_closed_at"] = from_ms(max(c.end_ms or 0 for c in cycles.later)).isoformat()
+    if orders:
+        close = replace(close, metadata={**close.metadata, **orders})
     actions = [close]
     latest = cycles.latest
     if position is None:
@@ -476,6 +484,15 @@ def _vanished(address: str, row: PositionRow, now: datetime, settings: PlanSetti
     if missing_since is None:
         return [Action(MARK_MISSING, address, row.coin, position_id=row.id, closed_at=now,
                        reason="gone from the exchange but no fill shows the close yet; confirming in later runs")]
+    paused_at = _missing_paused_at(row)
+    if paused_at is not None:
+        # Its dex went unread for a while: that gap does not count. The mark moves on by the gap (and the
+        # pause ends), so only the time over runs that read the dex adds up to the window.
+        missing_since = min(now, missing_since + max(now - paused_at, timedelta(0)))
+        if now - missing_since < settings.unexplained_close_after:
+            return [Action(MARK_MISSING, address, row.coin, position_id=row.id, closed_at=missing_since,
+                           reason=f"gone from the exchange, its dex read again: missing since {missing_since:%H:%M:%S}"
+                                  " without the time its dex was not read")]
     if now - missing_since >= settings.unexplained_close_after:
         extra = {"fills_truncated": True} if fills_truncated else {}
         return [Action(CLOSE, address, row.coin, position_id=row.id, side=row.side, size=row.size,
@@ -495,6 +512,14 @@ def _close_time(row: PositionRow, figures: Any, now: datetime) -> tuple[datetime
     if fill_time >= row.opened_at:
         return fill_time, {}
     return row.opened_at, {"close_fill_at": fill_time.isoformat(), "closed_before_adoption": True}
+
+
+def _missing_paused_at(row: PositionRow) -> datetime | None:
+    text = row.metadata.get("missing_paused_at")
+    try:
+        return datetime.fromisoformat(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
 
 
 def _missing_since(row: PositionRow) -> datetime | None:

@@ -568,11 +568,13 @@ def _sweep_done(reads: Reads) -> None:
     """Where the HIP-3 dex sweep's cursor goes after this run's reads, and a note for the accounts of its turn
     whose sweep read did not happen (they keep their turn): deferred (budget, deadline), their positions
     unreadable, or a dex that found no weight. A failed read of one HIP-3 dex counts as read (it fails the
-    account, and ``account_failed`` alerts), so one broken dex cannot hold the sweep forever."""
+    account, and ``account_failed`` alerts), so one broken dex cannot hold the sweep forever; so does an account
+    whose read failed altogether (its own alert says so): one broken account cannot hold every other account's
+    sweep forever either."""
     if not reads.dexes.sweep_order:
         return
     done = {r.account.id for r in reads.results
-            if r.deferred is None and r.plan is not None and not r.dexes_skipped}
+            if r.deferred is None and (r.plan is not None or r.failure is not None) and not r.dexes_skipped}
     reads.next_sweep_cursor = cursor_after(reads.dexes, reads.sweep_cursor, done)
     skipped = [i for i in reads.dexes.sweep_order if i not in done]
     if skipped:
@@ -643,6 +645,23 @@ def _perp_dexes(run: RunContext, exchange: Exchange, inputs: Inputs, notes: list
     if not run.dry_run:
         run.db.store_meta(PERP_DEXS_CACHE_KEY, {"names": names})
     return names
+
+
+def _dex_list_for_orders(run: RunContext, exchange: Exchange) -> list[str] | None:
+    """Every perp dex, for the 1,000-open-orders count of a run that reads the first dex only
+    (``MONITOR_PERP_DEXES=""``): orders on the others count all the same. From the cache while fresh, else
+    ``perpDexs`` (weight 20); None when neither answers (the count is then unknown: nothing is cancelled)."""
+    cached = run.db.cached_meta(PERP_DEXS_CACHE_KEY, PERP_DEXS_TTL)
+    names = cached.get("names") if isinstance(cached, dict) else None
+    if isinstance(names, list) and names and names[0] == MAIN_DEX and all(isinstance(n, str) for n in names):
+        return list(names)
+    try:
+        names = exchange.read_perp_dexs()
+    except (ReadFailed, BudgetExhausted):
+        return None
+    if not run.dry_run:
+        run.db.store_meta(PERP_DEXS_CACHE_KEY, {"names": names})
+    return list(names)
 
 
 def _read_mids(exchange: Exchange, inputs: Inputs, notes: list[str],
@@ -896,7 +915,9 @@ def work_exits(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied) 
         max_failures=run.settings.max_close_failures, seconds_left=run.seconds_left, mids=reads.mids,
         lock_lost=run.lock_lost, plan_settings=plan_settings(run.settings), exchange_clock=run.exchange_clock,
         nonces_for=partial(NonceSource.for_key, run.settings.data_dir),
-        perp_dexes=reads.dexes.known, order_dexes=None if reads.dex_list_unknown else reads.dexes.known))
+        perp_dexes=reads.dexes.known, order_dexes=None if reads.dex_list_unknown else reads.dexes.known,
+        order_dexes_lookup=(partial(_dex_list_for_orders, run, reads.exchange) if run.settings.perp_dexes == ()
+                            else None)))
     done = run.exits = closer.done
     later: list[tuple[Account, list[Action], dict[str, int | None], dict[str, list[OpenOrder]] | None,
                       list[Followup]]] = []

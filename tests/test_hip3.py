@@ -395,8 +395,8 @@ def test_the_planner_leaves_rows_on_unread_dexes_alone():
     assert needs_fills(snapshot, rows[:1], [], now, PlanSettings(), mids={"xyz:TSLA": Decimal(200)}) is None
     plan = plan_account(account, snapshot, rows, now, PlanSettings(), fills=[], mids={"xyz:TSLA": Decimal(200)})
     tsla = [a for a in plan.actions if a.coin == "xyz:TSLA"]
-    # Left as it is but for its stale missing mark, which is dropped (missing time counts only runs reading its dex).
-    assert [a.type for a in tsla] == ["wait", "clear_missing"] and 7 not in plan.seen_ids
+    # Left as it is but for its missing clock, which stops (missing time counts only runs reading its dex).
+    assert [a.type for a in tsla] == ["wait", "pause_missing"] and 7 not in plan.seen_ids
     assert [a.type for a in plan.actions if a.coin == "BTC"] == ["mark_missing"]
 
 
@@ -450,10 +450,19 @@ def _missing_since(database_url, coin):
     return (row(database_url, coin)["metadata"] or {}).get("missing_since")
 
 
+def _age(database_url, minutes):
+    """Stand for ``minutes`` of cron time between two runs: the row's missing mark and pause grow older."""
+    for key in ("missing_since", "missing_paused_at"):
+        execute(database_url, f"UPDATE positions SET metadata = jsonb_set(metadata, '{{{key}}}', to_jsonb("
+                              f"((metadata->>'{key}')::timestamptz - interval '{minutes} minutes')::text))"
+                              f" WHERE metadata->>'{key}' IS NOT NULL")
+
+
 def test_missing_time_counts_only_runs_that_read_the_rows_dex(env, sim, database_url):
     """A row marked missing in a run, its dex then unread for longer than the unexplained-close window, then read
-    again: the old mark must not close it at once as unexplained. The mark is dropped in the run that does not read
-    the dex, and the window starts again when it is read."""
+    again: the old mark must not close it at once as unexplained. The run that does not read the dex stops the
+    row's missing clock; when the dex is read again the mark moves on by the gap, and only the time over runs that
+    read the dex adds up to the window."""
     sim.add_perp_dex("xyz")
     sim.open_position(ALICE, "BTC", "1", "30000")
     assert cli(env, "accounts", "add", ALICE).returncode == 0
@@ -461,31 +470,53 @@ def test_missing_time_counts_only_runs_that_read_the_rows_dex(env, sim, database
 
     assert run_json(env)["closed"] == 0  # xyz read, the position is not there: marked missing
     assert _missing_since(database_url, "xyz:TSLA") is not None
+    _age(database_url, 1)
 
     narrowed = dict(env, MONITOR_PERP_DEXES="")  # xyz unread from here on, for "20 minutes"
     unread = run_json(narrowed)
     assert unread["closed"] == 0
-    execute(database_url, "UPDATE positions SET metadata = jsonb_set(metadata, '{missing_since}',"
-                          " to_jsonb((now() - interval '20 minutes')::text)) WHERE metadata ? 'missing_since'")
+    assert any(a["type"] == "pause_missing" and a["coin"] == "xyz:TSLA" for a in unread["actions"])
+    _age(database_url, 20)
     assert run_json(narrowed)["closed"] == 0
 
-    report = run_json(env)  # read again, still gone: a fresh mark, not a close from the old one
+    report = run_json(env)  # read again, still gone: one minute counted, not 21
     assert report["closed"] == 0
     tsla = row(database_url, "xyz:TSLA")
-    assert tsla["status"] == "open"
-    since = datetime.fromisoformat(tsla["metadata"]["missing_since"])
-    assert datetime.now(timezone.utc) - since < timedelta(minutes=1)
-    assert any(a["type"] == "clear_missing" and a["coin"] == "xyz:TSLA" for a in unread["actions"])
+    assert tsla["status"] == "open" and tsla["metadata"].get("missing_paused_at") is None
+    counted = datetime.now(timezone.utc) - datetime.fromisoformat(tsla["metadata"]["missing_since"])
+    assert timedelta(seconds=50) < counted < timedelta(minutes=2)
 
-    execute(database_url, "UPDATE positions SET metadata = jsonb_set(metadata, '{missing_since}',"
-                          " to_jsonb((now() - interval '20 minutes')::text)) WHERE metadata ? 'missing_since'")
+    _age(database_url, 15)
     report = run_json(env)  # missing over a whole window of runs that read xyz: closed as unexplained
     assert report["closed"] == 1 and row(database_url, "xyz:TSLA")["metadata"]["unexplained"] is True
 
 
-def test_the_planner_drops_the_missing_mark_of_a_row_whose_dex_was_not_read():
+def test_a_dex_read_only_every_other_run_still_gets_its_unexplained_close(env, sim, database_url):
+    """Red team (R2 on the first fix, which dropped the mark in a run that did not read the dex): with the dex read
+    only every other run, the mark was dropped and set again for ever and the row never closed. Now the time over
+    the runs that read it adds up: 3 minutes a pair of runs, so the close comes after five pairs, never before."""
+    sim.add_perp_dex("xyz")
+    sim.open_position(ALICE, "BTC", "1", "30000")
+    assert cli(env, "accounts", "add", ALICE).returncode == 0
+    insert_platform_row(database_url, ALICE, "xyz:TSLA", "long", "2", "250", opened_ago=timedelta(hours=1))
+    closed_in = None
+    for i in range(12):
+        fault = sim.add_fault("500", path="info", type="clearinghouseState", count=None, dex="xyz") if i % 2 else None
+        report = run_json(env, expect=None)
+        if fault is not None:
+            sim.clear_faults(fault)
+        if row(database_url, "xyz:TSLA")["status"] == "closed":
+            closed_in = i
+            break
+        _age(database_url, 3)  # a run every 3 minutes
+    assert closed_in is not None, report["actions"]
+    assert closed_in >= 9  # 15 minutes counted only over the read runs: the unread gaps did not count
+    assert row(database_url, "xyz:TSLA")["metadata"]["unexplained"] is True
+
+
+def test_the_planner_pauses_the_missing_clock_of_a_row_whose_dex_was_not_read():
     from monitor.models import Account, AccountSnapshot, PositionRow
-    from monitor.planner import CLEAR_MISSING, WAIT, PlanSettings, plan_account
+    from monitor.planner import PAUSE_MISSING, WAIT, PlanSettings, plan_account
 
     now = datetime(2026, 11, 30, 12, tzinfo=timezone.utc)
     marked = PositionRow(id=7, account_id=1, coin="xyz:TSLA", side="long", size=Decimal(2), entry_price=Decimal(250),
@@ -495,7 +526,7 @@ def test_the_planner_drops_the_missing_mark_of_a_row_whose_dex_was_not_read():
                            entry_price=Decimal(190), status="open", opened_at=now - timedelta(days=1))
     plan = plan_account(Account(1, ALICE, None, True), AccountSnapshot(ALICE, {}, dexes_read=frozenset({""})),
                         [marked, unmarked], now, PlanSettings(), fills=[])
-    assert [(a.type, a.position_id) for a in plan.actions] == [(WAIT, 7), (CLEAR_MISSING, 7), (WAIT, 8)]
+    assert [(a.type, a.position_id) for a in plan.actions] == [(WAIT, 7), (PAUSE_MISSING, 7), (WAIT, 8)]
     assert [a.position_id for a in plan.changes] == [7]
 
 
@@ -612,3 +643,22 @@ def test_the_run_moves_the_cursor_past_swept_accounts_only_and_notes_the_rest():
     _sweep_done(reads)
     assert reads.next_sweep_cursor == 44  # 45 found no weight for abc: it and those after it keep their turn
     assert any("8 of 16 account(s) of this run's turn not swept" in n for n in reads.notes)
+
+
+def test_an_account_whose_read_fails_does_not_hold_the_sweep_of_every_other_account():
+    """Red team R5: an account whose positions read failed every run kept its turn for good, so the cursor never
+    moved past it and the accounts after it were never swept again. Its failure has its own alert
+    (account_failed); the sweep goes on past it."""
+    from monitor.dexes import plan_dex_reads
+    from monitor.models import Account
+    from monitor.planner import AccountPlan
+    from monitor.runner import AccountRead, Reads, _sweep_done
+
+    accounts = [Account(i, f"0x{i:040x}", None, True) for i in range(1, 11)]
+    plan = plan_dex_reads(accounts, {}, {}, ["", "xyz"], {"xyz"}, read_weight=16, cursor=2)
+    by_id = {a.id: a for a in accounts}
+    results = [AccountRead(by_id[i], failure="clearinghouseState: HTTP 500") if i == 3
+               else AccountRead(by_id[i], plan=AccountPlan(by_id[i])) for i in plan.sweep_order]
+    reads = Reads(results=results, dexes=plan, sweep_cursor=2)
+    _sweep_done(reads)
+    assert 3 in plan.sweep_order and reads.next_sweep_cursor == max(plan.sweep_order)

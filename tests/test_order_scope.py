@@ -368,3 +368,60 @@ def test_an_unreadable_other_dex_makes_the_count_unknown_and_nothing_is_cancelle
     assert "(the account had 4 open orders on 2 perp dexes)" in blocked_alerts(report)[0]["text"]
     assert row(database_url, "BTC")["close_reason"] == "stop_loss"
     assert open_oids(sim) == sorted(entries_xyz)
+
+
+# ---- the follow-up's bound is decided from the fills (red team on 8058c72) -----------------------------------
+
+
+def test_a_stop_placed_while_a_between_runs_position_was_open_is_kept_for_the_position_open_now(keyed, sim):
+    """The row's position closes, a second one opens and closes, a third is open now. A reduce-only stop placed
+    while the second was open (a TP/SL of a resting entry that filled later, with its first timestamp) may be the
+    third's: with a position open now the bound stays at the row's own close, and the stop stays."""
+    setup(keyed, sim)
+    sim.close_external(ALICE, "BTC", "30500")
+    sim.advance_time(5000)
+    sim.open_position(ALICE, "BTC", "1", "30600")
+    sim.advance_time(5000)
+    stop_for_third = sim.add_trigger_order(ALICE, "BTC", "A", "1", "28000", "sl")
+    sim.advance_time(5000)
+    sim.close_external(ALICE, "BTC", "30700")
+    sim.advance_time(5000)
+    sim.open_position(ALICE, "BTC", "1", "30800")
+    report = run_json(keyed)
+    assert [a for a in report["actions"] if a["type"] == "close"]
+    assert sim.position(ALICE, "BTC") is not None
+    assert stop_for_third in open_oids(sim)
+
+
+def test_a_flip_seen_through_a_lagging_snapshot_leaves_the_new_sides_stop_alone(keyed, sim):
+    """The row's long flips to a short, whose stop is placed in the flip's millisecond; the snapshot still shows
+    the long. The plan is a wait, not a discover, so the old guards (which looked for the discover) did not apply
+    and the follow-up cancelled the live short's stop. The flip is now read from the fills: no follow-up."""
+    setup(keyed, sim)
+    sim.advance_time(5000)
+    fills = sim.flip(ALICE, "BTC", "-1", "30500")
+    sim.set_time(max(int(f["time"]) for f in fills))
+    stop_of_short = sim.add_trigger_order(ALICE, "BTC", "B", "1", "32000", "sl")
+    sim.add_fault("stale", user=ALICE, k=2, count=None)
+    report = run_json(keyed)
+    assert [a["reason"] for a in report["actions"] if a["type"] == "close"] == ["flipped"]
+    assert Decimal(sim.position(ALICE, "BTC")["szi"]) == Decimal("-1")
+    assert stop_of_short in open_oids(sim)
+
+
+def test_with_the_first_dex_only_the_open_order_count_still_asks_every_dex(keyed, sim, database_url):
+    """Red team R3: with MONITOR_PERP_DEXES="" the 1,000-order fallback counted the first dex's orders only, saw
+    room after cancelling the coin's stop, cancelled it, and the close was refused again (the HIP-3 dex's orders
+    count too). The run now asks perpDexs when the rule is met, and counts every dex: nothing is cancelled."""
+    sim.add_perp_dex("xyz")
+    sim.add_coin("xyz:TSLA", sz_decimals=2, mid="250")
+    setup(keyed, sim)
+    for i in range(1000):
+        sim.add_limit_order(ALICE, "xyz:TSLA", "B", "0.01", str(100 + i % 50))
+    stop = sim.add_trigger_order(ALICE, "BTC", "A", "1", "28000", "sl", position_tpsl=True)
+    fire_stop(sim, database_url)
+    report = run_json(dict(keyed, MONITOR_PERP_DEXES=""))
+    assert sim.position(ALICE, "BTC") is not None
+    assert stop in open_oids(sim)  # not stripped for nothing
+    [alert] = blocked_alerts(report)
+    assert "1000 would be left, still at the limit: nothing cancelled" in alert["text"]
