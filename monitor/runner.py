@@ -153,6 +153,17 @@ class RunContext:
                 raise
         return self._key
 
+    def key_if_readable(self) -> str | None:
+        """The key for planning only (the exit reserve's estimate): read like ``signing_key``, but a key that
+        cannot be read is None here and no error of the run: the rule that fired may need no order after all
+        (its position already closed), and only a signature that is attempted fails the run (exit 78)."""
+        if self._key is None and self.key_error is None:
+            try:
+                self._key = self.settings.signing_key()
+            except ConfigError:
+                return None
+        return self._key
+
     _key: str | None = field(default=None, repr=False)
 
     def seconds_left(self) -> float:
@@ -697,10 +708,7 @@ def _reserve_exit_work(run: RunContext, inputs: Inputs, mids: dict[str, Decimal]
         # A rule fires: the run is about to sign, so the key (file) is read now (``signing_key``). Only then
         # is the cache worth a look: a quiet run costs no SQL. A key that cannot be read keeps the plain
         # estimate; the close that needs it is refused, with the error, when it is about to be signed.
-        try:
-            signing_key = run.signing_key()
-        except ConfigError:
-            pass
+        signing_key = run.key_if_readable()
     if signing_key is not None:
         signer = signer_address(signing_key)
         roles = run.db.cached_roles(signer, CACHE_TTL)

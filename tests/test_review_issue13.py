@@ -292,3 +292,29 @@ def test_a_non_monitor_line_in_the_env_file_is_named_not_silently_dropped(env, t
     assert "s3cr" not in result.stderr and "verify-full" not in result.stderr  # names, never values
     result = cli(env, "--log-format", "json", "--env-file", str(env_file), "lock", "status")
     assert [json.loads(line)["event"] for line in lines_of(result)] == ["unknown_variable"] * 2
+
+
+def test_an_unreadable_key_is_no_fault_of_a_run_whose_fired_rule_needs_no_order(env, sim, database_url, tmp_path):
+    """Red team: a stop loss crosses, but the position was already closed on the exchange. The exit reserve's
+    estimate read the key file and recorded the failure, so the run exited 78 and paged key_unreadable ("the exit
+    rules stay armed") for a row it had just closed. Only a signature that is attempted fails the run now."""
+    agent = EthAccount.create()
+    sim.approve_agent(ALICE, agent.address)
+    key_file = tmp_path / "hl.key"
+    key_file.write_text(agent.key.hex() + "\n")
+    key_file.chmod(0o640)  # readable by the group: refused whenever it is read
+    environ = dict(env, MONITOR_HL_SECRET_KEY_FILE=str(key_file))
+    sim.open_position(ALICE, "BTC", "1", "30000")
+    assert cli(environ, "accounts", "add", ALICE).returncode == 0
+    assert cli(environ, "run").returncode == 0
+    with psycopg.connect(database_url) as conn:
+        pid = conn.execute("SELECT id FROM positions WHERE coin = 'BTC'").fetchone()[0]
+    assert cli(environ, "positions", "set", str(pid), "--stop-loss", "29500").returncode == 0
+    sim.set_mid("BTC", "29000")
+    sim.close_external(ALICE, "BTC")  # closed on the exchange already: nothing to sign this run
+
+    result = cli(environ, "run", "--json")
+    report = json.loads(result.stdout)
+    assert result.returncode == 0, result.stderr
+    assert report["closed"] == 1 and report["close_orders_sent"] == 0 and report["exit_code"] == 0
+    assert "key_unreadable" not in [a["kind"] for a in report["alerts"]]
