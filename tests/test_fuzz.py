@@ -869,12 +869,13 @@ def test_the_fuzz_reaches_every_variable(variable: str) -> None:
            "MONITOR_CLOSE_SLIPPAGE": "0.5", "MONITOR_HL_SECRET_KEY": "0x1234", "MONITOR_METRICS_FILE": " ",
            "MONITOR_PING_URL": "x", "MONITOR_ALERT_WEBHOOK": "mailto:a@b", "MONITOR_ALERT_AFTER_RUNS": "-3",
            "MONITOR_HL_SECRET_KEY_FILE": "/nonexistent/key", "MONITOR_WEIGHT_BUDGET": "5",
-           "MONITOR_READ_PARALLELISM": "65", "MONITOR_SHARD": "3/2", "MONITOR_PERP_DEXES": "xyz,,flx"}
+           "MONITOR_READ_PARALLELISM": "65", "MONITOR_SHARD": "3/2", "MONITOR_PERP_DEXES": "xyz,,flx",
+           "MONITOR_HEDGE_EXTERNAL_STALE": "0"}
     if variable == "MONITOR_HOST_ID":
         assert load_settings(environ={variable: "  "}).host_id  # any text is a host id; blank: the hostname
         return
     if variable not in bad:
-        pytest.skip(f"{variable}: new variable, add a bad value here")
+        pytest.fail(f"{variable}: a new variable: add an obviously bad value for it to this test")
     with pytest.raises(ConfigError) as info:
         # the key file is read only by a command that signs (docs/design.md, "Keys")
         load_settings(environ={variable: bad[variable]}).with_signing_key()

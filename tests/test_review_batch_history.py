@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ALICE
-from tests.test_phases import BOB, settings, watched  # noqa: F401
+from tests.conftest import ALICE, BOB
 
 
 def test_a_run_stopped_mid_apply_records_the_batches_it_committed(settings: Any, watched: list[Any], sim: Any,
