@@ -7,6 +7,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 ROUNDS ?= 500
+# `make test` runs the tests in this many processes (pytest-xdist; each has its own scratch PostgreSQL).
+TEST_WORKERS ?= 2
 
 .PHONY: install demo check test test-slow fuzz bench chaos clean
 
@@ -29,7 +31,7 @@ check: $(STAMP)
 	$(PY) -m mypy monitor
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" --durations=15
+	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --durations=15
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
