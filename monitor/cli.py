@@ -520,10 +520,15 @@ def accounts_disable(ctx: click.Context, address: str) -> None:
     try:
         changed = db.disable_account(address)
         known = changed or db.account_exists(address)
+        groups = db.hedge_groups_of_account(address) if changed else []
     finally:
         db.close()
     if not known:
         raise UsageError(f"not a watched account: {address}")
+    if groups:  # each such group is unknown from now on (and alerts hedge_unknown:<group>)
+        say(f"warning: {address} is a leg of active hedge group(s) {', '.join(groups)}: they are unknown until"
+            " it is watched again or removed from them (`hedge remove-leg`)", level=logging.WARNING,
+            event="hedge_leg_disabled", account=address)
     click.echo(f"{'disabled' if changed else 'already disabled'}: {address}")
 
 
@@ -955,15 +960,24 @@ def hedge_create(ctx: click.Context, name: str, coin: str, tolerance: str | None
       position-monitor hedge create tsla --coin xyz:TSLA
     """
     from monitor.hedges import parse_coin, parse_name, parse_tolerance
+    from monitor.operations import coin_listing
 
     name, coin = parse_name(name), parse_coin(coin)
     size = parse_tolerance(tolerance) if tolerance is not None else None
     db, _ = _ready_database(ctx)
     try:
+        existing = db.hedge_groups(active_only=False, name=name)
+        if not existing:  # a new group: its coin must be listed (an existing one's coin was checked, or is refused)
+            listing = coin_listing(_settings(ctx), coin)  # UsageError (exit 2) for a coin not listed
+            if listing.warning:
+                say(listing.warning, level=logging.WARNING, event="coin_listing_unknown", coin=coin)
         outcome = db.create_hedge_group(name, coin, size)
     finally:
         db.close()
-    click.echo(f"{outcome}: hedge group {name} ({coin})")
+    final = size if size is not None else existing[0].tolerance if existing else Decimal(0)
+    note = ", tolerance 0: any imbalance alerts, and there is no urgent level (set --tolerance for one)" \
+        if final == 0 else f", tolerance {final}"
+    click.echo(f"{outcome}: hedge group {name} ({coin}){note}")
 
 
 @hedge.command("add-leg")

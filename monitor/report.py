@@ -58,6 +58,10 @@ class RunReport:
     error: str | None = None  # what stopped it, one line
     hedges: list[HedgeResult] = field(default_factory=list)  # each judged hedge group's verdict this run
     hedges_held: list[str] = field(default_factory=list)  # active groups outside this run's accounts (not in JSON)
+    # a narrowed run's scope, for its alerts (not in JSON): the shard ("shard-1-of-2") its run-wide alert keys
+    # carry, and the accounts (--shard, --account) whose account-keyed alerts it may count and resolve
+    shard: str | None = None
+    scope_addresses: list[str] | None = None
 
     @property
     def hedges_not_balanced(self) -> list[HedgeResult]:
