@@ -211,6 +211,28 @@ def _evaluate_exact(group: HedgeGroup, snapshots: Mapping[int, AccountSnapshot],
     return HedgeResult(group.id, group.name, group.coin, group.tolerance, status, net, legs)
 
 
+def verdict_outdated(group: HedgeGroup, last: Mapping[str, Any]) -> bool:
+    """Whether a recorded verdict (a ``hedge_results`` row) was computed on another definition of the group than
+    its current one: other account legs or ratios, other external venues or sizes, another tolerance."""
+    def same(a: Any, b: Any) -> bool:
+        try:
+            return Decimal(str(a)) == Decimal(str(b))
+        except (InvalidOperation, ValueError):
+            return False
+
+    recorded = [leg for leg in last.get("legs") or [] if isinstance(leg, Mapping)]
+    accounts = {leg.get("account"): leg.get("ratio") for leg in recorded if leg.get("account")}
+    venues = {leg.get("venue"): leg.get("size") for leg in recorded if leg.get("venue")}
+    if set(accounts) != {leg.address for leg in group.legs} or set(venues) != {e.venue for e in group.externals}:
+        return True
+    if not all(same(accounts[leg.address], leg.ratio) for leg in group.legs):
+        return True
+    if not all(same(venues[e.venue], e.size) for e in group.externals):
+        return True
+    tolerance = last.get("tolerance")
+    return tolerance is not None and not same(tolerance, group.tolerance)
+
+
 def listed_coins(meta: Mapping[str, Any] | None) -> frozenset[str]:
     """The coin names of a dex's meta answer (its ``universe``), as the exchange spells them."""
     universe = meta.get("universe") if isinstance(meta, Mapping) else None

@@ -134,11 +134,14 @@ class RunReport:
             accounts += f", {self.accounts_deferred} deferred"
         head = "dry run (nothing written or sent): " if self.dry_run else ""
         tail = " (overran its deadline)" if self.overrun else ""
+        from monitor.hedges import format_decimal  # hedges imports nothing of this module at run time
+
         imbalanced = [h for h in self.hedges if h.status == "imbalanced"]
         unknown = [h for h in self.hedges if h.status == "unknown"]
         if imbalanced:
             tail += "; hedges imbalanced: " + ", ".join(
-                f"{h.name} (net {h.net} {h.coin}, tolerance {h.tolerance})" for h in imbalanced)
+                f"{h.name} (net {format_decimal(h.net) if h.net is not None else None} {h.coin}, tolerance"
+                f" {format_decimal(h.tolerance)})" for h in imbalanced)
         if unknown:
             tail += "; hedges unknown: " + ", ".join(h.name for h in unknown)
         return f"{head}{', '.join(parts)}; {accounts}{tail}"
