@@ -9,7 +9,6 @@ import json
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
-from monitor.hedges import HedgeResult, format_decimal
 from monitor.notify import AlertState, decide_alerts
 from monitor.runner import in_shard
 from tests.conftest import ALICE, cli, run_json
@@ -212,6 +211,8 @@ def test_hedge_list_and_show_mark_a_verdict_older_than_the_groups_definition(env
 
 
 def test_nets_are_exact_text_without_exponents_or_rounding():
+    from monitor.hedges import HedgeResult, format_decimal
+
     assert format_decimal(Decimal("0E-27")) == "0" and format_decimal(Decimal("-0.000")) == "0"
     assert format_decimal(Decimal("0.20000")) == "0.2" and format_decimal(Decimal("1E+3")) == "1000"
     big = Decimal("12345678901234567890.123456789012345678901")
@@ -224,7 +225,7 @@ def test_a_sum_beyond_28_digits_is_not_rounded():
     from monitor.hedges import ExternalLeg, HedgeGroup, evaluate
 
     g = HedgeGroup(1, "g", "BTC", Decimal(0), externals=(
-        ExternalLeg("a", Decimal("10000000000000000000000000000"), NOW),
-        ExternalLeg("b", Decimal("-9999999999999999999999999999.9"), NOW)))
+        ExternalLeg("a", Decimal("1234567890123456789012345678.9"), NOW),  # 29 digits: the default context rounds
+        ExternalLeg("b", Decimal("-1234567890123456789012345678"), NOW)))
     result, = evaluate([g], {}, {}, NOW, timedelta(seconds=300))
-    assert result.net == Decimal("0.1") and result.status == "imbalanced"
+    assert result.net == Decimal("0.9") and result.status == "imbalanced"
