@@ -520,10 +520,15 @@ def accounts_disable(ctx: click.Context, address: str) -> None:
     try:
         changed = db.disable_account(address)
         known = changed or db.account_exists(address)
+        groups = db.hedge_groups_of_account(address) if changed else []
     finally:
         db.close()
     if not known:
         raise UsageError(f"not a watched account: {address}")
+    if groups:  # each such group is unknown from now on (and alerts hedge_unknown:<group>)
+        say(f"warning: {address} is a leg of active hedge group(s) {', '.join(groups)}: they are unknown until"
+            " it is watched again or removed from them (`hedge remove-leg`)", level=logging.WARNING,
+            event="hedge_leg_disabled", account=address)
     click.echo(f"{'disabled' if changed else 'already disabled'}: {address}")
 
 
@@ -955,15 +960,24 @@ def hedge_create(ctx: click.Context, name: str, coin: str, tolerance: str | None
       position-monitor hedge create tsla --coin xyz:TSLA
     """
     from monitor.hedges import parse_coin, parse_name, parse_tolerance
+    from monitor.operations import coin_listing
 
     name, coin = parse_name(name), parse_coin(coin)
     size = parse_tolerance(tolerance) if tolerance is not None else None
     db, _ = _ready_database(ctx)
     try:
+        existing = db.hedge_groups(active_only=False, name=name)
+        if not existing:  # a new group: its coin must be listed (an existing one's coin was checked, or is refused)
+            listing = coin_listing(_settings(ctx), coin)  # UsageError (exit 2) for a coin not listed
+            if listing.warning:
+                say(listing.warning, level=logging.WARNING, event="coin_listing_unknown", coin=coin)
         outcome = db.create_hedge_group(name, coin, size)
     finally:
         db.close()
-    click.echo(f"{outcome}: hedge group {name} ({coin})")
+    final = size if size is not None else existing[0].tolerance if existing else Decimal(0)
+    note = ", tolerance 0: any imbalance alerts, and there is no urgent level (set --tolerance for one)" \
+        if final == 0 else f", tolerance {final}"
+    click.echo(f"{outcome}: hedge group {name} ({coin}){note}")
 
 
 @hedge.command("add-leg")
@@ -1082,7 +1096,10 @@ def hedge_disable(ctx: click.Context, name: str) -> None:
 
 
 def _hedge_json(group: Any, last: dict[str, Any] | None, stale_after: float, now: datetime) -> dict[str, Any]:
-    """A group as `hedge list --json` and `hedge show --json` print it: the definition, and its last verdict."""
+    """A group as `hedge list --json` and `hedge show --json` print it: the definition, and its last verdict
+    (``outdated``: computed on another definition, legs, ratios, external sizes or tolerance, than the current)."""
+    from monitor.hedges import format_decimal, verdict_outdated
+
     counted = {leg.get("account"): leg for leg in (last or {}).get("legs") or [] if leg.get("account")}
     legs: list[dict[str, Any]] = [
         {"account": leg.address, "ratio": str(leg.ratio), "account_active": leg.account_active,
@@ -1091,10 +1108,11 @@ def _hedge_json(group: Any, last: dict[str, Any] | None, stale_after: float, now
               "stale": (now - ext.updated_at).total_seconds() > stale_after} for ext in group.externals]
     return {"name": group.name, "coin": group.coin, "tolerance": str(group.tolerance), "active": group.active,
             "status": last["status"] if last else "unknown",
-            "net": None if not last or last["net"] is None else str(last["net"]),
+            "net": None if not last or last["net"] is None else format_decimal(last["net"]),
             "reason": last["reason"] if last else "not computed by a run yet",
             "computed_at": last["computed_at"].isoformat() if last else None,
-            "run_id": last["run_id"] if last else None, "legs": legs}
+            "run_id": last["run_id"] if last else None, "legs": legs,
+            "outdated": last is not None and verdict_outdated(group, last)}
 
 
 @hedge.command("list")
@@ -1122,8 +1140,11 @@ def hedge_list(ctx: click.Context, as_json: bool, include_disabled: bool) -> Non
         _echo_json(items)
         return
     rows = [{**item, "legs": len(item["legs"]), "computed_at": item["computed_at"] or "",
-             "active": "yes" if item["active"] else "no"} for item in items]
-    click.echo(format_table(rows, ("name", "coin", "status", "net", "tolerance", "legs", "active", "computed_at")))
+             "status": item["status"] + (" (outdated)" if item["outdated"] else ""), "reason": item["reason"] or "",
+             "net": "" if item["net"] is None else item["net"], "active": "yes" if item["active"] else "no"}
+            for item in items]
+    click.echo(format_table(rows, ("name", "coin", "status", "net", "tolerance", "legs", "active", "computed_at",
+                                   "reason")))
 
 
 @hedge.command("show")
@@ -1140,7 +1161,7 @@ def hedge_show(ctx: click.Context, name: str, runs: int, as_json: bool) -> None:
       position-monitor hedge show btc-basis
       position-monitor hedge show btc-basis --runs 60 --json
     """
-    from monitor.hedges import parse_name
+    from monitor.hedges import format_decimal, parse_name
 
     name = parse_name(name)
     settings = _settings(ctx)
@@ -1155,13 +1176,16 @@ def hedge_show(ctx: click.Context, name: str, runs: int, as_json: bool) -> None:
     item = _hedge_json(found[0], history[0] if history else None, settings.hedge_external_stale,
                        datetime.now(timezone.utc))
     item["runs"] = [{"run_id": r["run_id"], "computed_at": r["computed_at"].isoformat(), "status": r["status"],
-                     "net": None if r["net"] is None else str(r["net"]), "reason": r["reason"]} for r in history]
+                     "net": None if r["net"] is None else format_decimal(r["net"]), "reason": r["reason"]}
+                    for r in history]
     if as_json:
         _echo_json(item)
         return
     click.echo(f"hedge group {item['name']} ({item['coin']}), tolerance {item['tolerance']}"
                f"{'' if item['active'] else ', disabled'}: {item['status']}"
-               + (f", net {item['net']}" if item["net"] is not None else ""))
+               + (f", net {item['net']}" if item["net"] is not None else "")
+               + (" (outdated: computed before the group last changed; the next run judges it anew)"
+                  if item["outdated"] else ""))
     for leg in item["legs"]:
         if "account" in leg:
             click.echo(f"  leg {leg['account']} x {leg['ratio']}" + (f": {leg['size']}" if leg["size"] else "")

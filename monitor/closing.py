@@ -434,7 +434,7 @@ class Closer:
                 return
             text = f"#{row.id} {action.coin}: close rejected ({outcome.error}); attempt {attempts}"
             if attempts >= ctx.max_failures:
-                self.done.alerts.append(Alert(f"close_failed:{row.id}", "close_failed", text))
+                self.done.alerts.append(Alert(f"close_failed:{row.id}", "close_failed", f"{account.address} {text}"))
                 text = "ALERT: " + text
             self._note(text)
         # "unknown": the row stays closing and is settled by its cloid next run.
@@ -455,7 +455,8 @@ class Closer:
         if not retry:
             outcome = self._cancel_for_close(account, action, trader)
         text = f"ALERT: {head}; {outcome}"
-        self.done.alerts.append(Alert(f"close_blocked_open_orders:{row.id}", "close_blocked_open_orders", text))
+        self.done.alerts.append(Alert(f"close_blocked_open_orders:{row.id}", "close_blocked_open_orders",
+                                      f"{text} ({account.address})"))
         self._note(text)
         if not retry and outcome.startswith("cancelled"):
             self._close(account, replace(action, metadata={**action.metadata, "open_order_limit_retry": True}))

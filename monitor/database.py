@@ -26,7 +26,7 @@ from datetime import datetime
 from decimal import Decimal
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -43,7 +43,7 @@ from monitor.errors import (
     SchemaBehind,
     UsageError,
 )
-from monitor.hedges import ExternalLeg, HedgeGroup, HedgeLeg, HedgeResult
+from monitor.hedges import ExternalLeg, HedgeGroup, HedgeLeg, HedgeResult, TableLeg
 from monitor.models import Account, PositionRow
 
 log = logging.getLogger(__name__)
@@ -367,6 +367,12 @@ class ExchangeCacheMixin:
                             " AND fetched_at > now() - %s", (dex, max_age)).fetchone()
         return row[0] if row else None
 
+    def cached_metas(self, dexes: Collection[str], max_age: Any) -> dict[str, dict[str, Any]]:
+        """Several dexes' cached meta in one statement (fresh and not dropped only)."""
+        cur = self._execute("SELECT dex, meta FROM exchange_meta WHERE dex = ANY(%s) AND dropped_at IS NULL"
+                            " AND fetched_at > now() - %s", (sorted(dexes), max_age))
+        return {dex: meta for dex, meta in cur.fetchall() if isinstance(meta, dict)}
+
     def store_meta(self, dex: str, meta: dict[str, Any]) -> None:
         self._execute("INSERT INTO exchange_meta (dex, meta) VALUES (%s, %s) ON CONFLICT (dex) DO UPDATE"
                       " SET meta = EXCLUDED.meta, fetched_at = now(), dropped_at = NULL", (dex, Jsonb(meta)))
@@ -558,10 +564,37 @@ class HedgeMixin:
         return [dict(zip(names, row)) for row in cur]
 
     def last_hedge_results(self) -> dict[int, dict[str, Any]]:
-        cur = self._execute("SELECT DISTINCT ON (group_id) group_id, run_id, computed_at, status, net, legs, reason"
-                            " FROM hedge_results ORDER BY group_id, id DESC")
+        cur = self._execute("SELECT DISTINCT ON (group_id) group_id, run_id, computed_at, status, net, tolerance,"
+                            " legs, reason FROM hedge_results ORDER BY group_id, id DESC")
         names = _column_names(cur)
         return {int(row[0]): dict(zip(names, row)) for row in cur}
+
+
+    def hedge_table_legs(self, wanted: Mapping[int, Collection[str]]) -> dict[int, TableLeg]:
+        """Legs outside a run's accounts, from the monitor's own table, in one statement: each account's last
+        successful read (account_health) and the signed sizes of its open rows of the coins wanted."""
+        coins = sorted({coin for wanted_coins in wanted.values() for coin in wanted_coins})
+        cur = self._execute(
+            "SELECT a.id, h.last_good_read_at, p.coin, p.side, p.size::text FROM accounts a"
+            " LEFT JOIN account_health h ON h.account_id = a.id"
+            " LEFT JOIN positions p ON p.account_id = a.id AND p.closed_at IS NULL AND p.coin = ANY(%s)"
+            " WHERE a.id = ANY(%s) ORDER BY a.id, p.id", (coins, sorted(wanted)))
+        read_at: dict[int, datetime | None] = {}
+        sizes: dict[int, dict[str, Decimal]] = {}
+        for account_id, last_read, coin, side, size in cur.fetchall():
+            read_at[account_id] = last_read
+            held = sizes.setdefault(account_id, {})
+            if coin is not None and coin in wanted.get(account_id, ()):
+                signed = Decimal(size) if side == "long" else -Decimal(size)
+                held[coin] = held.get(coin, Decimal(0)) + signed
+        return {a: TableLeg(read_at[a], sizes.get(a, {})) for a in read_at}
+
+    def hedge_groups_of_account(self, address: str) -> list[str]:
+        """The active hedge groups the account is a current leg of, by name."""
+        cur = self._execute("SELECT g.name FROM hedge_groups g JOIN hedge_legs l ON l.group_id = g.id"
+                            " JOIN accounts a ON a.id = l.account_id WHERE a.address = %s AND g.active"
+                            " AND l.removed_at IS NULL ORDER BY g.name", (address,))
+        return [row[0] for row in cur.fetchall()]
 
 
 class Database(OperationsMixin, ExchangeCacheMixin, HedgeMixin):

@@ -373,7 +373,8 @@ def decide_alerts(
     * observed: ``streak`` += 1 and the message is refreshed. An inactive alert becomes active and
       is sent when the streak reaches ``threshold_runs`` (1 for kinds in ``immediate``). An active
       one is sent again only when ``resend_after`` has passed since ``last_sent_at`` (None: never
-      resent), with "(still present, N runs)" appended.
+      resent), with "(still present, N runs)" appended; one whose kind moves into ``immediate`` this run
+      (``hedge_imbalance`` escalating to ``hedge_imbalance_urgent``) is sent again at once.
     * not observed: the streak resets to 0; an active alert is resolved once (``"resolved: " +
       its message``) and becomes inactive.
 
@@ -405,6 +406,10 @@ def decide_alerts(
                 if state.streak >= needed:
                     state.active, state.last_sent_at, state.resolved_at = True, now, None
                     to_send.append((key, message))
+            elif kind in immediate and before is not None and before.kind not in immediate:
+                # escalated while active (an imbalance grown past 10x its tolerance): urgent, so sent at once
+                state.last_sent_at = now
+                to_send.append((key, message))
             elif resend_after is not None and (state.last_sent_at is None
                                                or now - state.last_sent_at >= resend_after):
                 state.last_sent_at = now

@@ -6,11 +6,12 @@ None of this may fail a run: every fault here is logged as one warning line and 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Callable, Collection, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 from monitor import signals
 from monitor.config import Settings
@@ -23,7 +24,8 @@ from monitor.errors import (
     UsageError,
     exit_code_for,
 )
-from monitor.hedges import IMBALANCE_KIND, IMBALANCED, STALE_KIND, UNKNOWN, URGENT_KIND
+from monitor.hedges import IMBALANCE_KIND, IMBALANCED, STALE_KIND, UNKNOWN, UNKNOWN_KIND, URGENT_KIND, listed_coins
+from monitor.models import dex_of
 from monitor.notify import (
     AlertState,
     Pinger,
@@ -81,6 +83,40 @@ def account_role(settings: Settings, address: str) -> AccountRole:
     return AccountRole(role, linked)
 
 
+@dataclass(frozen=True)
+class CoinListing:
+    """Whether a coin is listed on its perp dex, for ``hedge create`` (meta of that dex, reference §2)."""
+
+    listed: bool | None  # None: the exchange could not be asked
+    meta: dict[str, Any] | None = None  # the dex's meta as read (for the cache)
+    warning: str | None = None  # one line for stderr
+
+
+def coin_listing(settings: Settings, coin: str) -> CoinListing:
+    """Ask the exchange whether ``coin`` is listed on its perp dex (one meta request of that dex, weight 20).
+
+    A coin not in the dex's universe is refused (UsageError, exit 2): a misspelled coin (``btc``, ``BTCC``) would
+    read 0 on every leg and make the group ``balanced`` forever. Names are case-sensitive (``kPEPE`` is listed),
+    so nothing is folded; a name differing only in case is suggested. When the exchange cannot answer the group is
+    still created, with a one-line warning (the run then marks it unknown if a cached meta lacks the coin)."""
+    from monitor.exchange import Exchange, ReadFailed
+
+    dex = dex_of(coin)
+    try:
+        meta = Exchange(settings.hl_api_url, timeout=settings.http_timeout).read_meta(dex)
+    except ReadFailed as exc:
+        where = f"perp dex {dex}" if dex else "the main perp dex"
+        return CoinListing(None, warning=f"warning: could not ask the exchange whether {coin} is listed on {where}"
+                                         f" ({exc.reason}); created without that check")
+    names = listed_coins(meta)
+    if coin in names:
+        return CoinListing(True, meta)
+    alike = sorted(n for n in names if n.lower() == coin.lower())
+    hint = f" (did you mean {alike[0]}? names are case-sensitive)" if alike else ""
+    where = f"perp dex {dex}" if dex else "the main perp dex"
+    raise UsageError(f"--coin: {coin} is not listed on {where}{hint}")
+
+
 def execute_run(settings: Settings, *, dry_run: bool, addresses: Sequence[str],
                 progress: Callable[[int, int], None] | None = None,
                 on_start: Callable[[str], object] | None = None) -> RunReport:
@@ -123,8 +159,9 @@ def execute_run(settings: Settings, *, dry_run: bool, addresses: Sequence[str],
                 # A skipped run is not a failed one: no ping (the holder pings), but a streak may alert;
                 # the metrics keep the holder's figures, only lock_busy is set.
                 if not dry_run:
-                    _alerts(settings, {"lock_busy": ("lock_busy", f"run lock busy: {stopped.error}")},
-                            only=("lock_busy",))
+                    busy_key = shard_key("lock_busy", "lock_busy", shard_tag(settings))
+                    _alerts(settings, {busy_key: ("lock_busy", f"run lock busy: {stopped.error}")},
+                            only=(busy_key,))
                 _mark_lock_busy(settings)
             else:
                 if not finished:  # stopped before its history row was written
@@ -141,10 +178,11 @@ def execute_run(settings: Settings, *, dry_run: bool, addresses: Sequence[str],
             observed = observed_conditions(report)
             if report.fenced:
                 # A superseded run decides only the alert about itself; the rest is its successor's state.
-                _alerts(settings, {k: v for k, v in observed.items() if k == "lock_stale_holder"},
-                        only=("lock_stale_holder",))
+                stale_key = shard_key("lock_stale_holder", "lock_stale_holder", report.shard)
+                _alerts(settings, {k: v for k, v in observed.items() if k == stale_key}, only=(stale_key,))
             else:
-                _alerts(settings, observed, epoch=report.epoch, hold=held_conditions(report))
+                _alerts(settings, observed, epoch=report.epoch, hold=held_conditions(report),
+                        owns=alert_scope(report))
         _metrics(settings, report, started, lock_busy=report.exit_code == EXIT_LOCK_HELD)
     return report
 
@@ -194,6 +232,8 @@ def observed_conditions(report: RunReport) -> dict[str, tuple[str, str]]:
             seen[f"liquidation:{action.account}:{action.coin}"] = (
                 "liquidation", f"{action.account} {action.coin} was liquidated (exit {action.exit_price})")
     for hedge in report.hedges:
+        if hedge.status == UNKNOWN and not hedge.alerted_elsewhere:  # a stale venue or a failed read alerts already
+            seen[f"{UNKNOWN_KIND}:{hedge.name}"] = (UNKNOWN_KIND, hedge.unknown_text())
         if hedge.status == IMBALANCED:
             seen[f"hedge_imbalance:{hedge.name}"] = (URGENT_KIND if hedge.urgent else IMBALANCE_KIND,
                                                      hedge.alert_text())
@@ -203,7 +243,54 @@ def observed_conditions(report: RunReport) -> dict[str, tuple[str, str]]:
                             f" {', '.join(hedge.stale_venues)} not updated within MONITOR_HEDGE_EXTERNAL_STALE")
     if report.fenced:
         seen["lock_stale_holder"] = ("lock_stale_holder", "this run's lock was taken over while it ran")
-    return seen
+    if report.shard is None:
+        return seen
+    return {shard_key(key, kind, report.shard): (kind, text) for key, (kind, text) in seen.items()}
+
+
+# Alert kinds about the run as a whole: a sharded run's keys carry its shard (``run_overran:shard-1-of-2``), so
+# shards never count or resolve each other's; an unsharded run's keep their plain names.
+RUN_WIDE_KINDS = frozenset({"run_overran", "conflicts", "exit_starved", "key_unreadable", "lock_busy",
+                            "lock_stale_holder", "clock_offset", "rows_unwatched"})
+# Alert kinds about one account: its address is in the key (account_failed, liquidation) or in the text.
+_ACCOUNT_IN_KEY = frozenset({"account_failed", "liquidation"})
+_ACCOUNT_IN_TEXT = frozenset({"close_failed", "close_blocked_open_orders", "followup_failed"})
+_SHARD_SUFFIX = re.compile(r":shard-\d+-of-\d+$")
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
+
+
+def shard_key(key: str, kind: str, shard: str | None) -> str:
+    """The alert key a run uses: a run-wide kind's key gets ``:<shard>`` appended under ``--shard``."""
+    return f"{key}:{shard}" if shard is not None and kind in RUN_WIDE_KINDS else key
+
+
+def shard_tag(settings: Settings) -> str | None:
+    return None if settings.shard is None else f"shard-{settings.shard[0]}-of-{settings.shard[1]}"
+
+
+def alert_scope(report: RunReport) -> Callable[[AlertState], bool]:
+    """Whether a stored alert is this run's to count and resolve: a run-wide one only when it carries this run's
+    shard (none for an unsharded run); an account's only when that account is among the run's accounts (every
+    account for a run not narrowed by --shard/--account); the rest (hedge groups: ``held_conditions``) always."""
+    scope = None if report.scope_addresses is None else {a.lower() for a in report.scope_addresses}
+
+    def owns(state: AlertState) -> bool:
+        if state.kind in RUN_WIDE_KINDS:
+            match = _SHARD_SUFFIX.search(state.key)
+            if report.shard is None:
+                return match is None
+            return match is not None and match.group(0) == f":{report.shard}"
+        if scope is None:
+            return True
+        if state.kind in _ACCOUNT_IN_KEY:
+            found = _ADDRESS.search(state.key)
+        elif state.kind in _ACCOUNT_IN_TEXT:
+            found = _ADDRESS.search(state.message)
+        else:
+            return True
+        return found is None or found.group(0).lower() in scope
+
+    return owns
 
 
 def held_conditions(report: RunReport) -> set[str]:
@@ -213,12 +300,13 @@ def held_conditions(report: RunReport) -> set[str]:
     them."""
     held = {f"hedge_imbalance:{h.name}" for h in report.hedges if h.status == UNKNOWN}
     for name in report.hedges_held:
-        held |= {f"hedge_imbalance:{name}", f"hedge_external_stale:{name}"}
+        held |= {f"hedge_imbalance:{name}", f"hedge_external_stale:{name}", f"{UNKNOWN_KIND}:{name}"}
     return held
 
 
 def _alerts(settings: Settings, observed: dict[str, tuple[str, str]], only: Sequence[str] | None = None,
-            epoch: int | None = None, hold: Collection[str] = ()) -> None:
+            epoch: int | None = None, hold: Collection[str] = (),
+            owns: Callable[[AlertState], bool] | None = None) -> None:
     try:
         db, _ = open_database(settings)
     except MonitorError as exc:
@@ -229,7 +317,8 @@ def _alerts(settings: Settings, observed: dict[str, tuple[str, str]], only: Sequ
             return
         with db.alerts_locked(epoch):
             previous = {row[0]: AlertState(*row) for row in db.load_alerts()}
-            considered = {k: v for k, v in previous.items() if (only is None or k in only) and k not in hold}
+            considered = {k: v for k, v in previous.items()
+                          if (only is None or k in only) and k not in hold and (owns is None or owns(v))}
             observed = {k: v for k, v in observed.items() if k not in hold}
             now = datetime.now(timezone.utc)
             states, to_send, to_resolve = decide_alerts(considered, observed, now,

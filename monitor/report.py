@@ -58,6 +58,10 @@ class RunReport:
     error: str | None = None  # what stopped it, one line
     hedges: list[HedgeResult] = field(default_factory=list)  # each judged hedge group's verdict this run
     hedges_held: list[str] = field(default_factory=list)  # active groups outside this run's accounts (not in JSON)
+    # a narrowed run's scope, for its alerts (not in JSON): the shard ("shard-1-of-2") its run-wide alert keys
+    # carry, and the accounts (--shard, --account) whose account-keyed alerts it may count and resolve
+    shard: str | None = None
+    scope_addresses: list[str] | None = None
 
     @property
     def hedges_not_balanced(self) -> list[HedgeResult]:
@@ -130,11 +134,14 @@ class RunReport:
             accounts += f", {self.accounts_deferred} deferred"
         head = "dry run (nothing written or sent): " if self.dry_run else ""
         tail = " (overran its deadline)" if self.overrun else ""
+        from monitor.hedges import format_decimal  # hedges imports nothing of this module at run time
+
         imbalanced = [h for h in self.hedges if h.status == "imbalanced"]
         unknown = [h for h in self.hedges if h.status == "unknown"]
         if imbalanced:
             tail += "; hedges imbalanced: " + ", ".join(
-                f"{h.name} (net {h.net} {h.coin}, tolerance {h.tolerance})" for h in imbalanced)
+                f"{h.name} (net {format_decimal(h.net) if h.net is not None else None} {h.coin}, tolerance"
+                f" {format_decimal(h.tolerance)})" for h in imbalanced)
         if unknown:
             tail += "; hedges unknown: " + ", ".join(h.name for h in unknown)
         return f"{head}{', '.join(parts)}; {accounts}{tail}"

@@ -43,7 +43,7 @@ from monitor.exchange import (
     WeightBudget,
 )
 from monitor.exit_budget import CACHE_TTL, ExitReserve, exit_reserve, signer_address
-from monitor.hedges import HedgeGroup, HedgeResult, in_scope
+from monitor.hedges import HedgeGroup, HedgeResult, in_scope, listed_coins, outside_legs
 from monitor.hedges import evaluate as evaluate_hedges
 from monitor.lock import (
     LocalRunLock,
@@ -115,6 +115,7 @@ class RunContext:
     hooks: RunHooks
     stopped: str | None = None
     claimed: bool = False  # accounts were claimed (released when the run is recorded)
+    scope_addresses: list[str] | None = None  # a narrowed run's accounts (--shard, --account), for its alerts
     report: RunReport | None = None
     # What the phases returned so far: a run stopped by an exception is recorded with what it did.
     inputs: Inputs | None = None
@@ -414,6 +415,7 @@ class Inputs:
     now: datetime | None = None
     hedge_groups: list[HedgeGroup] = field(default_factory=list)  # active groups this run judges
     hedge_held: list[str] = field(default_factory=list)  # active groups outside this run's accounts
+    hedge_scope: set[int] | None = None  # the accounts a narrowed run set out to read (None: every active one)
 
 
 def load_inputs(run: RunContext, addresses: Sequence[str]) -> Inputs:
@@ -424,11 +426,13 @@ def load_inputs(run: RunContext, addresses: Sequence[str]) -> Inputs:
     groups = run.db.hedge_groups()  # one statement; a group adds no exchange request
     narrowed = bool(addresses) or run.settings.shard is not None
     scope = {a.id for a in accounts} if narrowed else None
+    run.scope_addresses = [a.address for a in accounts] if narrowed else None
     judged = [g for g in groups if in_scope(g, scope)]
     held_groups = [g.name for g in groups if not in_scope(g, scope)]
     if not accounts:
         # a no-op run touches neither the exchange nor the SDK
-        return Inputs(hedge_groups=judged, hedge_held=held_groups, now=run.clock.now() if judged else None)
+        return Inputs(hedge_groups=judged, hedge_held=held_groups, hedge_scope=scope,
+                      now=run.clock.now() if judged else None)
     db, now = run.db, run.clock.now()
     run.claimed = True
     won = db.claim_accounts([a.id for a in accounts], stale_after=run.settings.lock_stale_after)
@@ -437,10 +441,11 @@ def load_inputs(run: RunContext, addresses: Sequence[str]) -> Inputs:
     ids = [a.id for a in accounts if a.id in won]
     if not ids:
         return Inputs(held={a.id: (a, holders.get(a.id, {})) for a in held}, now=now, hedge_groups=judged,
-                      hedge_held=held_groups)
+                      hedge_held=held_groups, hedge_scope=scope)
     return Inputs(
         hedge_groups=judged,
         hedge_held=held_groups,
+        hedge_scope=scope,
         accounts=[a for a in accounts if a.id in won],
         held={a.id: (a, holders.get(a.id, {})) for a in held},
         rows=db.open_rows_by_account(ids),
@@ -1039,8 +1044,14 @@ def check_hedges(run: RunContext, inputs: Inputs, reads: Reads) -> list[HedgeRes
     for account, holder in inputs.held.values():
         unread[account.id] = f"account claimed by another run ({holder.get('run_id')})"
     now = inputs.now or run.clock.now()
+    # Legs outside a narrowed run's accounts (another shard's) come from the monitor's table: one SELECT, and
+    # only when such legs exist. The dexes' cached meta (never a request) says whether each coin is listed.
+    wanted = outside_legs(inputs.hedge_groups, inputs.hedge_scope)
+    table = run.db.hedge_table_legs(wanted) if wanted else {}
+    metas = run.db.cached_metas({dex_of(g.coin) for g in inputs.hedge_groups}, CACHE_TTL)
+    listed = {dex: listed_coins(meta) for dex, meta in metas.items() if listed_coins(meta)}
     results = evaluate_hedges(inputs.hedge_groups, snapshots, unread, now,
-                              timedelta(seconds=run.settings.hedge_external_stale))
+                              timedelta(seconds=run.settings.hedge_external_stale), table, listed)
     run.check_signal()
     if run.lock_lost():
         run.stop(LOCK_LOST)
@@ -1068,6 +1079,8 @@ def build_report(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied
     report = RunReport(run_id=run.run_id, dry_run=run.dry_run, epoch=run.epoch)
     report.hedges = list(hedges)
     report.hedges_held = list(inputs.hedge_held)
+    report.shard = None if run.settings.shard is None else f"shard-{run.settings.shard[0]}-of-{run.settings.shard[1]}"
+    report.scope_addresses = run.scope_addresses
     if run.lock.took_over:
         report.notes.append(run.lock.took_over)
         report.alerts.append(Alert("lock_stale_holder", "lock_stale_holder", run.lock.took_over))
