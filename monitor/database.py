@@ -23,7 +23,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from importlib import resources
 from pathlib import Path
 from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
@@ -43,6 +43,7 @@ from monitor.errors import (
     SchemaBehind,
     UsageError,
 )
+from monitor.hedges import PRECISION as HEDGE_PRECISION
 from monitor.hedges import ExternalLeg, HedgeGroup, HedgeLeg, HedgeResult, TableLeg
 from monitor.models import Account, PositionRow
 
@@ -575,19 +576,33 @@ class HedgeMixin:
         successful read (account_health) and the signed sizes of its open rows of the coins wanted."""
         coins = sorted({coin for wanted_coins in wanted.values() for coin in wanted_coins})
         cur = self._execute(
-            "SELECT a.id, h.last_good_read_at, p.coin, p.side, p.size::text FROM accounts a"
+            "SELECT a.id, h.last_good_read_at, p.coin, p.side, p.size::text, p.status, p.last_seen_at,"
+            " p.metadata ? 'missing_since' FROM accounts a"
             " LEFT JOIN account_health h ON h.account_id = a.id"
             " LEFT JOIN positions p ON p.account_id = a.id AND p.closed_at IS NULL AND p.coin = ANY(%s)"
             " WHERE a.id = ANY(%s) ORDER BY a.id, p.id", (coins, sorted(wanted)))
         read_at: dict[int, datetime | None] = {}
         sizes: dict[int, dict[str, Decimal]] = {}
-        for account_id, last_read, coin, side, size in cur.fetchall():
+        doubts: dict[int, dict[str, str]] = {}
+        seen_at: dict[int, dict[str, datetime]] = {}
+        for account_id, last_read, coin, side, size, status, last_seen, missing in cur.fetchall():
             read_at[account_id] = last_read
             held = sizes.setdefault(account_id, {})
             if coin is not None and coin in wanted.get(account_id, ()):
-                signed = Decimal(size) if side == "long" else -Decimal(size)
-                held[coin] = held.get(coin, Decimal(0)) + signed
-        return {a: TableLeg(read_at[a], sizes.get(a, {})) for a in read_at}
+                with localcontext() as exact:
+                    exact.prec = HEDGE_PRECISION  # exact sums, never the default 28 digits
+                    signed = Decimal(size) if side == "long" else -Decimal(size)
+                    held[coin] = held.get(coin, Decimal(0)) + signed
+                if missing:
+                    doubts.setdefault(account_id, {})[coin] = "its row is marked missing from the exchange"
+                elif status != "open":
+                    doubts.setdefault(account_id, {})[coin] = f"its row is {status}"
+                if last_seen is None:
+                    doubts.setdefault(account_id, {})[coin] = "its row was never confirmed by a read"
+                else:  # the oldest confirmation of the coin's rows
+                    seen = seen_at.setdefault(account_id, {})
+                    seen[coin] = min(last_seen, seen.get(coin, last_seen))
+        return {a: TableLeg(read_at[a], sizes.get(a, {}), doubts.get(a, {}), seen_at.get(a, {})) for a in read_at}
 
     def hedge_groups_of_account(self, address: str) -> list[str]:
         """The active hedge groups the account is a current leg of, by name."""

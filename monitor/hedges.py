@@ -68,6 +68,8 @@ class TableLeg:
 
     read_at: datetime | None
     sizes: Mapping[str, Decimal] = field(default_factory=dict)
+    doubts: Mapping[str, str] = field(default_factory=dict)  # coin -> why its rows may not be the exchange's now
+    seen_at: Mapping[str, datetime] = field(default_factory=dict)  # coin -> the oldest last_seen_at of its rows
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,11 @@ class HedgeResult:
     @property
     def urgent(self) -> bool:
         """|net| beyond 10x the tolerance (a group with tolerance 0 has no urgent level: any imbalance would be)."""
-        return (self.status == IMBALANCED and self.net is not None and self.tolerance > 0
-                and abs(self.net) > URGENT_FACTOR * self.tolerance)
+        if self.status != IMBALANCED or self.net is None or self.tolerance <= 0:
+            return False
+        with localcontext() as exact:
+            exact.prec = PRECISION
+            return abs(self.net) > URGENT_FACTOR * self.tolerance
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "coin": self.coin, "net": None if self.net is None else format_decimal(self.net),
@@ -168,6 +173,15 @@ def _evaluate_exact(group: HedgeGroup, snapshots: Mapping[int, AccountSnapshot],
                 when = "never read" if age is None else f"last read {int(age.total_seconds())}s ago"
                 why = (f"outside this run's accounts and stale in the table ({when}, older than"
                        f" MONITOR_HEDGE_EXTERNAL_STALE)")
+            elif dex_of(group.coin):
+                # account_health says when the account was read, not when this HIP-3 dex was: a row the
+                # other run could not confirm (or a position it did not see) cannot be told from a fresh one.
+                why = "outside this run's accounts, and the table does not say when its HIP-3 dex was read"
+            elif group.coin in outside.doubts:
+                why = f"outside this run's accounts: {outside.doubts[group.coin]}"
+            elif group.coin in outside.seen_at and now - outside.seen_at[group.coin] > external_stale:
+                confirmed = int((now - outside.seen_at[group.coin]).total_seconds())
+                why = f"outside this run's accounts: its row was last confirmed {confirmed}s ago"
             else:
                 size = outside.sizes.get(group.coin, Decimal(0))
                 entry["source"] = "table"
@@ -233,12 +247,15 @@ def verdict_outdated(group: HedgeGroup, last: Mapping[str, Any]) -> bool:
     return tolerance is not None and not same(tolerance, group.tolerance)
 
 
-def listed_coins(meta: Mapping[str, Any] | None) -> frozenset[str]:
-    """The coin names of a dex's meta answer (its ``universe``), as the exchange spells them."""
+def listed_coins(meta: Mapping[str, Any] | None, dex: str = "") -> frozenset[str]:
+    """The coin names of a dex's meta answer (its ``universe``), as the exchange spells them; on a HIP-3 dex a bare
+    name (whether its meta prefixes them is unconfirmed) is taken as that dex's coin, as ``exchange.hip3_assets``
+    does."""
     universe = meta.get("universe") if isinstance(meta, Mapping) else None
     if not isinstance(universe, list):
         return frozenset()
-    return frozenset(u["name"] for u in universe if isinstance(u, Mapping) and isinstance(u.get("name"), str))
+    names = (u["name"] for u in universe if isinstance(u, Mapping) and isinstance(u.get("name"), str))
+    return frozenset(name if not dex or ":" in name else f"{dex}:{name}" for name in names)
 
 
 def in_scope(group: HedgeGroup, selected: set[int] | None) -> bool:

@@ -108,7 +108,7 @@ def coin_listing(settings: Settings, coin: str) -> CoinListing:
         where = f"perp dex {dex}" if dex else "the main perp dex"
         return CoinListing(None, warning=f"warning: could not ask the exchange whether {coin} is listed on {where}"
                                          f" ({exc.reason}); created without that check")
-    names = listed_coins(meta)
+    names = listed_coins(meta, dex)
     if coin in names:
         return CoinListing(True, meta)
     alike = sorted(n for n in names if n.lower() == coin.lower())

@@ -309,9 +309,12 @@ def _empty_report(run: RunContext) -> RunReport:
 
 def _partial_report(run: RunContext) -> RunReport:
     """The report of a run stopped by an exception: what its phases did before it (writes, orders sent)."""
+    reads = run.reads or Reads()
+    # Stopped before the apply phase began: no plan with changes was written.
+    applied = run.applied or Applied(unwritten={r.account.id for r in reads.results
+                                                if r.plan is not None and r.plan.changes})
     try:
-        return build_report(run, run.inputs or Inputs(), run.reads or Reads(), run.applied or Applied(),
-                            run.exits or CloseOutcome())
+        return build_report(run, run.inputs or Inputs(), reads, applied, run.exits or CloseOutcome())
     except Exception:
         log.exception("could not build the stopped run's report")  # never mask what stopped the run
         return _empty_report(run)
@@ -869,6 +872,9 @@ class Applied:
     closes: dict[int, list[Action]] = field(default_factory=dict)  # account id -> the closes applied
     counts: dict[str, int] = field(default_factory=dict)  # discover / update / close, and conflicts
     failures: dict[int, str] = field(default_factory=dict)  # account id -> why its writes failed
+    # Accounts whose plan has changes that were not written (the run stopped before their batch): their read is
+    # not recorded as a good one (a stale table must not look freshly confirmed, e.g. to a hedge group's leg).
+    unwritten: set[int] = field(default_factory=set)
 
     def count(self, kind: str, n: int = 1) -> None:
         self.counts[kind] = self.counts.get(kind, 0) + n
@@ -888,6 +894,7 @@ def apply_plans(run: RunContext, reads: Reads) -> Applied:
             applied.closes[plan.account.id] = [a for a in plan.actions if a.type == planner.CLOSE]
         return applied
     changing = [plan for plan in plans if plan.changes]  # nothing to write: no transaction at all
+    applied.unwritten = {plan.account.id for plan in changing}
     now = run.clock.now()
     for start in range(0, len(changing), applying.BATCH_ACCOUNTS):
         run.check_signal()  # between batches: the one before has committed or rolled back
@@ -902,6 +909,7 @@ def apply_plans(run: RunContext, reads: Reads) -> Applied:
             run.stop(exc.message)
             break
         for outcome in outcomes:
+            applied.unwritten.discard(outcome.account.id)
             if outcome.failure is not None:
                 applied.failures[outcome.account.id] = outcome.failure
                 continue
@@ -1049,7 +1057,7 @@ def check_hedges(run: RunContext, inputs: Inputs, reads: Reads) -> list[HedgeRes
     wanted = outside_legs(inputs.hedge_groups, inputs.hedge_scope)
     table = run.db.hedge_table_legs(wanted) if wanted else {}
     metas = run.db.cached_metas({dex_of(g.coin) for g in inputs.hedge_groups}, CACHE_TTL)
-    listed = {dex: listed_coins(meta) for dex, meta in metas.items() if listed_coins(meta)}
+    listed = {dex: listed_coins(meta, dex) for dex, meta in metas.items() if listed_coins(meta, dex)}
     results = evaluate_hedges(inputs.hedge_groups, snapshots, unread, now,
                               timedelta(seconds=run.settings.hedge_external_stale), table, listed)
     run.check_signal()
@@ -1098,7 +1106,7 @@ def build_report(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied
             report.accounts_failed += 1
             report.failures.append({"account": account.address, "reason": failure})
             report.failed_account_ids[account.id] = failure[:200]
-        elif result.plan is not None:
+        elif result.plan is not None and account.id not in applied.unwritten:
             report.accounts_ok += 1
             report.ok_account_ids.append(account.id)
         if result.plan is not None:

@@ -178,3 +178,22 @@ def test_an_order_left_by_the_deadline_marks_the_run_overran(watched: list[Any],
     assert report.close_orders_sent == 0 and any("deadline" in n for n in report.notes)
     assert report.overrun and report.to_json()["overrun"] is True
     assert run_once(with_key).close_orders_sent == 1  # and the next run sends it
+
+
+@pytest.mark.parametrize("stopped", ["before_apply", "lock_lost_in_apply"])
+def test_a_run_stopped_before_its_writes_does_not_record_those_accounts_as_freshly_read(
+        run: Any, watched: list[Any], sim: Any, stopped: str) -> None:
+    """Red team: a run stopped (a signal, a lost lock, a fault) before an account's changes were written counted
+    that account as read OK, so account_health said "freshly read" while its rows still showed the old state;
+    a hedge group judging that account from the table (another shard's run) then trusted stale rows. An account
+    whose plan wrote nothing needed no write and stays OK."""
+    from monitor.runner import _partial_report, apply_plans, load_inputs, read_accounts
+
+    sim.open_position(ALICE, "BTC", "0.5", "30000")  # ALICE's plan has a change (a discovery), BOB's none
+    run.inputs = load_inputs(run, ())
+    run.reads = read_accounts(run, run.inputs)
+    if stopped == "lock_lost_in_apply":
+        run.lock.compromised.set()
+        apply_plans(run, run.reads)
+    report = _partial_report(run)
+    assert report.ok_account_ids == [watched[1].id]  # BOB only: ALICE's discovery was never written

@@ -229,3 +229,50 @@ def test_a_sum_beyond_28_digits_is_not_rounded():
         ExternalLeg("b", Decimal("-1234567890123456789012345678"), NOW)))
     result, = evaluate([g], {}, {}, NOW, timedelta(seconds=300))
     assert result.net == Decimal("0.9") and result.status == "imbalanced"
+
+
+# ---- red team on the table path: only rows the other run confirmed count --------------------------------
+
+
+def test_a_leg_from_the_table_whose_row_is_marked_missing_or_unconfirmed_is_unknown(env, sim, database_url):
+    """The other shard read its account (fresh account_health) but found the position gone without a closing
+    fill: the row stays open, marked missing, for up to 15 minutes. Counting it made the group balanced while the
+    other shard's own verdict was imbalanced. A marked row, a row not confirmed lately, or a HIP-3 leg (the table
+    does not say when its dex was read) is unknown from the table."""
+    a, b = _two_shards()
+    sim.open_position(a, "BTC", "1", "30000")
+    sim.open_position(b, "BTC", "-1", "30000")  # balanced while b's short is open
+    ok(env, "accounts", "add", a)
+    ok(env, "accounts", "add", b)
+    ok(env, "hedge", "create", "x", "--coin", "BTC")
+    ok(env, "hedge", "add-leg", "x", "--account", a)
+    ok(env, "hedge", "add-leg", "x", "--account", b)
+    ka = 1 if in_shard(a, (1, 2)) else 2
+    run_json(env, "--shard", f"{3 - ka}/2")
+    assert hedges(run_json(env, "--shard", f"{ka}/2"))["x"]["status"] == "balanced"
+
+    sql(database_url, "UPDATE positions SET metadata = metadata || jsonb_build_object('missing_since', now()::text)"
+                      " WHERE coin = 'BTC' AND account_id = (SELECT id FROM accounts WHERE address = %s)", b)
+    x = hedges(run_json(env, "--shard", f"{ka}/2"))["x"]
+    assert x["status"] == "unknown" and "marked missing" in x["reason"], x
+
+    sql(database_url, "UPDATE positions SET metadata = metadata - 'missing_since',"
+                      " last_seen_at = now() - interval '1 hour' WHERE coin = 'BTC'")
+    x = hedges(run_json(env, "--shard", f"{ka}/2"))["x"]
+    assert x["status"] == "unknown" and "last confirmed" in x["reason"], x
+
+
+def test_a_hip3_leg_from_the_table_is_unknown(env, sim, database_url):
+    a, b = _two_shards()
+    sim.open_hip3_position(a, "xyz:TSLA", "1", "250")
+    sim.open_hip3_position(b, "xyz:TSLA", "-1", "250")
+    ok(env, "accounts", "add", a)
+    ok(env, "accounts", "add", b)
+    ok(env, "hedge", "create", "t", "--coin", "xyz:TSLA")
+    ok(env, "hedge", "add-leg", "t", "--account", a)
+    ok(env, "hedge", "add-leg", "t", "--account", b)
+    ka = 1 if in_shard(a, (1, 2)) else 2
+    run_json(env, "--shard", f"{3 - ka}/2")
+    x = hedges(run_json(env, "--shard", f"{ka}/2"))["t"]
+    assert x["status"] == "unknown" and "HIP-3" in x["reason"], x
+    assert hedges(run_json(env))["t"]["status"] == "balanced"  # an unsharded run reads both: judged
