@@ -374,7 +374,9 @@ def decide_alerts(
       is sent when the streak reaches ``threshold_runs`` (1 for kinds in ``immediate``). An active
       one is sent again only when ``resend_after`` has passed since ``last_sent_at`` (None: never
       resent), with "(still present, N runs)" appended; one whose kind moves into ``immediate`` this run
-      (``hedge_imbalance`` escalating to ``hedge_imbalance_urgent``) is sent again at once.
+      (``hedge_imbalance`` escalating to ``hedge_imbalance_urgent``) is sent again at once. While an alert stays
+      active its kind never moves back out of ``immediate`` (only the resolve ends it), so an escalation is sent
+      once per activation.
     * not observed: the streak resets to 0; an active alert is resolved once (``"resolved: " +
       its message``) and becomes inactive.
 
@@ -396,6 +398,10 @@ def decide_alerts(
         if key in seen:
             kind, message = seen[key]
             state = replace(before) if before is not None else AlertState(key=key, kind=kind)
+            if before is not None and before.active and before.kind in immediate and kind not in immediate:
+                # an active alert never downgrades (only its resolve does): a value oscillating around the
+                # urgent boundary must not re-send the escalation every other run
+                kind = before.kind
             state.kind, state.message = kind, message
             if state.streak == 0 or state.first_seen_at is None:
                 state.first_seen_at = now

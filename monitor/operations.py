@@ -182,7 +182,7 @@ def execute_run(settings: Settings, *, dry_run: bool, addresses: Sequence[str],
                 _alerts(settings, {k: v for k, v in observed.items() if k == stale_key}, only=(stale_key,))
             else:
                 _alerts(settings, observed, epoch=report.epoch, hold=held_conditions(report),
-                        owns=alert_scope(report))
+                        owns_for=lambda active: alert_scope(report, active, accounts_named=bool(addresses)))
         _metrics(settings, report, started, lock_busy=report.exit_code == EXIT_LOCK_HELD)
     return report
 
@@ -255,7 +255,9 @@ RUN_WIDE_KINDS = frozenset({"run_overran", "conflicts", "exit_starved", "key_unr
 # Alert kinds about one account: its address is in the key (account_failed, liquidation) or in the text.
 _ACCOUNT_IN_KEY = frozenset({"account_failed", "liquidation"})
 _ACCOUNT_IN_TEXT = frozenset({"close_failed", "close_blocked_open_orders", "followup_failed"})
-_SHARD_SUFFIX = re.compile(r":shard-\d+-of-\d+$")
+_SHARD_SUFFIX = re.compile(r":shard-\d+-of-(\d+)$")
+# Run-wide kinds about the run lock: a run narrowed by --account shares the cron run's lock, so it keeps them.
+_LOCK_KINDS = frozenset({"lock_busy", "lock_stale_holder"})
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 
 
@@ -268,27 +270,46 @@ def shard_tag(settings: Settings) -> str | None:
     return None if settings.shard is None else f"shard-{settings.shard[0]}-of-{settings.shard[1]}"
 
 
-def alert_scope(report: RunReport) -> Callable[[AlertState], bool]:
-    """Whether a stored alert is this run's to count and resolve: a run-wide one only when it carries this run's
-    shard (none for an unsharded run); an account's only when that account is among the run's accounts (every
-    account for a run not narrowed by --shard/--account); the rest (hedge groups: ``held_conditions``) always."""
+def alert_scope(report: RunReport, active: Collection[str] | None = None, *,
+                accounts_named: bool = False) -> Callable[[AlertState], bool]:
+    """Whether a stored alert is this run's to count and resolve (README, "Alerts").
+
+    Run-wide kinds: an unsharded run owns the plain keys; a sharded run the keys carrying its shard, plus the
+    keys no shard of its N owns (plain ones, left from before sharding; ``:shard-K-of-M`` ones of another M,
+    left from before the shard count changed). A run narrowed by ``--account`` (``accounts_named``) owns none
+    but the lock's (``lock_busy``, ``lock_stale_holder``: it shares the run lock): the cron run's conditions are
+    not a one-account run's to resolve. Account kinds: an account's alerts only when that account is among the
+    run's accounts (every account for a run not narrowed by --shard/--account), and never for an account this
+    run deferred (budget, deadline) or found claimed by another run: it did not read it. The alerts of an
+    account that is not active (``active``, when given) are every run's. The rest (hedge groups:
+    ``held_conditions``) always."""
     scope = None if report.scope_addresses is None else {a.lower() for a in report.scope_addresses}
+    deferred = {a.lower() for a in report.deferred_accounts}
+    watched = None if active is None else {a.lower() for a in active}
+    own_count = None if report.shard is None else report.shard.rsplit("-of-", 1)[1]
 
     def owns(state: AlertState) -> bool:
         if state.kind in RUN_WIDE_KINDS:
+            if accounts_named and state.kind not in _LOCK_KINDS:
+                return False
             match = _SHARD_SUFFIX.search(state.key)
             if report.shard is None:
                 return match is None
-            return match is not None and match.group(0) == f":{report.shard}"
-        if scope is None:
-            return True
+            return match is None or match.group(0) == f":{report.shard}" or match.group(1) != own_count
         if state.kind in _ACCOUNT_IN_KEY:
             found = _ADDRESS.search(state.key)
         elif state.kind in _ACCOUNT_IN_TEXT:
             found = _ADDRESS.search(state.message)
         else:
             return True
-        return found is None or found.group(0).lower() in scope
+        if found is None:
+            return True
+        account = found.group(0).lower()
+        if watched is not None and account not in watched:
+            return True  # disabled (or removed): no run reads it, so every run may resolve it
+        if account in deferred:
+            return False
+        return scope is None or account in scope
 
     return owns
 
@@ -297,8 +318,11 @@ def held_conditions(report: RunReport) -> set[str]:
     """Alert keys this run says nothing about, left exactly as they are (streak, active): the imbalance of a hedge
     group whose status is unknown (a leg not read, an external leg stale) is neither seen nor resolved, and the
     hedge alerts of groups outside this run's accounts (``--account``, ``--shard``) belong to the runs that judge
-    them."""
+    them. ``key_unreadable`` is judged only by a run that read the key: one that never needed it (a quiet run)
+    or whose planning read failed without a signature attempted holds it; a run that read it resolves it."""
     held = {f"hedge_imbalance:{h.name}" for h in report.hedges if h.status == UNKNOWN}
+    if not report.key_read and report.key_error is None:
+        held.add(shard_key("key_unreadable", "key_unreadable", report.shard))
     for name in report.hedges_held:
         held |= {f"hedge_imbalance:{name}", f"hedge_external_stale:{name}", f"{UNKNOWN_KIND}:{name}"}
     return held
@@ -306,7 +330,10 @@ def held_conditions(report: RunReport) -> set[str]:
 
 def _alerts(settings: Settings, observed: dict[str, tuple[str, str]], only: Sequence[str] | None = None,
             epoch: int | None = None, hold: Collection[str] = (),
-            owns: Callable[[AlertState], bool] | None = None) -> None:
+            owns: Callable[[AlertState], bool] | None = None,
+            owns_for: Callable[[Collection[str]], Callable[[AlertState], bool]] | None = None) -> None:
+    """Count and resolve this run's alerts. A key held (``hold``) or not this run's (``owns``; ``owns_for`` builds
+    it from the active accounts' addresses) is left exactly as stored, whether observed or not."""
     try:
         db, _ = open_database(settings)
     except MonitorError as exc:
@@ -317,9 +344,12 @@ def _alerts(settings: Settings, observed: dict[str, tuple[str, str]], only: Sequ
             return
         with db.alerts_locked(epoch):
             previous = {row[0]: AlertState(*row) for row in db.load_alerts()}
+            if owns_for is not None:
+                owns = owns_for([a.address for a in db.list_accounts(active_only=True)])
             considered = {k: v for k, v in previous.items()
                           if (only is None or k in only) and k not in hold and (owns is None or owns(v))}
-            observed = {k: v for k, v in observed.items() if k not in hold}
+            observed = {k: (kind, text) for k, (kind, text) in observed.items() if k not in hold and (
+                owns is None or owns(previous.get(k) or AlertState(key=k, kind=kind, message=text)))}
             now = datetime.now(timezone.utc)
             states, to_send, to_resolve = decide_alerts(considered, observed, now,
                                                         threshold_runs=settings.alert_after_runs,

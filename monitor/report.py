@@ -67,6 +67,7 @@ class RunReport:
     def hedges_not_balanced(self) -> list[HedgeResult]:
         return [h for h in self.hedges if h.status != "balanced"]
     key_error: str | None = None  # the key file could not be read when an order was to be signed (exit 78)
+    key_read: bool = False  # the key was read successfully this run (not in JSON): only then is key_unreadable resolved
 
     @property
     def exit_code(self) -> int:

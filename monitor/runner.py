@@ -167,6 +167,11 @@ class RunContext:
 
     _key: str | None = field(default=None, repr=False)
 
+    @property
+    def key_was_read(self) -> bool:
+        """The key was read successfully this run (``key_unreadable`` is judged only then)."""
+        return self._key is not None
+
     def seconds_left(self) -> float:
         return self.settings.deadline_seconds - (self.clock.monotonic() - self.started)
 
@@ -1117,6 +1122,7 @@ def build_report(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied
     report.conflicts = applied.counts.get("conflicts", 0) + exits.conflicts
     report.close_orders_sent, report.would_close = exits.close_orders_sent, exits.would_close
     report.actions.extend(exits.actions)
+    report.key_read = run.key_was_read
     if run.key_error is not None:  # the run was about to sign and could not read its key: exit 78
         blocked = exits.key_blocked
         shown = ", ".join(blocked[:3]) + (f" and {len(blocked) - 3} more" if len(blocked) > 3 else "")
