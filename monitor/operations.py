@@ -321,6 +321,9 @@ def held_conditions(report: RunReport) -> set[str]:
     them. ``key_unreadable`` is judged only by a run that read the key: one that never needed it (a quiet run)
     or whose planning read failed without a signature attempted holds it; a run that read it resolves it."""
     held = {f"hedge_imbalance:{h.name}" for h in report.hedges if h.status == UNKNOWN}
+    # Unknown for a reason that alerts on its own (a failed read, a stale venue leg): this run says nothing
+    # about hedge_unknown either (another shard may be building it from the table's staleness).
+    held |= {f"{UNKNOWN_KIND}:{h.name}" for h in report.hedges if h.status == UNKNOWN and h.alerted_elsewhere}
     if not report.key_read and report.key_error is None:
         held.add(shard_key("key_unreadable", "key_unreadable", report.shard))
     for name in report.hedges_held:

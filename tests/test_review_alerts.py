@@ -177,3 +177,21 @@ def test_a_manual_one_account_run_does_not_resolve_the_cron_runs_alerts(env, sim
     assert {key: _alert(database_url, key) for key in keys} == dict.fromkeys(keys, (3, True))
     run_json(env)  # the cron run owns them: none seen, all resolved
     assert {key: _alert(database_url, key) for key in keys} == dict.fromkeys(keys, (0, False))
+
+
+def test_a_group_unknown_for_a_reason_that_alerts_elsewhere_holds_its_hedge_unknown_alert():
+    """Red team L2: shard 2 (its leg's read failed: unknown, covered by account_failed) resolved hedge_unknown
+    while shard 1 (the same leg stale in the table) was building it: the streak went 1, 0, 1... It is held."""
+    from decimal import Decimal
+
+    from monitor.hedges import UNKNOWN, HedgeResult
+    from monitor.operations import held_conditions
+    from monitor.report import RunReport
+
+    report = RunReport(dry_run=False, run_id="r", epoch=1)
+    report.key_read = True
+    report.hedges = [HedgeResult(1, "g", "BTC", Decimal("0.1"), UNKNOWN, None, [], reason="read failed",
+                                 alerted_elsewhere=True),
+                     HedgeResult(2, "h", "BTC", Decimal("0.1"), UNKNOWN, None, [], reason="no legs")]
+    held = held_conditions(report)
+    assert "hedge_unknown:g" in held and "hedge_unknown:h" not in held
