@@ -199,7 +199,9 @@ def _apply_round(db: Database, plans: Sequence[AccountPlan], changes: list[_Pend
 
     missing = by_type.get(planner.MARK_MISSING, [])
     marked = db.merge_metadata_many([(_row_id(p.action), {"missing_since": (p.action.closed_at or now).isoformat(),
-                                                          "missing_paused_at": None}) for p in missing])
+                                                          "missing_paused_at": None,
+                                                          "missing_reads": p.action.metadata.get("missing_reads", 1)})
+                                     for p in missing])
     for p in missing:
         p.done = p.action.position_id in marked
 

@@ -1186,7 +1186,7 @@ class Database(OperationsMixin, ExchangeCacheMixin, HedgeMixin):
         cur = self._execute(
             "UPDATE positions SET size = %s, entry_price = %s, last_seen_at = %s,"
             " realized_pnl = COALESCE(%s, realized_pnl), fees = COALESCE(%s, fees),"
-            " metadata = metadata - 'missing_since' - 'missing_paused_at'"
+            " metadata = metadata - 'missing_since' - 'missing_paused_at' - 'missing_reads'"
             " WHERE id = %s AND closed_at IS NULL",
             (size, entry_price, now, realized_pnl, fees, position_id),
         )
@@ -1213,7 +1213,8 @@ class Database(OperationsMixin, ExchangeCacheMixin, HedgeMixin):
                      " AND released_at IS NULL ORDER BY account_id FOR SHARE)")
             params += [self.run_id, claimed_epoch]
         cur = self._execute(
-            "UPDATE positions SET last_seen_at = %s, metadata = metadata - 'missing_since' - 'missing_paused_at'"
+            "UPDATE positions SET last_seen_at = %s,"
+            " metadata = metadata - 'missing_since' - 'missing_paused_at' - 'missing_reads'"
             " WHERE id = ANY(%s) AND closed_at IS NULL" + guard,
             params,
         )
@@ -1313,7 +1314,7 @@ class Database(OperationsMixin, ExchangeCacheMixin, HedgeMixin):
             "  %(f)s::numeric[], %(d)s::text[]) AS v(id, size, entry_price, realized_pnl, fees, details)),"
             " upd AS (UPDATE positions p SET size = v.size, entry_price = v.entry_price, last_seen_at = %(now)s,"
             "  realized_pnl = COALESCE(v.realized_pnl, p.realized_pnl), fees = COALESCE(v.fees, p.fees),"
-            "  metadata = p.metadata - 'missing_since' - 'missing_paused_at'"
+            "  metadata = p.metadata - 'missing_since' - 'missing_paused_at' - 'missing_reads'"
             "  FROM v WHERE p.id = v.id AND p.closed_at IS NULL RETURNING p.id),"
             " ev AS (INSERT INTO position_events (position_id, run_id, epoch, event, from_status, to_status, reason,"
             "  details)"

@@ -25,6 +25,10 @@ CLOSE_ORDER = "close_order"
 SETTLE_CLOSE = "settle_close"
 TRACK_BEST = "track_best"
 MARK_MISSING = "mark_missing"  # the first run that finds a row's position gone without a closing fill
+# An unexplained close needs the window of missing time AND this many runs that read the row's dex and found it
+# gone: a stale mark (or a mark from before an outage of the account's reads) and one more empty answer that its
+# confirming read repeated cannot close a position that is still open.
+MIN_MISSING_READS = 3
 # A missing row's clock paused because its perp dex was not read this run: the time a row has been missing counts
 # only over runs that read its dex (the gap is added to its mark when the dex is read again), so a mark from
 # before a gap cannot close it as unexplained too early, and a dex read only now and then still gets there.
@@ -483,23 +487,24 @@ def _vanished(address: str, row: PositionRow, now: datetime, settings: PlanSetti
     missing_since = _missing_since(row)
     if missing_since is None:
         return [Action(MARK_MISSING, address, row.coin, position_id=row.id, closed_at=now,
-                       reason="gone from the exchange but no fill shows the close yet; confirming in later runs")]
+                       reason="gone from the exchange but no fill shows the close yet; confirming in later runs",
+                       metadata={"missing_reads": 1})]
+    reads = _missing_reads(row) + 1  # the runs that read its dex and found it gone, this one included
     paused_at = _missing_paused_at(row)
     if paused_at is not None:
         # Its dex went unread for a while: that gap does not count. The mark moves on by the gap (and the
         # pause ends), so only the time over runs that read the dex adds up to the window.
         missing_since = min(now, missing_since + max(now - paused_at, timedelta(0)))
-        if now - missing_since < settings.unexplained_close_after:
-            return [Action(MARK_MISSING, address, row.coin, position_id=row.id, closed_at=missing_since,
-                           reason=f"gone from the exchange, its dex read again: missing since {missing_since:%H:%M:%S}"
-                                  " without the time its dex was not read")]
-    if now - missing_since >= settings.unexplained_close_after:
+    if now - missing_since >= settings.unexplained_close_after and reads >= MIN_MISSING_READS:
         extra = {"fills_truncated": True} if fills_truncated else {}
         return [Action(CLOSE, address, row.coin, position_id=row.id, side=row.side, size=row.size,
                        reason="external", exit_price=None, realized_pnl=None, fees=None, closed_at=now,
-                       metadata={"unexplained": True, "missing_since": missing_since.isoformat(), **extra})]
-    return [Action(WAIT, address, row.coin, position_id=row.id,
-                   reason=f"gone from the exchange since {missing_since:%H:%M:%S} but no fill shows the close yet")]
+                       metadata={"unexplained": True, "missing_since": missing_since.isoformat(),
+                                 "missing_reads": reads, **extra})]
+    # Still waiting: the mark (moved on by an unread gap) and the count of reads that found it gone are kept.
+    return [Action(MARK_MISSING, address, row.coin, position_id=row.id, closed_at=missing_since,
+                   reason=(f"gone from the exchange since {missing_since:%H:%M:%S} ({reads} reads) but no fill shows"
+                           " the close yet"), metadata={"missing_reads": reads})]
 
 
 def _close_time(row: PositionRow, figures: Any, now: datetime) -> tuple[datetime, dict[str, Any]]:
@@ -512,6 +517,12 @@ def _close_time(row: PositionRow, figures: Any, now: datetime) -> tuple[datetime
     if fill_time >= row.opened_at:
         return fill_time, {}
     return row.opened_at, {"close_fill_at": fill_time.isoformat(), "closed_before_adoption": True}
+
+
+def _missing_reads(row: PositionRow) -> int:
+    """How many runs that read the row's dex found it gone since its mark (a mark without a count: one)."""
+    count = row.metadata.get("missing_reads")
+    return count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else 1
 
 
 def _missing_paused_at(row: PositionRow) -> datetime | None:

@@ -131,7 +131,8 @@ def test_a_row_on_a_dex_that_was_read_and_is_gone_is_still_closed(env, sim, data
     sim.open_position(ALICE, "BTC", "1", "30000")
     assert cli(env, "accounts", "add", ALICE).returncode == 0
     insert_platform_row(database_url, ALICE, "xyz:TSLA", "long", "2", "250", opened_ago=timedelta(hours=1),
-                        metadata={"missing_since": (datetime.now(timezone.utc) - timedelta(minutes=20)).isoformat()})
+                        metadata={"missing_since": (datetime.now(timezone.utc) - timedelta(minutes=20)).isoformat(),
+                                  "missing_reads": 2})  # two runs that read xyz found it gone
     report = run_json(env)
     assert report["closed"] == 1  # xyz was read: the unexplained close after the window still works
     closed = row(database_url, "xyz:TSLA")
