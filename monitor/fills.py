@@ -292,7 +292,20 @@ def _steps_of_millisecond(fills: Sequence[tuple[int, Fill]]) -> list[_Step]:
     return steps
 
 
-def _chain(steps: list[_Step], position_before: Decimal | None) -> tuple[list[_Step], Decimal | None]:
+def _chain_end(moves: list[_Step], start: Decimal) -> Decimal | None:
+    """Where the position ends when ``moves`` are chained from ``start`` (None: they do not all chain)."""
+    remaining, position = list(moves), start
+    while remaining:
+        following = next((s for s in remaining if s.start == position), None)
+        if following is None:
+            return None
+        remaining.remove(following)
+        position = following.end
+    return position
+
+
+def _chain(steps: list[_Step], position_before: Decimal | None,
+           next_starts: frozenset[Decimal] = frozenset()) -> tuple[list[_Step], Decimal | None]:
     """Order one coin's steps of one millisecond so each starts where the previous one ended.
 
     Returns the ordered steps and the position after them (None when it cannot be told). Where no
@@ -305,7 +318,11 @@ def _chain(steps: list[_Step], position_before: Decimal | None) -> tuple[list[_S
         position = position_before
     else:
         # The first move is one whose start is no other move's end (else keep the input order).
-        head = next((s for s in moves if not any(o is not s and o.end == s.start for o in moves)), moves[0])
+        head = next((s for s in moves if not any(o is not s and o.end == s.start for o in moves)), None)
+        if head is None:
+            # Every start is another move's end (a close and a re-open in one millisecond, with nothing known
+            # before it): any move could be first. The next millisecond's fills say where this one ended.
+            head = next((s for s in moves if _chain_end(moves, s.start) in next_starts), moves[0])
         position = head.start
     remaining = list(steps)
     ordered: list[_Step] = []
@@ -342,9 +359,17 @@ def _ordered_steps(fills: Iterable[Fill]) -> list[_Step]:
         by_time.setdefault(fill.time_ms, {}).setdefault(fill.coin, []).append((len(seen), fill))
     position: dict[str, Decimal | None] = {}
     out: list[_Step] = []
-    for time_ms in sorted(by_time):
-        for coin, coin_fills in by_time[time_ms].items():
-            ordered, after = _chain(_steps_of_millisecond(coin_fills), position.get(coin))
+    times = sorted(by_time)
+    steps = {(t, coin): _steps_of_millisecond(coin_fills) for t in times for coin, coin_fills in by_time[t].items()}
+    following: dict[tuple[int, str], frozenset[Decimal]] = {}  # the starts of a coin's next millisecond's moves
+    after_it: dict[str, frozenset[Decimal]] = {}
+    for t in reversed(times):
+        for coin in by_time[t]:
+            following[(t, coin)] = after_it.get(coin, frozenset())
+            after_it[coin] = frozenset(s.start for s in steps[(t, coin)] if not s.wash)
+    for time_ms in times:
+        for coin in by_time[time_ms]:
+            ordered, after = _chain(steps[(time_ms, coin)], position.get(coin), following[(time_ms, coin)])
             position[coin] = after
             out.extend(ordered)
     return out

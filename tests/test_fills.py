@@ -900,3 +900,17 @@ def test_row_cycles_skip_an_older_cycle_closed_before_the_row_opened() -> None:
     adopted = row_cycles(fills, coin="ETH", side="long", opened_ms=1200, account=ME, lookback_ms=1000, adopted=True)
     assert adopted.own is not None and adopted.own.end_ms == 900  # a stale snapshot showed the old one
     assert [c.start_ms for c in adopted.later] == [5000]
+
+
+def test_a_close_and_reopen_in_the_first_millisecond_in_reach_is_ordered_by_the_next_fill():
+    """Chaos seed 20266090: the opening fill out of reach, the first fills in reach a close (2.5 -> 0, two parts)
+    and a re-open (0 -> 2.5) in one millisecond, then an add (2.5 -> 6). Both orders of that millisecond chain
+    (nothing is known before it); given newest first with the millisecond reversed, the re-open was put first
+    and its fee counted in the closed cycle. The next millisecond's start (2.5) says the close came first."""
+    raw = [raw_fill(time=2_000, side="B", start="2.5", sz="3.5", px="14.45", fee="0.0227"),
+           raw_fill(time=1_000, side="B", start="0.0", sz="2.5", px="14.59", fee="0.0164"),
+           raw_fill(time=1_000, side="A", start="1.25", sz="1.25", px="14.45", dir="Close Long", fee="0.0081"),
+           raw_fill(time=1_000, side="A", start="2.5", sz="1.25", px="14.45", dir="Close Long", fee="0.0081")]
+    ordered = dedupe_fills(parse_fills(raw))
+    assert [(f.start_position, f.time_ms) for f in ordered] == [
+        (D("2.5"), 1_000), (D("1.25"), 1_000), (D("0.0"), 1_000), (D("2.5"), 2_000)]

@@ -146,7 +146,9 @@ def test_fills_chain_and_closed_pnl(sim):
 
     info = make_info(sim)
     newest_first = info.user_fills(user)
-    fills = list(reversed(newest_first))
+    # Newest first, but fills of one millisecond in the order they happened (as the exchange lists them): a stable
+    # sort by time gives the history oldest first.
+    fills = sorted(newest_first, key=lambda f: f["time"])
     assert [f["time"] for f in newest_first] == sorted((f["time"] for f in newest_first), reverse=True)
     assert [f["dir"] for f in fills] == [
         "Open Long", "Open Long", "Open Long", "Close Long", "Long > Short", "Close Short", "Close Short",

@@ -165,7 +165,9 @@ class InfoMixin:
             n = self._view(user, fault).n_fills
             fills = acct.fills[:n] if acct else []
             if typ == "userFills":
-                return copy.deepcopy(list(reversed(fills[-2000:])))
+                # Newest first, but fills that share a millisecond in the order they happened (oldest first), as
+                # a recorded mainnet answer lists them (monitor/fills.py): a stable sort on time, not a reversal.
+                return copy.deepcopy(sorted(fills[-2000:], key=lambda f: -f["time"]))
             start = body.get("startTime")
             end = body.get("endTime")
             if not isinstance(start, int) or isinstance(start, bool):
