@@ -45,7 +45,7 @@ from monitor.exchange import (
     signer_address,
 )
 from monitor.exit_budget import CACHE_TTL
-from monitor.models import Account, dex_of
+from monitor.models import Account, Fill, dex_of
 from monitor.planner import Action, PlanSettings, lookback
 from monitor.report import Alert
 
@@ -127,9 +127,23 @@ class KeyUnreadable(Exception):
     (unlike CannotAct, a follow-up is not moot: the orders are cancelled once the key can be read)."""
 
 
+@dataclass(frozen=True)
+class KnownFills:
+    """An account's fills as the run's read phase got them: from ``since_ms``, read at ``read_ms`` (exchange time)."""
+
+    fills: list[Fill]
+    since_ms: int
+    read_ms: int
+    truncated: bool = False
+
+
 class Closer:
     def __init__(self, ctx: CloseContext) -> None:
         self.ctx = ctx
+        # Fills the read phase got, by address: a close to settle whose window they cover, read after its order
+        # could last land, is settled from them (no second read of the same fills, which a busy account's
+        # weight could starve run after run).
+        self.known_fills: dict[str, KnownFills] = {}
         self.done = CloseOutcome()  # what this run did, for its report
         self._traders: dict[str, Trader] = {}
         # orders sent whose effect is read from fills next (in handle): (row, cloid, rule, partial, filled, oid)
@@ -566,10 +580,15 @@ class Closer:
         ctx = self.ctx
         position_id, coin = row.id, row.coin
         truncated = False
+        since = to_ms(row.opened_at) - int(lookback(row, ctx.plan_settings).total_seconds() * 1000)
+        known = self.known_fills.get(account.address)
+        expires = row.close_expires_at
         try:
-            fills = ctx.exchange.read_fills(account.address,
-                                            to_ms(row.opened_at) - int(lookback(row, ctx.plan_settings)
-                                                                       .total_seconds() * 1000))
+            if (known is not None and not partial and expires is not None and known.since_ms <= since
+                    and known.read_ms >= to_ms(expires) + int(SETTLE_MARGIN_SECONDS * 1000)):
+                fills, truncated = known.fills, known.truncated  # read after the order could last land
+            else:
+                fills = ctx.exchange.read_fills(account.address, since)
         except FillsTruncated as exc:
             fills, truncated = exc.fills, True
         except ReadFailed as exc:

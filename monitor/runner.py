@@ -26,7 +26,7 @@ from typing import Any
 
 from monitor import applying, planner, signals
 from monitor.clock import CLOCK_OFFSET_ALERT_MS, Clock, ExchangeClock, to_ms
-from monitor.closing import CloseContext, CloseOutcome, Closer, attach_funding, followup_json
+from monitor.closing import CloseContext, CloseOutcome, Closer, KnownFills, attach_funding, followup_json
 from monitor.config import Settings
 from monitor.database import Database, Followup, connect, embedded_database_url
 from monitor.dexes import DexReads, cursor_after, plan_dex_reads, reads_every_dex, watched_dexes
@@ -54,7 +54,7 @@ from monitor.lock import (
     process_is,
     process_start_time,
 )
-from monitor.models import MAIN_DEX, Account, AccountSnapshot, PositionRow, dex_of
+from monitor.models import MAIN_DEX, Account, AccountSnapshot, Fill, PositionRow, dex_of
 from monitor.planner import AccountPlan, Action, PlanSettings
 from monitor.report import Alert, RunReport
 
@@ -504,6 +504,12 @@ class AccountRead:
     open_orders: dict[str, list[OpenOrder]] | None = None  # by perp dex, read for the closes planned
     dexes_skipped: frozenset[str] = frozenset()  # HIP-3 dexes to read that found no weight (not read)
     snapshot: AccountSnapshot | None = None  # what the read found (its dexes_read say which dexes)
+    # The fills the read phase got (from ``fills_since`` ms, read at ``fills_read_ms`` exchange time): an
+    # unfinished close of the account is settled from them rather than a second read of the same window.
+    fills: list[Fill] | None = None
+    fills_since: int | None = None
+    fills_read_ms: int | None = None
+    fills_truncated: bool = False
 
 
 @dataclass
@@ -778,11 +784,13 @@ def read_account(run: RunContext, exchange: Exchange, account: Account, rows: li
                                skipped)
         fills = None
         fills_error = None
+        fills_read_ms = None
         truncated = False
         verify_rules = run.can_act  # an order could be sent (or listed)
         since = planner.needs_fills(snapshot, rows, recent, now, settings, mids=mids,
                                     account_max_hold=account.max_hold_seconds, verify_rules=verify_rules)
         if since is not None:
+            fills_read_ms = (run.exchange_clock or ExchangeClock(run.clock)).now_ms()
             try:
                 fills = exchange.read_fills(account.address, since)
             except FillsTruncated as exc:
@@ -822,7 +830,8 @@ def read_account(run: RunContext, exchange: Exchange, account: Account, rows: li
     if dex_problems:
         failure = "; ".join(([failure] if failure else []) + dex_problems)
     return AccountRead(account, plan=plan, failure=failure, open_orders=open_orders, dexes_skipped=frozenset(skipped),
-                       snapshot=snapshot)
+                       snapshot=snapshot, fills=fills, fills_since=since, fills_read_ms=fills_read_ms,
+                       fills_truncated=truncated)
 
 
 def _with_dexes(run: RunContext, exchange: Exchange, address: str, snapshot: AccountSnapshot,
@@ -971,6 +980,10 @@ def work_exits(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied) 
                 _with_claim(closer, account, partial(closer.send_orders, account, fired))
             if fired or settles or closed_coins or pending:
                 later.append((account, settles, closed_coins, result.open_orders, pending))
+                if settles and result.fills is not None and result.fills_since is not None \
+                        and result.fills_read_ms is not None:
+                    closer.known_fills[account.address] = KnownFills(result.fills, result.fills_since,
+                                                                     result.fills_read_ms, result.fills_truncated)
         for account, settles, closed_coins, open_orders, pending in later:
             run.check_signal()
             if run.lock_lost():

@@ -55,6 +55,17 @@ def test_a_short_chaos_run_keeps_every_invariant(pg_server_url):
     assert elapsed < 150
 
 
+def test_a_close_to_settle_on_a_busy_account_is_settled_from_the_fills_already_read(pg_server_url):
+    """Chaos seed 20267146: a close order filled on an account past 10,000 fills while its position grew; the
+    row stayed 'closing' for good. Each run's read phase spent the weight on that account's fill pages, and
+    the settle's own read of the same fills found none left (exit_starved, run after run). The settle now uses
+    the fills the read phase got when they were read after the order could last land."""
+    result = subprocess.run(
+        [sys.executable, str(CHAOS), "--rounds", "1", "--seed", "20267146", "--database-url", pg_server_url],
+        capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert result.returncode == 0 and re.search(r"^violations: 0\b", result.stdout, re.M), result.stdout[-3000:]
+
+
 # --------------------------------------------------------------------------------------------------
 # The checker catches what it claims to catch
 
