@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 
 ORDER_TTL_SECONDS = 10.0  # expiresAfter of a close order, at most
 SETTLE_MARGIN_SECONDS = 2.0  # after expiresAfter, before the cloid is looked up
+# Fills the read phase got serve a settle only when read this much later still (their read time is the run's early,
+# least-sampled estimate of the exchange's clock, and the exchange may index a fill a moment late).
+KNOWN_FILLS_SLACK = 1.0
 # expiresAfter, close_expires_at and the settle windows are in the exchange's time (the host's clock plus the
 # offset this run measured, ``ExchangeClock``): the exchange judges expiry by its own clock (reference §3.3),
 # so a host clock 30 s behind would otherwise sign every order already expired, and one 30 s ahead would look
@@ -585,7 +588,7 @@ class Closer:
         expires = row.close_expires_at
         try:
             if (known is not None and not partial and expires is not None and known.since_ms <= since
-                    and known.read_ms >= to_ms(expires) + int(SETTLE_MARGIN_SECONDS * 1000)):
+                    and known.read_ms >= to_ms(expires) + int((SETTLE_MARGIN_SECONDS + KNOWN_FILLS_SLACK) * 1000)):
                 fills, truncated = known.fills, known.truncated  # read after the order could last land
             else:
                 fills = ctx.exchange.read_fills(account.address, since)
