@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 
 from monitor.errors import UsageError
 from monitor.models import AccountSnapshot, dex_of
+from monitor.rules import parse_decimal
 
 BALANCED, IMBALANCED, UNKNOWN = "balanced", "imbalanced", "unknown"
 URGENT_FACTOR = Decimal(10)  # |net| beyond this many tolerances is urgent (alerted at once)
@@ -306,29 +307,19 @@ def parse_venue(text: str) -> str:
     return venue
 
 
-def _decimal(text: str, what: str) -> Decimal:
-    try:
-        value = Decimal(text.strip())
-    except (InvalidOperation, ValueError):
-        raise UsageError(f"{what}: not a number: {text!r}") from None
-    if not value.is_finite():
-        raise UsageError(f"{what}: not a finite number: {text!r}")
-    return value
-
-
 def parse_tolerance(text: str) -> Decimal:
-    value = _decimal(text, "--tolerance")
+    value = parse_decimal(text, "--tolerance")
     if value < 0:
         raise UsageError(f"--tolerance: must be 0 or more, got {text.strip()}")
     return value
 
 
 def parse_ratio(text: str) -> Decimal:
-    value = _decimal(text, "--ratio")
+    value = parse_decimal(text, "--ratio")
     if value == 0:
         raise UsageError("--ratio: must not be 0 (remove the leg instead)")
     return value
 
 
 def parse_size(text: str) -> Decimal:
-    return _decimal(text, "--size")
+    return parse_decimal(text, "--size")

@@ -350,6 +350,9 @@ def test_a_removed_leg_or_a_disabled_account_is_not_counted(env, sim, database_u
     (("hedge", "create", "other", "--coin", "BTC", "--tolerance", "NaN"), "--tolerance"),
     (("hedge", "add-leg", "basis", "--account", ALICE, "--ratio", "0"), "--ratio"),
     (("hedge", "set-external", "basis", "--venue", "cex", "--size", "1e"), "--size"),
+    # beyond what numeric stores or anyone trades: a usage error, not a database error (exit 70)
+    (("hedge", "create", "other", "--coin", "BTC", "--tolerance", "1e999999"), "--tolerance"),
+    (("hedge", "set-external", "basis", "--venue", "cex", "--size", "1e-20000"), "--size"),
     (("hedge", "create", "bad name", "--coin", "BTC"), "hedge group name"),
     (("hedge", "remove-leg", "basis", "--account", CAROL), "is not a leg"),
 ])
