@@ -26,6 +26,16 @@ def _two_shards() -> tuple[str, str]:
     raise AssertionError("no address in the other shard")
 
 
+def _group_across_shards(env, name: str, coin: str, a: str, b: str) -> int:
+    """Watch a and b (in different shards), make group ``name`` of their ``coin`` legs; returns a's shard K of 2."""
+    ok(env, "accounts", "add", a)
+    ok(env, "accounts", "add", b)
+    ok(env, "hedge", "create", name, "--coin", coin)
+    ok(env, "hedge", "add-leg", name, "--account", a)
+    ok(env, "hedge", "add-leg", name, "--account", b)
+    return 1 if in_shard(a, (1, 2)) else 2
+
+
 def _messages(recorder):  # noqa: F811 - the fixture
     return [json.loads(body)["text"] for _, body in recorder.requests]
 
@@ -107,12 +117,7 @@ def test_a_group_across_shards_is_judged_from_the_table_for_the_other_shards_leg
     a, b = _two_shards()
     sim.open_position(a, "BTC", "1", "30000")
     sim.open_position(b, "BTC", "-0.1", "30000")  # 0.9 BTC unhedged
-    ok(env, "accounts", "add", a)
-    ok(env, "accounts", "add", b)
-    ok(env, "hedge", "create", "x", "--coin", "BTC")
-    ok(env, "hedge", "add-leg", "x", "--account", a)
-    ok(env, "hedge", "add-leg", "x", "--account", b)
-    ka = 1 if in_shard(a, (1, 2)) else 2
+    ka = _group_across_shards(env, "x", "BTC", a, b)
     first = run_json(env, "--shard", f"{ka}/2")  # b never read yet: unknown, and says which account
     x = hedges(first)["x"]
     assert x["status"] == "unknown" and b in x["reason"] and "stale" in x["reason"]
@@ -242,12 +247,7 @@ def test_a_leg_from_the_table_whose_row_is_marked_missing_or_unconfirmed_is_unkn
     a, b = _two_shards()
     sim.open_position(a, "BTC", "1", "30000")
     sim.open_position(b, "BTC", "-1", "30000")  # balanced while b's short is open
-    ok(env, "accounts", "add", a)
-    ok(env, "accounts", "add", b)
-    ok(env, "hedge", "create", "x", "--coin", "BTC")
-    ok(env, "hedge", "add-leg", "x", "--account", a)
-    ok(env, "hedge", "add-leg", "x", "--account", b)
-    ka = 1 if in_shard(a, (1, 2)) else 2
+    ka = _group_across_shards(env, "x", "BTC", a, b)
     run_json(env, "--shard", f"{3 - ka}/2")
     assert hedges(run_json(env, "--shard", f"{ka}/2"))["x"]["status"] == "balanced"
 
@@ -266,12 +266,7 @@ def test_a_hip3_leg_from_the_table_is_unknown(env, sim, database_url):
     a, b = _two_shards()
     sim.open_hip3_position(a, "xyz:TSLA", "1", "250")
     sim.open_hip3_position(b, "xyz:TSLA", "-1", "250")
-    ok(env, "accounts", "add", a)
-    ok(env, "accounts", "add", b)
-    ok(env, "hedge", "create", "t", "--coin", "xyz:TSLA")
-    ok(env, "hedge", "add-leg", "t", "--account", a)
-    ok(env, "hedge", "add-leg", "t", "--account", b)
-    ka = 1 if in_shard(a, (1, 2)) else 2
+    ka = _group_across_shards(env, "t", "xyz:TSLA", a, b)
     run_json(env, "--shard", f"{3 - ka}/2")
     x = hedges(run_json(env, "--shard", f"{ka}/2"))["t"]
     assert x["status"] == "unknown" and "HIP-3" in x["reason"], x
