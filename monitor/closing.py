@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from monitor import planner
 from monitor.clock import Clock, ExchangeClock, from_ms, to_ms
@@ -44,7 +44,7 @@ from monitor.exchange import (
     orphaned_orders,
     signer_address,
 )
-from monitor.exit_budget import CACHE_TTL
+from monitor.exit_budget import CACHE_TTL, REFUSAL_CACHE_TTL
 from monitor.models import Account, Fill, dex_of
 from monitor.planner import Action, PlanSettings, lookback
 from monitor.report import Alert
@@ -92,6 +92,9 @@ class CloseContext:
     # (a run with MONITOR_PERP_DEXES="" has no dex list of its own: it asks perpDexs then).
     order_dexes: list[str] | None = field(default_factory=lambda: [MAIN_DEX])
     order_dexes_lookup: Callable[[], list[str] | None] | None = None
+    # Accounts the run found (from cached userRole answers, before its reads) the key cannot act for, with why:
+    # refused all run long, so no order goes out for a row whose cycle the read phase did not check for one.
+    cannot_act: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def has_key(self) -> bool:
@@ -154,6 +157,7 @@ class Closer:
         self._hip3: dict[str, tuple[int, int]] = {}  # HIP-3 coin -> (asset id, szDecimals), shared by the traders
         self._hip3_metas: set[str] = set()  # HIP-3 dexes whose meta is loaded (or was read fresh) this run
         self._vaults: dict[str, str | None] = {}
+        self._blocked: dict[str, list[str]] = {}  # address -> fired rules not sent: the key cannot act for it
 
     def _key(self) -> str:
         """The signing key; its file is read here, by the first signature that needs it (KeyUnreadable)."""
@@ -183,13 +187,13 @@ class Closer:
         ctx = self.ctx
         signer = self._signer()
         if not hasattr(self, "_cached_roles"):
-            self._cached_roles = ctx.db.cached_roles(signer, CACHE_TTL)
+            self._cached_roles = ctx.db.cached_roles(signer, CACHE_TTL, REFUSAL_CACHE_TTL)
         if address in self._cached_roles:
             return self._cached_roles[address]
         role, linked = ctx.exchange.user_role(address)
-        # Only answers that let the key act are kept: a "missing" key may be approved any minute.
-        usable = role in ("agent", "user") if address == signer else role == "subAccount"
-        if usable and not ctx.dry_run:
+        # Every answer is kept: one that lets the key act for an hour, one that does not (a "missing" key may be
+        # approved any minute) for REFUSAL_CACHE_TTL, so a fired rule the key cannot send costs no weight each run.
+        if not ctx.dry_run:
             ctx.db.store_role(signer, address, role, linked)
             self._cached_roles[address] = (role, linked)
         return role, linked
@@ -206,6 +210,8 @@ class Closer:
         """How the key may act for ``account`` (None: as itself/its master), or CannotAct."""
         if account.address in self._vaults:
             return self._vaults[account.address]
+        if account.address in self.ctx.cannot_act:
+            raise CannotAct(self.ctx.cannot_act[account.address])
         master = self._key_master()
         if master is None:
             raise CannotAct("the key is neither an approved agent nor a funded account")
@@ -383,6 +389,14 @@ class Closer:
         except CannotAct as exc:
             self.done.would_close += 1
             self._note(f"would close #{row.id} {action.coin} ({action.reason}) but {exc}; nothing sent")
+            # Not silent: a fired rule that cannot be sent is an alert of its account until it can (or the
+            # rule no longer fires, or the row closes).
+            blocked = self._blocked.setdefault(account.address, [])
+            blocked.append(f"#{row.id} {action.coin} ({action.reason})")
+            key = f"exit_blocked:{account.address}"
+            self.done.alerts = [a for a in self.done.alerts if a.key != key]
+            self.done.alerts.append(Alert(key, "exit_blocked", f"{account.address}: fired exit rule(s) not sent,"
+                                                               f" {', '.join(blocked)}: {exc}"))
             return
         cloid = close_cloid(account.address, row.id, row.close_attempts + 1)
         expires_after = self._expires_after()

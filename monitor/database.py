@@ -400,10 +400,15 @@ class ExchangeCacheMixin:
         if cur.rowcount != 1:
             raise DatabaseError("NoRow", "sweep cursor: a newer run's cursor is stored; not moved")
 
-    def cached_roles(self, signer: str, max_age: Any) -> dict[str, tuple[str, str | None]]:
-        """address -> (role, linked) for the answers about ``signer``'s key that are fresh and not dropped."""
-        cur = self._execute("SELECT address, role, linked FROM key_roles WHERE signer = %s AND dropped_at IS NULL"
-                            " AND checked_at > now() - %s", (signer, max_age))
+    def cached_roles(self, signer: str, max_age: Any, refusal_max_age: Any = None) -> dict[str, tuple[str, str | None]]:
+        """address -> (role, linked) for the answers about ``signer``'s key that are fresh and not dropped: an
+        answer that lets the key act (the key an ``agent``/``user``, an account a ``subAccount``) within
+        ``max_age``, any other (the key cannot act) within ``refusal_max_age`` (None: never returned)."""
+        cur = self._execute(
+            "SELECT address, role, linked FROM key_roles WHERE signer = %s AND dropped_at IS NULL"
+            " AND checked_at > now() - CASE WHEN (address = signer AND role IN ('agent', 'user'))"
+            " OR (address <> signer AND role = 'subAccount') THEN %s::interval"
+            " ELSE COALESCE(%s::interval, '0'::interval) END", (signer, max_age, refusal_max_age))
         return {address: (role, linked) for address, role, linked in cur}
 
     def store_role(self, signer: str, address: str, role: str, linked: str | None) -> None:

@@ -16,6 +16,10 @@ rule's order, and the reads that explain its close, never found weight. The run 
 * once, when an order is to be sent: ``meta`` unless cached, the key's ``userRole`` unless cached,
   and a ``userRole`` per other account unless cached (a sub-account of the key's master).
 
+A fired rule on an account the cached ``userRole`` answers say the key cannot act for (``blocked_accounts``)
+costs nothing: no order can go out for it this run (the closer is told the same accounts, so an answer that
+expires mid-run cannot let an order out for a row whose cycle the read phase did not check).
+
 That sum, at most 4/5 of the budget (reads of accounts without exit work keep the rest; they can wait a
 run, a fired stop loss cannot), is held back; the reads of the accounts with exit work (their positions,
 and the fills that check a row's cycle before its order) and the closer draw from it, other reads never
@@ -36,6 +40,10 @@ from monitor.planner import exit_rule
 
 # Cached exchange answers (key_roles, exchange_meta) are trusted this long.
 CACHE_TTL = timedelta(hours=1)
+# A userRole answer that does not let the key act (the key not an approved agent, an account not a sub-account of
+# its master) is trusted this long: without it every run asked again (60 each) and held a close's weight for each
+# fired rule it could never send. Shorter than CACHE_TTL: nothing drops it when the user approves the key.
+REFUSAL_CACHE_TTL = timedelta(minutes=10)
 CANCELS_PER_ROW = 2
 # A fills answer costs 1 more per 20 fills (monitor.exchange.item_surcharge). What a row's exit work will
 # return is not known before: these are plausible figures, not bounds. A row's window (since it opened) read
@@ -62,12 +70,15 @@ class ExitReserve:
     weight: int = 0  # held back (capped)
     wanted: int = 0  # what the exit work would cost (uncapped)
     firing: list[int] = field(default_factory=list)  # row ids whose rule fires at this run's mids
+    blocked: list[int] = field(default_factory=list)  # ... on accounts the key cannot act for: nothing held
+    blocked_accounts: dict[int, str] = field(default_factory=dict)  # account id -> why the key cannot act for it
     closing: list[int] = field(default_factory=list)  # row ids in 'closing'
     urgent_accounts: set[int] = field(default_factory=set)  # accounts with exit work: read first
 
     def describe(self) -> str:
         capped = f" (capped from {self.wanted})" if self.wanted > self.weight else ""
-        return (f"{self.weight} weight held for exit work{capped}: {len(self.firing)} rule(s) firing,"
+        blocked = f" ({len(self.blocked)} more on accounts the key cannot act for)" if self.blocked else ""
+        return (f"{self.weight} weight held for exit work{capped}: {len(self.firing)} rule(s) firing{blocked},"
                 f" {len(self.closing)} close(s) to settle")
 
 
@@ -86,13 +97,15 @@ def exit_reserve(accounts: Sequence[Account], rows_by_account: Mapping[int, Sequ
                  mids: Mapping[str, Decimal], now: datetime, *, budget: int, can_send: bool,
                  meta_cached: bool = False, key_master: str | None = None,
                  cached_accounts: Collection[str] = (),
-                 pending_cancels: Mapping[int, int] | None = None) -> ExitReserve:
+                 pending_cancels: Mapping[int, int] | None = None,
+                 blocked_accounts: Mapping[int, str] | None = None) -> ExitReserve:
     """The weight this run's exit work needs (see the module's docstring).
 
     ``key_master``: the account the key acts for, when its role is cached (None: unknown, every
     account then counts a userRole). ``cached_accounts``: accounts whose role is cached.
+    ``blocked_accounts``: accounts the key cannot act for (``blocked_by_roles``): their fired rules hold nothing.
     """
-    reserve = ExitReserve()
+    reserve = ExitReserve(blocked_accounts=dict(blocked_accounts or {}))
     sending_accounts: list[Account] = []
     hip3_dexes: set[str] = set()
     for account in accounts:
@@ -103,6 +116,8 @@ def exit_reserve(accounts: Sequence[Account], rows_by_account: Mapping[int, Sequ
                 reserve.closing.append(row.id)
                 reserve.urgent_accounts.add(account.id)
                 reserve.wanted += (ROW_SETTLE_WEIGHT if can_send else WEIGHT["orderStatus"]) + hip3
+            elif account.id in reserve.blocked_accounts and firing(row, account, mids, now):
+                reserve.blocked.append(row.id)
             elif firing(row, account, mids, now):
                 reserve.firing.append(row.id)
                 reserve.urgent_accounts.add(account.id)
@@ -126,3 +141,26 @@ def exit_reserve(accounts: Sequence[Account], rows_by_account: Mapping[int, Sequ
             1 for a in sending_accounts if a.address != key_master and a.address not in cached_accounts)
     reserve.weight = min(reserve.wanted, budget * RESERVE_SHARE_OF[0] // RESERVE_SHARE_OF[1])
     return reserve
+
+
+def blocked_by_roles(accounts: Sequence[Account], roles: Mapping[str, tuple[str, str | None]],
+                     signer: str) -> dict[int, str]:
+    """The accounts the cached userRole answers (``roles``: address -> (role, linked), as ``key_roles`` keeps
+    them) say ``signer``'s key cannot act for, with why: every account when the key itself is neither an
+    approved agent nor a funded account; else any account but the key's master whose answer is not a
+    sub-account of that master. An account without a cached answer is not blocked (it is asked when needed).
+    The same rule as the closer's (``Closer._vault_for``)."""
+    key = roles.get(signer)
+    if key is None:
+        return {}
+    role, linked = key
+    master = linked if role == "agent" else signer if role == "user" else None
+    blocked: dict[int, str] = {}
+    for account in accounts:
+        if master is None:
+            blocked[account.id] = "the key is neither an approved agent nor a funded account"
+        elif account.address != master:
+            answer = roles.get(account.address)
+            if answer is not None and (answer[0] != "subAccount" or answer[1] != master):
+                blocked[account.id] = f"the key acts for {master}, which does not control {account.address}"
+    return blocked

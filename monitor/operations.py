@@ -253,7 +253,7 @@ def observed_conditions(report: RunReport) -> dict[str, tuple[str, str]]:
 RUN_WIDE_KINDS = frozenset({"run_overran", "conflicts", "exit_starved", "key_unreadable", "lock_busy",
                             "lock_stale_holder", "clock_offset", "rows_unwatched"})
 # Alert kinds about one account: its address is in the key (account_failed, liquidation) or in the text.
-_ACCOUNT_IN_KEY = frozenset({"account_failed", "liquidation"})
+_ACCOUNT_IN_KEY = frozenset({"account_failed", "liquidation", "exit_blocked"})
 _ACCOUNT_IN_TEXT = frozenset({"close_failed", "close_blocked_open_orders", "followup_failed"})
 _SHARD_SUFFIX = re.compile(r":shard-\d+-of-(\d+)$")
 # Run-wide kinds about the run lock: a run narrowed by --account shares the cron run's lock, so it keeps them.

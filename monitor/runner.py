@@ -42,7 +42,14 @@ from monitor.exchange import (
     RequestCounter,
     WeightBudget,
 )
-from monitor.exit_budget import CACHE_TTL, ExitReserve, exit_reserve, signer_address
+from monitor.exit_budget import (
+    CACHE_TTL,
+    REFUSAL_CACHE_TTL,
+    ExitReserve,
+    blocked_by_roles,
+    exit_reserve,
+    signer_address,
+)
 from monitor.hedges import HedgeGroup, HedgeResult, in_scope, listed_coins, outside_legs
 from monitor.hedges import evaluate as evaluate_hedges
 from monitor.lock import (
@@ -569,7 +576,8 @@ def read_accounts(run: RunContext, inputs: Inputs) -> Reads:
             return read_account(run, session, account, inputs.rows.get(account.id, []),
                                 inputs.recent.get(account.id, []), settings, reads.mids,
                                 dexes=reads.dexes.dexes_for(account.id),
-                                from_fills=frozenset() if reads.dexes.full else frozenset(reads.dexes.watched))
+                                from_fills=frozenset() if reads.dexes.full else frozenset(reads.dexes.watched),
+                                can_order=account.id not in reads.reserve.blocked_accounts)
 
     workers = max(1, min(run.settings.read_parallelism, len(accounts)))
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read")
@@ -730,12 +738,15 @@ def _reserve_exit_work(run: RunContext, inputs: Inputs, mids: dict[str, Decimal]
         signing_key = run.key_if_readable()
     if signing_key is not None:
         signer = signer_address(signing_key)
-        roles = run.db.cached_roles(signer, CACHE_TTL)
+        roles = run.db.cached_roles(signer, CACHE_TTL, REFUSAL_CACHE_TTL)
         key = roles.get(signer)
         master = None if key is None else key[1] if key[0] == "agent" else signer
+        # Accounts the cached answers say the key cannot act for: their fired rules hold no weight, their
+        # cycles are not checked for an order, and the closer refuses them this run whatever it is told later.
         estimate = exit_reserve(inputs.accounts, inputs.rows, mids, now, budget=settings.weight_budget,
                                 can_send=True, meta_cached=run.db.cached_meta("", CACHE_TTL) is not None,
-                                key_master=master, cached_accounts=set(roles), pending_cancels=pending)
+                                key_master=master, cached_accounts=set(roles), pending_cancels=pending,
+                                blocked_accounts=blocked_by_roles(inputs.accounts, roles, signer))
     estimate.weight = budget.hold(estimate.weight)
     if estimate.weight:
         log.info(estimate.describe())
@@ -761,7 +772,8 @@ def by_urgency(accounts: list[Account], rows_by_account: dict[int, list[Position
 
 def read_account(run: RunContext, exchange: Exchange, account: Account, rows: list[PositionRow],
                  recent: list[PositionRow], settings: PlanSettings, mids: dict[str, Decimal], *,
-                 dexes: frozenset[str] = frozenset(), from_fills: frozenset[str] = frozenset()) -> AccountRead:
+                 dexes: frozenset[str] = frozenset(), from_fills: frozenset[str] = frozenset(),
+                 can_order: bool = True) -> AccountRead:
     """Read one account and plan it (on a worker thread: touches no shared state but the budget). ``now`` is
     read once, after the positions: the plan and the writes it leads to use that one moment.
 
@@ -786,7 +798,8 @@ def read_account(run: RunContext, exchange: Exchange, account: Account, rows: li
         fills_error = None
         fills_read_ms = None
         truncated = False
-        verify_rules = run.can_act  # an order could be sent (or listed)
+        # An order could be sent (or listed): not for an account the key cannot act for (``can_order``)
+        verify_rules = run.can_act and can_order
         since = planner.needs_fills(snapshot, rows, recent, now, settings, mids=mids,
                                     account_max_hold=account.max_hold_seconds, verify_rules=verify_rules)
         if since is not None:
@@ -952,7 +965,9 @@ def work_exits(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied) 
         nonces_for=partial(NonceSource.for_key, run.settings.data_dir),
         perp_dexes=reads.dexes.known, order_dexes=None if reads.dex_list_unknown else reads.dexes.known,
         order_dexes_lookup=(partial(_dex_list_for_orders, run, reads.exchange) if run.settings.perp_dexes == ()
-                            else None)))
+                            else None),
+        cannot_act={a.address: why for a in inputs.accounts
+                    if (why := reads.reserve.blocked_accounts.get(a.id)) is not None}))
     done = run.exits = closer.done
     later: list[tuple[Account, list[Action], dict[str, int | None], dict[str, list[OpenOrder]] | None,
                       list[Followup]]] = []

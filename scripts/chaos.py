@@ -31,7 +31,8 @@ from a fresh database and a cleared simulator, so a round is replayed from its s
    (vi)  every exit rule that fires has its order sent: before the clean run (and before each
          default-budget run of a "many accounts" round) the rows whose stop loss, take profit or close
          request fires at the simulator's mids are listed; after it each is closed or has a close order
-         (one of its cloids) placed since the run began;
+         (one of its cloids) placed since the run began; a fired rule on an account the key cannot act
+         for is refused only there, and never silently (its run reports the exit_blocked alert);
    (vii) no row is 'closing' past its order's expiry plus one run: a row still 'closing' with the same
          cloid after a clean run that began 3 s after the order's expiresAfter (recorded by the simulator;
          claim + 10 s if the order never arrived) is a violation (the round waits up to 14 s for one);
@@ -79,6 +80,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -802,6 +804,29 @@ class Round:
                 out[row_id] = (address, coin, rule)
         return out
 
+    def check_blocked_rules_alert(self, report: dict[str, Any] | None) -> None:
+        """(vi), for the accounts the key cannot act for: a fired rule the run could not send is never silent,
+        each "would close #N … nothing sent" note of such an account comes with its ``exit_blocked`` alert."""
+        if report is None:
+            return
+        alerted = {a.get("key") for a in report.get("alerts", []) if a.get("kind") == "exit_blocked"}
+        for note in report.get("notes", []):
+            found = re.match(r"would close #(\d+) \S+ \(\w+\) but .*; nothing sent$", note)
+            if not found or not ("does not control" in note or "neither an approved agent" in note):
+                continue
+            row_id = int(found.group(1))
+            with psycopg.connect(self.url) as conn:
+                address = conn.execute("SELECT a.address FROM positions p JOIN accounts a ON a.id = p.account_id"
+                                       " WHERE p.id = %s", (row_id,)).fetchone()[0]
+            self.stats.checks["(vi)"] += 1
+            if address in self.controlled:
+                self.violation(f"(vi) row #{row_id} {address}: refused as an account the key cannot act for: {note}")
+            elif f"exit_blocked:{address}" not in alerted:
+                self.violation(f"(vi) row #{row_id} {address}: its fired rule was not sent and no exit_blocked alert"
+                               f" says so: {note}")
+            else:
+                self.stats.outcomes["(vi) fired rule the key cannot send: alerted (exit_blocked)"] += 1
+
     def check_rules_sent(self, fired: dict[int, tuple[str, str, str]], report: dict[str, Any] | None,
                          label: str, started_ms: int | None = None,
                          carry: dict[int, tuple[str, str, str]] | None = None) -> None:
@@ -1206,6 +1231,7 @@ class Round:
         report = self.clean_run("clean")
         carried: dict[int, tuple[str, str, str]] = {}
         self.check_rules_sent(fired, report, "the clean run", carry=carried)
+        self.check_blocked_rules_alert(report)
         for _ in range(CLEAN_REPEATS):
             out_of_time = report is not None and (report.get("overrun") or any(
                 "deadline" in note for note in report.get("notes", [])))
@@ -1313,6 +1339,7 @@ class Round:
         fired = self.fired_rules()
         report = self.clean_run("clean")
         self.check_rules_sent(fired, report, "the clean run")
+        self.check_blocked_rules_alert(report)
         self.check(report)
         self.check_closing_settled()
         marks.append(time.monotonic())

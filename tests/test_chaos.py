@@ -66,6 +66,16 @@ def test_a_close_to_settle_on_a_busy_account_is_settled_from_the_fills_already_r
     assert result.returncode == 0 and re.search(r"^violations: 0\b", result.stdout, re.M), result.stdout[-3000:]
 
 
+def test_fired_rules_the_key_cannot_send_do_not_starve_a_busy_accounts_reads(pg_server_url):
+    """Chaos seed 20268095: rules firing on accounts the key cannot act for held a close's weight each, every run
+    (only answers that let the key act were cached), and the key's own busy account (past 10,000 fills, HIP-3
+    dexes) was deferred run after run for want of weight. A refusal is now cached too and holds nothing."""
+    result = subprocess.run(
+        [sys.executable, str(CHAOS), "--rounds", "1", "--seed", "20268095", "--database-url", pg_server_url],
+        capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert result.returncode == 0 and re.search(r"^violations: 0\b", result.stdout, re.M), result.stdout[-3000:]
+
+
 # --------------------------------------------------------------------------------------------------
 # The checker catches what it claims to catch
 
@@ -104,6 +114,23 @@ def test_checker_is_quiet_on_a_consistent_state(chaos_round):
     report = chaos_round.clean_run("clean")
     chaos_round.check(report)
     assert chaos_round.violations == []
+
+
+def test_checker_catches_a_fired_rule_refused_in_silence_or_for_an_account_the_key_controls(chaos_round):
+    with psycopg.connect(chaos_round.url, autocommit=True) as conn:
+        sol = conn.execute("SELECT id FROM positions WHERE coin = 'SOL'").fetchone()[0]  # accounts[1]: not the key's
+        conn.execute("UPDATE positions SET stop_loss_price = %s WHERE id = %s",
+                     (Decimal(chaos_round.sim.mids()["SOL"]) + 1, sol))  # a long's stop above the mid: fires
+    report = chaos_round.clean_run("clean")
+    assert report is not None and report["would_close"] == 1 and report["close_orders_sent"] == 0, report["notes"]
+    chaos_round.check_blocked_rules_alert(report)
+    assert chaos_round.violations == [] and chaos_round.stats.checks["(vi)"] == 1
+    chaos_round.check_blocked_rules_alert(dict(report, alerts=[]))  # the same refusal, no alert: silent
+    assert invariants(chaos_round) == {"(vi)"} and "no exit_blocked alert" in chaos_round.violations[0][0]
+    chaos_round.violations.clear()
+    chaos_round.sub_account = True  # as if accounts[1] were the key's sub-account: refused wrongly
+    chaos_round.check_blocked_rules_alert(report)
+    assert invariants(chaos_round) == {"(vi)"} and "refused" in chaos_round.violations[0][0]
 
 
 def test_checker_catches_a_false_close_and_a_row_that_no_longer_matches(chaos_round):

@@ -261,3 +261,102 @@ def test_a_dry_run_neither_sends_nor_fills_the_cache(env, sim, agent, database_u
         # (the real run before it cached only the perp dex list: no role, no meta)
         assert conn.execute("SELECT (SELECT count(*) FROM key_roles) + (SELECT count(*) FROM exchange_meta"
                             " WHERE dex <> '#perpDexs')").fetchone()[0] == 0
+
+
+# -- accounts the key cannot act for (chaos seed 20268095) ------------------------------------------------
+
+STRANGER = "0x" + "c7" * 20  # watched, but neither the key's master nor one of its sub-accounts
+
+
+def age_refusals(database_url: str, minutes: int) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("UPDATE key_roles SET checked_at = checked_at - make_interval(mins => %s)", (minutes,))
+
+
+def test_a_fired_rule_the_key_cannot_send_holds_no_weight_once_the_refusal_is_cached(env, sim, agent,
+                                                                                      database_url):
+    # Chaos seed 20268095: such a rule held a close's weight (and asked userRole) every run, so a busy account
+    # beside it was deferred run after run for want of weight.
+    keyed = dict(env, MONITOR_HL_SECRET_KEY=agent.key.hex(), MONITOR_ALERT_AFTER_RUNS="2")
+    sim.open_position(STRANGER, "BTC", "1", "30000")
+    assert cli(env, "accounts", "add", STRANGER).returncode == 0
+    run_json(keyed)
+    stop_row(database_url, STRANGER, "BTC", "31000")  # fires at the mid of 30000
+
+    sim.reset_log()
+    first = run_json(keyed)  # asks who the key acts for, and about the stranger: both answers kept
+    assert first["would_close"] == 1 and first["close_orders_sent"] == 0 and orders_sent(sim) == []
+    assert info_types(sim).count("userRole") == 2 and first["exit_reserved"] > 0
+    with psycopg.connect(database_url) as conn:
+        cached = conn.execute("SELECT address, role FROM key_roles WHERE dropped_at IS NULL ORDER BY 1").fetchall()
+    assert cached == sorted([(agent.address.lower(), "agent"), (STRANGER, "user")])
+
+    sim.reset_log()
+    second = run_json(keyed)
+    assert second["would_close"] == 1 and orders_sent(sim) == []
+    assert "userRole" not in info_types(sim)  # the refusal is cached
+    assert second["exit_reserved"] == 0  # nothing held for an order that cannot go out
+    assert "userFillsByTime" not in info_types(sim)  # nor a cycle checked for it
+    assert any("does not control" in note for note in second["notes"])
+    alert = [a for a in second["alerts"] if a["kind"] == "exit_blocked"]
+    assert len(alert) == 1 and STRANGER in alert[0]["key"] and "#" in alert[0]["text"], second["alerts"]
+    with psycopg.connect(database_url) as conn:
+        active = conn.execute("SELECT active FROM monitor_alerts WHERE key = %s", (f"exit_blocked:{STRANGER}",))
+        assert active.fetchone() == (True,)  # two runs in a row: alerted, not silent
+
+    # The account becomes a sub-account of the key's master; a refusal is trusted 10 minutes, then asked again.
+    sim.add_sub_account(ALICE, STRANGER)
+    age_refusals(database_url, 11)
+    sim.reset_log()
+    third = run_json(keyed)
+    assert info_types(sim).count("userRole") == 1  # the stranger's; the key's "agent" is trusted an hour
+    assert third["close_orders_sent"] == 1 and sim.position(STRANGER, "BTC") is None
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT active FROM monitor_alerts WHERE key = %s",
+                            (f"exit_blocked:{STRANGER}",)).fetchone() == (False,)
+
+
+def test_a_key_not_yet_approved_is_asked_again_after_ten_minutes_and_then_closes(env, sim, database_url):
+    key = EthAccount.create()  # not approved yet: userRole answers "missing"
+    keyed = dict(env, MONITOR_HL_SECRET_KEY=key.key.hex())
+    sim.open_position(ALICE, "BTC", "1", "30000")
+    assert cli(env, "accounts", "add", ALICE).returncode == 0
+    run_json(keyed)
+    stop_row(database_url, ALICE, "BTC", "31000")
+    assert run_json(keyed)["would_close"] == 1
+    sim.reset_log()
+    waiting = run_json(keyed)
+    assert waiting["would_close"] == 1 and "userRole" not in info_types(sim) and waiting["exit_reserved"] == 0
+    assert any("neither an approved agent" in note for note in waiting["notes"])
+
+    sim.approve_agent(ALICE, key.address)
+    age_refusals(database_url, 9)
+    assert run_json(keyed)["close_orders_sent"] == 0  # still inside the ten minutes
+    age_refusals(database_url, 2)
+    assert run_json(keyed)["close_orders_sent"] == 1 and sim.position(ALICE, "BTC") is None
+
+
+def test_blocked_accounts_follow_the_closers_rule():
+    from monitor.exit_budget import blocked_by_roles
+
+    key, master, sub, other = ("0x" + c * 20 for c in ("0a", "0b", "0c", "0d"))
+    accounts = [Account(i, a, None, True) for i, a in enumerate((master, sub, other, "0x" + "0e" * 20), 1)]
+    roles = {key: ("agent", master), sub: ("subAccount", master), other: ("subAccount", "0x" + "0f" * 20)}
+    assert blocked_by_roles(accounts, roles, key) == {
+        3: f"the key acts for {master}, which does not control {other}"}  # 4: not asked yet, not blocked
+    assert set(blocked_by_roles(accounts, {key: ("missing", None)}, key)) == {1, 2, 3, 4}
+    assert blocked_by_roles(accounts, {}, key) == {}  # nothing known: nothing blocked
+    # a user key acts for itself only: another user is blocked, an account not asked yet is not
+    assert set(blocked_by_roles(accounts, {key: ("user", None), master: ("user", None)}, key)) == {1}
+
+
+def test_a_blocked_accounts_fired_rules_hold_nothing_in_the_reserve():
+    now = datetime(2026, 1, 1, 1, tzinfo=timezone.utc)
+    account = Account(1, "0x" + "11" * 20, None, True)
+    rows = {1: [row(1, stop_loss_price=Decimal(110)), row(2, coin="SOL", status="closing")]}
+    mids = {"BTC": Decimal(100), "SOL": Decimal(1)}
+    blocked = exit_reserve([account], rows, mids, now, budget=1000, can_send=True, meta_cached=True,
+                           key_master="0x" + "22" * 20, blocked_accounts={1: "no"})
+    assert blocked.firing == [] and blocked.blocked == [1] and blocked.closing == [2]
+    assert blocked.wanted == ROW_SETTLE_WEIGHT  # the close already sent is still settled
+    assert "1 more on accounts the key cannot act for" in blocked.describe()
