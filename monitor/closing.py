@@ -599,9 +599,16 @@ class Closer:
         truncated = False
         since = to_ms(row.opened_at) - int(lookback(row, ctx.plan_settings).total_seconds() * 1000)
         known = self.known_fills.get(account.address)
-        expires = row.close_expires_at
+        # When the claimed order could last land: its stored expiresAfter, or for a claim made before that was
+        # stored the longest a claim's can be (as ``_settle``). None for an order sent in this run (``row`` is
+        # the row as it was before its claim): the read phase's fills were read before it, never after.
+        expires = row.close_expires_at or (row.close_started_at + timedelta(seconds=ORDER_TTL_SECONDS)
+                                           if row.status == "closing" and row.close_started_at else None)
         try:
-            if (known is not None and not partial and expires is not None and known.since_ms <= since
+            # An order sent in this run is settled from a fresh read; so is an in-run partial fill. An expired
+            # HIP-3 close (``release_event`` close_released) settles from the read phase's fills like any other.
+            if (known is not None and (not partial or release_event != "close_partial") and expires is not None
+                    and known.since_ms <= since
                     and known.read_ms >= to_ms(expires) + int((SETTLE_MARGIN_SECONDS + KNOWN_FILLS_SLACK) * 1000)):
                 fills, truncated = known.fills, known.truncated  # read after the order could last land
             else:
