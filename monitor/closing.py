@@ -44,8 +44,8 @@ from monitor.exchange import (
     orphaned_orders,
     signer_address,
 )
-from monitor.exit_budget import CACHE_TTL, REFUSAL_CACHE_TTL
-from monitor.models import Account, Fill, dex_of
+from monitor.exit_budget import CACHE_TTL, KEY_REFUSED, REFUSAL_CACHE_TTL
+from monitor.models import Account, Fill, dex_of, key_master
 from monitor.planner import Action, PlanSettings, lookback
 from monitor.report import Alert
 
@@ -120,12 +120,18 @@ class CloseOutcome:
     followups: list[dict[str, Any]] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
     key_blocked: list[str] = field(default_factory=list)  # work not signed: the key file could not be read
+    exit_blocked: set[str] = field(default_factory=set)  # accounts whose fired rule was refused (CannotAct) here
 
 
 
 
 class CannotAct(Exception):
-    """The configured key may not sign for this account: nothing is sent for it."""
+    """The configured key may not sign for this account: nothing is sent for it. ``key_refused``: the key itself
+    acts for no one yet (not an approved agent): a follow-up then waits for it instead of being given up."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.key_refused = reason == KEY_REFUSED
 
 
 class KeyUnreadable(Exception):
@@ -202,8 +208,7 @@ class Closer:
         """The account the key signs for: its master when it is an agent, itself when it is a user key."""
         if not hasattr(self, "_master"):
             signer = self._signer()
-            role, linked = self._role(signer)
-            self._master = linked if role == "agent" else signer if role == "user" else None
+            self._master = key_master(signer, self._role(signer))
         return self._master
 
     def _vault_for(self, account: Account) -> str | None:
@@ -214,7 +219,7 @@ class Closer:
             raise CannotAct(self.ctx.cannot_act[account.address])
         master = self._key_master()
         if master is None:
-            raise CannotAct("the key is neither an approved agent nor a funded account")
+            raise CannotAct(KEY_REFUSED)
         if account.address == master:
             vault = None
         else:
@@ -266,6 +271,8 @@ class Closer:
 
     def _trader(self, account: Account, coin: str | None = None) -> Trader:
         ctx = self.ctx
+        if account.address in ctx.cannot_act:  # refused this run before anything is read for it
+            raise CannotAct(ctx.cannot_act[account.address])
         self._key()  # first: a key that cannot be read costs no meta read (KeyUnreadable)
         meta = self._meta(None if coin is not None and dex_of(coin) else coin)  # only when an order is to be sent
         if coin is not None and dex_of(coin):
@@ -391,6 +398,7 @@ class Closer:
             self._note(f"would close #{row.id} {action.coin} ({action.reason}) but {exc}; nothing sent")
             # Not silent: a fired rule that cannot be sent is an alert of its account until it can (or the
             # rule no longer fires, or the row closes).
+            self.done.exit_blocked.add(account.address)
             blocked = self._blocked.setdefault(account.address, [])
             blocked.append(f"#{row.id} {action.coin} ({action.reason})")
             key = f"exit_blocked:{account.address}"
@@ -788,6 +796,9 @@ class Closer:
         pending = [f for f in ctx.db.pending_followups([account.id]).get(account.id, []) if f.kind == CANCEL_ORPHANS]
         if not pending or ctx.lock_lost():
             return
+        if ctx.cannot_act.get(account.address) == KEY_REFUSED:  # nothing can be cancelled: no orders read either
+            self.done.followups.extend(followup_json(account, f, "pending") for f in pending)
+            return
         by_dex: dict[str, list[OpenOrder]] = dict(orders or {})
         unreadable: dict[str, str] = {}
         for dex in sorted({dex_of(f.coin) for f in pending} - set(by_dex)):
@@ -808,6 +819,9 @@ class Closer:
                 trader = self._trader(account, followup.coin)  # a coin listed since meta was cached reads it anew
             except CannotAct as exc:
                 self._note(f"{account.address}: would cancel {len(targets)} order(s) ({followup.coin}) but {exc}")
+                if exc.key_refused:  # the key may be approved any minute: pending (no attempt counted) until then
+                    self.done.followups.append(followup_json(account, followup, "pending"))
+                    continue
                 self._followup_finished(account, followup, "moot", "followup_moot", str(exc)[:200],
                                         {"oids": [o.oid for o in targets]})
                 continue

@@ -45,7 +45,7 @@ from monitor.errors import (
 )
 from monitor.hedges import PRECISION as HEDGE_PRECISION
 from monitor.hedges import ExternalLeg, HedgeGroup, HedgeLeg, HedgeResult, TableLeg
-from monitor.models import Account, PositionRow
+from monitor.models import Account, PositionRow, RoleAnswer, key_can_act, key_master
 
 log = logging.getLogger(__name__)
 
@@ -400,16 +400,20 @@ class ExchangeCacheMixin:
         if cur.rowcount != 1:
             raise DatabaseError("NoRow", "sweep cursor: a newer run's cursor is stored; not moved")
 
-    def cached_roles(self, signer: str, max_age: Any, refusal_max_age: Any = None) -> dict[str, tuple[str, str | None]]:
+    def cached_roles(self, signer: str, max_age: Any, refusal_max_age: Any = None) -> dict[str, RoleAnswer]:
         """address -> (role, linked) for the answers about ``signer``'s key that are fresh and not dropped: an
-        answer that lets the key act (the key an ``agent``/``user``, an account a ``subAccount``) within
-        ``max_age``, any other (the key cannot act) within ``refusal_max_age`` (None: never returned)."""
+        answer that lets the key act (``models.key_can_act``) within ``max_age``, any other (a refusal: the key
+        not approved, an account that is not a sub-account of the key's master) within ``refusal_max_age``
+        (None: never returned)."""
         cur = self._execute(
-            "SELECT address, role, linked FROM key_roles WHERE signer = %s AND dropped_at IS NULL"
-            " AND checked_at > now() - CASE WHEN (address = signer AND role IN ('agent', 'user'))"
-            " OR (address <> signer AND role = 'subAccount') THEN %s::interval"
-            " ELSE COALESCE(%s::interval, '0'::interval) END", (signer, max_age, refusal_max_age))
-        return {address: (role, linked) for address, role, linked in cur}
+            "SELECT address, role, linked, %s::interval IS NOT NULL AND checked_at > now() - %s::interval"
+            " FROM key_roles WHERE signer = %s AND dropped_at IS NULL AND checked_at > now() - %s::interval",
+            (refusal_max_age, refusal_max_age, signer, max_age))
+        rows = {address: ((role, linked), recent) for address, role, linked, recent in cur}
+        own = rows.get(signer)
+        master = key_master(signer, own[0]) if own is not None else None
+        return {address: answer for address, (answer, recent) in rows.items()
+                if recent or key_can_act(signer, address, answer, master)}
 
     def store_role(self, signer: str, address: str, role: str, linked: str | None) -> None:
         self._execute("INSERT INTO key_roles (signer, address, role, linked) VALUES (%s, %s, %s, %s)"

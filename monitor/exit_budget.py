@@ -35,7 +35,8 @@ from typing import Collection, Mapping, Sequence
 
 from monitor.exchange import WEIGHT
 from monitor.exchange import signer_address as signer_address  # re-exported for runner.py until it imports it
-from monitor.models import Account, PositionRow, dex_of
+from monitor.models import Account, PositionRow, RoleAnswer, dex_of, key_can_act
+from monitor.models import key_master as master_of
 from monitor.planner import exit_rule
 
 # Cached exchange answers (key_roles, exchange_meta) are trusted this long.
@@ -62,6 +63,7 @@ ROW_CLOSE_WEIGHT = (ROW_READ_WEIGHT + WEIGHT["exchange"] + FILLS_REREAD_WEIGHT +
 ROW_SETTLE_WEIGHT = (WEIGHT["clearinghouseState"] + WEIGHT["orderStatus"] + FILLS_FIRST_READ_WEIGHT
                      + WEIGHT["userFunding"] + WEIGHT["frontendOpenOrders"]
                      + CANCELS_PER_ROW * WEIGHT["exchange"])  # 76
+KEY_REFUSED = "the key is neither an approved agent nor a funded account"
 RESERVE_SHARE_OF = (4, 5)  # the reserve is at most 4/5 of the run's budget: other accounts' reads can wait a run
 
 
@@ -128,7 +130,7 @@ def exit_reserve(accounts: Sequence[Account], rows_by_account: Mapping[int, Sequ
                     if not sending_accounts or sending_accounts[-1] is not account:
                         sending_accounts.append(account)
         cancels = (pending_cancels or {}).get(account.id, 0)
-        if cancels and can_send:
+        if cancels and can_send and account.id not in reserve.blocked_accounts:  # none go out this run
             reserve.urgent_accounts.add(account.id)
             reserve.wanted += WEIGHT["frontendOpenOrders"] + cancels * WEIGHT["exchange"]
     reserve.wanted += WEIGHT["meta"] * len(hip3_dexes)  # counted uncached: at most 20 a dex too many
@@ -143,7 +145,7 @@ def exit_reserve(accounts: Sequence[Account], rows_by_account: Mapping[int, Sequ
     return reserve
 
 
-def blocked_by_roles(accounts: Sequence[Account], roles: Mapping[str, tuple[str, str | None]],
+def blocked_by_roles(accounts: Sequence[Account], roles: Mapping[str, RoleAnswer],
                      signer: str) -> dict[int, str]:
     """The accounts the cached userRole answers (``roles``: address -> (role, linked), as ``key_roles`` keeps
     them) say ``signer``'s key cannot act for, with why: every account when the key itself is neither an
@@ -153,14 +155,13 @@ def blocked_by_roles(accounts: Sequence[Account], roles: Mapping[str, tuple[str,
     key = roles.get(signer)
     if key is None:
         return {}
-    role, linked = key
-    master = linked if role == "agent" else signer if role == "user" else None
+    master = master_of(signer, key)
     blocked: dict[int, str] = {}
     for account in accounts:
         if master is None:
-            blocked[account.id] = "the key is neither an approved agent nor a funded account"
+            blocked[account.id] = KEY_REFUSED
         elif account.address != master:
             answer = roles.get(account.address)
-            if answer is not None and (answer[0] != "subAccount" or answer[1] != master):
+            if answer is not None and not key_can_act(signer, account.address, answer, master):
                 blocked[account.id] = f"the key acts for {master}, which does not control {account.address}"
     return blocked

@@ -205,3 +205,26 @@ class Account:
     label: str | None
     active: bool
     max_hold_seconds: int | None = None
+
+
+# ---- what the key's userRole answers mean (reference §2.11) ------------------------------------------------
+
+RoleAnswer = tuple[str, "str | None"]  # (role, linked): linked is an agent's master or a sub-account's master
+
+
+def key_master(signer: str, answer: RoleAnswer) -> str | None:
+    """The account ``signer``'s key signs for, given its own userRole answer: the master that approved it (an
+    ``agent``), itself (a funded ``user``), or None (``missing``, a vault, an agent without a master): it cannot
+    act for anyone."""
+    role, linked = answer
+    return linked if role == "agent" else signer if role == "user" else None
+
+
+def key_can_act(signer: str, address: str, answer: RoleAnswer, master: str | None) -> bool:
+    """Whether a userRole ``answer`` about ``address`` lets ``signer``'s key act: about the key itself, that it
+    acts for someone; about an account, that it is a sub-account of the key's ``master`` (None: the key's own
+    answer is not known, any sub-account counts, as it may be the master's)."""
+    if address == signer:
+        return key_master(signer, answer) is not None
+    role, linked = answer
+    return role == "subAccount" and (master is None or linked == master)

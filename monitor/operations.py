@@ -319,7 +319,8 @@ def held_conditions(report: RunReport) -> set[str]:
     group whose status is unknown (a leg not read, an external leg stale) is neither seen nor resolved, and the
     hedge alerts of groups outside this run's accounts (``--account``, ``--shard``) belong to the runs that judge
     them. ``key_unreadable`` is judged only by a run that read the key: one that never needed it (a quiet run)
-    or whose planning read failed without a signature attempted holds it; a run that read it resolves it."""
+    or whose planning read failed without a signature attempted holds it; a run that read it resolves it.
+    ``exit_blocked`` of an account whose fired rule the run did not get to (its read failed, ...) is held too."""
     held = {f"hedge_imbalance:{h.name}" for h in report.hedges if h.status == UNKNOWN}
     # Unknown for a reason that alerts on its own (a failed read, a stale venue leg): this run says nothing
     # about hedge_unknown either (another shard may be building it from the table's staleness).
@@ -328,6 +329,7 @@ def held_conditions(report: RunReport) -> set[str]:
         held.add(shard_key("key_unreadable", "key_unreadable", report.shard))
     for name in report.hedges_held:
         held |= {f"hedge_imbalance:{name}", f"hedge_external_stale:{name}", f"{UNKNOWN_KIND}:{name}"}
+    held |= {f"exit_blocked:{address}" for address in report.exit_blocked_held}
     return held
 
 

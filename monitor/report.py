@@ -58,6 +58,9 @@ class RunReport:
     error: str | None = None  # what stopped it, one line
     hedges: list[HedgeResult] = field(default_factory=list)  # each judged hedge group's verdict this run
     hedges_held: list[str] = field(default_factory=list)  # active groups outside this run's accounts (not in JSON)
+    # accounts the key cannot act for whose fired rule this run did not get to (a failed read, no order planned):
+    # their exit_blocked alert is left as it is (not in JSON)
+    exit_blocked_held: list[str] = field(default_factory=list)
     # a narrowed run's scope, for its alerts (not in JSON): the shard ("shard-1-of-2") its run-wide alert keys
     # carry, and the accounts (--shard, --account) whose account-keyed alerts it may count and resolve
     shard: str | None = None

@@ -61,7 +61,7 @@ from monitor.lock import (
     process_is,
     process_start_time,
 )
-from monitor.models import MAIN_DEX, Account, AccountSnapshot, Fill, PositionRow, dex_of
+from monitor.models import MAIN_DEX, Account, AccountSnapshot, Fill, PositionRow, dex_of, key_master
 from monitor.planner import AccountPlan, Action, PlanSettings
 from monitor.report import Alert, RunReport
 
@@ -553,7 +553,7 @@ def read_accounts(run: RunContext, inputs: Inputs) -> Reads:
     with signals.interruptible():  # a pure read: a signal breaks it off
         reads.mids = _read_mids(exchange, inputs, reads.notes, watched)
     assert inputs.now is not None
-    reads.reserve = _reserve_exit_work(run, inputs, reads.mids, inputs.now, budget)
+    reads.reserve = _reserve_exit_work(run, exchange, inputs, reads.mids, inputs.now, budget)
     read_weight = budget.limit - budget.reserved - budget.spent
     if watched and not reads_every_dex(len(inputs.accounts), len(watched), read_weight):
         reads.sweep_cursor = run.db.sweep_cursor(run.db.lease_name)  # one statement, only when a sweep is on
@@ -723,7 +723,7 @@ def _read_mids(exchange: Exchange, inputs: Inputs, notes: list[str],
     return mids
 
 
-def _reserve_exit_work(run: RunContext, inputs: Inputs, mids: dict[str, Decimal], now: datetime,
+def _reserve_exit_work(run: RunContext, exchange: Exchange, inputs: Inputs, mids: dict[str, Decimal], now: datetime,
                        budget: WeightBudget) -> ExitReserve:
     """Hold back from the reads the weight this run's exit work needs (see monitor/exit_budget.py)."""
     settings = run.settings
@@ -731,16 +731,25 @@ def _reserve_exit_work(run: RunContext, inputs: Inputs, mids: dict[str, Decimal]
     estimate = exit_reserve(inputs.accounts, inputs.rows, mids, now, budget=settings.weight_budget,
                             can_send=run.can_send, pending_cancels=pending)
     signing_key = None
-    if run.can_send and estimate.firing and run.key_error is None:
-        # A rule fires: the run is about to sign, so the key (file) is read now (``signing_key``). Only then
-        # is the cache worth a look: a quiet run costs no SQL. A key that cannot be read keeps the plain
-        # estimate; the close that needs it is refused, with the error, when it is about to be signed.
+    if run.can_send and (estimate.firing or pending) and run.key_error is None:
+        # A rule fires (or orders are to be cancelled): the run is about to sign, so the key (file) is read now
+        # (``signing_key``). Only then is the cache worth a look: a quiet run costs no SQL. A key that cannot be
+        # read keeps the plain estimate; the close that needs it is refused, with the error, when it is about to
+        # be signed.
         signing_key = run.key_if_readable()
     if signing_key is not None:
         signer = signer_address(signing_key)
         roles = run.db.cached_roles(signer, CACHE_TTL, REFUSAL_CACHE_TTL)
         key = roles.get(signer)
-        master = None if key is None else key[1] if key[0] == "agent" else signer
+        if key is not None and key_master(signer, key) is None:
+            # The key itself was refused (not approved yet): asked again now, before the reads (one userRole,
+            # 60), so a key approved since acts in this run; the accounts' own refusals wait out their cache.
+            try:
+                key = roles[signer] = exchange.user_role(signer)
+                run.db.store_role(signer, signer, *key)
+            except (ReadFailed, BudgetExhausted):
+                pass
+        master = None if key is None else key_master(signer, key)
         # Accounts the cached answers say the key cannot act for: their fired rules hold no weight, their
         # cycles are not checked for an order, and the closer refuses them this run whatever it is told later.
         estimate = exit_reserve(inputs.accounts, inputs.rows, mids, now, budget=settings.weight_budget,
@@ -1128,6 +1137,10 @@ def build_report(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied
     _report_held(report, inputs)
     report.notes.extend(reads.notes)
     report.exit_reserved = reads.reserve.weight
+    blocked_firing = {row.account_id for rows in inputs.rows.values() for row in rows
+                      if row.id in reads.reserve.blocked}
+    report.exit_blocked_held = [a.address for a in inputs.accounts
+                                if a.id in blocked_firing and a.address not in exits.exit_blocked]
     deferred: list[str] = []
     for result in reads.results:
         account = result.account

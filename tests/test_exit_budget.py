@@ -297,12 +297,21 @@ def test_a_fired_rule_the_key_cannot_send_holds_no_weight_once_the_refusal_is_ca
     assert "userRole" not in info_types(sim)  # the refusal is cached
     assert second["exit_reserved"] == 0  # nothing held for an order that cannot go out
     assert "userFillsByTime" not in info_types(sim)  # nor a cycle checked for it
+    assert "meta" not in info_types(sim)  # refused before anything is read for an order
     assert any("does not control" in note for note in second["notes"])
     alert = [a for a in second["alerts"] if a["kind"] == "exit_blocked"]
     assert len(alert) == 1 and STRANGER in alert[0]["key"] and "#" in alert[0]["text"], second["alerts"]
     with psycopg.connect(database_url) as conn:
         active = conn.execute("SELECT active FROM monitor_alerts WHERE key = %s", (f"exit_blocked:{STRANGER}",))
         assert active.fetchone() == (True,)  # two runs in a row: alerted, not silent
+
+    # A run whose read of the account fails never got to the rule: the alert is held, not resolved.
+    sim.add_fault("500", path="info", type="clearinghouseState", user=STRANGER, count=None)
+    assert run_json(keyed, expect=1)["accounts_failed"] == 1
+    sim.clear_faults()
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT active FROM monitor_alerts WHERE key = %s",
+                            (f"exit_blocked:{STRANGER}",)).fetchone() == (True,)
 
     # The account becomes a sub-account of the key's master; a refusal is trusted 10 minutes, then asked again.
     sim.add_sub_account(ALICE, STRANGER)
@@ -316,7 +325,7 @@ def test_a_fired_rule_the_key_cannot_send_holds_no_weight_once_the_refusal_is_ca
                             (f"exit_blocked:{STRANGER}",)).fetchone() == (False,)
 
 
-def test_a_key_not_yet_approved_is_asked_again_after_ten_minutes_and_then_closes(env, sim, database_url):
+def test_a_key_not_yet_approved_holds_nothing_and_acts_in_the_run_after_its_approval(env, sim, database_url):
     key = EthAccount.create()  # not approved yet: userRole answers "missing"
     keyed = dict(env, MONITOR_HL_SECRET_KEY=key.key.hex())
     sim.open_position(ALICE, "BTC", "1", "30000")
@@ -325,15 +334,14 @@ def test_a_key_not_yet_approved_is_asked_again_after_ten_minutes_and_then_closes
     stop_row(database_url, ALICE, "BTC", "31000")
     assert run_json(keyed)["would_close"] == 1
     sim.reset_log()
-    waiting = run_json(keyed)
-    assert waiting["would_close"] == 1 and "userRole" not in info_types(sim) and waiting["exit_reserved"] == 0
+    waiting = run_json(keyed)  # the key's refusal is asked again (one userRole) before the reads: still refused
+    assert waiting["would_close"] == 1 and info_types(sim).count("userRole") == 1
+    assert waiting["exit_reserved"] == 0 and "userFillsByTime" not in info_types(sim)
     assert any("neither an approved agent" in note for note in waiting["notes"])
 
     sim.approve_agent(ALICE, key.address)
-    age_refusals(database_url, 9)
-    assert run_json(keyed)["close_orders_sent"] == 0  # still inside the ten minutes
-    age_refusals(database_url, 2)
-    assert run_json(keyed)["close_orders_sent"] == 1 and sim.position(ALICE, "BTC") is None
+    approved = run_json(keyed)  # asked again before the reads: acts in this run, its cycle checked first
+    assert approved["close_orders_sent"] == 1 and sim.position(ALICE, "BTC") is None
 
 
 def test_blocked_accounts_follow_the_closers_rule():
@@ -360,3 +368,24 @@ def test_a_blocked_accounts_fired_rules_hold_nothing_in_the_reserve():
     assert blocked.firing == [] and blocked.blocked == [1] and blocked.closing == [2]
     assert blocked.wanted == ROW_SETTLE_WEIGHT  # the close already sent is still settled
     assert "1 more on accounts the key cannot act for" in blocked.describe()
+
+
+def test_the_cache_keeps_a_refusal_ten_minutes_whatever_its_role(db, database_url):
+    from datetime import timedelta
+
+    signer, master, sub, foreign, alone = ("0x" + c * 20 for c in ("1a", "1b", "1c", "1d", "1e"))
+    db.store_role(signer, signer, "agent", master)
+    db.store_role(signer, sub, "subAccount", master)
+    db.store_role(signer, foreign, "subAccount", "0x" + "1f" * 20)  # another master's sub-account: a refusal
+    db.store_role(signer, alone, "user", None)
+    hour, ten = timedelta(hours=1), timedelta(minutes=10)
+    assert set(db.cached_roles(signer, hour, ten)) == {signer, sub, foreign, alone}
+    assert set(db.cached_roles(signer, hour)) == {signer, sub}  # refusals only when asked for
+    age_refusals(database_url, 11)
+    assert set(db.cached_roles(signer, hour, ten)) == {signer, sub}
+    age_refusals(database_url, 50)
+    assert db.cached_roles(signer, hour, ten) == {}
+
+    db.store_role(signer, signer, "agent", None)  # an agent without a master acts for no one: a refusal
+    age_refusals(database_url, 11)
+    assert db.cached_roles(signer, hour, ten) == {}

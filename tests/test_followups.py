@@ -256,3 +256,24 @@ def test_a_flip_records_no_follow_up_and_keeps_the_new_positions_orders(keyed, s
     assert followups(database_url) == []
     assert short_stop in open_oids(sim)
     assert [a for a in report["actions"] if a["type"] == "cancel_order"] == []
+
+
+def test_a_key_not_yet_approved_leaves_the_follow_up_pending_and_cancels_once_approved(env, sim, database_url):
+    from eth_account import Account as EthAccount
+
+    key = EthAccount.create()  # userRole answers "missing" until ALICE approves it
+    keyed = dict(env, MONITOR_HL_SECRET_KEY=key.key.hex())
+    setup(keyed, sim)
+    stop = sim.add_trigger_order(ALICE, "BTC", "A", "1", "28000", "sl")
+    sim.close_external(ALICE, "BTC", "30500")
+    first = run_json(keyed)
+    assert first["closed"] == 1 and open_oids(sim) == [stop]  # nothing can be cancelled yet
+    second = run_json(keyed)
+    [followup] = followups(database_url)
+    assert (followup["status"], followup["attempts"]) == ("pending", 0)  # waiting for the key, not given up
+    assert second["followups"][0]["status"] == "pending"
+
+    sim.approve_agent(ALICE, key.address)
+    run_json(keyed)  # the key's refusal is asked again before the reads: it acts in this run
+    assert open_oids(sim) == []
+    assert followups(database_url)[0]["status"] == "done"

@@ -2,8 +2,10 @@
 -- one order instead of meta (20) + userRole (60 each) every run. See README, "Scale and speed".
 
 -- userRole answers about the configured key (address = signer) and about the accounts it acts for.
--- Only answers that let the key act are kept (agent/user for the key, subAccount of its master for an
--- account); an order or cancel refused as "not authorized" (a revoked agent...) sets dropped_at.
+-- Answers that let the key act (agent/user for the key, subAccount of its master for an account) are
+-- trusted an hour, others (refusals) ten minutes (monitor.exit_budget.REFUSAL_CACHE_TTL; comment updated
+-- after release, the table is unchanged); an order or cancel refused as "not authorized" (a revoked
+-- agent...) sets dropped_at.
 CREATE TABLE key_roles (
     signer      text NOT NULL,
     address     text NOT NULL,
