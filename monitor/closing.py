@@ -308,6 +308,17 @@ class Closer:
                 ctx.meta = None
             self._traders.clear()
 
+    def _exit_blocked(self, account: Account, what: str, why: str) -> None:
+        """Not silent: exit work the key may not sign for (a fired rule; follow-up cancels while the key is not
+        approved) is the alert ``exit_blocked:<address>`` until it can be done, or is no longer needed."""
+        self.done.exit_blocked.add(account.address)
+        blocked = self._blocked.setdefault(account.address, [])
+        blocked.append(what)
+        key = f"exit_blocked:{account.address}"
+        self.done.alerts = [a for a in self.done.alerts if a.key != key]
+        self.done.alerts.append(Alert(key, "exit_blocked", f"{account.address}: not sent, {', '.join(blocked)}:"
+                                                           f" {why}"))
+
     def _note(self, text: str) -> None:
         log.info(text)
         self.done.notes.append(text)
@@ -396,15 +407,7 @@ class Closer:
         except CannotAct as exc:
             self.done.would_close += 1
             self._note(f"would close #{row.id} {action.coin} ({action.reason}) but {exc}; nothing sent")
-            # Not silent: a fired rule that cannot be sent is an alert of its account until it can (or the
-            # rule no longer fires, or the row closes).
-            self.done.exit_blocked.add(account.address)
-            blocked = self._blocked.setdefault(account.address, [])
-            blocked.append(f"#{row.id} {action.coin} ({action.reason})")
-            key = f"exit_blocked:{account.address}"
-            self.done.alerts = [a for a in self.done.alerts if a.key != key]
-            self.done.alerts.append(Alert(key, "exit_blocked", f"{account.address}: fired exit rule(s) not sent,"
-                                                               f" {', '.join(blocked)}: {exc}"))
+            self._exit_blocked(account, f"fired rule #{row.id} {action.coin} ({action.reason})", str(exc))
             return
         cloid = close_cloid(account.address, row.id, row.close_attempts + 1)
         expires_after = self._expires_after()
@@ -610,7 +613,9 @@ class Closer:
         # When the claimed order could last land: its stored expiresAfter, or for a claim made before that was
         # stored the longest a claim's can be (as ``_settle``). None for an order sent in this run (``row`` is
         # the row as it was before its claim): the read phase's fills were read before it, never after.
-        expires = row.close_expires_at or (row.close_started_at + timedelta(seconds=ORDER_TTL_SECONDS)
+        # (close_started_at is the host's time: moved to the exchange's by this run's measured offset.)
+        offset = timedelta(milliseconds=ctx.exchange_clock.offset_ms() if ctx.exchange_clock else 0)
+        expires = row.close_expires_at or (row.close_started_at + offset + timedelta(seconds=ORDER_TTL_SECONDS)
                                            if row.status == "closing" and row.close_started_at else None)
         try:
             # An order sent in this run is settled from a fresh read; so is an in-run partial fill. An expired
@@ -796,8 +801,16 @@ class Closer:
         pending = [f for f in ctx.db.pending_followups([account.id]).get(account.id, []) if f.kind == CANCEL_ORPHANS]
         if not pending or ctx.lock_lost():
             return
-        if ctx.cannot_act.get(account.address) == KEY_REFUSED:  # nothing can be cancelled: no orders read either
-            self.done.followups.extend(followup_json(account, f, "pending") for f in pending)
+        refused = ctx.cannot_act.get(account.address)
+        if refused is not None:
+            # Refused by the answers cached before this run's reads: nothing can be cancelled, no orders are read.
+            # Left pending (no attempt counted; an alert it had stays): the key not approved yet alerts until it
+            # is; an account it does not control is asked again once that answer expires, then moot.
+            for followup in pending:
+                self.done.followups.append(followup_json(account, followup, "pending",
+                                                         alert=followup.attempts >= ctx.max_failures))
+                if refused == KEY_REFUSED:
+                    self._exit_blocked(account, f"follow-up #{followup.id} ({followup.coin} orders)", refused)
             return
         by_dex: dict[str, list[OpenOrder]] = dict(orders or {})
         unreadable: dict[str, str] = {}
@@ -820,14 +833,17 @@ class Closer:
             except CannotAct as exc:
                 self._note(f"{account.address}: would cancel {len(targets)} order(s) ({followup.coin}) but {exc}")
                 if exc.key_refused:  # the key may be approved any minute: pending (no attempt counted) until then
-                    self.done.followups.append(followup_json(account, followup, "pending"))
+                    self.done.followups.append(followup_json(account, followup, "pending",
+                                                             alert=followup.attempts >= ctx.max_failures))
+                    self._exit_blocked(account, f"follow-up #{followup.id} ({followup.coin} orders)", str(exc))
                     continue
                 self._followup_finished(account, followup, "moot", "followup_moot", str(exc)[:200],
                                         {"oids": [o.oid for o in targets]})
                 continue
             except KeyUnreadable:  # left pending as it is (no attempt counted): done once the key can be read
                 self.done.key_blocked.append(f"follow-up #{followup.id} ({followup.coin})")
-                self.done.followups.append(followup_json(account, followup, "pending"))
+                self.done.followups.append(followup_json(account, followup, "pending",
+                                                         alert=followup.attempts >= ctx.max_failures))
                 continue
             except ReadFailed as exc:
                 self._followup_failed(account, followup, f"cannot sign ({exc})")

@@ -741,14 +741,16 @@ def _reserve_exit_work(run: RunContext, exchange: Exchange, inputs: Inputs, mids
         signer = signer_address(signing_key)
         roles = run.db.cached_roles(signer, CACHE_TTL, REFUSAL_CACHE_TTL)
         key = roles.get(signer)
-        if key is not None and key_master(signer, key) is None:
+        if key is not None and key_master(signer, key) is None and not run.lock_lost():
             # The key itself was refused (not approved yet): asked again now, before the reads (one userRole,
             # 60), so a key approved since acts in this run; the accounts' own refusals wait out their cache.
+            # The cache is then read again: which answers count depends on the master the key acts for.
             try:
-                key = roles[signer] = exchange.user_role(signer)
-                run.db.store_role(signer, signer, *key)
-            except (ReadFailed, BudgetExhausted):
-                pass
+                run.db.store_role(signer, signer, *exchange.user_role(signer))
+                roles = run.db.cached_roles(signer, CACHE_TTL, REFUSAL_CACHE_TTL)
+                key = roles.get(signer)
+            except (ReadFailed, BudgetExhausted, DatabaseError) as exc:
+                log.info("the key's role not asked again (%s); its cached refusal stands this run", exc)
         master = None if key is None else key_master(signer, key)
         # Accounts the cached answers say the key cannot act for: their fired rules hold no weight, their
         # cycles are not checked for an order, and the closer refuses them this run whatever it is told later.
@@ -1137,10 +1139,11 @@ def build_report(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied
     _report_held(report, inputs)
     report.notes.extend(reads.notes)
     report.exit_reserved = reads.reserve.weight
-    blocked_firing = {row.account_id for rows in inputs.rows.values() for row in rows
-                      if row.id in reads.reserve.blocked}
+    # Blocked accounts with exit work (a fired rule, follow-ups) the closer did not get to: alert held, not resolved.
+    blocked_work = {row.account_id for rows in inputs.rows.values() for row in rows if row.id in reads.reserve.blocked}
+    blocked_work |= {account_id for account_id in inputs.followups if account_id in reads.reserve.blocked_accounts}
     report.exit_blocked_held = [a.address for a in inputs.accounts
-                                if a.id in blocked_firing and a.address not in exits.exit_blocked]
+                                if a.id in blocked_work and a.address not in exits.exit_blocked]
     deferred: list[str] = []
     for result in reads.results:
         account = result.account

@@ -272,6 +272,11 @@ def test_a_key_not_yet_approved_leaves_the_follow_up_pending_and_cancels_once_ap
     [followup] = followups(database_url)
     assert (followup["status"], followup["attempts"]) == ("pending", 0)  # waiting for the key, not given up
     assert second["followups"][0]["status"] == "pending"
+    assert [a["key"] for a in second["alerts"]] == [f"exit_blocked:{ALICE}"]  # and said so: not a silent wait
+    # One that had failed often enough to alert keeps its alert while it waits (not resolved as if worked).
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("UPDATE followups SET attempts = 5")
+    assert run_json(keyed)["followups"][0]["alert"] is True
 
     sim.approve_agent(ALICE, key.address)
     run_json(keyed)  # the key's refusal is asked again before the reads: it acts in this run
