@@ -1687,9 +1687,14 @@ class Round:
             row_id, address, coin, side, _, _, opened_at, closed_at = r[:8]
             if closed_at is None or (figures_of[row_id][3] or {}).get("unexplained"):
                 continue
+            since = self.window_start(fills[address], r)
+            ahead = self.ended_before_opening(fills[address], r, since)
             try:
-                expected = close_figures(parsed[address], coin=coin, side=side,
-                                         since_ms=self.window_start(fills[address], r), account=address)
+                # A millisecond can hold the end of the cycle before and the row's opening fill (seed 20269209):
+                # the window starts at that fill, not at the millisecond.
+                expected = close_figures(parsed[address] if not ahead else parse_fills(
+                    [f for k, f in enumerate(fills[address]) if k not in ahead]), coin=coin, side=side,
+                    since_ms=since, account=address)
             except ExchangeDataError:
                 continue
             got = tuple(figures_of[row_id][:3])
@@ -1730,6 +1735,21 @@ class Round:
         if start is None:
             return opened - 1000
         return max(start, opened - REOPEN_GUARD_MS)
+
+    @staticmethod
+    def ended_before_opening(fills: list[dict[str, Any]], row: tuple[Any, ...], since: int) -> set[int]:
+        """Indices of the row's coin's fills in the window's first millisecond that come before the row's
+        opening fill there (the end of the cycle before it); empty when no opening fill of the row's side is
+        in that millisecond."""
+        sign = 1 if row[3] == "long" else -1
+        same = [(k, f) for k, f in enumerate(fills) if f["coin"] == row[2] and f["time"] == since]
+        opening = None
+        for k, f in same:
+            before = Decimal(f["startPosition"])
+            after = before + (Decimal(f["sz"]) if f["side"] == "B" else -Decimal(f["sz"]))
+            if before * sign <= 0 < after * sign:
+                opening = k
+        return set() if opening is None else {k for k, _ in same if k < opening}
 
     @staticmethod
     def _went_flat(fills: list[dict[str, Any]], coin: str, side: str, since_ms: int, until_ms: int) -> bool:

@@ -286,3 +286,31 @@ def test_a_flip_is_closed_with_the_flip_fills_figures_even_when_fills_lag(env, s
     assert closed["exit_price"] == 1900 and closed["realized_pnl"] == 200  # 2 * (1900 - 1800)
     (now_open,) = db.list_positions(status="open")
     assert (now_open["side"], now_open["size"]) == ("short", 3)
+
+
+def test_the_figures_check_starts_a_window_at_the_rows_opening_fill_not_its_millisecond():
+    """Chaos seed 20269209 (a checker fault): a short closed and re-opened in one millisecond on a busy account;
+    the re-opened row's figures were checked against the fills from that millisecond on, so the cycle before
+    it (its three closing fills first) was taken for the row's and its right figures reported as wrong."""
+    chaos = load_chaos()
+    from monitor.fills import close_figures, parse_fills
+
+    def fill(time_ms, side, sz, px, start, direction, pnl, fee, tid):
+        return {"coin": "SOL", "time": time_ms, "side": side, "sz": sz, "px": px, "startPosition": start,
+                "dir": direction, "closedPnl": pnl, "fee": fee, "tid": tid, "oid": tid, "hash": f"0x{tid:064x}",
+                "crossed": True, "feeToken": "USDC"}
+
+    fills = [fill(557116, "A", "3.0", "26.25084", "0.0", "Open Short", "0.0", "0.035439", 1),
+             fill(557400, "B", "1.0", "27.31148", "-3.0", "Close Short", "-1.06064", "0.01229", 2),
+             fill(557400, "B", "1.0", "27.31148", "-2.0", "Close Short", "-1.06064", "0.01229", 3),
+             fill(557400, "B", "1.0", "27.31148", "-1.0", "Close Short", "-1.06064", "0.01229", 4),
+             fill(557400, "A", "4.0", "27.04632", "0.0", "Open Short", "0.0", "0.048683", 5),
+             fill(559413, "B", "4.0", "25.98568", "-4.0", "Close Short", "4.24256", "0.046774", 6)]
+    row = (7, "0x" + "c1" * 20, "SOL", "short")
+    ahead = chaos.Round.ended_before_opening(fills, row, 557400)
+    assert ahead == {1, 2, 3}
+    kept = parse_fills([f for k, f in enumerate(fills) if k not in ahead])
+    figures = close_figures(kept, coin="SOL", side="short", since_ms=557400, account=row[1])
+    assert (figures.exit_price, figures.realized_pnl, figures.fees) == (
+        Decimal("25.98568"), Decimal("4.24256"), Decimal("0.095457"))  # what the monitor wrote: right
+    assert chaos.Round.ended_before_opening(fills, row, 557116) == set()  # the first cycle: nothing before it
