@@ -806,6 +806,7 @@ class Closer:
             # Refused by the answers cached before this run's reads: nothing can be cancelled, no orders are read.
             # Left pending (no attempt counted; an alert it had stays): the key not approved yet alerts until it
             # is; an account it does not control is asked again once that answer expires, then moot.
+            self._note(f"{account.address}: {len(pending)} follow-up(s) wait, nothing cancelled: {refused}")
             for followup in pending:
                 self.done.followups.append(followup_json(account, followup, "pending",
                                                          alert=followup.attempts >= ctx.max_failures))

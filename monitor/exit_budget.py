@@ -163,5 +163,6 @@ def blocked_by_roles(accounts: Sequence[Account], roles: Mapping[str, RoleAnswer
         elif account.address != master:
             answer = roles.get(account.address)
             if answer is not None and not key_can_act(signer, account.address, answer, master):
-                blocked[account.id] = f"the key acts for {master}, which does not control {account.address}"
+                blocked[account.id] = (f"the key acts for {master}, which does not control {account.address}"
+                                       " (a cached userRole answer, asked again once ten minutes old)")
     return blocked

@@ -85,6 +85,7 @@ class RunReport:
     @property
     def changed(self) -> bool:
         return bool(self.discovered or self.updated or self.closed or self.close_orders_sent or self.failures
+                    or self.would_close
                     or self.exit_starved or self.hedges_not_balanced)
 
     def to_json(self) -> dict[str, Any]:

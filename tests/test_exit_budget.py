@@ -305,6 +305,11 @@ def test_a_fired_rule_the_key_cannot_send_holds_no_weight_once_the_refusal_is_ca
         active = conn.execute("SELECT active FROM monitor_alerts WHERE key = %s", (f"exit_blocked:{STRANGER}",))
         assert active.fetchone() == (True,)  # two runs in a row: alerted, not silent
 
+    # In text, the run's summary says nothing was sent (the plan's "close on exchange" line alone read as a close).
+    text = cli(keyed, "run")
+    assert text.returncode == 0 and "1 would close on the exchange" in text.stdout, text.stdout
+    assert "asked again once ten minutes old" in text.stderr
+
     # A run whose read of the account fails never got to the rule: the alert is held, not resolved.
     sim.add_fault("500", path="info", type="clearinghouseState", user=STRANGER, count=None)
     assert run_json(keyed, expect=1)["accounts_failed"] == 1
@@ -351,7 +356,8 @@ def test_blocked_accounts_follow_the_closers_rule():
     accounts = [Account(i, a, None, True) for i, a in enumerate((master, sub, other, "0x" + "0e" * 20), 1)]
     roles = {key: ("agent", master), sub: ("subAccount", master), other: ("subAccount", "0x" + "0f" * 20)}
     assert blocked_by_roles(accounts, roles, key) == {
-        3: f"the key acts for {master}, which does not control {other}"}  # 4: not asked yet, not blocked
+        3: f"the key acts for {master}, which does not control {other} (a cached userRole answer, asked again once"
+           " ten minutes old)"}  # 4: not asked yet, not blocked
     assert set(blocked_by_roles(accounts, {key: ("missing", None)}, key)) == {1, 2, 3, 4}
     assert blocked_by_roles(accounts, {}, key) == {}  # nothing known: nothing blocked
     # a user key acts for itself only: another user is blocked, an account not asked yet is not
