@@ -215,8 +215,6 @@ class Closer:
         """How the key may act for ``account`` (None: as itself/its master), or CannotAct."""
         if account.address in self._vaults:
             return self._vaults[account.address]
-        if account.address in self.ctx.cannot_act:
-            raise CannotAct(self.ctx.cannot_act[account.address])
         master = self._key_master()
         if master is None:
             raise CannotAct(KEY_REFUSED)

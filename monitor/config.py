@@ -76,16 +76,21 @@ class Settings:
         return read_secret_key_file(self.secret_key_file)
 
     @property
+    def shard_tag(self) -> str | None:
+        """``shard-K-of-N`` under ``--shard K/N`` (in the lock's name, its file's, and a sharded run's alert keys)."""
+        return None if self.shard is None else f"shard-{self.shard[0]}-of-{self.shard[1]}"
+
+    @property
     def lease_name(self) -> str:
         """The lock's name: one per shard, so shards never block each other."""
-        return "run" if self.shard is None else f"run:shard-{self.shard[0]}-of-{self.shard[1]}"
+        return "run" if self.shard_tag is None else f"run:{self.shard_tag}"
 
     @property
     def effective_lock_file(self) -> Path:
         base = self.lock_file if self.lock_file is not None else self.data_dir / "run.lock"
-        if self.shard is None:
+        if self.shard_tag is None:
             return base
-        return base.with_name(f"{base.stem}.shard-{self.shard[0]}-of-{self.shard[1]}{base.suffix}")
+        return base.with_name(f"{base.stem}.{self.shard_tag}{base.suffix}")
 
     @property
     def deadline_seconds(self) -> float:

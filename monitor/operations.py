@@ -159,7 +159,7 @@ def execute_run(settings: Settings, *, dry_run: bool, addresses: Sequence[str],
                 # A skipped run is not a failed one: no ping (the holder pings), but a streak may alert;
                 # the metrics keep the holder's figures, only lock_busy is set.
                 if not dry_run:
-                    busy_key = shard_key("lock_busy", "lock_busy", shard_tag(settings))
+                    busy_key = shard_key("lock_busy", "lock_busy", settings.shard_tag)
                     _alerts(settings, {busy_key: ("lock_busy", f"run lock busy: {stopped.error}")},
                             only=(busy_key,))
                 _mark_lock_busy(settings)
@@ -264,10 +264,6 @@ _ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 def shard_key(key: str, kind: str, shard: str | None) -> str:
     """The alert key a run uses: a run-wide kind's key gets ``:<shard>`` appended under ``--shard``."""
     return f"{key}:{shard}" if shard is not None and kind in RUN_WIDE_KINDS else key
-
-
-def shard_tag(settings: Settings) -> str | None:
-    return None if settings.shard is None else f"shard-{settings.shard[0]}-of-{settings.shard[1]}"
 
 
 def alert_scope(report: RunReport, active: Collection[str] | None = None, *,

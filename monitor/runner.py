@@ -61,7 +61,7 @@ from monitor.lock import (
     process_is,
     process_start_time,
 )
-from monitor.models import MAIN_DEX, Account, AccountSnapshot, Fill, PositionRow, dex_of, key_master
+from monitor.models import MAIN_DEX, Account, AccountSnapshot, PositionRow, dex_of, key_master
 from monitor.planner import AccountPlan, Action, PlanSettings
 from monitor.report import Alert, RunReport
 
@@ -511,12 +511,9 @@ class AccountRead:
     open_orders: dict[str, list[OpenOrder]] | None = None  # by perp dex, read for the closes planned
     dexes_skipped: frozenset[str] = frozenset()  # HIP-3 dexes to read that found no weight (not read)
     snapshot: AccountSnapshot | None = None  # what the read found (its dexes_read say which dexes)
-    # The fills the read phase got (from ``fills_since`` ms, read at ``fills_read_ms`` exchange time): an
-    # unfinished close of the account is settled from them rather than a second read of the same window.
-    fills: list[Fill] | None = None
-    fills_since: int | None = None
-    fills_read_ms: int | None = None
-    fills_truncated: bool = False
+    # The fills the read phase got: an unfinished close of the account is settled from them rather than a second
+    # read of the same window (Closer.known_fills).
+    fills: KnownFills | None = None
 
 
 @dataclass
@@ -853,9 +850,10 @@ def read_account(run: RunContext, exchange: Exchange, account: Account, rows: li
     failure = None if truncated else fills_error
     if dex_problems:
         failure = "; ".join(([failure] if failure else []) + dex_problems)
+    known = (KnownFills(fills, since, fills_read_ms, truncated)
+             if fills is not None and since is not None and fills_read_ms is not None else None)
     return AccountRead(account, plan=plan, failure=failure, open_orders=open_orders, dexes_skipped=frozenset(skipped),
-                       snapshot=snapshot, fills=fills, fills_since=since, fills_read_ms=fills_read_ms,
-                       fills_truncated=truncated)
+                       snapshot=snapshot, fills=known)
 
 
 def _with_dexes(run: RunContext, exchange: Exchange, address: str, snapshot: AccountSnapshot,
@@ -1006,10 +1004,8 @@ def work_exits(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied) 
                 _with_claim(closer, account, partial(closer.send_orders, account, fired))
             if fired or settles or closed_coins or pending:
                 later.append((account, settles, closed_coins, result.open_orders, pending))
-                if settles and result.fills is not None and result.fills_since is not None \
-                        and result.fills_read_ms is not None:
-                    closer.known_fills[account.address] = KnownFills(result.fills, result.fills_since,
-                                                                     result.fills_read_ms, result.fills_truncated)
+                if settles and result.fills is not None:
+                    closer.known_fills[account.address] = result.fills
         for account, settles, closed_coins, open_orders, pending in later:
             run.check_signal()
             if run.lock_lost():
@@ -1131,7 +1127,7 @@ def build_report(run: RunContext, inputs: Inputs, reads: Reads, applied: Applied
     report = RunReport(run_id=run.run_id, dry_run=run.dry_run, epoch=run.epoch)
     report.hedges = list(hedges)
     report.hedges_held = list(inputs.hedge_held)
-    report.shard = None if run.settings.shard is None else f"shard-{run.settings.shard[0]}-of-{run.settings.shard[1]}"
+    report.shard = run.settings.shard_tag
     report.scope_addresses = run.scope_addresses
     if run.lock.took_over:
         report.notes.append(run.lock.took_over)
