@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Context, Decimal, DivisionByZero, InvalidOperation, Overflow
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 from monitor.models import (
     ExchangeDataError,
@@ -345,8 +345,10 @@ def _chain(steps: list[_Step], position_before: Decimal | None,
     return ordered, position
 
 
-def _ordered_steps(fills: Iterable[Fill]) -> list[_Step]:
-    """Dedupe and put in chronological order, as steps (see ``_Step``)."""
+def _ordered_steps(fills: Iterable[Fill], end_positions: Mapping[str, Decimal] | None = None) -> list[_Step]:
+    """Dedupe and put in chronological order, as steps (see ``_Step``). ``end_positions``: where each coin's
+    position is now (a snapshot read before the fills), the tie-break for an ambiguous last millisecond as the
+    next millisecond's starts are for the others."""
     seen: set[tuple[Any, ...]] = set()
     by_time: dict[int, dict[str, list[tuple[int, Fill]]]] = {}
     for fill in fills:
@@ -362,7 +364,7 @@ def _ordered_steps(fills: Iterable[Fill]) -> list[_Step]:
     times = sorted(by_time)
     steps = {(t, coin): _steps_of_millisecond(coin_fills) for t in times for coin, coin_fills in by_time[t].items()}
     following: dict[tuple[int, str], frozenset[Decimal]] = {}  # the starts of a coin's next millisecond's moves
-    after_it: dict[str, frozenset[Decimal]] = {}
+    after_it = {coin: frozenset({end}) for coin, end in (end_positions or {}).items()}
     for t in reversed(times):
         for coin in by_time[t]:
             following[(t, coin)] = after_it.get(coin, frozenset())
@@ -544,7 +546,8 @@ def _side_of(position: Decimal) -> Literal["long", "short"]:
     return "long" if position > 0 else "short"
 
 
-def segment_cycles(fills: Iterable[Fill], coin: str, *, account: str) -> list[Cycle]:
+def segment_cycles(fills: Iterable[Fill], coin: str, *, account: str,
+                   end_position: Decimal | None = None) -> list[Cycle]:
     """Split ``coin``'s fills (any order, repeats allowed) into cycles, oldest first.
 
     * a cycle starts when the position leaves zero and ends when it returns to zero; a fill that crosses
@@ -560,7 +563,8 @@ def segment_cycles(fills: Iterable[Fill], coin: str, *, account: str) -> list[Cy
     cycles: list[Cycle] = []
     current: _CycleBuilder | None = None
     position: Decimal | None = None
-    for step in _ordered_steps(f for f in fills if f.coin == coin):
+    ends = {coin: end_position} if end_position is not None else None  # (see _ordered_steps)
+    for step in _ordered_steps((f for f in fills if f.coin == coin), ends):
         start = step.start
         if position is not None and start != position:
             if current is not None and start != 0 and (start > 0) == (position > 0):
@@ -656,6 +660,7 @@ def row_cycles(
     account: str,
     lookback_ms: int = 1000,
     adopted: bool = False,
+    end_position: Decimal | None = None,
 ) -> RowCycles:
     """Which cycle of ``coin`` is the row's (a row is exactly one cycle), and which came after it.
 
@@ -669,7 +674,8 @@ def row_cycles(
     """
     window_start = opened_ms - lookback_ms
     horizon = opened_ms + lookback_ms
-    cycles = [c for c in segment_cycles((f for f in fills if f.time_ms >= window_start), coin, account=account)
+    cycles = [c for c in segment_cycles((f for f in fills if f.time_ms >= window_start), coin, account=account,
+                                        end_position=end_position)
               if c.end_ms is None or c.end_ms >= window_start]
     own_index: int | None = None
     for index, cycle in enumerate(cycles):

@@ -209,10 +209,11 @@ def plan_account(
         window_start = to_ms(row.opened_at - lookback(row, settings))
         covered = fills_from_ms is None or window_start >= fills_from_ms
         row_truncated = fills_truncated and covered and (reach_from is None or to_ms(row.opened_at) < reach_from)
-        cycles = _row_cycles(fills, row, address, settings) if covered else None
+        now_at = _signed(position)  # the tie-break of a last millisecond that chains either way
+        cycles = row_cycles_of(fills, row, address, settings, now_at) if covered and fills is not None else None
         own = cycles.own if cycles is not None else None
         if cycles is not None and row_truncated and fills:
-            reach = segment_cycles(fills, row.coin, account=address)
+            reach = segment_cycles(fills, row.coin, account=address, end_position=now_at)
             if reach and (reach[0].start_known or reach[0].side != row.side):
                 # The oldest fills in reach start from flat or from the other side: the row's own cycle
                 # ended before them, out of the exchange's history. Close it (no figures to be had) and
@@ -265,16 +266,18 @@ def lookback(row: PositionRow, settings: PlanSettings) -> timedelta:
     return settings.reopen_guard if row.source == "discovered" else timedelta(seconds=1)
 
 
-def row_cycles_of(fills: Sequence[Fill], row: PositionRow, address: str, settings: PlanSettings) -> RowCycles:
-    """The row's own cycle and the later ones, from the fills of its window (the one model every decision uses)."""
+def row_cycles_of(fills: Sequence[Fill], row: PositionRow, address: str, settings: PlanSettings,
+                  end_position: Decimal | None = None) -> RowCycles:
+    """The row's own cycle and the later ones, from the fills of its window (the one model every decision uses).
+    ``end_position``: the coin's signed position in the snapshot, where known (``fills.segment_cycles``)."""
     return row_cycles(fills, coin=row.coin, side=row.side, opened_ms=to_ms(row.opened_at), account=address,
                       lookback_ms=int(lookback(row, settings).total_seconds() * 1000),
-                      adopted=row.source == "discovered")
+                      adopted=row.source == "discovered", end_position=end_position)
 
 
-def _row_cycles(fills: Sequence[Fill] | None, row: PositionRow, address: str,
-                settings: PlanSettings) -> RowCycles | None:
-    return None if fills is None else row_cycles_of(fills, row, address, settings)
+def _signed(position: ExchangePosition | None) -> Decimal:
+    """A snapshot's position as a signed size (flat: 0), as fills' startPosition counts it."""
+    return Decimal(0) if position is None else position.size if position.side == "long" else -position.size
 
 
 def close_reason(row: PositionRow, own: Cycle, address: str) -> str:
@@ -525,20 +528,22 @@ def _missing_reads(row: PositionRow) -> int:
     return count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else 1
 
 
-def _missing_paused_at(row: PositionRow) -> datetime | None:
-    text = row.metadata.get("missing_paused_at")
+def _metadata_moment(row: PositionRow, key: str) -> datetime | None:
+    """A moment the row's metadata keeps as ISO text (``missing_since``, ``missing_paused_at``); None if absent
+    or unreadable."""
+    text = row.metadata.get(key)
     try:
         return datetime.fromisoformat(text) if isinstance(text, str) else None
     except ValueError:
         return None
+
+
+def _missing_paused_at(row: PositionRow) -> datetime | None:
+    return _metadata_moment(row, "missing_paused_at")
 
 
 def _missing_since(row: PositionRow) -> datetime | None:
-    text = row.metadata.get("missing_since")
-    try:
-        return datetime.fromisoformat(text) if isinstance(text, str) else None
-    except ValueError:
-        return None
+    return _metadata_moment(row, "missing_since")
 
 
 def claimed_rule(row: PositionRow) -> str:

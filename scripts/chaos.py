@@ -60,7 +60,8 @@ from a fresh database and a cleared simulator, so a round is replayed from its s
 Each normal round also scripts up to two trading patterns (PATTERNS below; ``--patterns`` forces them):
 same-side close and re-open between two runs, a size change while a close order is in flight, an account
 past 10,000 fills with a close or flip, transient faults on every follow-up read and cancel, and mixed
-``--shard`` runs. A round whose seed is 39 modulo 40 (or every round with ``--kind many``) is a "many
+``--shard`` runs. Some rounds' fills answers list one millisecond's fills last first (``same_ms_reversed``:
+the real order is UNCONFIRMED). A round whose seed is 39 modulo 40 (or every round with ``--kind many``) is a "many
 accounts" round: 520 accounts, one position each, 10-25 rules firing, two runs under the default weight
 budget checked by (vi), then a clean run with the budget lifted and the other invariants.
 
@@ -137,7 +138,7 @@ EXIT_OK_CODES = {0, 1, 69, 75}
 #     deadlocks in the middle of a batch (the apply falls back to one account at a time; nothing is lost).
 PATTERNS = ("reopen_same", "reopen_diff", "grow_in_flight", "shrink_in_flight", "busy_close", "busy_flip",
             "followup_faults", "mixed_shards")
-EXTRA_PATTERNS = ("hip3", "trading_app")
+EXTRA_PATTERNS = ("hip3", "trading_app", "same_ms_reversed")
 
 
 def unit_of(coin: str) -> Decimal:
@@ -145,6 +146,9 @@ def unit_of(coin: str) -> Decimal:
     return COINS[coin] if coin in COINS else HIP3_COINS[coin][0]
 TRADING_APP_SHARE = 0.2  # share of normal rounds with the trading_app pattern (its own random stream)
 HIP3_SHARE = 0.5  # share of normal rounds that script the hip3 pattern (from their own random stream)
+# Share of normal rounds whose fills answers list one millisecond's fills last first (the simulator's
+# same_ms_order="reversed"; the real order is UNCONFIRMED, reference §2.3), from their own random stream.
+SAME_MS_REVERSED_SHARE = 0.3
 HIP3_DEXES = ("abc", "xyz")  # xyz is perp dex 2: its asset ids are 120000 + index
 # coin -> (size unit, szDecimals, first mid)
 HIP3_COINS = {"xyz:TSLA": (Decimal("0.1"), 1, Decimal("250")), "xyz:PEPE": (Decimal("1000"), 0, Decimal("0.0012345"))}
@@ -1175,6 +1179,10 @@ class Round:
         hip3 = "hip3" in forced if forced is not None else random.Random(self.seed * 7919 + 7).random() < HIP3_SHARE
         app = ("trading_app" in forced if forced is not None
                else random.Random(self.seed * 6007 + 11).random() < TRADING_APP_SHARE)
+        same_ms_reversed = ("same_ms_reversed" in forced if forced is not None
+                            else random.Random(self.seed * 7927 + 5).random() < SAME_MS_REVERSED_SHARE)
+        if same_ms_reversed:
+            sim.set_config(same_ms_order="reversed")
         if hip3:  # the dexes are deployed before the monitor first looks (it learns them from perpDexs)
             for dex in HIP3_DEXES:
                 sim.add_perp_dex(dex)
@@ -1190,13 +1198,16 @@ class Round:
             self.patterns.append("hip3")
         if app:
             self.patterns.append("trading_app")
+        if same_ms_reversed:
+            self.patterns.append("same_ms_reversed")
         if "busy_close" in self.patterns and "busy_flip" in self.patterns:
             self.patterns.remove("busy_flip")
         scripts = {"reopen_same": self.pattern_reopen, "reopen_diff": self.pattern_reopen,
                    "grow_in_flight": self.pattern_in_flight, "shrink_in_flight": self.pattern_in_flight,
                    "busy_close": self.pattern_busy, "busy_flip": self.pattern_busy,
                    "followup_faults": self.pattern_followup_faults, "mixed_shards": self.pattern_mixed_shards,
-                   "hip3": self.pattern_hip3, "trading_app": self.pattern_trading_app}
+                   "hip3": self.pattern_hip3, "trading_app": self.pattern_trading_app,
+                   "same_ms_reversed": lambda name: True}  # set before the setup run (a simulator setting)
         from hlsim import SimulatorError
 
         # hip3 first (its own clean run must see no other pattern's faults), then busy_* (its noise fills must

@@ -19,6 +19,7 @@ from monitor.fills import (
     flat_points,
     is_liquidation_of,
     parse_fills,
+    segment_cycles,
 )
 from monitor.models import ExchangeDataError, Fill
 
@@ -799,7 +800,6 @@ def test_same_millisecond_round_trip_follows_the_previous_position() -> None:
 
 
 def test_cycles_split_at_flat_and_at_a_flip_fill_pro_rata() -> None:
-    from monitor.fills import segment_cycles
 
     fills = parse_fills([
         raw_fill(time=1000, side="B", start="0", sz="2", px="100", fee="0.2"),
@@ -914,3 +914,21 @@ def test_a_close_and_reopen_in_the_first_millisecond_in_reach_is_ordered_by_the_
     ordered = dedupe_fills(parse_fills(raw))
     assert [(f.start_position, f.time_ms) for f in ordered] == [
         (D("2.5"), 1_000), (D("1.25"), 1_000), (D("0.0"), 1_000), (D("2.5"), 2_000)]
+
+
+@pytest.mark.parametrize("reversed_millisecond", [False, True])
+def test_a_close_and_reopen_as_the_latest_millisecond_is_ordered_by_the_position_now(reversed_millisecond):
+    """The same millisecond as seed 20266090's, but as the last fills (nothing before it in reach, nothing after):
+    no next millisecond says where it ended, and the answer's order within it is not documented. The snapshot's
+    position (2.5 long, read before the fills) says the close came first; without it the input order decided,
+    and the re-open's fee went into the closed cycle while the new position looked flat."""
+    close = [raw_fill(time=1_000, side="A", start="2.5", sz="1.25", px="14.45", dir="Close Long", fee="0.0081",
+                      pnl="0.1"),
+             raw_fill(time=1_000, side="A", start="1.25", sz="1.25", px="14.45", dir="Close Long", fee="0.0081",
+                      pnl="0.1")]
+    reopen = [raw_fill(time=1_000, side="B", start="0.0", sz="2.5", px="14.59", fee="0.0164")]
+    raw = reopen + close if reversed_millisecond else close + reopen
+    fills = parse_fills(raw)
+    cycles = segment_cycles(fills, "ETH", account=ME, end_position=D("2.5"))
+    assert [(c.ended, c.fees) for c in cycles] == [(True, D("0.0162")), (False, D("0.0164"))]
+    assert cycles[-1].size == D("2.5")

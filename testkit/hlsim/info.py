@@ -164,6 +164,8 @@ class InfoMixin:
         if typ in ("userFills", "userFillsByTime"):
             n = self._view(user, fault).n_fills
             fills = acct.fills[:n] if acct else []
+            if self.same_ms_order == "reversed":  # each millisecond's fills listed last first (still by time)
+                fills = sorted(reversed(fills), key=lambda f: f["time"])
             if typ == "userFills":
                 # Newest first, but fills that share a millisecond in the order they happened (oldest first), as
                 # a recorded mainnet answer lists them (monitor/fills.py): a stable sort on time, not a reversal.

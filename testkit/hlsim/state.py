@@ -253,6 +253,10 @@ class StateBase:
         # as python-sdk issue #251 reports; "honor": it is handled like any order. The real behaviour is
         # UNCONFIRMED (reference §4, §9.3): the monitor must work under both.
         self.hip3_cloid = "silent"
+        # How userFills/userFillsByTime list fills that share a millisecond: "as_happened" (default, as the one
+        # recorded mainnet answer with such fills does) or "reversed". The real order is UNCONFIRMED (reference
+        # §2.3): the monitor must be right under both.
+        self.same_ms_order = "as_happened"
         self._mids = _default_mids()
         self._partial: dict[str, Decimal] = {}
         self.fee_rate = DEFAULT_TAKER_FEE
@@ -298,7 +302,7 @@ class StateBase:
                     "strict_ticks": self.strict_ticks, "check_nonces": self.check_nonces,
                     "min_notional": fmt(self.min_notional), "ip_weight_limit": self.ip_weight_limit,
                     "open_order_limit": self.open_order_limit, "open_order_limit_error": self.open_order_limit_error,
-                    "hip3_cloid": self.hip3_cloid,
+                    "hip3_cloid": self.hip3_cloid, "same_ms_order": self.same_ms_order,
                 },
                 "accounts": {
                     a.address: {
@@ -446,6 +450,7 @@ class StateBase:
         open_order_limit: int | None = None,
         open_order_limit_error: str | None = None,
         hip3_cloid: str | None = None,
+        same_ms_order: str | None = None,
     ) -> dict[str, Any]:
         """strict_ticks: validate order price/size like the exchange (default True); check_nonces: refuse
         reused nonces (default True); min_notional: refuse orders below this notional with
@@ -454,7 +459,8 @@ class StateBase:
         trigger order placed with at least this many other open orders is rejected (default 1000, the
         exchange's; set it low so a test needs no 1,000 orders); open_order_limit_error: that rejection's text
         (the exchange's is UNCONFIRMED); hip3_cloid: "silent" (default) or "honor", what a HIP-3 order carrying
-        a cloid does (UNCONFIRMED on the real exchange, see ``_init_state``)."""
+        a cloid does (UNCONFIRMED on the real exchange, see ``_init_state``); same_ms_order: "as_happened"
+        (default) or "reversed", how fills of one millisecond are listed (UNCONFIRMED too)."""
         with self._lock:
             if strict_ticks is not None:
                 self.strict_ticks = bool(strict_ticks)
@@ -472,11 +478,15 @@ class StateBase:
                 if hip3_cloid not in ("silent", "honor"):
                     raise SimulatorError("hip3_cloid must be 'silent' or 'honor'")
                 self.hip3_cloid = hip3_cloid
+            if same_ms_order is not None:
+                if same_ms_order not in ("as_happened", "reversed"):
+                    raise SimulatorError("same_ms_order must be 'as_happened' or 'reversed'")
+                self.same_ms_order = same_ms_order
             return {
                 "strict_ticks": self.strict_ticks, "check_nonces": self.check_nonces,
                 "min_notional": fmt(self.min_notional), "ip_weight_limit": self.ip_weight_limit,
                 "open_order_limit": self.open_order_limit, "open_order_limit_error": self.open_order_limit_error,
-                "hip3_cloid": self.hip3_cloid,
+                "hip3_cloid": self.hip3_cloid, "same_ms_order": self.same_ms_order,
             }
 
     # ---- accounts / agents / coins ----------------------------------------------------------
