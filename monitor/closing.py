@@ -495,8 +495,10 @@ class Closer:
         if not retry:
             outcome = self._cancel_for_close(account, action, trader)
         text = f"ALERT: {head}; {outcome}"
+        # The account's address first: alert scoping takes the first address in the text (the exchange's error
+        # may name another, e.g. the key's).
         self.done.alerts.append(Alert(f"close_blocked_open_orders:{row.id}", "close_blocked_open_orders",
-                                      f"{text} ({account.address})"))
+                                      f"{account.address}: {text}"))
         self._note(text)
         if not retry and outcome.startswith("cancelled"):
             self._close(account, replace(action, metadata={**action.metadata, "open_order_limit_retry": True}))

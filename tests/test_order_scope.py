@@ -202,6 +202,7 @@ def test_a_close_refused_by_the_open_order_limit_cancels_the_coins_reduce_only_o
     [alert] = blocked_alerts(report)
     assert alert["key"] == f"close_blocked_open_orders:{row(database_url, 'BTC')['id']}"
     assert "open order limit" in alert["text"] and "1,000" in alert["text"] and "cancelled 2" in alert["text"]
+    assert alert["text"].startswith(ALICE)  # the first address in the text scopes the alert to its account
     assert len(orders_sent(sim)) == 2 and report["close_orders_sent"] == 2
     closed = row(database_url, "BTC")
     assert closed["status"] == "closed" and closed["close_reason"] == "stop_loss"
